@@ -1,0 +1,105 @@
+"""Compact, bounded event store: the recording hot path appends two integers per event.
+
+Every event is a host timestamp (``perf_counter_ns``) and one packed integer::
+
+    code = call << CALL_SHIFT | module << KIND_BITS | kind
+
+so recording never allocates a Python object per event beyond the two array slots
+(16 bytes), and names are only looked up when the buffer is resolved at flush.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from array import array
+
+# Event kinds (the low KIND_BITS bits of a code).
+FORWARD_BEGIN = 0
+FORWARD_END = 1
+BACKWARD_BEGIN = 2
+BACKWARD_END = 3
+RECOMPUTE_BEGIN = 4
+RECOMPUTE_END = 5
+STEP_BEGIN = 6
+STEP_END = 7
+
+KIND_BITS = 3
+MODULE_BITS = 20
+CALL_SHIFT = KIND_BITS + MODULE_BITS
+KIND_MASK = (1 << KIND_BITS) - 1
+MODULE_MASK = (1 << MODULE_BITS) - 1
+MAX_MODULES = 1 << MODULE_BITS
+
+BYTES_PER_EVENT = 16  # one int64 timestamp + one int64 code
+
+_BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN))
+
+DEFAULT_CAPACITY = 8_000_000  # events; 128 MB of buffer at most
+
+
+class EventBuffer:
+    """Struct-of-arrays event store with a capacity.
+
+    When ``capacity`` events are stored, new *begin* events are dropped (their spans are
+    simply missing) while *end* events still land for a bounded headroom, so spans that
+    were open when the buffer filled up still close. ``overflowed`` records that it
+    happened; ``warn_if_overflowed`` tells the user once, at flush.
+    """
+
+    __slots__ = ("timestamps", "codes", "capacity", "_hard_limit", "dropped", "_clock", "on_recorded")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be at least 1 event, got {capacity}")
+        self.timestamps = array("q")
+        self.codes = array("q")
+        self.capacity = capacity
+        self._hard_limit = capacity + max(4096, capacity // 16)
+        self.dropped = 0
+        self._clock = time.perf_counter_ns
+        # Called with the index of each stored event (device clocks mark it on the GPU).
+        self.on_recorded = None
+
+    def record(self, kind: int, call: int, module: int) -> None:
+        """Store one event stamped now. The hot path: keep it tiny."""
+        codes = self.codes
+        n = len(codes)
+        if n >= self.capacity and (n >= self._hard_limit or kind in _BEGIN_KINDS):
+            self.dropped += 1
+            return
+        self.timestamps.append(self._clock())
+        codes.append(call << CALL_SHIFT | module << KIND_BITS | kind)
+        if self.on_recorded is not None:
+            self.on_recorded(n)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def overflowed(self) -> bool:
+        return self.dropped > 0
+
+    def bytes_used(self) -> int:
+        """Bytes held by the event arrays (allocated slots, not just used ones)."""
+        return self.timestamps.buffer_info()[1] * 8 + self.codes.buffer_info()[1] * 8
+
+    def clear(self) -> None:
+        self.timestamps = array("q")
+        self.codes = array("q")
+        self.dropped = 0
+
+    def warn_if_overflowed(self) -> None:
+        if self.dropped:
+            warnings.warn(
+                f"modtimeline: the event buffer filled up ({self.capacity:,} events); "
+                f"{self.dropped:,} events were dropped and their spans are missing. "
+                "Trace fewer steps per window (schedule=Schedule(...)) or raise capacity=.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def unpack(code: int) -> tuple[int, int, int]:
+    """(kind, module, call) of a packed event code."""
+    return code & KIND_MASK, (code >> KIND_BITS) & MODULE_MASK, code >> CALL_SHIFT

@@ -1,0 +1,58 @@
+"""Command line: ``modtimeline demo | summary | diff``.
+
+User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import ModTimelineError
+
+EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    path = run_demo(args.output, steps=args.steps, device=args.device)
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 1024:.0f} KiB): {args.steps} training steps of a small transformer")
+    print("open it: drag the file onto https://ui.perfetto.dev (or `modtimeline summary "
+          f"{path}` for a per-module table)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modtimeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a small built-in transformer under a Timeline")
+    demo.add_argument("-o", "--output", default="modtimeline-demo.json", help="trace file to write")
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--device", default="cpu", help="cpu or cuda")
+    demo.set_defaults(run=_demo)
+
+    try:
+        from .analysis.commands import add_analysis_commands
+    except ImportError:  # pragma: no cover - analysis always ships; keep demo usable regardless
+        pass
+    else:
+        add_analysis_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ModTimelineError as error:
+        print(f"modtimeline: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("modtimeline: interrupted", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,322 @@
+"""Turn recorded events into spans that nest strictly on their tracks.
+
+Input: the event buffer (host ns + packed codes), optionally device marks resolved by
+``DeviceClock``. Output: ``TraceData``, plain columns that writers turn into files.
+Nothing here imports torch.
+
+Two rules make every track nest, which Perfetto requires:
+
+* *Hull*: a module's backward span covers its children's backward spans. Hooks that
+  fire "at the same moment" run in registration order, so a parent's ``post_bw`` can
+  fire a microsecond before its child's; the parent's span is widened to the child's.
+* *Lanes*: what still overlaps partially (backward of parallel branches, work of one
+  module spread over two streams) moves to the next lane, a track of its own
+  (``backward``, ``backward 2``, ...), instead of being dropped by the viewer.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from .buffer import (
+    BACKWARD_BEGIN,
+    BACKWARD_END,
+    CALL_SHIFT,
+    FORWARD_BEGIN,
+    FORWARD_END,
+    KIND_BITS,
+    KIND_MASK,
+    MODULE_MASK,
+    RECOMPUTE_BEGIN,
+    RECOMPUTE_END,
+    STEP_BEGIN,
+    STEP_END,
+)
+from .clock import DeviceMarks
+
+CATEGORIES = ("forward", "backward", "recompute", "step")
+FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
+
+# Span flag: the span did not end normally: it was still open when the trace was closed,
+# or its forward raised. Written as "incomplete": true.
+INCOMPLETE = 1
+
+FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
+
+# Track ids (Chrome "tid"). GPU tracks are numbered from GPU_TRACK_BASE.
+STEPS_TRACK = 1
+FORWARD_TRACK = 2
+BACKWARD_TRACK = 10  # lanes: 10, 11, ...
+GPU_TRACK_BASE = 100
+
+
+@dataclass
+class Track:
+    tid: int
+    name: str
+
+
+@dataclass
+class SpanColumns:
+    """One row per span. Columns, not objects: cheap to hold and to format."""
+
+    track: array = field(default_factory=lambda: array("q"))
+    begin: array = field(default_factory=lambda: array("q"))
+    end: array = field(default_factory=lambda: array("q"))
+    name: array = field(default_factory=lambda: array("q"))  # index into TraceData.names
+    category: array = field(default_factory=lambda: array("b"))
+    call: array = field(default_factory=lambda: array("q"))
+    step: array = field(default_factory=lambda: array("q"))
+    flags: array = field(default_factory=lambda: array("b"))
+    flow: array = field(default_factory=lambda: array("b"))
+    lag: array = field(default_factory=lambda: array("q"))  # GPU start - CPU launch, ns; -1 on CPU
+
+    def __len__(self) -> int:
+        return len(self.begin)
+
+    def append(self, track: int, begin: int, end: int, name: int, category: int, call: int,
+               step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = -1) -> None:
+        self.track.append(track)
+        self.begin.append(begin)
+        self.end.append(end)
+        self.name.append(name)
+        self.category.append(category)
+        self.call.append(call)
+        self.step.append(step)
+        self.flags.append(flags)
+        self.flow.append(flow)
+        self.lag.append(lag)
+
+
+@dataclass
+class Counter:
+    name: str
+    tid: int
+    times: array
+    values: array
+
+
+@dataclass
+class TraceData:
+    """Everything a writer needs; all times are host ns on one monotonic clock."""
+
+    rank: int
+    base_ns: int  # every timestamp is written relative to this
+    names: list[str]
+    tracks: list[Track]
+    spans: SpanColumns
+    counters: list[Counter] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# A span while being built: [begin, end, name, category, call, step, flags, begin_event, end_event]
+_B, _E, _NAME, _CAT, _CALL, _STEP, _FLAGS, _BEV, _EEV = range(9)
+
+
+def resolve(
+    timestamps: array,
+    codes: array,
+    module_names: list[str],
+    close_ns: int,
+    *,
+    rank: int = 0,
+    base_ns: int = 0,
+    marks: DeviceMarks | None = None,
+    metadata: dict[str, Any] | None = None,
+    raised_calls: set[int] | frozenset[int] = frozenset(),
+) -> TraceData:
+    """Pair begin/end events into spans, close what is still open at ``close_ns``,
+    flag those and the ones in ``raised_calls`` ``INCOMPLETE``, make every track nest,
+    and add GPU spans from ``marks``."""
+    names = list(module_names)
+    steps: list[list[Any]] = []
+    forward: list[list[Any]] = []
+    backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes
+    open_fw: dict[int, list[Any]] = {}
+    open_bw: dict[int, list[Any]] = {}
+    parent_of: dict[int, int] = {}
+    fw_stack: list[int] = []
+    open_step: list[Any] | None = None
+    step = -1
+
+    for i, (ts, code) in enumerate(zip(timestamps, codes)):
+        kind = code & KIND_MASK
+        call = code >> CALL_SHIFT
+        if kind == FORWARD_BEGIN or kind == RECOMPUTE_BEGIN:
+            module = (code >> KIND_BITS) & MODULE_MASK
+            cat = FORWARD if kind == FORWARD_BEGIN else RECOMPUTE
+            open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1]
+            if cat == FORWARD:
+                if fw_stack:
+                    parent_of[call] = fw_stack[-1]
+                fw_stack.append(call)
+        elif kind == FORWARD_END or kind == RECOMPUTE_END:
+            span = open_fw.pop(call, None)
+            if span is None:
+                continue
+            span[_E] = ts
+            span[_FLAGS] = INCOMPLETE if call in raised_calls else 0
+            span[_EEV] = i
+            if span[_CAT] == FORWARD:
+                forward.append(span)
+                if fw_stack and fw_stack[-1] == call:
+                    fw_stack.pop()
+                elif call in fw_stack:
+                    fw_stack.remove(call)
+            else:
+                backward.append(span)
+        elif kind == BACKWARD_BEGIN:
+            module = (code >> KIND_BITS) & MODULE_MASK
+            open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1]
+        elif kind == BACKWARD_END:
+            span = open_bw.pop(call, None)
+            if span is None:
+                continue
+            span[_E] = ts
+            span[_FLAGS] = 0
+            span[_EEV] = i
+            backward.append(span)
+        elif kind == STEP_BEGIN:
+            step = call
+            open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1]
+        elif kind == STEP_END:
+            if open_step is not None:
+                open_step[_E] = ts
+                open_step[_FLAGS] = 0
+                steps.append(open_step)
+                open_step = None
+            step = -1
+
+    # What never ended (an exception, a backward that never ran) closes at close_ns.
+    for span in open_fw.values():
+        (forward if span[_CAT] == FORWARD else backward).append(span)
+    backward.extend(open_bw.values())
+    if open_step is not None:
+        steps.append(open_step)
+
+    for span in steps:
+        span[_NAME] = len(names)
+        names.append(f"step {span[_CALL]}")
+
+    _hull_backward(backward, parent_of)
+    # Flow arrows join a call's forward span to its backward span.
+    flow_calls = {s[_CALL] for s in backward if s[_CAT] == BACKWARD} & {s[_CALL] for s in forward}
+
+    out = SpanColumns()
+    tracks: list[Track] = []
+    if steps:
+        _emit_lanes(out, tracks, steps, STEPS_TRACK, "steps", set())
+    _emit_lanes(out, tracks, forward, FORWARD_TRACK, "forward", flow_calls)
+    _emit_lanes(out, tracks, backward, BACKWARD_TRACK, "backward", flow_calls)
+
+    counters: list[Counter] = []
+    if marks is not None and len(marks.host_event):
+        _add_gpu_spans(out, tracks, counters, forward + backward, marks, parent_of, timestamps)
+    return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
+
+
+def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
+    """Widen each backward span to cover the backward spans of its module's children."""
+    by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
+    for call in sorted(by_call, reverse=True):  # children were called after parents
+        child = by_call[call]
+        parent_call = parent_of.get(call)
+        while parent_call is not None and parent_call not in by_call:
+            parent_call = parent_of.get(parent_call)
+        if parent_call is None:
+            continue
+        parent = by_call[parent_call]
+        if child[_B] < parent[_B]:
+            parent[_B] = child[_B]
+        if child[_E] > parent[_E]:
+            parent[_E] = child[_E]
+
+
+def assign_lanes(spans: list[list[Any]]) -> list[int]:
+    """Lane per span such that spans within a lane nest strictly; lane 0 takes all it can."""
+    order = sorted(range(len(spans)), key=lambda i: (spans[i][_B], -spans[i][_E], spans[i][_CALL]))
+    lanes: list[list[int]] = []
+    lane_of = [0] * len(spans)
+    for i in order:
+        begin, end = spans[i][_B], spans[i][_E]
+        for number, stack in enumerate(lanes):
+            while stack and stack[-1] <= begin:
+                stack.pop()
+            if not stack or end <= stack[-1]:
+                stack.append(end)
+                lane_of[i] = number
+                break
+        else:
+            lane_of[i] = len(lanes)
+            lanes.append([end])
+    return lane_of
+
+
+def _emit_lanes(out: SpanColumns, tracks: list[Track], spans: list[list[Any]], first_tid: int,
+                label: str, flow_calls: set[int], lag_of: dict[int, int] | None = None) -> None:
+    """Append spans in nesting order, one track per lane (``label``, ``label (2)``, ...)."""
+    lanes = assign_lanes(spans)
+    for lane in sorted(set(lanes)):
+        tracks.append(Track(first_tid + lane, label if lane == 0 else f"{label} ({lane + 1})"))
+    for i in sorted(range(len(spans)), key=lambda i: (lanes[i], spans[i][_B], -spans[i][_E])):
+        s = spans[i]
+        flow = FLOW_NONE
+        if s[_CALL] in flow_calls:
+            if s[_CAT] == FORWARD:
+                flow = FLOW_OUT
+            elif s[_CAT] == BACKWARD:
+                flow = FLOW_IN
+        lag = -1 if lag_of is None else lag_of[id(s)]
+        out.append(first_tid + lanes[i], s[_B], s[_E], s[_NAME], s[_CAT], s[_CALL], s[_STEP],
+                   s[_FLAGS], flow, lag)
+
+
+def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter],
+                   cpu_spans: list[list[Any]], marks: DeviceMarks, parent_of: dict[int, int],
+                   timestamps: array) -> None:
+    """A GPU span per CPU span whose begin and end were both marked on the device."""
+    time_of: dict[int, int] = {}
+    stream_of: dict[int, int] = {}
+    for event, ns, stream in zip(marks.host_event, marks.time_ns, marks.stream):
+        time_of[event] = ns
+        stream_of[event] = stream
+
+    # 16 tids per GPU track leave room for its lanes.
+    per_track: dict[int, list[list[Any]]] = {}
+    track_name: dict[int, str] = {}
+    lag_of: dict[int, int] = {}
+    spread_tid: dict[int, int] = {}
+    for s in cpu_spans:
+        b_ev, e_ev = s[_BEV], s[_EEV]
+        if e_ev < 0 or b_ev not in time_of or e_ev not in time_of:
+            continue
+        b_stream, e_stream = stream_of[b_ev], stream_of[e_ev]
+        device, stream_id = marks.streams[b_stream]
+        if b_stream == e_stream:
+            tid = GPU_TRACK_BASE + 16 * b_stream
+            track_name[tid] = f"cuda:{device} stream {stream_id}"
+        else:
+            # Began on one stream and ended on another: it cannot nest on either.
+            tid = spread_tid.setdefault(device, GPU_TRACK_BASE + 16 * (len(marks.streams) + len(spread_tid)))
+            track_name[tid] = f"cuda:{device} across streams"
+        begin = time_of[b_ev]
+        gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev]
+        lag_of[id(gpu)] = begin - timestamps[b_ev]
+        per_track.setdefault(tid, []).append(gpu)
+
+    for tid in sorted(per_track):
+        spans = per_track[tid]
+        _hull_backward(spans, parent_of)
+        _emit_lanes(out, tracks, spans, tid, track_name[tid], set(), lag_of)
+
+    if len(marks.memory):
+        by_device: dict[int, tuple[array, array]] = {}
+        for event, stream, value in zip(marks.host_event, marks.stream, marks.memory):
+            device = marks.streams[stream][0]
+            times, values = by_device.setdefault(device, (array("q"), array("q")))
+            times.append(time_of[event])
+            values.append(value)
+        for n, (device, (times, values)) in enumerate(sorted(by_device.items())):
+            counters.append(Counter(f"cuda:{device} memory allocated (bytes)", GPU_TRACK_BASE - 10 + n, times, values))

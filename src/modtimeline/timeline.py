@@ -1,0 +1,241 @@
+"""``Timeline``: record module forward/backward spans of training steps into a trace file.
+
+The one room that knows all the others: tracker -> buffer (-> device clock) ->
+resolve -> writer -> file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from . import __version__
+from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END, EventBuffer
+from .clock import CudaBackend, DeviceBackend, DeviceClock
+from .errors import DeviceError, ModTimelineError
+from .resolve import TraceData, resolve
+from .schedule import Schedule, StepAction
+from .tracker import ModuleTracker
+from .writers import format_for, write_trace
+from .writers.atomic import check_writable
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _rank() -> int:
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return 0
+
+
+class Timeline:
+    """Record when each module's forward, backward and recompute ran, and write a trace.
+
+    ::
+
+        with Timeline("out.json") as tl:
+            for batch in loader:
+                with tl.step():
+                    model(batch).sum().backward()
+                    optimizer.step()
+
+    ``path``: ``.json``, ``.json.gz`` or ``.pftrace`` (or ``format=``). With a
+    ``schedule``, each active window is written to ``<stem>.<window><suffix>`` as soon as
+    it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use), ``"cpu"`` (host
+    only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated counter track.
+    ``capacity`` bounds the events held between flushes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        format: str | None = None,
+        device: str = "auto",
+        schedule: Schedule | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        memory: bool = False,
+        device_backend: DeviceBackend | None = None,
+    ) -> None:
+        self.path = check_writable(path)
+        self.format = format_for(self.path, format)
+        if device not in DEVICES:
+            raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        if device == "cuda" and device_backend is None and not torch.cuda.is_available():
+            raise DeviceError("device='cuda' was asked for, but CUDA is not available on this machine")
+        self.device = device
+        self.schedule = schedule
+        self.memory = memory
+        self._backend = device_backend
+        self.buffer = EventBuffer(capacity)
+        self.tracker = ModuleTracker(sink=self.buffer.record)
+        self._clock: DeviceClock | None = None
+        self._step = 0
+        self._in_step = False
+        self._hooks_on = False
+        self._entered = False
+        self._base_ns = 0
+        self._base_wall_ns = 0
+        self._window_steps: list[int] = []
+        self.written: list[Path] = []
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> Timeline:
+        if self._entered:
+            raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
+        self._entered = True
+        self._start_window()
+        self._maybe_start_device_clock()
+        if self.schedule is None:
+            self._hooks(True)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._entered = False
+        if self._in_step:
+            self._end_step(closing=True)
+        self._hooks(False)
+        if self.schedule is None or self._window_steps:
+            try:
+                self._flush(self._final_path(), exception=exc)
+            except Exception as error:
+                if exc is None:
+                    raise
+                # Never replace the user's exception with ours.
+                warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
+        self.tracker.__exit__(None, None, None)
+
+    # -------------------------------------------------------------------- steps
+    @contextmanager
+    def step(self) -> Iterator[int]:
+        """Mark one training step; yields its number (0, 1, ...)."""
+        if not self._entered:
+            raise ModTimelineError("Timeline.step() must be used inside `with Timeline(...)`")
+        if self._in_step:
+            raise ModTimelineError("Timeline.step() blocks cannot be nested")
+        number = self._begin_step()
+        try:
+            yield number
+        finally:
+            self._end_step()
+
+    def _begin_step(self) -> int:
+        number = self._step
+        action = StepAction.RECORD if self.schedule is None else self.schedule.action(number)
+        self._action = action
+        self._in_step = True
+        if action is not StepAction.SKIP:
+            self._maybe_start_device_clock()
+            self._hooks(True)
+            self.buffer.record(STEP_BEGIN, number, 0)
+        else:
+            self._hooks(False)
+        return number
+
+    def _end_step(self, closing: bool = False) -> None:
+        number = self._step
+        action = self._action
+        self._in_step = False
+        self._step += 1
+        if action is StepAction.SKIP:
+            return
+        self.buffer.record(STEP_END, number, 0)
+        # The step's backward has run: its autograd hooks are done with.
+        self.tracker.remove_grad_hooks()
+        if action is StepAction.WARMUP:
+            self._discard_window()
+            return
+        self._window_steps.append(number)
+        if action is StepAction.RECORD_AND_FLUSH and not closing:
+            self._hooks(False)
+            assert self.schedule is not None
+            self._flush(self._window_path(self.schedule.window(number)))
+            self._start_window()
+
+    # ------------------------------------------------------------------ helpers
+    def _hooks(self, on: bool) -> None:
+        if on and not self._hooks_on:
+            self.tracker.__enter__()
+        elif not on and self._hooks_on:
+            self.tracker.__exit__(None, None, None)
+        self._hooks_on = on
+
+    def _maybe_start_device_clock(self) -> None:
+        if self._clock is not None or self.device == "cpu":
+            return
+        backend = self._backend
+        if backend is None:
+            in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+            if self.device == "auto" and not in_use:
+                return
+            backend = CudaBackend()
+        self._clock = DeviceClock(backend, sample_memory=self.memory)
+        self.buffer.on_recorded = self._clock.mark
+
+    def _start_window(self) -> None:
+        self.buffer.clear()
+        self._window_steps = []
+        self._base_wall_ns = time.time_ns()
+        self._base_ns = time.perf_counter_ns()
+
+    def _discard_window(self) -> None:
+        if self._clock is not None:
+            self._clock.resolve()
+        self._start_window()
+
+    def _final_path(self) -> Path:
+        if self.schedule is None:
+            return self.path
+        return self._window_path(self.schedule.window(self._window_steps[0]))
+
+    def _window_path(self, window: int) -> Path:
+        name = self.path.name
+        for suffix in (".json.gz", ".pftrace", ".json"):
+            if name.endswith(suffix):
+                return self.path.with_name(f"{name[: -len(suffix)]}.{window:03d}{suffix}")
+        return self.path.with_name(f"{name}.{window:03d}")
+
+    def trace_data(self, exception: BaseException | None = None) -> TraceData:
+        """Resolve what has been recorded so far into spans (closing what is open)."""
+        close_ns = time.perf_counter_ns()
+        marks = self._clock.resolve() if self._clock is not None else None
+        self.buffer.warn_if_overflowed()
+        metadata: dict[str, Any] = {
+            "tool": "modtimeline",
+            "version": __version__,
+            "torch": torch.__version__,
+            "base_wall_time_ns": self._base_wall_ns,
+            "clock": "perf_counter_ns",
+            "steps": list(self._window_steps),
+            "events_dropped": self.buffer.dropped,
+            "device": "cuda" if marks is not None else "cpu",
+        }
+        if exception is not None:
+            metadata["exception"] = f"{type(exception).__name__}: {exception}"
+        return resolve(
+            self.buffer.timestamps,
+            self.buffer.codes,
+            self.tracker.module_names,
+            close_ns,
+            rank=_rank(),
+            base_ns=self._base_ns,
+            marks=marks,
+            metadata=metadata,
+            raised_calls=self.tracker.raised_calls,
+        )
+
+    def _flush(self, path: Path, exception: BaseException | None = None) -> None:
+        data = self.trace_data(exception)
+        write_trace(data, path, self.format)
+        self.tracker.raised_calls.clear()
+        self.written.append(path)

@@ -1,0 +1,366 @@
+"""Which module is running: forward, backward and activation-checkpoint recompute.
+
+``ModuleTracker`` is a drop-in for torch's ``torch.utils.module_tracker.ModuleTracker``
+and ``torch.distributed._tools.mod_tracker.ModTracker``: the same ``parents``,
+``is_bw``, ``get_known_fqn`` and ``register_user_hooks``, with the same hook order.
+It also reports every module call to an optional event sink (``record(kind, call,
+module)``), which is how ``Timeline`` times them; the tracker itself knows nothing of
+clocks or files.
+
+Example::
+
+    with ModuleTracker() as tracker:
+        def probe(grad):
+            print(tracker.parents, tracker.is_bw)
+        model(x).sum().backward()
+
+Why it is cheaper than torch's trackers: backward attribution uses one plain hook
+per tensor (a node pre-hook on outputs, ~0.9 µs; a tensor hook on inputs, ~1.4 µs)
+instead of ``register_multi_grad_hook`` (~4 µs, plus closures and dicts per call),
+which is kept only for calls with several grad-requiring inputs; inputs and outputs
+are scanned without ``tree_flatten`` unless they are containers; and nothing is
+formatted per call.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import tree_flatten
+
+from .buffer import (
+    BACKWARD_BEGIN,
+    BACKWARD_END,
+    FORWARD_BEGIN,
+    FORWARD_END,
+    MAX_MODULES,
+    RECOMPUTE_BEGIN,
+    RECOMPUTE_END,
+)
+from .errors import ModTimelineError
+
+__all__ = ["ModuleTracker"]
+
+_graph_task_id = torch._C._current_graph_task_id
+_grad_enabled = torch.is_grad_enabled
+_queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
+_Tensor = torch.Tensor
+
+EventSink = Callable[[int, int, int], None]
+
+
+def _grad_tensors(value: Any) -> list[torch.Tensor]:
+    """Distinct tensors in ``value`` (a tensor, or args/outputs nesting) that require grad."""
+    if isinstance(value, _Tensor):
+        return [value] if value.requires_grad else []
+    if isinstance(value, tuple) and all(isinstance(v, _Tensor) for v in value):
+        flat: Any = value  # the common case: a tuple of tensors, no pytree walk
+    else:
+        flat, _ = tree_flatten(value)
+    found: list[torch.Tensor] = []
+    for v in flat:
+        if isinstance(v, _Tensor) and v.requires_grad and not any(v is f for f in found):
+            found.append(v)
+    return found
+
+
+def _hook_output_gradient(tensor: torch.Tensor, hook: Callable[..., None]) -> Any:
+    """Call ``hook`` when the gradient w.r.t. a module output is ready: its backward begins.
+
+    A pre-hook on the tensor's autograd node costs ~0.9 µs against ~1.4 µs for a tensor
+    hook. Autograd runs tensor hooks before node pre-hooks, so where one module's output
+    is the next one's input (one node), the next module's backward *end* (a tensor hook,
+    below) fires before this *begin*: sibling spans never overlap.
+    """
+    node = tensor.grad_fn
+    if node is not None:
+        return node.register_prehook(hook)
+    return tensor.register_hook(hook)
+
+
+def _hook_input_gradient(tensor: torch.Tensor, hook: Callable[..., None]) -> Any:
+    """Call ``hook`` when the gradient w.r.t. a module input is ready: its backward ends."""
+    return tensor.register_hook(hook)
+
+
+class _PendingPostBackward:
+    """A call whose inputs need no grad: its backward ends when the whole backward does."""
+
+    __slots__ = ("call", "module", "live")
+
+    def __init__(self, call: int, module: int) -> None:
+        self.call = call
+        self.module = module
+        self.live = True
+
+
+class ModuleTracker:
+    """Tracks the ``nn.Module`` hierarchy during forward, backward and recompute.
+
+    ``parents`` is the set of FQNs currently running (always holding ``"Global"``);
+    during backward it holds the modules whose backward is running. ``is_bw`` is true
+    exactly while autograd runs a backward. FQNs are ``RootClass.child.path``.
+    """
+
+    parents: set[str]
+
+    def __init__(self, sink: EventSink | None = None) -> None:
+        self.parents = {"Global"}
+        self._sink = sink
+        self._active_count: dict[str, int] = {}
+        # Module registry: index -> FQN / weak reference; id(module) -> index.
+        self._names: list[str] = []
+        self._refs: list[weakref.ref[torch.nn.Module]] = []
+        self._index_by_id: dict[int, int] = {}
+        self._next_call = 0
+        self._fw_stack: list[tuple[int, int, _PendingPostBackward | None]] = []
+        self._pending_post_bw: list[_PendingPostBackward] = []
+        self._open_bw: dict[int, int] = {}  # call -> module, backward begun, not ended
+        self._any_mode_task: dict[int, int] = {}  # call -> graph task whose pre_bw fired
+        self._backward_callback_queued = False
+        self._handles: list[Any] = []
+        # Calls whose forward ended by raising (their forward hook ran with no output).
+        self.raised_calls: set[int] = set()
+        self._global_handles: list[Any] = []
+        self._entered = False
+        self._user_pre_fw_hook: Callable[..., Any] | None = None
+        self._user_post_fw_hook: Callable[..., Any] | None = None
+        self._user_pre_bw_hook: Callable[..., Any] | None = None
+        self._user_post_bw_hook: Callable[..., Any] | None = None
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def is_bw(self) -> bool:
+        """True while autograd runs a backward pass."""
+        return _graph_task_id() != -1
+
+    def get_known_fqn(self, mod: torch.nn.Module) -> str | None:
+        """The FQN of ``mod`` if the tracker has seen it (or its root), else ``None``."""
+        index = self._lookup(mod)
+        return None if index is None else self._names[index]
+
+    @property
+    def module_names(self) -> list[str]:
+        """FQN of every module seen, by module index (the index events carry)."""
+        return self._names
+
+    def register_user_hooks(
+        self,
+        pre_fw_hook: Callable[[torch.nn.Module, Any], None] | None = None,
+        post_fw_hook: Callable[[torch.nn.Module, Any, Any], None] | None = None,
+        pre_bw_hook: Callable[[torch.nn.Module | None, Any], None] | None = None,
+        post_bw_hook: Callable[[torch.nn.Module | None, Any], None] | None = None,
+    ) -> None:
+        """Hooks called around each module's forward and backward (as ``ModTracker``).
+
+        Backward hooks receive ``None`` for a module deleted before ``backward()``.
+        Registering a hook where one is already set raises ``AssertionError``.
+        """
+
+        def check(new: Any, current: Any, label: str) -> Any:
+            if new is not None and current is not None:
+                raise AssertionError(
+                    f"Only one {label} can be registered at a time; "
+                    "call clear_user_hooks() before registering a new one"
+                )
+            return new if new is not None else current
+
+        self._user_pre_fw_hook = check(pre_fw_hook, self._user_pre_fw_hook, "pre_fw_hook")
+        self._user_post_fw_hook = check(post_fw_hook, self._user_post_fw_hook, "post_fw_hook")
+        self._user_pre_bw_hook = check(pre_bw_hook, self._user_pre_bw_hook, "pre_bw_hook")
+        self._user_post_bw_hook = check(post_bw_hook, self._user_post_bw_hook, "post_bw_hook")
+
+    def clear_user_hooks(self) -> None:
+        self._user_pre_fw_hook = None
+        self._user_post_fw_hook = None
+        self._user_pre_bw_hook = None
+        self._user_post_bw_hook = None
+
+    def __enter__(self) -> ModuleTracker:
+        if self._entered:
+            raise ModTimelineError("this ModuleTracker is already active; it cannot be entered twice")
+        self._entered = True
+        self._global_handles = [
+            register_module_forward_pre_hook(self._pre_forward),
+            register_module_forward_hook(self._post_forward, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._global_handles:
+            handle.remove()
+        self._global_handles = []
+        self.remove_grad_hooks()
+        self._fw_stack.clear()
+        self._open_bw.clear()
+        self._any_mode_task.clear()
+        self._active_count.clear()
+        self.parents = {"Global"}
+        self._entered = False
+
+    def remove_grad_hooks(self) -> None:
+        """Remove every autograd hook registered so far (their backward has run or never will).
+
+        ``Timeline`` calls this between steps so hook handles never pile up over a long run.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending_post_bw = []
+
+    def open_forward_calls(self) -> list[tuple[int, int]]:
+        """(call, module) of forwards that began and have not ended, outermost first."""
+        return [(call, module) for call, module, _ in self._fw_stack]
+
+    def open_backward_calls(self) -> list[tuple[int, int]]:
+        return list(self._open_bw.items())
+
+    # ------------------------------------------------------------- module names
+    def _lookup(self, module: torch.nn.Module) -> int | None:
+        index = self._index_by_id.get(id(module))
+        if index is not None and self._refs[index]() is module:
+            return index
+        return None
+
+    def _learn(self, module: torch.nn.Module, name: str | None = None) -> int:
+        """Give ``module`` (and, on first sight, its whole subtree) an index and FQN."""
+        index = self._lookup(module)
+        if index is None:
+            if len(self._names) >= MAX_MODULES:
+                raise ModTimelineError(f"more than {MAX_MODULES:,} distinct modules; modtimeline cannot track them")
+            index = len(self._names)
+            self._names.append(name if name is not None else type(module).__name__)
+            self._refs.append(weakref.ref(module))
+            self._index_by_id[id(module)] = index
+            prefix = self._names[index]
+            for child_name, child in module.named_children():
+                if self._lookup(child) is None:
+                    self._learn(child, f"{prefix}.{child_name}")
+        return index
+
+    # -------------------------------------------------------------- forward hooks
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        index = self._index_by_id.get(id(module))
+        if index is None or self._refs[index]() is not module:
+            index = self._learn(module)
+        call = self._next_call
+        self._next_call = call + 1
+        in_backward = _graph_task_id() != -1
+        self._enter_name(self._names[index])
+        if self._sink is not None:
+            self._sink(RECOMPUTE_BEGIN if in_backward else FORWARD_BEGIN, call, index)
+        if self._user_pre_fw_hook is not None:
+            self._user_pre_fw_hook(module, args)
+        pending = None
+        if not in_backward and _grad_enabled():
+            inputs = _grad_tensors(args)
+            if not inputs:
+                # Nothing to hook: its backward ends when the whole backward ends.
+                pending = _PendingPostBackward(call, index)
+                self._pending_post_bw.append(pending)
+            elif len(inputs) == 1:
+                self._handles.append(_hook_input_gradient(inputs[0], partial(self._post_backward, call, index)))
+            else:
+                # Several inputs: wait for all their gradients, as ModTracker does.
+                self._handles.append(register_multi_grad_hook(inputs, partial(self._post_backward, call, index)))
+        self._fw_stack.append((call, index, pending))
+
+    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        stack = self._fw_stack
+        if not stack:
+            return  # the module's forward began before the tracker was entered
+        call, index, pending = stack.pop()
+        if self._refs[index]() is not module:
+            # A pre-hook of ours never ran for this module (e.g. another pre-hook raised);
+            # put the entry back rather than closing somebody else's span.
+            stack.append((call, index, pending))
+            return
+        in_backward = _graph_task_id() != -1
+        # A forward that raised gets its hook called with no output. (Inside backward,
+        # non-reentrant checkpointing stops recompute early by raising: not a failure.)
+        if output is None and not in_backward and sys.exc_info()[1] is not None:
+            self.raised_calls.add(call)
+        if self._user_post_fw_hook is not None:
+            self._user_post_fw_hook(module, args, output)
+        self._leave_name(self._names[index])
+        if self._sink is not None:
+            self._sink(RECOMPUTE_END if in_backward else FORWARD_END, call, index)
+        if in_backward or not _grad_enabled():
+            return
+        outputs = _grad_tensors(output) if output is not None else []
+        if not outputs:
+            if pending is not None:
+                pending.live = False  # no backward will run through this call
+            return
+        hook = partial(self._pre_backward if len(outputs) == 1 else self._pre_backward_any, call, index)
+        for tensor in outputs:
+            self._handles.append(_hook_output_gradient(tensor, hook))
+
+    # ------------------------------------------------------------- backward hooks
+    def _pre_backward_any(self, call: int, index: int, *grads: Any) -> None:
+        """Like ``_pre_backward``, once per backward however many outputs get gradients."""
+        task = _graph_task_id()
+        if self._any_mode_task.get(call) == task:
+            return
+        self._any_mode_task[call] = task
+        self._pre_backward(call, index, *grads)
+
+    def _pre_backward(self, call: int, index: int, *grads: Any) -> None:
+        if not self._entered:
+            return
+        if not self._backward_callback_queued:
+            self._backward_callback_queued = True
+            _queue_engine_callback(self._backward_finished)
+        self._enter_name(self._names[index])
+        self._open_bw[call] = index
+        if self._sink is not None:
+            self._sink(BACKWARD_BEGIN, call, index)
+        if self._user_pre_bw_hook is not None:
+            self._user_pre_bw_hook(self._refs[index](), grads)
+
+    def _post_backward(self, call: int, index: int, *grads: Any) -> None:
+        if not self._entered:
+            return
+        began = self._open_bw.pop(call, None) is not None
+        if began and self._sink is not None:
+            self._sink(BACKWARD_END, call, index)
+        if self._user_post_bw_hook is not None:
+            self._user_post_bw_hook(self._refs[index](), grads)
+        self._leave_name(self._names[index])
+
+    def _backward_finished(self) -> None:
+        """Engine callback at the end of a backward: close what no gradient hook closed."""
+        pending, self._pending_post_bw = self._pending_post_bw, []
+        for entry in reversed(pending):
+            if entry.live:
+                self._post_backward(entry.call, entry.module)
+        if self._sink is not None:
+            for call, index in list(self._open_bw.items()):
+                self._sink(BACKWARD_END, call, index)
+        self._open_bw.clear()
+        self._any_mode_task.clear()
+        self._active_count.clear()
+        self.parents = {"Global"}
+        self._backward_callback_queued = False
+
+    # ------------------------------------------------------------------ parents
+    def _enter_name(self, name: str) -> None:
+        count = self._active_count.get(name, 0)
+        if count == 0:
+            self.parents.add(name)
+        self._active_count[name] = count + 1
+
+    def _leave_name(self, name: str) -> None:
+        count = self._active_count.get(name, 0)
+        if count <= 1:
+            self._active_count.pop(name, None)
+            self.parents.discard(name)
+        else:
+            self._active_count[name] = count - 1

@@ -1,0 +1,50 @@
+"""Atomic file output: a file is either the old one, untouched, or the complete new one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import TraceFileError
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail now, with a clear message, if ``path`` could not be written later."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: it is a directory")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: folder {str(folder)!r} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: {error.strerror or error}") from None
+    if target.exists() and not os.access(target, os.W_OK):
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: the existing file is read-only")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside ``path`` and rename it over ``path`` on success."""
+    target = Path(path).expanduser()
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as error:
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as stream:
+            yield stream
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
