@@ -7,7 +7,9 @@ read back until ``resolve``, at flush, which maps every event onto the host cloc
     host_ns = anchor_host_ns + elapsed_ns(anchor, event)
 
 with one anchor per device, recorded right after reading the host clock while the
-device was idle. ``anchor`` re-anchors after each flush so clock drift (GPU clocks
+device was idle. Every time of a window therefore shares one constant offset, the
+anchor's launch latency on an idle device (a few µs), which leaves durations and
+the order of spans exact. ``anchor`` re-anchors after each flush so clock drift (GPU clocks
 drift 10-100 ppm against the host) stays bounded by one window.
 
 The arithmetic, pooling and bookkeeping live in ``DeviceClock``; the few device

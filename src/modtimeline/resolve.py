@@ -126,9 +126,10 @@ def resolve(
     marks: DeviceMarks | None = None,
     metadata: dict[str, Any] | None = None,
     raised_calls: set[int] | frozenset[int] = frozenset(),
+    raised_steps: set[int] | frozenset[int] = frozenset(),
 ) -> TraceData:
     """Pair begin/end events into spans, close what is still open at ``close_ns``,
-    flag those and the ones in ``raised_calls`` ``INCOMPLETE``, make every track nest,
+    flag those and the calls and steps that raised ``INCOMPLETE``, make every track nest,
     and add GPU spans from ``marks``."""
     names = list(module_names)
     steps: list[list[Any]] = []
@@ -184,7 +185,7 @@ def resolve(
         elif kind == STEP_END:
             if open_step is not None:
                 open_step[_E] = ts
-                open_step[_FLAGS] = 0
+                open_step[_FLAGS] = INCOMPLETE if call in raised_steps else 0
                 steps.append(open_step)
                 open_step = None
             step = -1

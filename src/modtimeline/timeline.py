@@ -86,6 +86,7 @@ class Timeline:
         self._base_ns = 0
         self._base_wall_ns = 0
         self._window_steps: list[int] = []
+        self._raised_steps: set[int] = set()
         self.written: list[Path] = []
 
     # ------------------------------------------------------------------ context
@@ -126,6 +127,9 @@ class Timeline:
         number = self._begin_step()
         try:
             yield number
+        except BaseException:
+            self._raised_steps.add(number)
+            raise
         finally:
             self._end_step()
 
@@ -232,10 +236,12 @@ class Timeline:
             marks=marks,
             metadata=metadata,
             raised_calls=self.tracker.raised_calls,
+            raised_steps=self._raised_steps,
         )
 
     def _flush(self, path: Path, exception: BaseException | None = None) -> None:
         data = self.trace_data(exception)
         write_trace(data, path, self.format)
         self.tracker.raised_calls.clear()
+        self._raised_steps.clear()
         self.written.append(path)

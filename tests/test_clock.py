@@ -1,0 +1,135 @@
+"""Device clock resolution, driven on the CPU by the fake backend (same code as CUDA)."""
+
+import time
+
+import pytest
+import torch
+
+from modtimeline import Timeline
+from modtimeline.clock import DeviceClock, FakeBackend
+
+from .models import Tree, train_step
+from .trace_checks import assert_nested, load, spans, thread_names
+
+
+def test_known_event_times_map_to_host_clock():
+    backend = FakeBackend(lag_ns=5_000)
+    clock = DeviceClock(backend)
+    before = time.perf_counter_ns()
+    clock.mark(0)
+    clock.mark(1)
+    marks = clock.resolve()
+    assert list(marks.host_event) == [0, 1]
+    expected = [done for stream, done in backend.recorded]
+    # Differences are exact (no drift; the device's own offset cancels) ...
+    assert marks.time_ns[1] - marks.time_ns[0] == expected[1] - expected[0]
+    # ... and all times share one small offset: the anchor's own record latency.
+    assert 0 <= expected[0] - marks.time_ns[0] < 200_000
+    assert marks.time_ns[0] >= before
+    assert marks.streams == [(0, 7)]
+
+
+def test_drift_error_is_bounded_by_one_window():
+    backend = FakeBackend(lag_ns=0, rate=1 + 100e-6)  # a GPU clock 100 ppm fast
+    clock = DeviceClock(backend)
+    clock.mark(0)
+    window_start = time.perf_counter_ns()
+    time.sleep(0.05)
+    clock.mark(1)
+    marks = clock.resolve()
+    true_ns = backend.recorded[-1][1]
+    error = marks.time_ns[1] - true_ns
+    elapsed = true_ns - window_start
+    assert 0 < error <= 100e-6 * elapsed * 1.5 + 1000
+    # after re-anchoring, a fresh event is accurate again
+    clock.mark(2)
+    again = clock.resolve()
+    assert abs(again.time_ns[0] - backend.recorded[-1][1]) < 100e-6 * 1e6 + 1000
+
+
+def test_several_streams_and_pool_reuse():
+    backend = FakeBackend()
+    clock = DeviceClock(backend)
+    for window in range(3):
+        for i in range(10):
+            backend.stream = (0, 7) if i % 2 else (0, 9)
+            clock.mark(i)
+        marks = clock.resolve()
+        assert sorted(set(marks.stream)) == [0, 1]
+        assert marks.streams == [(0, 9), (0, 7)]
+    # 10 events + 1 anchor, reused in every window
+    assert clock.events_created == 11
+    assert clock.pending() == 0
+
+
+def test_no_synchronize_while_recording():
+    backend = FakeBackend()
+    clock = DeviceClock(backend)
+    clock.mark(0)  # first sight of the device anchors it (one synchronize)
+    syncs = backend.synchronizations
+    for i in range(1, 100):
+        clock.mark(i)
+    assert backend.synchronizations == syncs
+
+
+def _gpu_timeline(tmp_path, backend, fail=False, memory=False):
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "gpu.json"
+    timeline = Timeline(path, device="cuda", device_backend=backend, memory=memory)
+    with timeline:
+        with timeline.step():
+            train_step(model, optimizer)
+        if fail:
+            with timeline.step():
+                model.layers[1].forward = lambda x: (_ for _ in ()).throw(ValueError("mid-step"))
+                train_step(model, optimizer)
+    return load(path)
+
+
+def test_gpu_spans_on_stream_tracks_nest_and_lag(tmp_path):
+    backend = FakeBackend(lag_ns=30_000)
+    trace = _gpu_timeline(tmp_path, backend, memory=True)
+    names = thread_names(trace)
+    events = spans(trace)
+    gpu = [e for e in events if names[e["tid"]].startswith("cuda:0 stream 7")]
+    cpu = [e for e in events if names[e["tid"]] in ("forward", "backward")]
+    assert len(gpu) == len(cpu)
+    assert {e["cat"] for e in gpu} == {"forward", "backward", "recompute"}
+    for e in gpu:
+        assert e["args"]["launch_lag_us"] >= 30.0
+    assert_nested(trace)
+    counters = [e for e in trace["traceEvents"] if e.get("ph") == "C"]
+    assert counters and counters[0]["name"] == "cuda:0 memory allocated (bytes)"
+    assert trace["metadata"]["device"] == "cuda"
+
+
+def test_module_spread_over_two_streams_gets_its_own_track(tmp_path):
+    backend = FakeBackend()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+    def switch_stream(module, args, output):
+        backend.stream = (0, 13)
+
+    model[0].register_forward_hook(switch_stream)
+    path = tmp_path / "spread.json"
+    with Timeline(path, device="cuda", device_backend=backend):
+        model(torch.randn(2, 4))
+    trace = load(path)
+    names = thread_names(trace)
+    by_track = {(names[e["tid"]], e["name"]) for e in spans(trace)}
+    assert ("cuda:0 across streams", "Sequential") in by_track  # began on 7, ended on 13
+    assert ("cuda:0 stream 7", "Sequential.0") in by_track
+    assert ("cuda:0 stream 13", "Sequential.1") in by_track
+    assert_nested(trace)
+
+
+def test_exception_mid_step_with_device_clock(tmp_path):
+    backend = FakeBackend()
+    with pytest.raises(ValueError, match="mid-step"):
+        _gpu_timeline(tmp_path, backend, fail=True)
+    trace = load(tmp_path / "gpu.json")
+    assert_nested(trace)
+    names = thread_names(trace)
+    steps = {e["args"]["step"] for e in spans(trace) if names[e["tid"]].startswith("cuda")}
+    assert steps == {0, 1}

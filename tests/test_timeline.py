@@ -1,0 +1,181 @@
+"""Timeline end to end, through written files."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from modtimeline import Timeline
+from modtimeline.errors import DeviceError, TraceFileError
+
+from .models import RECOMPUTED, TREE_FORWARD_CALLS, Tree, train_step
+from .trace_checks import assert_nested, load, spans, thread_names
+
+
+@pytest.fixture
+def tree():
+    model = Tree()
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def test_tree_trace_has_every_call(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "out.json"
+    with Timeline(path):
+        train_step(model, optimizer)
+    trace = load(path)
+    events = spans(trace)
+    by_cat = lambda cat: Counter(e["name"] for e in events if e["cat"] == cat)  # noqa: E731
+    assert dict(by_cat("forward")) == TREE_FORWARD_CALLS
+    assert dict(by_cat("backward")) == TREE_FORWARD_CALLS
+    assert set(by_cat("recompute")) == RECOMPUTED
+    names = thread_names(trace)
+    assert {names[e["tid"]] for e in events if e["cat"] == "forward"} == {"forward"}
+    assert {names[e["tid"]] for e in events if e["cat"] in ("backward", "recompute")} == {"backward"}
+    assert_nested(trace)
+    # recompute spans sit inside the backward span of the checkpointed block
+    ckpt_bw = next(e for e in events if e["name"] == "Tree.ckpt" and e["cat"] == "backward")
+    for e in events:
+        if e["cat"] == "recompute":
+            assert ckpt_bw["ts"] <= e["ts"] and e["ts"] + e["dur"] <= ckpt_bw["ts"] + ckpt_bw["dur"] + 1e-3
+    # one flow from each forward call to its backward, joined by call index
+    outs = {e["args"]["call"] for e in events if e.get("flow_out")}
+    ins = {e["args"]["call"] for e in events if e.get("flow_in")}
+    assert outs == ins and len(outs) == sum(TREE_FORWARD_CALLS.values())
+    meta = trace["metadata"]
+    assert meta["rank"] == 0 and meta["base_wall_time_ns"] > 1.6e18 and meta["events_dropped"] == 0
+    process = [e for e in trace["traceEvents"] if e.get("name") == "process_name"]
+    assert process == [{"ph": "M", "pid": 0, "tid": 0, "name": "process_name", "args": {"name": "rank 0"}}]
+
+
+def test_spans_nest_in_time_order(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "out.json"
+    with Timeline(path):
+        train_step(model, optimizer)
+    events = spans(load(path))
+    fw = {e["args"]["call"]: e for e in events if e["cat"] == "forward"}
+    bw = {e["args"]["call"]: e for e in events if e["cat"] == "backward"}
+    for call, span in fw.items():
+        assert bw[call]["ts"] >= span["ts"] + span["dur"], "a backward began before its forward ended"
+    root = next(e for e in events if e["name"] == "Tree" and e["cat"] == "forward")
+    for e in fw.values():
+        assert root["ts"] <= e["ts"] and e["ts"] + e["dur"] <= root["ts"] + root["dur"]
+
+
+def test_steps_are_marked(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "out.json"
+    with Timeline(path) as timeline:
+        for i in range(3):
+            with timeline.step() as number:
+                assert number == i
+                train_step(model, optimizer)
+    trace = load(path)
+    events = spans(trace)
+    steps = [e for e in events if e["cat"] == "step"]
+    assert [e["name"] for e in steps] == ["step 0", "step 1", "step 2"]
+    assert thread_names(trace)[steps[0]["tid"]] == "steps"
+    assert Counter(e["args"]["step"] for e in events if e["cat"] == "forward") == {
+        i: sum(TREE_FORWARD_CALLS.values()) for i in range(3)
+    }
+    assert trace["metadata"]["steps"] == [0, 1, 2]
+
+
+def test_exception_mid_step_still_writes_a_valid_trace(tmp_path, tree):
+    model, optimizer = tree
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(x):
+        raise Boom("bad batch")
+
+    model.layers[1].forward = explode
+    path = tmp_path / "out.json"
+    with pytest.raises(Boom) as info:
+        with Timeline(path) as timeline:
+            with timeline.step():
+                train_step(model, optimizer)
+    assert str(info.value) == "bad batch"
+    trace = load(path)
+    events = spans(trace)
+    incomplete = {e["name"] for e in events if e["args"].get("incomplete")}
+    assert incomplete == {"Tree", "Tree.layers.1", "step 0"}
+    assert {e["name"] for e in events if e["cat"] == "forward"} == {"Tree", "Tree.embed", "Tree.layers.0", "Tree.layers.1"}
+    assert "Boom: bad batch" in trace["metadata"]["exception"]
+    assert_nested(trace)
+
+
+def test_unwritable_path_fails_before_training(tmp_path):
+    with pytest.raises(TraceFileError, match="does not exist"):
+        Timeline(tmp_path / "missing" / "out.json")
+    with pytest.raises(TraceFileError, match="is a directory"):
+        Timeline(tmp_path)
+
+
+def test_read_only_folder_fails_at_construction(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(TraceFileError):
+            Timeline(locked / "out.json")
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_failed_write_leaves_existing_file_untouched(tmp_path, tree, monkeypatch):
+    model, optimizer = tree
+    path = tmp_path / "out.json"
+    path.write_text("previous trace")
+
+    def broken_writer(data, stream):
+        stream.write(b'{"traceEvents":[')
+        raise OSError("disk full")
+
+    monkeypatch.setattr("modtimeline.writers.chrome.write_chrome_json", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        with Timeline(path):
+            train_step(model, optimizer)
+    assert path.read_text() == "previous trace"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_cuda_requested_without_cuda_is_clear(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        Timeline(tmp_path / "out.json", device="cuda")
+    with pytest.raises(DeviceError, match="device must be one of"):
+        Timeline(tmp_path / "out.json", device="tpu")
+
+
+def test_buffer_overflow_is_bounded_and_reported(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "out.json"
+    with pytest.warns(RuntimeWarning, match="buffer filled up"):
+        with Timeline(path, capacity=20) as timeline:
+            for _ in range(3):
+                with timeline.step():
+                    train_step(model, optimizer)
+    trace = load(path)
+    assert trace["metadata"]["events_dropped"] > 0
+    assert len(timeline.buffer) <= 20 + 4096
+    assert_nested(trace)
+
+
+def test_timeline_cannot_be_nested(tmp_path):
+    from modtimeline.errors import ModTimelineError
+
+    timeline = Timeline(tmp_path / "a.json")
+    with timeline:
+        with pytest.raises(ModTimelineError):
+            timeline.__enter__()
+        with timeline.step():
+            with pytest.raises(ModTimelineError):
+                with timeline.step():
+                    pass

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up modtimeline in ./.venv, then run `demo` or `test` (or nothing).
+#
+#   bash tools/setup.sh demo    # set up, train the demo model, write modtimeline-demo.json
+#   bash tools/setup.sh test    # set up (browser too), run the whole test suite
+#
+# torch: a machine with an NVIDIA GPU gets the default (CUDA) build; any other machine
+# gets a CPU build: a local CPU wheel when pip's find-links has one, else PyTorch's CPU
+# index. It never pulls gigabytes of CUDA packages onto a CPU box.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+action="${1:-}"
+venv="${MODTIMELINE_VENV:-.venv}"
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${pip[@]}" install torch
+  elif ! "${pip[@]}" install --no-index "torch==2.13.0" 2>/dev/null; then
+    "${pip[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"${pip[@]}" install -e ".[test]"
+
+if [ "$action" = "test" ] && [ ! -x /usr/bin/chromium ]; then
+  # The Perfetto UI test drives Debian's chromium (playwright's own download is not used).
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+case "$action" in
+  demo) exec "$venv/bin/modtimeline" demo ;;
+  test) exec "$venv/bin/python" -m pytest -q ;;
+  "") echo "set up in $venv" ;;
+  *) echo "usage: bash tools/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
