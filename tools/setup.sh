@@ -18,8 +18,12 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${pip[@]}" install torch
-  elif ! "${pip[@]}" install --no-index "torch==2.13.0" 2>/dev/null; then
-    "${pip[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  elif "${pip[@]}" download --no-index --no-deps "torch==2.13.0" -d "$(mktemp -d)" >/dev/null 2>&1; then
+    # pip's find-links holds a CPU wheel: plain `pip install` takes it.
+    "${pip[@]}" install "torch==2.13.0"
+  else
+    "${pip[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+      --extra-index-url https://pypi.org/simple
   fi
 fi
 "${pip[@]}" install -e ".[test]"
