@@ -1,10 +1,11 @@
 """Chrome trace (JSON object format) writer, streaming, no dict per event.
 
-Each span becomes one ``"ph":"X"`` event. The parts that repeat (pid, tid, name,
-category) are rendered once per distinct (track, name, category) as a *head*; the
-numbers are serialised a column at a time with orjson and split into per-row pieces
-in C; one ``bytes.join`` interleaves heads and numbers. Rows are written in chunks,
-so memory stays bounded however long the trace.
+Each span becomes one ``"ph":"X"`` event. What repeats (pid, tid, name, category,
+flow kind) is rendered once per distinct combination into a ``bytes %`` template;
+the numbers are serialised a column at a time with orjson and split into per-row
+pieces in C, and ``map(bytes.__mod__, ...)`` fills the templates, so no Python code
+and no dict runs per event. Rows are written in chunks of 65,536, so memory stays
+bounded however long the trace.
 
 Times are microseconds relative to ``metadata.base_ns`` (a small float keeps every
 nanosecond: ``123456.789``), never epoch microseconds, where a double loses sub-µs.
@@ -12,13 +13,14 @@ nanosecond: ``123456.789``), never epoch microseconds, where a double loses sub-
 
 from __future__ import annotations
 
-from itertools import chain, repeat
+from collections.abc import Iterable
+from itertools import repeat
 from operator import sub, truediv
 from typing import BinaryIO
 
 import orjson
 
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, TraceData
+from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, SpanColumns, TraceData
 
 CHUNK_ROWS = 1 << 16
 FORMAT_NAME = "modtimeline-chrome"
@@ -32,14 +34,15 @@ def _numbers(values: list) -> list[bytes]:  # type: ignore[type-arg]
     return orjson.dumps(values)[1:-1].split(b",")
 
 
-# Tail of a span event by (flow, incomplete): what follows the call number.
+# The end of a span event by (flow, incomplete). Every template takes the call number
+# twice; "%.0b" prints nothing, so only rows with a flow repeat it (as bind_id).
 _TAILS = {
-    (0, 0): (b"}}", False, b""),
-    (0, 1): (b',"incomplete":true}}', False, b""),
-    (FLOW_OUT, 0): (b'},"bind_id":', True, b',"flow_out":true}'),
-    (FLOW_OUT, 1): (b',"incomplete":true},"bind_id":', True, b',"flow_out":true}'),
-    (FLOW_IN, 0): (b'},"bind_id":', True, b',"flow_in":true}'),
-    (FLOW_IN, 1): (b',"incomplete":true},"bind_id":', True, b',"flow_in":true}'),
+    (0, 0): b'%b}}%.0b',
+    (0, 1): b'%b,"incomplete":true}}%.0b',
+    (FLOW_OUT, 0): b'%b},"bind_id":%b,"flow_out":true}',
+    (FLOW_OUT, 1): b'%b,"incomplete":true},"bind_id":%b,"flow_out":true}',
+    (FLOW_IN, 0): b'%b},"bind_id":%b,"flow_in":true}',
+    (FLOW_IN, 1): b'%b,"incomplete":true},"bind_id":%b,"flow_in":true}',
 }
 
 
@@ -63,10 +66,9 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
     stream.write(b",\n".join(orjson.dumps(e) for e in meta_events))
 
     names = [orjson.dumps(name) for name in data.names]
-    heads: dict[tuple[int, int, int], bytes] = {}
+    templates: dict[tuple[int, int, int, int, int], bytes] = {}
     for start in range(0, len(spans), CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
-        _write_span_chunk(stream, spans, start, stop, base, pid, names, heads)
+        _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, names, templates)
 
     for counter in data.counters:
         for ts, value in zip(counter.times, counter.values):
@@ -76,32 +78,28 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
     stream.write(b"\n]}\n")
 
 
-def _write_span_chunk(stream: BinaryIO, spans, start: int, stop: int, base: int, pid: int,  # type: ignore[no-untyped-def]
-                      names: list[bytes], heads: dict[tuple[int, int, int], bytes]) -> None:
+def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
+                      names: list[bytes], templates: dict[tuple[int, int, int, int, int], bytes]) -> None:
+    """Format rows ``start:stop``. Every per-row step runs in C (map/zip over builtins,
+    ``bytes % tuple`` on a template per distinct track/name/category/flow/flag)."""
     begin = spans.begin[start:stop]
     end = spans.end[start:stop]
-    keys = list(zip(spans.track[start:stop], spans.name[start:stop], spans.category[start:stop]))
-    for key in set(keys).difference(heads):
-        tid, name, category = key
-        heads[key] = (b',\n{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":'
-                      % (pid, tid, names[name], CATEGORIES[category].encode()))
+    keys = list(zip(spans.track[start:stop], spans.name[start:stop], spans.category[start:stop],
+                    spans.flow[start:stop], spans.flags[start:stop]))
+    for key in set(keys).difference(templates):
+        tid, name, category, flow, flags = key
+        templates[key] = (b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":%%b,"dur":%%b,'
+                          b'"args":{"step":%%b%%b,"call":' % (pid, tid, names[name], CATEGORIES[category].encode())
+                          + _TAILS[flow, flags])
     ts = _numbers(list(map(truediv, map(sub, begin, repeat(base)), repeat(1000))))
     dur = _numbers(list(map(truediv, map(sub, end, begin), repeat(1000))))
     steps = _numbers(spans.step[start:stop].tolist())
     calls = _numbers(spans.call[start:stop].tolist())
     lags = spans.lag[start:stop]
-    row_tails = list(map(_TAILS.__getitem__, zip(spans.flow[start:stop], spans.flags[start:stop])))
+    lag_parts: Iterable[bytes] = repeat(b"")
     if any(lag >= 0 for lag in lags):
-        # GPU spans carry the CPU->GPU launch lag; there are few tracks of them, so a
-        # slower path that adds the field per row is fine.
+        # GPU spans carry the CPU->GPU launch lag.
         lag_parts = [b',"launch_lag_us":%s' % orjson.dumps(lag / 1000) if lag >= 0 else b"" for lag in lags]
-    else:
-        lag_parts = list(repeat(b"", len(begin)))
-    pieces = chain.from_iterable(
-        (head, t, b',"dur":', d, b',"args":{"step":', s, lag, b',"call":', c, tail, c if again else b"", end_)
-        for head, t, d, s, lag, c, (tail, again, end_) in zip(
-            map(heads.__getitem__, keys), ts, dur, steps, lag_parts, calls, row_tails
-        )
-    )
-    stream.write(b"".join(pieces))
-
+    rows = map(bytes.__mod__, map(templates.__getitem__, keys), zip(ts, dur, steps, lag_parts, calls, calls))
+    stream.write(b",\n")
+    stream.write(b",\n".join(rows))
