@@ -10,6 +10,7 @@ so recording never allocates a Python object per event beyond the two array slot
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from array import array
@@ -23,17 +24,24 @@ RECOMPUTE_BEGIN = 4
 RECOMPUTE_END = 5
 STEP_BEGIN = 6
 STEP_END = 7
+GRADIENT_READY = 8  # an autograd node's gradient is ready; "call" holds the node's id
+BACKWARD_DONE = 9  # autograd finished a backward pass
 
-KIND_BITS = 3
+KIND_BITS = 4
 MODULE_BITS = 20
 CALL_SHIFT = KIND_BITS + MODULE_BITS
 KIND_MASK = (1 << KIND_BITS) - 1
 MODULE_MASK = (1 << MODULE_BITS) - 1
 MAX_MODULES = 1 << MODULE_BITS
 
+# A node link (EventBuffer.nodes): which call, and whether the node *ends* the call's
+# backward (it produced one of the call's inputs) or *begins* it (one of its outputs).
+LINK_BEGIN = 1
+LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
+
 BYTES_PER_EVENT = 16  # one int64 timestamp + one int64 code
 
-_BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN))
+_BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN, GRADIENT_READY))
 
 DEFAULT_CAPACITY = 8_000_000  # events; 128 MB of buffer at most
 
@@ -47,13 +55,16 @@ class EventBuffer:
     happened; ``warn_if_overflowed`` tells the user once, at flush.
     """
 
-    __slots__ = ("timestamps", "codes", "capacity", "_hard_limit", "dropped", "_clock", "on_recorded")
+    __slots__ = ("timestamps", "codes", "nodes", "capacity", "_hard_limit", "dropped", "_clock", "on_recorded")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1 event, got {capacity}")
         self.timestamps = array("q")
         self.codes = array("q")
+        # Per autograd node seen (by node id): the links saying which calls begin or end
+        # their backward when the node's gradient is ready (see recorder.py).
+        self.nodes: list[list[int]] = []
         self.capacity = capacity
         self._hard_limit = capacity + max(4096, capacity // 16)
         self.dropped = 0
@@ -81,12 +92,14 @@ class EventBuffer:
         return self.dropped > 0
 
     def bytes_used(self) -> int:
-        """Bytes held by the event arrays (allocated slots, not just used ones)."""
-        return self.timestamps.buffer_info()[1] * 8 + self.codes.buffer_info()[1] * 8
+        """Bytes held by the events and node links (allocated slots, not just used ones)."""
+        links = sum(sys.getsizeof(node) + 32 * len(node) for node in self.nodes) + sys.getsizeof(self.nodes)
+        return self.timestamps.buffer_info()[1] * 8 + self.codes.buffer_info()[1] * 8 + links
 
     def clear(self) -> None:
         self.timestamps = array("q")
         self.codes = array("q")
+        self.nodes = []
         self.dropped = 0
 
     def warn_if_overflowed(self) -> None:

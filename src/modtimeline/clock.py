@@ -33,7 +33,7 @@ class DeviceBackend(Protocol):
     def new_event(self) -> Any: ...
     def current_stream(self) -> StreamKey: ...
     def record(self, event: Any, stream: StreamKey) -> None: ...
-    def record_anchor(self, event: Any, device: int) -> None: ...
+    def record_anchor(self, event: Any, device: int, host_ns: int) -> None: ...
     def synchronize(self, device: int) -> None: ...
     def elapsed_ns(self, start: Any, end: Any) -> float: ...
     def memory_allocated(self, device: int) -> int: ...
@@ -79,7 +79,7 @@ class DeviceClock:
         backend.synchronize(device)
         event = self._take_event()
         host_ns = time.perf_counter_ns()
-        backend.record_anchor(event, device)
+        backend.record_anchor(event, device, host_ns)
         old = self._anchors.get(device)
         if old is not None:
             self._pool.append(old[1])
@@ -150,7 +150,7 @@ class CudaBackend:
     def record(self, event: Any, stream: StreamKey) -> None:
         event.record(self._cuda.current_stream(stream[0]))
 
-    def record_anchor(self, event: Any, device: int) -> None:
+    def record_anchor(self, event: Any, device: int, host_ns: int) -> None:
         event.record(self._cuda.current_stream(device))
 
     def synchronize(self, device: int) -> None:
@@ -205,9 +205,9 @@ class FakeBackend:
         event.device_ns = self.host_to_device(done)
         self.recorded.append((stream, done))
 
-    def record_anchor(self, event: FakeBackend.Event, device: int) -> None:
-        # The device is idle after synchronize(): the anchor completes at once.
-        event.device_ns = self.host_to_device(time.perf_counter_ns())
+    def record_anchor(self, event: FakeBackend.Event, device: int, host_ns: int) -> None:
+        # An ideal idle device: the anchor completes the moment the host clock was read.
+        event.device_ns = self.host_to_device(host_ns)
 
     def synchronize(self, device: int) -> None:
         self.synchronizations += 1

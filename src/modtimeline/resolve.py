@@ -22,12 +22,16 @@ from typing import Any
 
 from .buffer import (
     BACKWARD_BEGIN,
+    BACKWARD_DONE,
     BACKWARD_END,
     CALL_SHIFT,
     FORWARD_BEGIN,
     FORWARD_END,
+    GRADIENT_READY,
     KIND_BITS,
     KIND_MASK,
+    LINK_BEGIN,
+    LINK_SHIFT,
     MODULE_MASK,
     RECOMPUTE_BEGIN,
     RECOMPUTE_END,
@@ -121,6 +125,7 @@ def resolve(
     module_names: list[str],
     close_ns: int,
     *,
+    nodes: list[list[int]] | None = None,
     rank: int = 0,
     base_ns: int = 0,
     marks: DeviceMarks | None = None,
@@ -129,6 +134,7 @@ def resolve(
     raised_steps: set[int] | frozenset[int] = frozenset(),
 ) -> TraceData:
     """Pair begin/end events into spans, close what is still open at ``close_ns``,
+    (backward spans that no gradient closed end with their backward pass),
     flag those and the calls and steps that raised ``INCOMPLETE``, make every track nest,
     and add GPU spans from ``marks``."""
     names = list(module_names)
@@ -141,6 +147,8 @@ def resolve(
     fw_stack: list[int] = []
     open_step: list[Any] | None = None
     step = -1
+    nodes = nodes if nodes is not None else []
+    began_this_backward: set[int] = set()  # a call's backward begins once per pass
 
     for i, (ts, code) in enumerate(zip(timestamps, codes)):
         kind = code & KIND_MASK
@@ -168,17 +176,39 @@ def resolve(
                     fw_stack.remove(call)
             else:
                 backward.append(span)
+        elif kind == GRADIENT_READY:
+            # A node's gradient is ready: the calls it ends close first, then those it begins.
+            links = nodes[call] if call < len(nodes) else ()
+            for link in links:
+                if not link & LINK_BEGIN:
+                    span = open_bw.pop(link >> LINK_SHIFT, None)
+                    if span is not None:
+                        span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
+                        backward.append(span)
+            for link in links:
+                if link & LINK_BEGIN:
+                    linked_call = link >> LINK_SHIFT
+                    if linked_call not in began_this_backward:
+                        began_this_backward.add(linked_call)
+                        module = (link >> 1) & MODULE_MASK
+                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1]
         elif kind == BACKWARD_BEGIN:
-            module = (code >> KIND_BITS) & MODULE_MASK
-            open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1]
+            if call not in began_this_backward:
+                began_this_backward.add(call)
+                module = (code >> KIND_BITS) & MODULE_MASK
+                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1]
         elif kind == BACKWARD_END:
             span = open_bw.pop(call, None)
-            if span is None:
-                continue
-            span[_E] = ts
-            span[_FLAGS] = 0
-            span[_EEV] = i
-            backward.append(span)
+            if span is not None:
+                span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
+                backward.append(span)
+        elif kind == BACKWARD_DONE:
+            # What no input gradient closed (e.g. a root fed integer tokens) ends here.
+            for span in open_bw.values():
+                span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
+                backward.append(span)
+            open_bw.clear()
+            began_this_backward.clear()
         elif kind == STEP_BEGIN:
             step = call
             open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1]

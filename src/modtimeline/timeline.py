@@ -23,7 +23,7 @@ from .clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError
 from .resolve import TraceData, resolve
 from .schedule import Schedule, StepAction
-from .tracker import ModuleTracker
+from .recorder import Recorder
 from .writers import format_for, write_trace
 from .writers.atomic import check_writable
 
@@ -77,7 +77,7 @@ class Timeline:
         self.memory = memory
         self._backend = device_backend
         self.buffer = EventBuffer(capacity)
-        self.tracker = ModuleTracker(sink=self.buffer.record)
+        self.tracker = Recorder(self.buffer)
         self._clock: DeviceClock | None = None
         self._step = 0
         self._in_step = False
@@ -188,6 +188,7 @@ class Timeline:
 
     def _start_window(self) -> None:
         self.buffer.clear()
+        self.tracker.forget_nodes()
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
@@ -231,6 +232,7 @@ class Timeline:
             self.buffer.codes,
             self.tracker.module_names,
             close_ns,
+            nodes=self.buffer.nodes,
             rank=_rank(),
             base_ns=self._base_ns,
             marks=marks,

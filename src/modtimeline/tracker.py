@@ -3,9 +3,8 @@
 ``ModuleTracker`` is a drop-in for torch's ``torch.utils.module_tracker.ModuleTracker``
 and ``torch.distributed._tools.mod_tracker.ModTracker``: the same ``parents``,
 ``is_bw``, ``get_known_fqn`` and ``register_user_hooks``, with the same hook order.
-It also reports every module call to an optional event sink (``record(kind, call,
-module)``), which is how ``Timeline`` times them; the tracker itself knows nothing of
-clocks or files.
+``recorder.Recorder`` builds on it to time module calls for ``Timeline``; the
+tracker itself knows nothing of clocks or files.
 
 Example::
 
@@ -27,7 +26,6 @@ unless they are containers, and nothing is formatted per call.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -38,15 +36,7 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten
 
-from .buffer import (
-    BACKWARD_BEGIN,
-    BACKWARD_END,
-    FORWARD_BEGIN,
-    FORWARD_END,
-    MAX_MODULES,
-    RECOMPUTE_BEGIN,
-    RECOMPUTE_END,
-)
+from .buffer import MAX_MODULES
 from .errors import ModTimelineError
 
 __all__ = ["ModuleTracker"]
@@ -55,9 +45,6 @@ _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
 _Tensor = torch.Tensor
-
-EventSink = Callable[[int, int, int], None]
-
 
 def _grad_tensors(value: Any) -> list[torch.Tensor]:
     """Distinct tensors in ``value`` (a tensor, or args/outputs nesting) that require grad."""
@@ -77,6 +64,31 @@ def _grad_tensors(value: Any) -> list[torch.Tensor]:
         if isinstance(v, _Tensor) and v.requires_grad and not any(v is f for f in found):
             found.append(v)
     return found
+
+
+# The FQN of every module named so far, with the root module that named it, for the
+# whole process: a module's name does not change, and walking a model's tree to name
+# it (~4 µs per module) should happen once, not once per tracker or Timeline. Weak
+# keys: the cache never keeps a model alive.
+_FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[torch.nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
+    """(FQN, root) of ``module``; an unnamed module becomes a root named by its class."""
+    entry = _FQN_CACHE.get(module)
+    if entry is None:
+        _name_tree(module, type(module).__name__, weakref.ref(module))
+        entry = _FQN_CACHE[module]
+    return entry
+
+
+def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module]) -> None:
+    _FQN_CACHE[module] = (name, root)
+    for child_name, child in module.named_children():
+        if child not in _FQN_CACHE:
+            _name_tree(child, f"{name}.{child_name}", root)
 
 
 class _GradientReady:
@@ -127,24 +139,21 @@ class ModuleTracker:
 
     parents: set[str]
 
-    def __init__(self, sink: EventSink | None = None) -> None:
+    def __init__(self) -> None:
         self.parents = {"Global"}
-        self._sink = sink
         self._active_count: dict[str, int] = {}
         # Module registry: index -> FQN / weak reference; id(module) -> index.
         self._names: list[str] = []
         self._refs: list[weakref.ref[torch.nn.Module]] = []
         self._index_by_id: dict[int, int] = {}
+        self._roots: set[int] = set()  # ids of the root modules this tracker has seen
         self._next_call = 0
         self._fw_stack: list[tuple[int, int, _PendingPostBackward | None]] = []
         self._pending_post_bw: list[_PendingPostBackward] = []
-        self._open_bw: dict[int, int] = {}  # call -> module, backward begun, not ended
         self._any_mode_task: dict[int, int] = {}  # call -> graph task whose pre_bw fired
         self._backward_callback_queued = False
         self._handles: list[Any] = []
         self._generation = 0  # bumped when hooks are removed: older node records are stale
-        # Calls whose forward ended by raising (their forward hook ran with no output).
-        self.raised_calls: set[int] = set()
         self._global_handles: list[Any] = []
         self._entered = False
         self._user_pre_fw_hook: Callable[..., Any] | None = None
@@ -161,7 +170,14 @@ class ModuleTracker:
     def get_known_fqn(self, mod: torch.nn.Module) -> str | None:
         """The FQN of ``mod`` if the tracker has seen it (or its root), else ``None``."""
         index = self._lookup(mod)
-        return None if index is None else self._names[index]
+        if index is not None:
+            return self._names[index]
+        entry = _FQN_CACHE.get(mod)
+        if entry is not None:
+            root = entry[1]()
+            if root is not None and id(root) in self._roots and self._lookup(root) is not None:
+                return entry[0]
+        return None
 
     @property
     def module_names(self) -> list[str]:
@@ -216,7 +232,6 @@ class ModuleTracker:
         self._global_handles = []
         self.remove_grad_hooks()
         self._fw_stack.clear()
-        self._open_bw.clear()
         self._any_mode_task.clear()
         self._active_count.clear()
         self.parents = {"Global"}
@@ -233,13 +248,6 @@ class ModuleTracker:
         self._pending_post_bw = []
         self._generation += 1
 
-    def open_forward_calls(self) -> list[tuple[int, int]]:
-        """(call, module) of forwards that began and have not ended, outermost first."""
-        return [(call, module) for call, module, _ in self._fw_stack]
-
-    def open_backward_calls(self) -> list[tuple[int, int]]:
-        return list(self._open_bw.items())
-
     # ------------------------------------------------------------- module names
     def _lookup(self, module: torch.nn.Module) -> int | None:
         index = self._index_by_id.get(id(module))
@@ -247,20 +255,19 @@ class ModuleTracker:
             return index
         return None
 
-    def _learn(self, module: torch.nn.Module, name: str | None = None) -> int:
-        """Give ``module`` (and, on first sight, its whole subtree) an index and FQN."""
+    def _learn(self, module: torch.nn.Module) -> int:
+        """Give ``module`` an index in this tracker (its FQN comes from the process-wide cache)."""
         index = self._lookup(module)
         if index is None:
             if len(self._names) >= MAX_MODULES:
                 raise ModTimelineError(f"more than {MAX_MODULES:,} distinct modules; modtimeline cannot track them")
+            name, root = _fqn(module)
+            if root() is module:
+                self._roots.add(id(module))
             index = len(self._names)
-            self._names.append(name if name is not None else type(module).__name__)
+            self._names.append(name)
             self._refs.append(weakref.ref(module))
             self._index_by_id[id(module)] = index
-            prefix = self._names[index]
-            for child_name, child in module.named_children():
-                if self._lookup(child) is None:
-                    self._learn(child, f"{prefix}.{child_name}")
         return index
 
     def _gradient_ready(self, node: Any) -> _GradientReady:
@@ -281,8 +288,6 @@ class ModuleTracker:
         self._next_call = call + 1
         in_backward = _graph_task_id() != -1
         self._enter_name(self._names[index])
-        if self._sink is not None:
-            self._sink(RECOMPUTE_BEGIN if in_backward else FORWARD_BEGIN, call, index)
         if self._user_pre_fw_hook is not None:
             self._user_pre_fw_hook(module, args)
         pending = None
@@ -314,15 +319,9 @@ class ModuleTracker:
             stack.append((call, index, pending))
             return
         in_backward = _graph_task_id() != -1
-        # A forward that raised gets its hook called with no output. (Inside backward,
-        # non-reentrant checkpointing stops recompute early by raising: not a failure.)
-        if output is None and not in_backward and sys.exc_info()[1] is not None:
-            self.raised_calls.add(call)
         if self._user_post_fw_hook is not None:
             self._user_post_fw_hook(module, args, output)
         self._leave_name(self._names[index])
-        if self._sink is not None:
-            self._sink(RECOMPUTE_END if in_backward else FORWARD_END, call, index)
         if in_backward or not _grad_enabled():
             return
         outputs = _grad_tensors(output) if output is not None else []
@@ -355,18 +354,12 @@ class ModuleTracker:
             self._backward_callback_queued = True
             _queue_engine_callback(self._backward_finished)
         self._enter_name(self._names[index])
-        self._open_bw[call] = index
-        if self._sink is not None:
-            self._sink(BACKWARD_BEGIN, call, index)
         if self._user_pre_bw_hook is not None:
             self._user_pre_bw_hook(self._refs[index](), grads)
 
     def _post_backward(self, call: int, index: int, *grads: Any) -> None:
         if not self._entered:
             return
-        began = self._open_bw.pop(call, None) is not None
-        if began and self._sink is not None:
-            self._sink(BACKWARD_END, call, index)
         if self._user_post_bw_hook is not None:
             self._user_post_bw_hook(self._refs[index](), grads)
         self._leave_name(self._names[index])
@@ -377,10 +370,6 @@ class ModuleTracker:
         for entry in reversed(pending):
             if entry.live:
                 self._post_backward(entry.call, entry.module)
-        if self._sink is not None:
-            for call, index in list(self._open_bw.items()):
-                self._sink(BACKWARD_END, call, index)
-        self._open_bw.clear()
         self._any_mode_task.clear()
         self._active_count.clear()
         self.parents = {"Global"}
