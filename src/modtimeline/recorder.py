@@ -37,6 +37,7 @@ from .tracker import ModuleTracker, _grad_tensors
 _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
+_Tensor = torch.Tensor
 
 
 class _NodeMark:
@@ -84,7 +85,10 @@ class Recorder(ModuleTracker):
         self._fw_stack.append((call, index, False))  # type: ignore[arg-type]
         if not _grad_enabled():
             return
-        inputs = _grad_tensors(args)
+        if len(args) == 1 and isinstance(args[0], _Tensor):  # the common case, inline
+            inputs = [args[0]] if args[0].requires_grad else []
+        else:
+            inputs = _grad_tensors(args)
         if len(inputs) == 1:
             node = inputs[0].grad_fn
             if node is not None:
@@ -115,7 +119,11 @@ class Recorder(ModuleTracker):
             return
         if not _grad_enabled():
             return
-        for tensor in _grad_tensors(output):
+        if isinstance(output, _Tensor):  # the common case, inline
+            outputs = [output] if output.requires_grad else []
+        else:
+            outputs = _grad_tensors(output)
+        for tensor in outputs:
             node = tensor.grad_fn
             if node is not None:
                 self._link(node, call << LINK_SHIFT | index << 1 | LINK_BEGIN)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from itertools import count, repeat
+from operator import add, and_, itemgetter, mul, rshift
 from typing import Any
 
 from .buffer import (
@@ -115,8 +117,9 @@ class TraceData:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-# A span while being built: [begin, end, name, category, call, step, flags, begin_event, end_event]
-_B, _E, _NAME, _CAT, _CALL, _STEP, _FLAGS, _BEV, _EEV = range(9)
+# A span while being built:
+# [begin, end, name, category, call, step, flags, begin_event, end_event, gpu_lag]
+_B, _E, _NAME, _CAT, _CALL, _STEP, _FLAGS, _BEV, _EEV, _LAG = range(10)
 
 
 def resolve(
@@ -150,13 +153,13 @@ def resolve(
     nodes = nodes if nodes is not None else []
     began_this_backward: set[int] = set()  # a call's backward begins once per pass
 
-    for i, (ts, code) in enumerate(zip(timestamps, codes)):
-        kind = code & KIND_MASK
-        call = code >> CALL_SHIFT
+    kinds = map(and_, codes, repeat(KIND_MASK))
+    calls = map(rshift, codes, repeat(CALL_SHIFT))
+    for i, ts, code, kind, call in zip(count(), timestamps, codes, kinds, calls):
         if kind == FORWARD_BEGIN or kind == RECOMPUTE_BEGIN:
             module = (code >> KIND_BITS) & MODULE_MASK
             cat = FORWARD if kind == FORWARD_BEGIN else RECOMPUTE
-            open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1]
+            open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1, -1]
             if cat == FORWARD:
                 if fw_stack:
                     parent_of[call] = fw_stack[-1]
@@ -191,12 +194,12 @@ def resolve(
                     if linked_call not in began_this_backward:
                         began_this_backward.add(linked_call)
                         module = (link >> 1) & MODULE_MASK
-                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1]
+                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, -1]
         elif kind == BACKWARD_BEGIN:
             if call not in began_this_backward:
                 began_this_backward.add(call)
                 module = (code >> KIND_BITS) & MODULE_MASK
-                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1]
+                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1, -1]
         elif kind == BACKWARD_END:
             span = open_bw.pop(call, None)
             if span is not None:
@@ -211,7 +214,7 @@ def resolve(
             began_this_backward.clear()
         elif kind == STEP_BEGIN:
             step = call
-            open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1]
+            open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1, -1]
         elif kind == STEP_END:
             if open_step is not None:
                 open_step[_E] = ts
@@ -266,42 +269,55 @@ def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
 
 
 def assign_lanes(spans: list[list[Any]]) -> list[int]:
-    """Lane per span such that spans within a lane nest strictly; lane 0 takes all it can."""
-    order = sorted(range(len(spans)), key=lambda i: (spans[i][_B], -spans[i][_E], spans[i][_CALL]))
+    """Sort ``spans`` into nesting order and give each a lane such that the spans of one
+    lane nest strictly; lane 0 takes all it can. Returns the lanes, aligned with ``spans``."""
+    # Three stable sorts with C-level keys: begin ascending, end descending, then (for
+    # identical intervals) the outer call, which has the lower call number, first.
+    spans.sort(key=itemgetter(_CALL))
+    spans.sort(key=itemgetter(_E), reverse=True)
+    spans.sort(key=itemgetter(_B))
     lanes: list[list[int]] = []
-    lane_of = [0] * len(spans)
-    for i in order:
-        begin, end = spans[i][_B], spans[i][_E]
+    lane_of: list[int] = []
+    for span in spans:
+        begin, end = span[_B], span[_E]
         for number, stack in enumerate(lanes):
             while stack and stack[-1] <= begin:
                 stack.pop()
             if not stack or end <= stack[-1]:
                 stack.append(end)
-                lane_of[i] = number
+                lane_of.append(number)
                 break
         else:
-            lane_of[i] = len(lanes)
+            lane_of.append(len(lanes))
             lanes.append([end])
     return lane_of
 
 
+# The flow a span carries when its call has both a forward and a backward span.
+_FLOW_BY_CATEGORY = (FLOW_OUT, FLOW_IN, FLOW_NONE, FLOW_NONE)  # forward, backward, recompute, step
+
+
 def _emit_lanes(out: SpanColumns, tracks: list[Track], spans: list[list[Any]], first_tid: int,
-                label: str, flow_calls: set[int], lag_of: dict[int, int] | None = None) -> None:
-    """Append spans in nesting order, one track per lane (``label``, ``label (2)``, ...)."""
+                label: str, flow_calls: set[int]) -> None:
+    """Append spans lane by lane in nesting order, one track per lane (``label``,
+    ``label (2)``, ...). Columns are filled with C-level maps, not per span."""
     lanes = assign_lanes(spans)
     for lane in sorted(set(lanes)):
         tracks.append(Track(first_tid + lane, label if lane == 0 else f"{label} ({lane + 1})"))
-    for i in sorted(range(len(spans)), key=lambda i: (lanes[i], spans[i][_B], -spans[i][_E])):
-        s = spans[i]
-        flow = FLOW_NONE
-        if s[_CALL] in flow_calls:
-            if s[_CAT] == FORWARD:
-                flow = FLOW_OUT
-            elif s[_CAT] == BACKWARD:
-                flow = FLOW_IN
-        lag = -1 if lag_of is None else lag_of[id(s)]
-        out.append(first_tid + lanes[i], s[_B], s[_E], s[_NAME], s[_CAT], s[_CALL], s[_STEP],
-                   s[_FLAGS], flow, lag)
+    order = sorted(range(len(spans)), key=lanes.__getitem__)  # stable: nesting order kept
+    ordered = list(map(spans.__getitem__, order))
+    calls = list(map(itemgetter(_CALL), ordered))
+    categories = list(map(itemgetter(_CAT), ordered))
+    out.track.extend(map(add, map(lanes.__getitem__, order), repeat(first_tid)))
+    out.begin.extend(map(itemgetter(_B), ordered))
+    out.end.extend(map(itemgetter(_E), ordered))
+    out.name.extend(map(itemgetter(_NAME), ordered))
+    out.category.extend(categories)
+    out.call.extend(calls)
+    out.step.extend(map(itemgetter(_STEP), ordered))
+    out.flags.extend(map(itemgetter(_FLAGS), ordered))
+    out.flow.extend(map(mul, map(_FLOW_BY_CATEGORY.__getitem__, categories), map(flow_calls.__contains__, calls)))
+    out.lag.extend(map(itemgetter(_LAG), ordered))
 
 
 def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter],
@@ -317,7 +333,6 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
     # 16 tids per GPU track leave room for its lanes.
     per_track: dict[int, list[list[Any]]] = {}
     track_name: dict[int, str] = {}
-    lag_of: dict[int, int] = {}
     spread_tid: dict[int, int] = {}
     for s in cpu_spans:
         b_ev, e_ev = s[_BEV], s[_EEV]
@@ -333,14 +348,14 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
             tid = spread_tid.setdefault(device, GPU_TRACK_BASE + 16 * (len(marks.streams) + len(spread_tid)))
             track_name[tid] = f"cuda:{device} across streams"
         begin = time_of[b_ev]
-        gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev]
-        lag_of[id(gpu)] = begin - timestamps[b_ev]
+        gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev,
+               begin - timestamps[b_ev]]
         per_track.setdefault(tid, []).append(gpu)
 
     for tid in sorted(per_track):
         spans = per_track[tid]
         _hull_backward(spans, parent_of)
-        _emit_lanes(out, tracks, spans, tid, track_name[tid], set(), lag_of)
+        _emit_lanes(out, tracks, spans, tid, track_name[tid], set())
 
     if len(marks.memory):
         by_device: dict[int, tuple[array, array]] = {}
