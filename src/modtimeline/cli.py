@@ -16,7 +16,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # imports torch: only the demo needs it
 
     path = run_demo(args.output, steps=args.steps, device=args.device)
     size = path.stat().st_size
@@ -36,18 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.set_defaults(run=_demo)
 
-    try:
-        from .analysis.commands import add_analysis_commands
-    except ImportError:  # pragma: no cover - analysis always ships; keep demo usable regardless
-        pass
-    else:
-        add_analysis_commands(commands)
+    from .analysis.commands import add_analysis_commands
+
+    add_analysis_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .analysis.commands import split_candidates
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(split_candidates(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.run(args))
     except ModTimelineError as error:

@@ -1,0 +1,121 @@
+"""``modtimeline summary`` and ``modtimeline diff``: argument parsing and output."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from ..errors import ModTimelineError
+from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
+from .reader import read_trace, trace_files
+from .render import (
+    render_diff_markdown,
+    render_diff_text,
+    render_summary_markdown,
+    render_summary_text,
+    use_color,
+)
+from .summary import summarize
+
+EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+
+
+def _emit_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _summary(args: argparse.Namespace) -> int:
+    traces = [read_trace(path) for path in trace_files(args.traces)]
+    summary = summarize(traces, warmup=args.warmup, depth=args.depth, top=args.top)
+    if args.format == "json":
+        _emit_json(summary.to_json())
+    elif args.format == "markdown":
+        print(render_summary_markdown(summary, tree=args.top is None))
+    else:
+        print(render_summary_text(summary, tree=args.top is None))
+    return EXIT_OK
+
+
+def _diff(args: argparse.Namespace) -> int:
+    if args.candidates:
+        base_paths, candidate_paths = args.traces, args.candidates
+    elif len(args.traces) == 2:
+        base_paths, candidate_paths = args.traces[:1], args.traces[1:]
+    else:
+        raise ModTimelineError("give BASE CANDIDATE, or several per side as BASE... -- CANDIDATE...")
+    config = DiffConfig()
+    if args.config:
+        config = load_config(args.config, config)
+    if args.threshold is not None or args.floor_us is not None:
+        config.default = Rule("*", args.threshold if args.threshold is not None else config.default.threshold,
+                              args.floor_us if args.floor_us is not None else config.default.floor_us)
+    for name in ("alpha", "correction", "warmup", "min_samples"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    base = [read_trace(path) for path in trace_files(base_paths)]
+    candidate = [read_trace(path) for path in trace_files(candidate_paths)]
+    report = diff(base, candidate, config)
+
+    markdown = None
+    if args.format == "json":
+        _emit_json(report.to_json())
+    elif args.format == "markdown":
+        markdown = render_diff_markdown(report)
+        print(markdown)
+    else:
+        print(render_diff_text(report, show_all=args.all, color=use_color()))
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        try:
+            with open(summary_file, "a", encoding="utf-8") as stream:
+                stream.write((markdown or render_diff_markdown(report)) + "\n")
+        except OSError as error:
+            print(f"modtimeline: warning: cannot append to GITHUB_STEP_SUMMARY: {error}", file=sys.stderr)
+    return EXIT_REGRESSION if any(m.verdict == REGRESSED for m in report.modules) else EXIT_OK
+
+
+def add_analysis_commands(commands: Any) -> None:
+    summary = commands.add_parser("summary", help="per-module table of a trace (or several)",
+                                  description="Per-module time per step: forward, backward, recompute; total and self.")
+    summary.add_argument("traces", nargs="+", help="trace files or directories of them")
+    summary.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    summary.add_argument("--top", type=int, help="only the N modules with the most time (a flat list)")
+    summary.add_argument("--depth", type=int, help="only modules at most D levels below the root (root = 0)")
+    summary.add_argument("--warmup", type=int, default=0, help="leave out the first N steps of each trace")
+    summary.set_defaults(run=_summary)
+
+    compare = commands.add_parser(
+        "diff", help="compare base and candidate traces; exit 1 if a module got slower beyond noise",
+        description="Per module, phase and device: Mann-Whitney U on per-step times, corrected for testing "
+                    "every module, plus a relative threshold and an absolute floor. Exit codes: 0 no "
+                    "regression, 1 regression, 2 error. Several traces per side: BASE... -- CANDIDATE... "
+                    "(options before the --); a directory stands for the traces in it.")
+    compare.add_argument("traces", nargs="+", help="BASE CANDIDATE, or the base traces before --")
+    compare.add_argument("--candidates", nargs="+", help=argparse.SUPPRESS)
+    output = compare.add_mutually_exclusive_group()
+    output.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    output.add_argument("--markdown", dest="format", action="store_const", const="markdown",
+                        help="markdown sorted by absolute change, for a PR comment")
+    output.add_argument("--json", dest="format", action="store_const", const="json")
+    compare.add_argument("--config", help="TOML file with [diff] settings and per-FQN-glob thresholds")
+    compare.add_argument("--threshold", type=float, help="relative change that counts (default 0.05)")
+    compare.add_argument("--floor-us", type=float, help="absolute change per step that counts (default 20)")
+    compare.add_argument("--alpha", type=float, help="significance level after correction (default 0.05)")
+    compare.add_argument("--correction", choices=("holm", "bh"), help="multiple-testing correction (default holm)")
+    compare.add_argument("--warmup", type=int, help="steps left out at the start of each trace (default 1)")
+    compare.add_argument("--min-samples", type=int, help="steps per side needed for a verdict (default 5)")
+    compare.add_argument("--all", action="store_true", help="list unchanged modules too")
+    compare.set_defaults(run=_diff)
+
+
+def split_candidates(argv: list[str]) -> list[str]:
+    """``diff A B -- C D`` -> ``diff A B --candidates C D`` (argparse drops a bare --)."""
+    if argv[:1] == ["diff"] and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut] + ["--candidates"] + argv[cut + 1:]
+    return argv

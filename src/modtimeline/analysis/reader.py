@@ -1,0 +1,171 @@
+"""Read modtimeline traces (``.json``, ``.json.gz``, ``.pftrace``) into per-step samples.
+
+Never imports torch: a CI job that only compares traces does not need it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import TraceFileError, TraceFormatError
+
+TRACE_SUFFIXES = (".json", ".json.gz", ".pftrace")
+PHASES = ("forward", "backward", "recompute")
+
+# (FQN, phase, device), e.g. ("GPT.blocks.0.attn", "backward", "cpu")
+Key = tuple[str, str, str]
+
+
+@dataclass
+class Sample:
+    """One module's time in one step: inclusive and self (minus nested spans) ns, calls."""
+
+    inclusive_ns: int = 0
+    self_ns: int = 0
+    calls: int = 0
+
+
+@dataclass
+class Span:
+    name: str
+    phase: str
+    device: str
+    track: tuple[int, int]  # (pid, tid): spans nest within a track
+    step: int
+    begin_ns: int
+    end_ns: int
+
+
+@dataclass
+class Trace:
+    """A trace file as the analysis sees it: spans and the steps they belong to."""
+
+    path: Path
+    metadata: dict[str, Any]
+    spans: list[Span]
+    step_ns: dict[int, int] = field(default_factory=dict)  # step -> duration of its step span
+
+    def steps(self) -> list[int]:
+        """Steps in order; a trace without marked steps is one step, numbered -1."""
+        return sorted({span.step for span in self.spans} | set(self.step_ns))
+
+
+def trace_files(paths: list[str | Path]) -> list[Path]:
+    """The trace files named by ``paths``; a directory stands for the traces inside it."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.name.endswith(TRACE_SUFFIXES) and p.is_file())
+            if not found:
+                raise TraceFileError(f"{path}: no trace files (.json, .json.gz, .pftrace) in this directory")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise TraceFileError(f"{path}: no such file or directory")
+    return files
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read one trace file; a clear ``TraceFormatError`` if it is not a usable modtimeline trace."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise TraceFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    if not raw:
+        raise TraceFormatError(f"{path}: empty file")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            raise TraceFormatError(f"{path}: damaged or truncated gzip data") from None
+    if raw.lstrip()[:1] == b"{":
+        trace = _read_chrome_json(path, raw)
+    else:
+        from .pftrace_reader import read_pftrace
+
+        trace = read_pftrace(path, raw)
+    if not any(span.phase in PHASES for span in trace.spans):
+        raise TraceFormatError(f"{path}: the trace holds no module spans")
+    return trace
+
+
+def _read_chrome_json(path: Path, raw: bytes) -> Trace:
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}); truncated?") from None
+    if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
+        raise TraceFormatError(f"{path}: not a Chrome trace (no traceEvents list)")
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict) or metadata.get("tool") != "modtimeline":
+        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not 'modtimeline')")
+    thread_names: dict[tuple[int, int], str] = {}
+    complete: list[dict[str, Any]] = []
+    try:
+        for event in document["traceEvents"]:
+            phase = event.get("ph")
+            if phase == "X":
+                complete.append(event)
+            elif phase == "M" and event.get("name") == "thread_name":
+                thread_names[(event["pid"], event["tid"])] = event["args"]["name"]
+        spans: list[Span] = []
+        step_ns: dict[int, int] = {}
+        for event in complete:
+            track = (event["pid"], event["tid"])
+            begin = round(event["ts"] * 1000)
+            end = begin + round(event["dur"] * 1000)
+            category = event.get("cat", "")
+            step = int(event.get("args", {}).get("step", -1))
+            if category == "step":
+                step_ns[step] = end - begin
+                continue
+            device = "cuda" if thread_names.get(track, "").startswith("cuda") else "cpu"
+            spans.append(Span(event["name"], category, device, track, step, begin, end))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise TraceFormatError(f"{path}: malformed trace event ({type(error).__name__}: {error})") from None
+    return Trace(path, metadata, spans, step_ns)
+
+
+def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:
+    """Per (FQN, phase, device), per step: inclusive time, self time and call count.
+
+    Self time subtracts every span nested directly inside on the same track (children,
+    and recompute inside a backward). The first ``warmup`` steps are left out.
+    """
+    skipped = set(trace.steps()[:warmup])
+    by_track: dict[tuple[int, int], list[Span]] = defaultdict(list)
+    for span in trace.spans:
+        if span.phase in PHASES:
+            by_track[span.track].append(span)
+    result: dict[Key, dict[int, Sample]] = defaultdict(dict)
+    for spans in by_track.values():
+        spans.sort(key=lambda s: (s.begin_ns, -s.end_ns))
+        self_ns = [s.end_ns - s.begin_ns for s in spans]
+        stack: list[int] = []
+        for i, span in enumerate(spans):
+            while stack and spans[stack[-1]].end_ns <= span.begin_ns:
+                stack.pop()
+            if stack:
+                self_ns[stack[-1]] -= span.end_ns - span.begin_ns
+            stack.append(i)
+        for span, own in zip(spans, self_ns):
+            if span.step in skipped:
+                continue
+            per_step = result[(span.name, span.phase, span.device)]
+            sample = per_step.get(span.step)
+            if sample is None:
+                sample = per_step[span.step] = Sample()
+            sample.inclusive_ns += span.end_ns - span.begin_ns
+            sample.self_ns += max(own, 0)  # a parent widened over a child's late hook
+            sample.calls += 1
+    return dict(result)

@@ -1,0 +1,171 @@
+"""Render summaries and diff reports: terminal tables, GitHub markdown, JSON."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from .diff import IMPROVED, INCONCLUSIVE, REGRESSED, UNCHANGED, DiffReport, ModuleDiff
+from .summary import Summary, tree_levels
+
+_COLORS = {REGRESSED: "\033[31m", IMPROVED: "\033[32m", INCONCLUSIVE: "\033[33m", UNCHANGED: ""}
+_RESET = "\033[0m"
+_MARKS = {REGRESSED: "🔴 regressed", IMPROVED: "🟢 improved", INCONCLUSIVE: "🟡 inconclusive", UNCHANGED: "unchanged"}
+
+
+def use_color(stream: object = sys.stdout) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+
+
+def _ms(us: float) -> str:
+    return "–" if us == 0 else f"{us / 1000:.3f}"
+
+
+def _signed_ms(us: float) -> str:
+    return f"{us / 1000:+.3f}"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """Columns padded to their widest cell; ``right`` holds the right-aligned columns."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("─" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    def escape(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    align = ["---:" if i in right else ":---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- summary
+def _summary_table(summary: Summary, indent: bool) -> tuple[list[str], list[list[str]], set[int]]:
+    headers = ["module", "calls", "fwd ms", "fwd self", "bwd ms", "bwd self", "recompute ms"]
+    if summary.has_gpu:
+        headers += ["GPU fwd ms", "GPU bwd ms"]
+    if summary.step_us:
+        headers.append("% of step")
+    levels = tree_levels([r.fqn for r in summary.rows]) if indent else [0] * len(summary.rows)
+    rows = []
+    for r, level in zip(summary.rows, levels):
+        name = "  " * level + r.fqn
+        cells = [name, f"{r.calls:g}", _ms(r.total_us["forward"]), _ms(r.self_us["forward"]),
+                 _ms(r.total_us["backward"]), _ms(r.self_us["backward"]), _ms(r.total_us["recompute"])]
+        if summary.has_gpu:
+            cells += [_ms(r.gpu_us.get("forward", 0.0)), _ms(r.gpu_us.get("backward", 0.0))]
+        if summary.step_us:
+            cells.append(f"{(r.share_of_step or 0) * 100:.1f}%")
+        rows.append(cells)
+    return headers, rows, set(range(1, len(headers)))
+
+
+def _summary_header(summary: Summary) -> str:
+    step = f", mean step {summary.step_us / 1000:.3f} ms" if summary.step_us else ""
+    return (f"{len(summary.rows)} modules, {summary.steps} step(s){step}; "
+            "times are mean ms per step (self = minus nested modules)")
+
+
+def render_summary_text(summary: Summary, tree: bool = True) -> str:
+    headers, rows, right = _summary_table(summary, indent=tree)
+    return _summary_header(summary) + "\n\n" + text_table(headers, rows, right)
+
+
+def render_summary_markdown(summary: Summary, tree: bool = True) -> str:
+    headers, rows, right = _summary_table(summary, indent=False)
+    levels = tree_levels([r.fqn for r in summary.rows]) if tree else [0] * len(summary.rows)
+    for row, module, level in zip(rows, summary.rows, levels):
+        row[0] = "&nbsp;&nbsp;" * level + f"`{module.fqn}`"
+    return f"**modtimeline summary**: {_summary_header(summary)}\n\n" + markdown_table(headers, rows, right)
+
+
+# -------------------------------------------------------------------------- diff
+def _diff_cells(m: ModuleDiff, marks: dict[str, str]) -> list[str]:
+    return [marks[m.verdict], m.fqn, m.phase, m.device, _ms(m.base_us), _ms(m.candidate_us),
+            _signed_ms(m.delta_us), f"{m.ratio - 1:+.1%}", _signed_ms(m.self_delta_us),
+            _signed_ms(m.children_delta_us), f"{m.p_adjusted:.2g}", "; ".join(m.notes)]
+
+
+_DIFF_HEADERS = ["verdict", "module", "phase", "device", "base ms", "cand ms", "Δ ms", "Δ %",
+                 "self Δ ms", "children Δ ms", "p (adj.)", "notes"]
+_DIFF_RIGHT = {4, 5, 6, 7, 8, 9, 10}
+
+
+def _headline(report: DiffReport) -> str:
+    counts = report.counts()
+    words = ", ".join(f"{counts[v]} {v}" for v in (REGRESSED, IMPROVED, INCONCLUSIVE, UNCHANGED))
+    verdict = "FAIL: slower beyond noise" if counts[REGRESSED] else "OK: no module slower beyond noise"
+    return f"{verdict} ({words})"
+
+
+def render_diff_text(report: DiffReport, show_all: bool = False, color: bool = False, limit: int = 25) -> str:
+    shown = [m for m in report.modules if show_all or m.verdict != UNCHANGED]
+    hidden = 0
+    if not show_all and len(shown) < limit:
+        rest = [m for m in report.modules if m.verdict == UNCHANGED][: limit - len(shown)]
+        shown += rest
+    hidden = len(report.modules) - len(shown)
+    marks = {v: v for v in _MARKS}
+    rows = [_diff_cells(m, marks) for m in shown]
+    table = text_table(_DIFF_HEADERS, rows, _DIFF_RIGHT)
+    if color:
+        lines = table.split("\n")
+        for i, m in enumerate(shown):
+            if _COLORS[m.verdict]:
+                lines[i + 2] = _COLORS[m.verdict] + lines[i + 2] + _RESET
+        table = "\n".join(lines)
+    parts = [_headline(report), "", table]
+    if hidden:
+        parts.append(f"... {hidden} more unchanged module(s) (--all shows them)")
+    parts += _structural_lines(report)
+    parts += [f"warning: {w}" for w in report.warnings]
+    parts.append(_settings_line(report))
+    return "\n".join(parts)
+
+
+def render_diff_markdown(report: DiffReport, limit: int = 50) -> str:
+    """For a PR comment or $GITHUB_STEP_SUMMARY: changed modules first, by absolute Δ."""
+    changed = [m for m in report.modules if m.verdict != UNCHANGED]
+    unchanged = [m for m in report.modules if m.verdict == UNCHANGED]
+    shown = changed + unchanged[: max(0, 10 - len(changed))]
+    rows = [_diff_cells(m, _MARKS) for m in shown[:limit]]
+    for row in rows:
+        row[1] = f"`{row[1]}`"
+    parts = [f"### modtimeline diff: {_headline(report)}", "", markdown_table(_DIFF_HEADERS, rows, _DIFF_RIGHT)]
+    if len(report.modules) > len(rows):
+        parts.append(f"\n<sub>{len(report.modules) - len(rows)} more unchanged module(s) not shown.</sub>")
+    structural = _structural_lines(report)
+    if structural:
+        parts += ["", "**Structural changes**", ""] + [f"- {line.lstrip('- ')}" for line in structural[1:]]
+    if report.warnings:
+        parts += [""] + [f"> ⚠️ {w}" for w in report.warnings]
+    parts += ["", f"<sub>{_settings_line(report)}</sub>"]
+    return "\n".join(parts)
+
+
+def _structural_lines(report: DiffReport) -> list[str]:
+    if not report.structural:
+        return []
+    lines = ["", "structural changes:"]
+    for s in report.structural:
+        if s.change == "calls changed":
+            lines.append(f"  - {s.fqn} ({s.phase}, {s.device}): calls per step {s.base_calls:g} -> {s.candidate_calls:g}")
+        else:
+            lines.append(f"  - {s.fqn} ({s.phase}, {s.device}): {s.change}")
+    return lines
+
+
+def _settings_line(report: DiffReport) -> str:
+    c = report.config
+    return (f"settings: Mann-Whitney U, {'Holm' if c.correction == 'holm' else 'Benjamini-Hochberg'} "
+            f"correction, alpha {c.alpha}, threshold {c.default.threshold:.0%}, floor {c.default.floor_us:g} µs, "
+            f"{c.warmup} warm-up step(s) left out; "
+            f"{len(report.base_files)} base vs {len(report.candidate_files)} candidate trace(s)")

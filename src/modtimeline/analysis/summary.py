@@ -1,0 +1,99 @@
+"""Per-module summary of one or more traces: where each step's time goes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .reader import PHASES, Trace, samples
+from .stats import median
+
+
+def tree_levels(fqns: list[str]) -> list[int]:
+    """Indentation of each FQN: how many of its ancestors are in ``fqns`` too."""
+    present = set(fqns)
+    levels = []
+    for fqn in fqns:
+        parts = fqn.split(".")
+        levels.append(sum(".".join(parts[:n]) in present for n in range(1, len(parts))))
+    return levels
+
+
+@dataclass
+class ModuleRow:
+    """Mean per step, in µs. ``total``/``self`` by phase; GPU columns are 0 on CPU traces."""
+
+    fqn: str
+    depth: int  # dots in the FQN: the root is 0
+    calls: float  # forward calls per step
+    total_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive
+    self_us: dict[str, float] = field(default_factory=dict)  # phase -> self
+    gpu_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive on GPU tracks
+    share_of_step: float | None = None  # (forward + backward + recompute) / step time
+
+    @property
+    def cpu_total_us(self) -> float:
+        return sum(self.total_us.values())
+
+
+@dataclass
+class Summary:
+    rows: list[ModuleRow]
+    steps: int
+    step_us: float | None  # mean step time, when steps were marked
+    has_gpu: bool
+    files: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": self.steps, "step_us": self.step_us, "has_gpu": self.has_gpu, "files": self.files,
+                "modules": [asdict(r) for r in self.rows]}
+
+
+def summarize(traces: list[Trace], warmup: int = 0, depth: int | None = None, top: int | None = None) -> Summary:
+    """Rows in model order (first forward first), or the ``top`` rows by total time."""
+    totals: dict[tuple[str, str, str], list[float]] = {}
+    selfs: dict[tuple[str, str, str], list[float]] = {}
+    calls: dict[str, list[int]] = {}
+    first_seen: dict[str, int] = {}
+    steps = 0
+    step_times: list[int] = []
+    for trace in traces:
+        kept = trace.steps()[warmup:]
+        steps += len(kept)
+        step_times += [trace.step_ns[s] for s in kept if s in trace.step_ns]
+        for span in trace.spans:
+            if span.phase == "forward" and span.device == "cpu":
+                first_seen.setdefault(span.name, span.begin_ns)
+        for key, per_step in samples(trace, warmup).items():
+            totals.setdefault(key, []).append(sum(s.inclusive_ns for s in per_step.values()))
+            selfs.setdefault(key, []).append(sum(s.self_ns for s in per_step.values()))
+            if key[1] == "forward" and key[2] == "cpu":
+                calls.setdefault(key[0], []).extend(s.calls for s in per_step.values())
+    steps = max(steps, 1)
+    step_us = sum(step_times) / len(step_times) / 1000 if step_times else None
+
+    rows: dict[str, ModuleRow] = {}
+    for (fqn, phase, device), values in totals.items():
+        row = rows.get(fqn)
+        if row is None:
+            row = rows[fqn] = ModuleRow(fqn, fqn.count("."), median(calls[fqn]) if fqn in calls else 0.0)
+        per_step_us = sum(values) / steps / 1000
+        if device == "cpu":
+            row.total_us[phase] = per_step_us
+            row.self_us[phase] = sum(selfs[(fqn, phase, device)]) / steps / 1000
+        else:
+            row.gpu_us[phase] = row.gpu_us.get(phase, 0.0) + per_step_us
+    for row in rows.values():
+        for phase in PHASES:
+            row.total_us.setdefault(phase, 0.0)
+            row.self_us.setdefault(phase, 0.0)
+        if step_us:
+            row.share_of_step = row.cpu_total_us / step_us
+
+    ordered = sorted(rows.values(), key=lambda r: (first_seen.get(r.fqn, 1 << 62), r.fqn))
+    if depth is not None:
+        ordered = [r for r in ordered if r.depth <= depth]
+    if top is not None:
+        ordered = sorted(ordered, key=lambda r: -r.cpu_total_us)[:top]
+    files = [str(t.path) for t in traces]
+    return Summary(ordered, steps, step_us, any(r.gpu_us for r in rows.values()), files)
