@@ -227,7 +227,7 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
             row.p_value = mann_whitney_u(a_us, b_us)
             tested.append(len(rows))
             spread = max(relative_spread(a_us), relative_spread(b_us))
-            if spread > config.noisy_spread and base_median / 1000 > rule.floor_us:
+            if spread > config.noisy_spread and base_median > rule.floor_us:
                 row.notes.append(f"noisy: per-step spread {spread:.0%}")
                 noisy.append(key[0])
         rows.append(row)
