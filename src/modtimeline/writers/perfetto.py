@@ -1,0 +1,210 @@
+"""Perfetto protobuf (``.pftrace``) writer, through the perfetto package's streaming builder.
+
+Same tracks, spans, flows and counters as the Chrome JSON, several times smaller:
+
+* every track (forward, backward, steps, each GPU stream) writes on its own packet
+  sequence, whose defaults name the track (no track uuid per event) and whose clock is
+  incremental (each timestamp is a small delta from the previous one on that track);
+* names, categories and argument names are interned once (``interned_data``, with
+  ``SEQ_INCREMENTAL_STATE_CLEARED`` on each sequence's first packet and
+  ``SEQ_NEEDS_INCREMENTAL_STATE`` after);
+* per track, BEGIN/END events come from a stack walk over the spans (already in nesting
+  order), so at one timestamp children close before parents and ends come before begins.
+
+Timestamps are nanoseconds relative to ``metadata.base_ns``, exactly the JSON's
+microseconds, so both formats hold identical spans.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import orjson
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
+from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
+
+from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, SpanColumns, TraceData
+
+FORMAT_NAME = "modtimeline-pftrace"
+FORMAT_VERSION = 1
+
+_CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
+_NEEDS_STATE = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
+_BEGIN = TrackEvent.TYPE_SLICE_BEGIN
+_END = TrackEvent.TYPE_SLICE_END
+_COUNTER = TrackEvent.TYPE_COUNTER
+_BUILTIN_BOOTTIME = 6  # the trace's global clock
+_FIRST_USER_CLOCK = 64  # sequence-scoped clocks start here
+
+# Interned debug annotation names.
+_ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us")
+_STEP, _CALL, _INCOMPLETE, _LAG = range(1, 5)
+
+_PROCESS_UUID = 1
+
+
+def _track_uuid(tid: int) -> int:
+    return 1000 + tid
+
+
+def write_pftrace(data: TraceData, stream: BinaryIO) -> None:
+    builder = StreamingTraceProtoBuilder(stream)
+    pid = data.rank
+    metadata = dict(data.metadata)
+    metadata.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, base_ns=data.base_ns, rank=pid)
+
+    # Sequence 1: metadata and track descriptors.
+    header = builder.create_packet()
+    header.trusted_packet_sequence_id = 1
+    header.sequence_flags = _CLEARED
+    entry = header.chrome_events.metadata.add()
+    entry.name = "modtimeline"
+    entry.json_value = orjson.dumps(metadata).decode()
+    builder.write_packet(header)
+    process = _descriptor_packet(_PROCESS_UUID)
+    process.track_descriptor.process.pid = pid
+    process.track_descriptor.process.process_name = f"rank {pid}"
+    builder.write_packet(process)
+    for track in data.tracks:
+        packet = _descriptor_packet(_track_uuid(track.tid), parent=_PROCESS_UUID)
+        packet.track_descriptor.thread.pid = pid
+        packet.track_descriptor.thread.tid = track.tid
+        packet.track_descriptor.thread.thread_name = track.name
+        builder.write_packet(packet)
+    for counter in data.counters:
+        packet = _descriptor_packet(_track_uuid(counter.tid), parent=_PROCESS_UUID)
+        packet.track_descriptor.name = counter.name
+        packet.track_descriptor.counter.SetInParent()
+        builder.write_packet(packet)
+
+    # One sequence per track; each starts with its clock, defaults and interned names.
+    spans = data.spans
+    by_track: dict[int, list[int]] = {}
+    for row, tid in enumerate(spans.track):
+        by_track.setdefault(tid, []).append(row)
+    streams = []
+    sequence = 2
+    for tid, rows in sorted(by_track.items()):
+        builder.write_packet(_sequence_start(sequence, _track_uuid(tid), data.names))
+        streams.append(_track_packets(spans, rows, sequence, data.base_ns))
+        sequence += 1
+    for counter in data.counters:
+        builder.write_packet(_sequence_start(sequence, _track_uuid(counter.tid), data.names))
+        streams.append(_counter_packets(counter.times, counter.values, sequence, data.base_ns))
+        sequence += 1
+    for _, packet in heapq.merge(*streams, key=lambda item: item[0]):
+        builder.write_packet(packet)
+
+
+def _descriptor_packet(uuid: int, parent: int | None = None) -> TracePacket:
+    packet = TracePacket()
+    packet.trusted_packet_sequence_id = 1
+    packet.track_descriptor.uuid = uuid
+    if parent is not None:
+        packet.track_descriptor.parent_uuid = parent
+    return packet
+
+
+def _sequence_start(sequence: int, track_uuid: int, names: list[str]) -> TracePacket:
+    packet = TracePacket()
+    packet.trusted_packet_sequence_id = sequence
+    packet.sequence_flags = _CLEARED
+    packet.timestamp = 0
+    # An incremental clock scoped to this sequence: timestamps are deltas.
+    snapshot = packet.clock_snapshot
+    for clock_id, incremental in ((_BUILTIN_BOOTTIME, False), (_FIRST_USER_CLOCK, True)):
+        clock = snapshot.clocks.add()
+        clock.clock_id = clock_id
+        clock.timestamp = 0
+        if incremental:
+            clock.is_incremental = True
+    snapshot.primary_trace_clock = ClockSnapshot.Clock.BOOTTIME
+    defaults = packet.trace_packet_defaults
+    defaults.timestamp_clock_id = _FIRST_USER_CLOCK
+    defaults.track_event_defaults.track_uuid = track_uuid
+    interned = packet.interned_data
+    for iid, name in enumerate(names, start=1):
+        entry = interned.event_names.add()
+        entry.iid = iid
+        entry.name = name
+    for iid, name in enumerate(CATEGORIES, start=1):
+        entry = interned.event_categories.add()
+        entry.iid = iid
+        entry.name = name
+    for iid, name in enumerate(_ARG_NAMES, start=1):
+        entry = interned.debug_annotation_names.add()
+        entry.iid = iid
+        entry.name = name
+    return packet
+
+
+def _nesting_events(spans: SpanColumns, rows: list[int]) -> Iterator[tuple[int, int, bool]]:
+    """(time, row, is_begin) for one track's spans, given in nesting order (a lane's
+    spans nest; lanes are separate tracks): ends of finished spans before each begin."""
+    stack: list[int] = []
+    begin, end = spans.begin, spans.end
+    for row in rows:
+        start = begin[row]
+        while stack and end[stack[-1]] <= start:
+            closed = stack.pop()
+            yield end[closed], closed, False
+        yield start, row, True
+        stack.append(row)
+    while stack:
+        closed = stack.pop()
+        yield end[closed], closed, False
+
+
+def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
+                   base_ns: int) -> Iterator[tuple[int, TracePacket]]:
+    previous = 0
+    for time, row, is_begin in _nesting_events(spans, rows):
+        packet = TracePacket()
+        packet.trusted_packet_sequence_id = sequence
+        packet.sequence_flags = _NEEDS_STATE
+        packet.timestamp = time - base_ns - previous
+        previous = time - base_ns
+        event = packet.track_event
+        if is_begin:
+            event.type = _BEGIN
+            event.name_iid = spans.name[row] + 1
+            event.category_iids.append(spans.category[row] + 1)
+            _annotate(event, _STEP, spans.step[row])
+            _annotate(event, _CALL, spans.call[row])
+            if spans.flags[row] & INCOMPLETE:
+                annotation = event.debug_annotations.add()
+                annotation.name_iid = _INCOMPLETE
+                annotation.bool_value = True
+            if spans.lag[row] >= 0:
+                annotation = event.debug_annotations.add()
+                annotation.name_iid = _LAG
+                annotation.double_value = spans.lag[row] / 1000
+            flow = spans.flow[row]
+            if flow == FLOW_OUT:
+                event.flow_ids.append(spans.call[row] + 1)
+            elif flow == FLOW_IN:
+                event.terminating_flow_ids.append(spans.call[row] + 1)
+        else:
+            event.type = _END
+        yield time, packet
+
+
+def _annotate(event: TrackEvent, name_iid: int, value: int) -> None:
+    annotation = event.debug_annotations.add()
+    annotation.name_iid = name_iid
+    annotation.int_value = value
+
+
+def _counter_packets(times, values, sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:  # type: ignore[no-untyped-def]
+    previous = 0
+    for time, value in zip(times, values):
+        packet = TracePacket()
+        packet.trusted_packet_sequence_id = sequence
+        packet.sequence_flags = _NEEDS_STATE
+        packet.timestamp = time - base_ns - previous
+        previous = time - base_ns
+        packet.track_event.type = _COUNTER
+        packet.track_event.counter_value = value
+        yield time, packet
