@@ -78,3 +78,79 @@ def test_demo_trace_loads_without_errors(ui, demo_trace):
         assert all(isinstance(r["call"], int) for r in args)
     finally:
         trace.close()
+
+
+SLICES = ("select t.name as track, s.name, s.category as cat, s.ts, s.dur, s.depth from slice s "
+          "join thread_track tt on s.track_id = tt.id join thread t using (utid) order by 1, s.ts, s.depth, s.name")
+
+
+@pytest.fixture(scope="module")
+def one_trace_three_formats(tmp_path_factory):
+    import torch
+
+    from modtimeline import Timeline
+    from modtimeline.demo import GPT
+    from modtimeline.writers import write_trace
+
+    folder = tmp_path_factory.mktemp("formats")
+    torch.manual_seed(0)
+    model = GPT()
+    tokens = torch.randint(0, 256, (4, 17))
+    timeline = Timeline(folder / "unused.json")
+    with timeline:
+        for _ in range(2):
+            with timeline.step():
+                model(tokens[:, :-1]).sum().backward()
+    data = timeline.trace_data()
+    paths = [folder / name for name in ("t.json", "t.json.gz", "t.pftrace")]
+    for path in paths:
+        write_trace(data, path)
+    return paths
+
+
+def test_json_gzip_and_pftrace_show_identical_spans(ui, one_trace_three_formats):
+    results = {}
+    for path in one_trace_three_formats:
+        trace = ui.load(path)
+        try:
+            assert trace.problems() == [] and trace.page_errors == [], path.name
+            results[path.name] = (trace.query(SLICES), trace.query("select count(*) as n from flow"))
+        finally:
+            trace.close()
+    json_slices, json_flows = results["t.json"]
+    assert len(json_slices) > 100 and json_flows[0]["n"] > 0
+    assert results["t.json.gz"] == results["t.json"]
+    assert results["t.pftrace"] == results["t.json"]
+
+
+def test_gpu_tracks_load_and_nest(ui, tmp_path):
+    import torch
+
+    from modtimeline import Timeline
+    from modtimeline.clock import FakeBackend
+
+    from .models import Tree, train_step
+
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for suffix in (".json", ".pftrace"):
+        path = tmp_path / f"gpu{suffix}"
+        with Timeline(path, device="cuda", device_backend=FakeBackend(lag_ns=40_000), memory=True) as timeline:
+            with timeline.step():
+                train_step(model, optimizer)
+        trace = ui.load(path)
+        try:
+            assert trace.problems() == [] and trace.page_errors == []
+            per_track = trace.query(
+                "select t.name as track, count(*) as n from slice s join thread_track tt on s.track_id = tt.id "
+                "join thread t using (utid) group by 1 order by 1")
+            counts = {row["track"]: row["n"] for row in per_track}
+            assert counts["cuda:0 stream 7"] == counts["forward"] + counts["backward"]
+            # one GPU span above each CPU span: same names, both phases
+            names = trace.query("select distinct s.category as cat from slice s join thread_track tt on s.track_id = tt.id "
+                                "join thread t using (utid) where t.name = 'cuda:0 stream 7' order by 1")
+            assert [r["cat"] for r in names] == ["backward", "forward", "recompute"]
+            # the CUDA memory counter track
+            assert trace.query("select count(*) as n from counter")[0]["n"] > 0
+        finally:
+            trace.close()

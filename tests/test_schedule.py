@@ -1,0 +1,86 @@
+"""Schedule: which steps are recorded, one file per active window, flat memory."""
+
+import gc
+import tracemalloc
+
+import pytest
+import torch
+
+from modtimeline import Schedule, Timeline
+from modtimeline.schedule import StepAction
+
+from .trace_checks import load, spans
+
+
+def test_actions_follow_torch_profiler_semantics():
+    schedule = Schedule(skip_first=2, wait=1, warmup=1, active=2, repeat=2)
+    actions = [schedule.action(step) for step in range(12)]
+    S, W, R, F = StepAction.SKIP, StepAction.WARMUP, StepAction.RECORD, StepAction.RECORD_AND_FLUSH
+    assert actions == [S, S, S, W, R, F, S, W, R, F, S, S]
+    assert [schedule.window(step) for step in (4, 5, 8, 9)] == [0, 0, 1, 1]
+
+
+def test_invalid_schedule_is_rejected():
+    with pytest.raises(ValueError, match="active"):
+        Schedule(active=0)
+    with pytest.raises(ValueError, match="wait"):
+        Schedule(wait=-1)
+
+
+def _train(timeline, model, steps):
+    x = torch.randn(2, 4)
+    for _ in range(steps):
+        with timeline.step():
+            model(x).sum().backward()
+
+
+def test_only_active_steps_are_written_one_file_per_window(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    timeline = Timeline(tmp_path / "run.json", schedule=Schedule(wait=2, warmup=1, active=2, repeat=3))
+    with timeline:
+        _train(timeline, model, 20)
+    assert [p.name for p in timeline.written] == ["run.000.json", "run.001.json", "run.002.json"]
+    assert not (tmp_path / "run.json").exists()
+    for window, path in enumerate(timeline.written):
+        trace = load(path)
+        expected = [5 * window + 3, 5 * window + 4]
+        assert trace["metadata"]["steps"] == expected
+        assert {e["args"]["step"] for e in spans(trace)} == set(expected)
+        assert len([e for e in spans(trace) if e["cat"] == "forward"]) == 4 * 2  # Sequential + 3 children
+
+
+def test_window_cut_short_by_the_end_of_the_block_is_written(tmp_path):
+    model = torch.nn.Linear(4, 1)
+    timeline = Timeline(tmp_path / "run.pftrace", schedule=Schedule(active=5))
+    with timeline:
+        _train(timeline, model, 3)
+    assert [p.name for p in timeline.written] == ["run.000.pftrace"]
+
+
+def test_ten_thousand_steps_memory_stays_flat(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    timeline = Timeline(tmp_path / "long.json.gz", schedule=Schedule(wait=90, warmup=5, active=5, repeat=0))
+    tracemalloc.start()
+    try:
+        with timeline:
+            _train(timeline, model, 1_000)  # everything first allocated is in place
+            gc.collect()
+            tracemalloc.reset_peak()
+            first_current = tracemalloc.get_traced_memory()[0]
+            _train(timeline, model, 4_500)
+            first_half_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            _train(timeline, model, 4_500)
+            second_half_peak = tracemalloc.get_traced_memory()[1]
+            gc.collect()
+            last_current = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(timeline.written) == 100
+    # Nothing accumulates: the second 4,500 steps peak no higher than the first, and
+    # what stays allocated grows by far less than one window's events (the ~16 KB
+    # allowed are bounded caches and the list of 90 written paths).
+    assert second_half_peak <= first_half_peak + 16_384, (first_half_peak, second_half_peak)
+    assert last_current - first_current < 65_536, (first_current, last_current)
+    last = load(timeline.written[-1])
+    assert last["metadata"]["steps"] == list(range(9_995, 10_000))
