@@ -34,7 +34,7 @@ KIND_MASK = (1 << KIND_BITS) - 1
 MODULE_MASK = (1 << MODULE_BITS) - 1
 MAX_MODULES = 1 << MODULE_BITS
 
-# A node link (EventBuffer.nodes): which call, and whether the node *ends* the call's
+# A node link (EventBuffer.link_node/link_code): which call, and whether the node *ends* the call's
 # backward (it produced one of the call's inputs) or *begins* it (one of its outputs).
 LINK_BEGIN = 1
 LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
@@ -55,16 +55,19 @@ class EventBuffer:
     happened; ``warn_if_overflowed`` tells the user once, at flush.
     """
 
-    __slots__ = ("timestamps", "codes", "nodes", "capacity", "_hard_limit", "dropped", "_clock", "on_recorded")
+    __slots__ = ("timestamps", "codes", "link_node", "link_code", "nodes", "capacity", "_hard_limit", "dropped",
+                 "_clock", "on_recorded")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1 event, got {capacity}")
         self.timestamps = array("q")
         self.codes = array("q")
-        # Per autograd node seen (by node id): the links saying which calls begin or end
-        # their backward when the node's gradient is ready (see recorder.py).
-        self.nodes: list[list[int]] = []
+        # Node links (see recorder.py): which calls begin or end their backward when an
+        # autograd node's gradient is ready. Two flat columns, 16 bytes a link.
+        self.link_node = array("q")
+        self.link_code = array("q")
+        self.nodes = 0  # autograd nodes given an id so far
         self.capacity = capacity
         self._hard_limit = capacity + max(4096, capacity // 16)
         self.dropped = 0
@@ -93,13 +96,14 @@ class EventBuffer:
 
     def bytes_used(self) -> int:
         """Bytes held by the events and node links (allocated slots, not just used ones)."""
-        links = sum(sys.getsizeof(node) + 32 * len(node) for node in self.nodes) + sys.getsizeof(self.nodes)
-        return self.timestamps.buffer_info()[1] * 8 + self.codes.buffer_info()[1] * 8 + links
+        return sum(sys.getsizeof(column) for column in (self.timestamps, self.codes, self.link_node, self.link_code))
 
     def clear(self) -> None:
         self.timestamps = array("q")
         self.codes = array("q")
-        self.nodes = []
+        self.link_node = array("q")
+        self.link_code = array("q")
+        self.nodes = 0
         self.dropped = 0
 
     def warn_if_overflowed(self) -> None:

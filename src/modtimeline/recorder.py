@@ -132,14 +132,17 @@ class Recorder(ModuleTracker):
 
     # ----------------------------------------------------------------- backward
     def _link(self, node: Any, link: int) -> None:
+        buffer = self.buffer
+        if len(buffer.codes) >= buffer.capacity:
+            return  # the buffer is full: this call's backward goes unrecorded, as its events do
         metadata = node.metadata
         mark = metadata.get(self)
         if mark is None or mark.generation != self._generation:
-            nodes = self.buffer.nodes
-            mark = metadata[self] = _NodeMark(self, len(nodes))
-            nodes.append([])
+            mark = metadata[self] = _NodeMark(self, buffer.nodes)
+            buffer.nodes += 1
             self._handles.append(node.register_prehook(mark))
-        self.buffer.nodes[mark.node_id].append(link)
+        buffer.link_node.append(mark.node_id)
+        buffer.link_code.append(link)
 
     def _backward_event(self, kind: int, call: int, index: int, *grads: Any) -> None:
         self.buffer.record(kind, call, index)

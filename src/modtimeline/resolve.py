@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from bisect import bisect_left, bisect_right
 from itertools import count, repeat
 from operator import add, and_, itemgetter, mul, rshift
 from typing import Any
@@ -128,7 +129,7 @@ def resolve(
     module_names: list[str],
     close_ns: int,
     *,
-    nodes: list[list[int]] | None = None,
+    links: tuple[array, array] | None = None,
     rank: int = 0,
     base_ns: int = 0,
     marks: DeviceMarks | None = None,
@@ -150,7 +151,11 @@ def resolve(
     fw_stack: list[int] = []
     open_step: list[Any] | None = None
     step = -1
-    nodes = nodes if nodes is not None else []
+    # Group the node links by node: a stable sort keeps each node's links in order.
+    link_node, link_code = links if links is not None else (array("q"), array("q"))
+    by_node = sorted(range(len(link_node)), key=link_node.__getitem__)
+    sorted_nodes = list(map(link_node.__getitem__, by_node))
+    sorted_links = list(map(link_code.__getitem__, by_node))
     began_this_backward: set[int] = set()  # a call's backward begins once per pass
 
     kinds = map(and_, codes, repeat(KIND_MASK))
@@ -181,7 +186,7 @@ def resolve(
                 backward.append(span)
         elif kind == GRADIENT_READY:
             # A node's gradient is ready: the calls it ends close first, then those it begins.
-            links = nodes[call] if call < len(nodes) else ()
+            links = sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]
             for link in links:
                 if not link & LINK_BEGIN:
                     span = open_bw.pop(link >> LINK_SHIFT, None)

@@ -21,6 +21,7 @@ from . import __version__
 from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END, EventBuffer
 from .clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError
+from .gc_pause import paused_gc
 from .resolve import TraceData, resolve
 from .schedule import Schedule, StepAction
 from .recorder import Recorder
@@ -232,7 +233,7 @@ class Timeline:
             self.buffer.codes,
             self.tracker.module_names,
             close_ns,
-            nodes=self.buffer.nodes,
+            links=(self.buffer.link_node, self.buffer.link_code),
             rank=_rank(),
             base_ns=self._base_ns,
             marks=marks,
@@ -242,8 +243,9 @@ class Timeline:
         )
 
     def _flush(self, path: Path, exception: BaseException | None = None) -> None:
-        data = self.trace_data(exception)
-        write_trace(data, path, self.format)
+        with paused_gc():
+            data = self.trace_data(exception)
+            write_trace(data, path, self.format)
         self.tracker.raised_calls.clear()
         self._raised_steps.clear()
         self.written.append(path)

@@ -9,12 +9,14 @@ import gzip
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..errors import TraceFileError, TraceFormatError
+from ..gc_pause import paused_gc
 
 TRACE_SUFFIXES = (".json", ".json.gz", ".pftrace")
 PHASES = ("forward", "backward", "recompute")
@@ -32,7 +34,7 @@ class Sample:
     calls: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     name: str
     phase: str
@@ -76,7 +78,11 @@ def trace_files(paths: list[str | Path]) -> list[Path]:
 
 def read_trace(path: str | Path) -> Trace:
     """Read one trace file; a clear ``TraceFormatError`` if it is not a usable modtimeline trace."""
-    path = Path(path)
+    with paused_gc():
+        return _read_trace(Path(path))
+
+
+def _read_trace(path: Path) -> Trace:
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -110,29 +116,27 @@ def _read_chrome_json(path: Path, raw: bytes) -> Trace:
     if not isinstance(metadata, dict) or metadata.get("tool") != "modtimeline":
         raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not 'modtimeline')")
     thread_names: dict[tuple[int, int], str] = {}
-    complete: list[dict[str, Any]] = []
+    spans: list[Span] = []
+    step_ns: dict[int, int] = {}
     try:
         for event in document["traceEvents"]:
             phase = event.get("ph")
             if phase == "X":
-                complete.append(event)
+                begin = round(event["ts"] * 1000)
+                end = begin + round(event["dur"] * 1000)
+                step = int(event.get("args", {}).get("step", -1))
+                category = event.get("cat", "")
+                if category == "step":
+                    step_ns[step] = end - begin
+                else:  # device is filled in below, once thread names are known
+                    spans.append(Span(event["name"], category, "", (event["pid"], event["tid"]), step, begin, end))
             elif phase == "M" and event.get("name") == "thread_name":
                 thread_names[(event["pid"], event["tid"])] = event["args"]["name"]
-        spans: list[Span] = []
-        step_ns: dict[int, int] = {}
-        for event in complete:
-            track = (event["pid"], event["tid"])
-            begin = round(event["ts"] * 1000)
-            end = begin + round(event["dur"] * 1000)
-            category = event.get("cat", "")
-            step = int(event.get("args", {}).get("step", -1))
-            if category == "step":
-                step_ns[step] = end - begin
-                continue
-            device = "cuda" if thread_names.get(track, "").startswith("cuda") else "cpu"
-            spans.append(Span(event["name"], category, device, track, step, begin, end))
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise TraceFormatError(f"{path}: malformed trace event ({type(error).__name__}: {error})") from None
+    device_of = {track: "cuda" if name.startswith("cuda") else "cpu" for track, name in thread_names.items()}
+    for span in spans:
+        span.device = device_of.get(span.track, "cpu")
     return Trace(path, metadata, spans, step_ns)
 
 
@@ -142,30 +146,45 @@ def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:
     Self time subtracts every span nested directly inside on the same track (children,
     and recompute inside a backward). The first ``warmup`` steps are left out.
     """
+    with paused_gc():
+        return _samples(trace, warmup)
+
+
+def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
     skipped = set(trace.steps()[:warmup])
     by_track: dict[tuple[int, int], list[Span]] = defaultdict(list)
     for span in trace.spans:
         if span.phase in PHASES:
             by_track[span.track].append(span)
-    result: dict[Key, dict[int, Sample]] = defaultdict(dict)
+    totals: dict[tuple[str, str, str, int], list[int]] = {}  # (fqn, phase, device, step) -> [incl, self, calls]
     for spans in by_track.values():
-        spans.sort(key=lambda s: (s.begin_ns, -s.end_ns))
-        self_ns = [s.end_ns - s.begin_ns for s in spans]
+        # nesting order: begin ascending, end descending (two stable sorts, C-level keys)
+        spans.sort(key=attrgetter("end_ns"), reverse=True)
+        spans.sort(key=attrgetter("begin_ns"))
+        own = [s.end_ns - s.begin_ns for s in spans]
         stack: list[int] = []
+        ends: list[int] = []
         for i, span in enumerate(spans):
-            while stack and spans[stack[-1]].end_ns <= span.begin_ns:
+            begin = span.begin_ns
+            while ends and ends[-1] <= begin:
+                ends.pop()
                 stack.pop()
             if stack:
-                self_ns[stack[-1]] -= span.end_ns - span.begin_ns
+                own[stack[-1]] -= span.end_ns - begin
             stack.append(i)
-        for span, own in zip(spans, self_ns):
+            ends.append(span.end_ns)
+        for span, self_ns in zip(spans, own):
             if span.step in skipped:
                 continue
-            per_step = result[(span.name, span.phase, span.device)]
-            sample = per_step.get(span.step)
-            if sample is None:
-                sample = per_step[span.step] = Sample()
-            sample.inclusive_ns += span.end_ns - span.begin_ns
-            sample.self_ns += max(own, 0)  # a parent widened over a child's late hook
-            sample.calls += 1
+            key = (span.name, span.phase, span.device, span.step)
+            total = totals.get(key)
+            if total is None:
+                totals[key] = [span.end_ns - span.begin_ns, max(self_ns, 0), 1]
+            else:
+                total[0] += span.end_ns - span.begin_ns
+                total[1] += max(self_ns, 0)  # (a parent widened over a child's late hook)
+                total[2] += 1
+    result: dict[Key, dict[int, Sample]] = defaultdict(dict)
+    for (name, phase, device, step), (inclusive, self_ns, calls) in totals.items():
+        result[(name, phase, device)][step] = Sample(inclusive, self_ns, calls)
     return dict(result)
