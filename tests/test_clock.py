@@ -72,6 +72,26 @@ def test_no_synchronize_while_recording():
     assert backend.synchronizations == syncs
 
 
+def test_timeline_synchronizes_only_outside_steps(tmp_path):
+    backend = FakeBackend()
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    in_step = []
+    original = backend.synchronize
+
+    def synchronize(device):
+        in_step.append(timeline._in_step)
+        original(device)
+
+    backend.synchronize = synchronize
+    timeline = Timeline(tmp_path / "t.json", device="cuda", device_backend=backend)
+    with timeline:
+        for _ in range(3):
+            with timeline.step():
+                train_step(model, optimizer)
+    assert in_step and not any(in_step)
+
+
 def _gpu_timeline(tmp_path, backend, fail=False, memory=False):
     model = Tree()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

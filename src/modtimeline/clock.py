@@ -32,6 +32,7 @@ class DeviceBackend(Protocol):
 
     def new_event(self) -> Any: ...
     def current_stream(self) -> StreamKey: ...
+    def current_device(self) -> int: ...
     def record(self, event: Any, stream: StreamKey) -> None: ...
     def record_anchor(self, event: Any, device: int, host_ns: int) -> None: ...
     def synchronize(self, device: int) -> None: ...
@@ -94,8 +95,8 @@ class DeviceClock:
             index = self._stream_index[stream] = len(self._streams)
             self._streams.append(stream)
             if stream[0] not in self._anchors:
-                # First sight of this device: anchoring synchronises, which is only
-                # acceptable because it happens once, before any of its events.
+                # A device not anchored when the clock started (another GPU): anchoring
+                # synchronises it, once, before any of its events.
                 self.anchor(stream[0])
         event = self._take_event()
         backend.record(event, stream)
@@ -148,10 +149,13 @@ class CudaBackend:
         return (stream.device.index or 0, stream.stream_id)
 
     def record(self, event: Any, stream: StreamKey) -> None:
-        event.record(self._cuda.current_stream(stream[0]))
+        event.record()  # on the current stream, which current_stream() just named
 
     def record_anchor(self, event: Any, device: int, host_ns: int) -> None:
         event.record(self._cuda.current_stream(device))
+
+    def current_device(self) -> int:
+        return self._cuda.current_device()
 
     def synchronize(self, device: int) -> None:
         self._cuda.synchronize(device)
@@ -191,6 +195,9 @@ class FakeBackend:
 
     def new_event(self) -> FakeBackend.Event:
         return FakeBackend.Event()
+
+    def current_device(self) -> int:
+        return self.stream[0]
 
     def current_stream(self) -> StreamKey:
         return self.stream

@@ -185,6 +185,8 @@ class Timeline:
                 return
             backend = CudaBackend()
         self._clock = DeviceClock(backend, sample_memory=self.memory)
+        # Anchor now, between steps: the only synchronisation outside a flush.
+        self._clock.anchor(backend.current_device())
         self.buffer.on_recorded = self._clock.mark
 
     def _start_window(self) -> None:
