@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -65,6 +66,7 @@ def overhead(reps: int, folder: Path) -> dict[str, object]:
         for rep in range(reps + 2):
             for variant, make in variants.items():
                 torch.cuda.synchronize()
+                gc.collect()
                 start = time.perf_counter()
                 with make():
                     model(x).sum().backward()

@@ -2,7 +2,8 @@
 torch.profiler(with_modules=True) and `with Timeline(path): step()` (file written).
 
 Runs everything in one process, interleaved (A B C D E, A B C D E, ...), and reports
-medians over repetitions, so a noisy shared machine hits every variant alike.
+medians over repetitions, so a noisy shared machine hits every variant alike. Garbage
+is collected before each timed run, so no variant pays for another's.
 
     python benchmarks/overhead.py [--reps 21] [--out benchmarks/results]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -126,6 +128,9 @@ def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
     for rep in range(reps + 2):  # the first two rounds warm up
         for name, make in contexts.items():
             model.zero_grad(set_to_none=True)
+            # Each variant starts with no garbage left by the previous one (torch.profiler
+            # leaves plenty, which the next variant's allocations would pay to collect).
+            gc.collect()
             start = time.perf_counter()
             with make():
                 step(model)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import machine  # noqa: E402
 
 from modtimeline import Timeline  # noqa: E402
+from modtimeline.gc_pause import paused_gc  # noqa: E402
 from modtimeline.resolve import resolve  # noqa: E402
 from modtimeline.writers import write_trace  # noqa: E402
 
@@ -82,7 +83,8 @@ def main() -> int:
         resolve_times = []
         for _ in range(args.reps):
             start = time.perf_counter()
-            data = resolve(*resolve_args, **resolve_kwargs)
+            with paused_gc():  # as Timeline does when it flushes
+                data = resolve(*resolve_args, **resolve_kwargs)
             resolve_times.append(time.perf_counter() - start)
         spans = len(data.spans)
         results = {"machine": machine(), "steps": args.steps, "buffered_events": events, "spans": spans,
@@ -93,7 +95,8 @@ def main() -> int:
             times = []
             for _ in range(args.reps):
                 start = time.perf_counter()
-                write_trace(data, path)
+                with paused_gc():
+                    write_trace(data, path)
                 times.append(time.perf_counter() - start)
             write_s = statistics.median(times)
             size = path.stat().st_size

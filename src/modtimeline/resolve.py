@@ -259,14 +259,14 @@ def resolve(
 def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
     """Widen each backward span to cover the backward spans of its module's children."""
     by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
+    parent_get = parent_of.get
     for call in sorted(by_call, reverse=True):  # children were called after parents
-        child = by_call[call]
-        parent_call = parent_of.get(call)
+        parent_call = parent_get(call)
         while parent_call is not None and parent_call not in by_call:
-            parent_call = parent_of.get(parent_call)
+            parent_call = parent_get(parent_call)
         if parent_call is None:
             continue
-        parent = by_call[parent_call]
+        child, parent = by_call[call], by_call[parent_call]
         if child[_B] < parent[_B]:
             parent[_B] = child[_B]
         if child[_E] > parent[_E]:
@@ -281,20 +281,28 @@ def assign_lanes(spans: list[list[Any]]) -> list[int]:
     spans.sort(key=itemgetter(_CALL))
     spans.sort(key=itemgetter(_E), reverse=True)
     spans.sort(key=itemgetter(_B))
-    lanes: list[list[int]] = []
+    first: list[int] = []  # lane 0's stack of open ends; nearly every span lands here
+    others: list[list[int]] = []
     lane_of: list[int] = []
+    add_lane = lane_of.append
     for span in spans:
         begin, end = span[_B], span[_E]
-        for number, stack in enumerate(lanes):
+        while first and first[-1] <= begin:
+            first.pop()
+        if not first or end <= first[-1]:
+            first.append(end)
+            add_lane(0)
+            continue
+        for number, stack in enumerate(others, start=1):
             while stack and stack[-1] <= begin:
                 stack.pop()
             if not stack or end <= stack[-1]:
                 stack.append(end)
-                lane_of.append(number)
+                add_lane(number)
                 break
         else:
-            lane_of.append(len(lanes))
-            lanes.append([end])
+            others.append([end])
+            add_lane(len(others))
     return lane_of
 
 

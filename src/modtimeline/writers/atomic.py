@@ -20,11 +20,9 @@ def check_writable(path: str | Path) -> Path:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise TraceFileError(f"cannot write trace to {str(target)!r}: folder {str(folder)!r} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".probe"):
-            pass
-    except OSError as error:
-        raise TraceFileError(f"cannot write trace to {str(target)!r}: {error.strerror or error}") from None
+    # access() also answers "no" on a read-only file system.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TraceFileError(f"cannot write trace to {str(target)!r}: folder {str(folder)!r} is not writable")
     if target.exists() and not os.access(target, os.W_OK):
         raise TraceFileError(f"cannot write trace to {str(target)!r}: the existing file is read-only")
     return target

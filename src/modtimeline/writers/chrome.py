@@ -14,13 +14,14 @@ nanosecond: ``123456.789``), never epoch microseconds, where a double loses sub-
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from itertools import repeat
 from operator import sub, truediv
 from typing import BinaryIO
 
 import orjson
 
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, SpanColumns, TraceData
+from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, STEP, SpanColumns, TraceData
 
 CHUNK_ROWS = 1 << 16
 FORMAT_NAME = "modtimeline-chrome"
@@ -65,10 +66,9 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
         meta_events.append({"ph": "M", "pid": pid, "tid": track.tid, "name": "thread_sort_index", "args": {"sort_index": track.tid}})
     stream.write(b",\n".join(orjson.dumps(e) for e in meta_events))
 
-    names = [orjson.dumps(name) for name in data.names]
     templates: dict[tuple[int, int, int, int, int], bytes] = {}
     for start in range(0, len(spans), CHUNK_ROWS):
-        _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, names, templates)
+        _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names, templates)
 
     for counter in data.counters:
         for ts, value in zip(counter.times, counter.values):
@@ -78,8 +78,20 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
     stream.write(b"\n]}\n")
 
 
+def _template(pid: int, tid: int, name: str, category: int, flow: int, flags: int) -> bytes:
+    """The text of one kind of span event, numbers left as %b."""
+    return (b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":%%b,"dur":%%b,'
+            b'"args":{"step":%%b%%b,"call":' % (pid, tid, orjson.dumps(name), CATEGORIES[category].encode())
+            + _TAILS[flow, flags])
+
+
+# Module spans come back in every window of a long run: their templates are kept.
+# (Step spans are not: "step N" is a new name every step.)
+_module_template = lru_cache(maxsize=1 << 14)(_template)
+
+
 def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
-                      names: list[bytes], templates: dict[tuple[int, int, int, int, int], bytes]) -> None:
+                      names: list[str], templates: dict[tuple[int, int, int, int, int], bytes]) -> None:
     """Format rows ``start:stop``. Every per-row step runs in C (map/zip over builtins,
     ``bytes % tuple`` on a template per distinct track/name/category/flow/flag)."""
     begin = spans.begin[start:stop]
@@ -88,9 +100,8 @@ def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: in
                     spans.flow[start:stop], spans.flags[start:stop]))
     for key in set(keys).difference(templates):
         tid, name, category, flow, flags = key
-        templates[key] = (b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":%%b,"dur":%%b,'
-                          b'"args":{"step":%%b%%b,"call":' % (pid, tid, names[name], CATEGORIES[category].encode())
-                          + _TAILS[flow, flags])
+        render = _template if category == STEP else _module_template
+        templates[key] = render(pid, tid, names[name], category, flow, flags)
     ts = _numbers(list(map(truediv, map(sub, begin, repeat(base)), repeat(1000))))
     dur = _numbers(list(map(truediv, map(sub, end, begin), repeat(1000))))
     steps = _numbers(spans.step[start:stop].tolist())
