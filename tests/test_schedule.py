@@ -84,3 +84,11 @@ def test_ten_thousand_steps_memory_stays_flat(tmp_path):
     assert last_current - first_current < 65_536, (first_current, last_current)
     last = load(timeline.written[-1])
     assert last["metadata"]["steps"] == list(range(9_995, 10_000))
+
+
+def test_schedule_without_steps_warns_instead_of_writing_nothing_silently(tmp_path):
+    model = torch.nn.Linear(4, 1)
+    with pytest.warns(RuntimeWarning, match="none were marked"):
+        with Timeline(tmp_path / "run.json", schedule=Schedule(active=2)):
+            model(torch.randn(2, 4)).sum().backward()
+    assert list(tmp_path.iterdir()) == []

@@ -179,3 +179,18 @@ def test_timeline_cannot_be_nested(tmp_path):
             with pytest.raises(ModTimelineError):
                 with timeline.step():
                     pass
+
+
+def test_reused_leaf_input_gives_one_backward_span_per_step(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    x = torch.randn(2, 4, requires_grad=True)
+    path = tmp_path / "leaf.json"
+    with Timeline(path) as timeline:
+        for _ in range(3):
+            with timeline.step():
+                model(x).sum().backward()
+    events = spans(load(path))
+    backward = Counter((e["name"], e["args"]["step"]) for e in events if e["cat"] == "backward")
+    assert backward == {(name, step): 1 for name in ("Sequential", "Sequential.0", "Sequential.1") for step in range(3)}
+    assert not x._backward_hooks
+    assert_nested(load(path))

@@ -168,6 +168,7 @@ def _hook_log(tracker_cls, model_factory, steps=2):
     return log
 
 
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking maybe be messed up")  # torch's, on re-entry
 def test_same_hooks_as_torch_modtracker_on_tree():
     """Differential test: the same forward sequence as torch's ModTracker and the same
     backward hooks (where several fire at one moment, ours close before they open)."""
@@ -234,3 +235,26 @@ def test_no_grad_forward_registers_no_backward_hooks():
     with tracker, torch.no_grad():
         Tree()(torch.randint(0, 16, (2, 3)))
         assert tracker._handles == [] and tracker._pending_post_bw == []
+
+
+def test_long_run_does_not_pile_up_hook_handles():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    tracker = ModuleTracker()
+    with tracker:
+        for _ in range(6000):
+            model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        # 2-3 handles a step (12,000+ in all); those of dead tensors and nodes are dropped
+        assert len(tracker._handles) < 2 * 4096
+
+
+def test_hooks_on_a_reused_leaf_input_fire_once():
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(2, 4, requires_grad=True)  # the same leaf, every step
+    post_bw = []
+    tracker = ModuleTracker()
+    tracker.register_user_hooks(post_bw_hook=lambda m, g: post_bw.append(m))
+    with tracker:
+        for _ in range(5):
+            model(x).sum().backward()
+    assert len(post_bw) == 5  # one per step, not 1 + 2 + ... + 5
+    assert not x._backward_hooks

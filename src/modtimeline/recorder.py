@@ -32,12 +32,15 @@ from .buffer import (
     EventBuffer,
 )
 from .errors import ModTimelineError
-from .tracker import ModuleTracker, _grad_tensors
-
-_graph_task_id = torch._C._current_graph_task_id
-_grad_enabled = torch.is_grad_enabled
-_queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
-_Tensor = torch.Tensor
+from .tracker import (
+    ModuleTracker,
+    _grad_enabled,
+    _grad_tensors,
+    _graph_task_id,
+    _OneShotHook,
+    _queue_engine_callback,
+    _Tensor,
+)
 
 
 class _NodeMark:
@@ -94,10 +97,10 @@ class Recorder(ModuleTracker):
             if node is not None:
                 self._link(node, call << LINK_SHIFT | index << 1)
             else:  # a leaf has no node; only a tensor hook tells
-                self._handles.append(inputs[0].register_hook(partial(self._backward_event, BACKWARD_END, call, index)))
+                self._keep(_OneShotHook(inputs[0], partial(self._backward_event, BACKWARD_END, call, index)).handle)
         elif inputs:
             # Several inputs: the backward ends once all their gradients are in.
-            self._handles.append(register_multi_grad_hook(inputs, partial(self._backward_event, BACKWARD_END, call, index)))
+            self._keep(register_multi_grad_hook(inputs, partial(self._backward_event, BACKWARD_END, call, index)))
         # No input needs grad: the backward ends with the whole backward pass.
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -128,7 +131,7 @@ class Recorder(ModuleTracker):
             if node is not None:
                 self._link(node, call << LINK_SHIFT | index << 1 | LINK_BEGIN)
             else:  # a leaf returned as output (e.g. a parameter)
-                self._handles.append(tensor.register_hook(partial(self._backward_event, BACKWARD_BEGIN, call, index)))
+                self._keep(_OneShotHook(tensor, partial(self._backward_event, BACKWARD_BEGIN, call, index)).handle)
 
     # ----------------------------------------------------------------- backward
     def _link(self, node: Any, link: int) -> None:
@@ -140,7 +143,7 @@ class Recorder(ModuleTracker):
         if mark is None or mark.generation != self._generation:
             mark = metadata[self] = _NodeMark(self, buffer.nodes)
             buffer.nodes += 1
-            self._handles.append(node.register_prehook(mark))
+            self._keep(node.register_prehook(mark))
         buffer.link_node.append(mark.node_id)
         buffer.link_code.append(link)
 

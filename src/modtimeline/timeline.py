@@ -50,10 +50,12 @@ class Timeline:
                     optimizer.step()
 
     ``path``: ``.json``, ``.json.gz`` or ``.pftrace`` (or ``format=``). With a
-    ``schedule``, each active window is written to ``<stem>.<window><suffix>`` as soon as
-    it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use), ``"cpu"`` (host
-    only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated counter track.
-    ``capacity`` bounds the events held between flushes.
+    ``schedule``, only the steps marked with ``timeline.step()`` that the schedule makes
+    active are recorded, and each active window is written to ``<stem>.<window><suffix>``
+    as soon as it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use),
+    ``"cpu"`` (host only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated
+    counter track. ``capacity`` bounds the events held between flushes.
+    ``device_backend`` replaces the CUDA event backend (tests pass a ``FakeBackend``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Timeline:
         self.tracker = Recorder(self.buffer)
         self._clock: DeviceClock | None = None
         self._step = 0
+        self._action = StepAction.RECORD
         self._in_step = False
         self._hooks_on = False
         self._entered = False
@@ -107,6 +110,9 @@ class Timeline:
         if self._in_step:
             self._end_step(closing=True)
         self._hooks(False)
+        if self.schedule is not None and self._step == 0 and exc is None:
+            warnings.warn("modtimeline: a Timeline with a schedule records only inside `with timeline.step():` "
+                          "blocks, and none were marked: nothing was written", RuntimeWarning, stacklevel=2)
         if self.schedule is None or self._window_steps:
             try:
                 self._flush(self._final_path(), exception=exc)

@@ -118,6 +118,33 @@ class _GradientReady:
                 tracker._pre_backward(call, index, grad_outputs)
 
 
+def _handle_alive(handle: Any) -> bool:
+    """Whether a hook handle's tensor or autograd node still exists."""
+    inner = getattr(handle, "handles", None)  # register_multi_grad_hook's handle
+    if inner is not None:
+        return any(_handle_alive(h) for h in inner)
+    ref = getattr(handle, "hooks_dict_ref", None)
+    return ref is None or ref() is not None
+
+
+class _OneShotHook:
+    """A hook on a leaf tensor that removes itself once it has fired.
+
+    A leaf (an input that requires grad, a parameter returned as output) can outlive
+    the step: a plain hook would stay on it and fire again, for this old call, in every
+    later backward."""
+
+    __slots__ = ("function", "handle")
+
+    def __init__(self, tensor: torch.Tensor, function: Callable[..., None]) -> None:
+        self.function = function
+        self.handle = tensor.register_hook(self)
+
+    def __call__(self, grad: Any) -> None:
+        self.handle.remove()
+        self.function(grad)
+
+
 class _PendingPostBackward:
     """A call whose inputs need no grad: its backward ends when the whole backward does."""
 
@@ -153,6 +180,7 @@ class ModuleTracker:
         self._any_mode_task: dict[int, int] = {}  # call -> graph task whose pre_bw fired
         self._backward_callback_queued = False
         self._handles: list[Any] = []
+        self._prune_at = 4096  # prune dead handles when this many are held (doubles)
         self._generation = 0  # bumped when hooks are removed: older node records are stale
         self._global_handles: list[Any] = []
         self._entered = False
@@ -237,6 +265,15 @@ class ModuleTracker:
         self.parents = {"Global"}
         self._entered = False
 
+    def _keep(self, handle: Any) -> None:
+        """Hold a hook handle until exit; drop those whose tensor or node has died, so a
+        long run never piles them up (amortised: whenever the count doubles)."""
+        handles = self._handles
+        handles.append(handle)
+        if len(handles) >= self._prune_at:
+            self._handles = [h for h in handles if _handle_alive(h)]
+            self._prune_at = max(4096, 2 * len(self._handles))
+
     def remove_grad_hooks(self) -> None:
         """Remove every autograd hook registered so far (their backward has run or never will).
 
@@ -276,7 +313,7 @@ class ModuleTracker:
         record = metadata.get(self)
         if record is None or record.generation != self._generation:
             record = metadata[self] = _GradientReady(self)
-            self._handles.append(node.register_prehook(record))
+            self._keep(node.register_prehook(record))
         return record
 
     # -------------------------------------------------------------- forward hooks
@@ -302,10 +339,10 @@ class ModuleTracker:
                 if node is not None:
                     self._gradient_ready(node).ends.append((call, index))
                 else:  # a leaf: it has no node, only a tensor hook tells
-                    self._handles.append(inputs[0].register_hook(partial(self._post_backward, call, index)))
+                    self._keep(_OneShotHook(inputs[0], partial(self._post_backward, call, index)).handle)
             else:
                 # Several inputs: wait for all their gradients, as ModTracker does.
-                self._handles.append(register_multi_grad_hook(inputs, partial(self._post_backward, call, index)))
+                self._keep(register_multi_grad_hook(inputs, partial(self._post_backward, call, index)))
         self._fw_stack.append((call, index, pending))
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -336,7 +373,7 @@ class ModuleTracker:
                 self._gradient_ready(node).begins.append((call, index, any_mode))
             else:  # a leaf returned as output (e.g. a parameter)
                 method = self._pre_backward_any if any_mode else self._pre_backward
-                self._handles.append(tensor.register_hook(partial(method, call, index)))
+                self._keep(_OneShotHook(tensor, partial(method, call, index)).handle)
 
     # ------------------------------------------------------------- backward hooks
     def _pre_backward_any(self, call: int, index: int, *grads: Any) -> None:
