@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from overhead import machine  # noqa: E402
+from report import machine, save  # noqa: E402
 
 from modtimeline.cli import main as cli  # noqa: E402
 from tests import synthetic  # noqa: E402
@@ -61,10 +60,7 @@ def main() -> int:
         f"| modtimeline summary TRACE | {summary_s:.2f} |",
         f"| modtimeline diff BASE CANDIDATE | {diff_s:.2f} |",
     ])
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "analysis.json").write_text(json.dumps(results, indent=2))
-    (args.out / "analysis.md").write_text(table + "\n")
+    save("analysis", results, table, args.out)
     return 0
 
 

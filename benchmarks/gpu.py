@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -25,8 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modtimeline import Timeline
-from modtimeline.analysis import read_trace, samples
+sys.path.insert(0, str(Path(__file__).parent))
+from report import save  # noqa: E402
+
+from modtimeline import Timeline  # noqa: E402
+from modtimeline.analysis import read_trace, samples  # noqa: E402
 
 
 def workloads() -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -129,11 +131,7 @@ def main() -> int:
     p = results["profiler"]
     lines += ["", f"Matmul-heavy module: GPU spans {p['gpu_span_us'] / 1e3:.2f} ms vs torch.profiler kernels "
                   f"{p['profiler_kernel_us'] / 1e3:.2f} ms (ratio {p['ratio']:.3f})."]
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(results, indent=2))
-    (args.out / "gpu.md").write_text(table + "\n")
+    save("gpu", results, "\n".join(lines), args.out)
     return 0
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,8 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modtimeline import Timeline
+from report import machine, save
+
 from modtimeline import ModuleTracker as OurTracker
+from modtimeline import Timeline
 
 
 def tiny_modules() -> tuple[nn.Module, Callable[[nn.Module], None]]:
@@ -153,17 +152,6 @@ def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
     return {"module_calls_per_step": calls, "untraced_us_per_call": base / calls * 1e6, "variants": rows}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-
 def markdown(results: dict[str, object]) -> str:
     lines = [f"Machine: {results['machine']}; medians of {results['reps']} interleaved repetitions.", ""]
     for workload, result in results["workloads"].items():  # type: ignore[attr-defined]
@@ -193,11 +181,7 @@ def main() -> int:
         for workload in args.workloads:
             results["workloads"][workload] = measure(workload, args.reps, Path(tmp))  # type: ignore[index]
             print(f"measured {workload}", file=sys.stderr)
-    table = markdown(results)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(results, indent=2))
-    (args.out / "overhead.md").write_text(table + "\n")
+    save("overhead", results, markdown(results), args.out)
     return 0
 
 

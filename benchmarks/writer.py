@@ -16,7 +16,6 @@ then, for .json, .json.gz and .pftrace, times resolve + write and write alone
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import machine  # noqa: E402
+from report import machine, save  # noqa: E402
 
 from modtimeline import Timeline  # noqa: E402
 from modtimeline.gc_pause import paused_gc  # noqa: E402
@@ -122,11 +121,7 @@ def main() -> int:
         lines.append(f"| {suffix} | {row['write_s'] * 1e3:.0f} | {row['spans_per_s'] / 1e6:.2f} M | "
                      f"{row['buffered_events_per_s'] / 1e6:.2f} M | {row['bytes_per_span']:.1f} | "
                      f"{'1×' if suffix == '.json' else f'{ratio:.1f}× smaller'} |")
-    table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "writer.json").write_text(json.dumps(results, indent=2))
-    (args.out / "writer.md").write_text(table + "\n")
+    save("writer", results, "\n".join(lines), args.out)
     return 0
 
 

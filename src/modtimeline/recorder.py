@@ -74,9 +74,7 @@ class Recorder(ModuleTracker):
 
     # ------------------------------------------------------------------ forward
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
-        index = self._index_by_id.get(id(module))
-        if index is None or self._refs[index]() is not module:
-            index = self._learn(module)
+        index = self._index_of(module)
         call = self._next_call
         self._next_call = call + 1
         if _graph_task_id() != -1:

@@ -317,10 +317,15 @@ class ModuleTracker:
         return record
 
     # -------------------------------------------------------------- forward hooks
-    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+    def _index_of(self, module: torch.nn.Module) -> int:
+        """The module's index, learning it on first sight (the lookup is the hot path)."""
         index = self._index_by_id.get(id(module))
         if index is None or self._refs[index]() is not module:
             index = self._learn(module)
+        return index
+
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        index = self._index_of(module)
         call = self._next_call
         self._next_call = call + 1
         in_backward = _graph_task_id() != -1
