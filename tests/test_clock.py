@@ -50,7 +50,7 @@ def test_drift_error_is_bounded_by_one_window():
 def test_several_streams_and_pool_reuse():
     backend = FakeBackend()
     clock = DeviceClock(backend)
-    for window in range(3):
+    for _ in range(3):  # three windows
         for i in range(10):
             backend.stream = (0, 7) if i % 2 else (0, 9)
             clock.mark(i)

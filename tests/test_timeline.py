@@ -194,3 +194,18 @@ def test_reused_leaf_input_gives_one_backward_span_per_step(tmp_path):
     assert backward == {(name, step): 1 for name in ("Sequential", "Sequential.0", "Sequential.1") for step in range(3)}
     assert not x._backward_hooks
     assert_nested(load(path))
+
+
+def test_retain_graph_second_backward_gets_its_own_spans(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    path = tmp_path / "retain.json"
+    with Timeline(path) as timeline:
+        with timeline.step():
+            loss = model(torch.randn(2, 4)).sum()
+            loss.backward(retain_graph=True)
+            loss.backward()
+    trace = load(path)
+    backward = Counter(e["name"] for e in spans(trace) if e["cat"] == "backward")
+    assert backward == {"Sequential": 2, "Sequential.0": 2, "Sequential.1": 2}
+    assert len([e for e in spans(trace) if e.get("flow_in")]) == 6
+    assert_nested(trace)
