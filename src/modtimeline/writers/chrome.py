@@ -23,6 +23,11 @@ import orjson
 
 from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, STEP, SpanColumns, TraceData
 
+try:  # the compiled row formatter (setup.py); without a compiler, the Python path below
+    from . import _chrome_rows
+except ImportError:  # pragma: no cover - depends on the install
+    _chrome_rows = None
+
 CHUNK_ROWS = 1 << 16
 FORMAT_NAME = "modtimeline-chrome"
 FORMAT_VERSION = 1
@@ -68,7 +73,10 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
 
     templates: dict[tuple[int, int, int, int, int], bytes] = {}
     for start in range(0, len(spans), CHUNK_ROWS):
-        _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names, templates)
+        if _chrome_rows is not None:
+            _write_span_chunk_compiled(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names)
+        else:
+            _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names, templates)
 
     for counter in data.counters:
         for ts, value in zip(counter.times, counter.values):
@@ -88,6 +96,21 @@ def _template(pid: int, tid: int, name: str, category: int, flow: int, flags: in
 # Module spans come back in every window of a long run: their templates are kept.
 # (Step spans are not: "step N" is a new name every step.)
 _module_template = lru_cache(maxsize=1 << 14)(_template)
+
+
+def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
+                               names: list[str]) -> None:
+    """Rows ``start:stop`` by the C formatter: the same events, times as exact integer µs."""
+
+    def head(tid: int, name: int, category: int) -> bytes:
+        return b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":' % (
+            pid, tid, orjson.dumps(names[name]), CATEGORIES[category].encode())
+
+    rows = slice(start, stop)
+    stream.write(b",\n")
+    stream.write(_chrome_rows.format_spans(  # type: ignore[union-attr]
+        spans.track[rows], spans.name[rows], spans.category[rows], spans.begin[rows], spans.end[rows],
+        spans.step[rows], spans.call[rows], spans.flags[rows], spans.flow[rows], spans.lag[rows], base, head))
 
 
 def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
