@@ -6,7 +6,9 @@ import random
 import orjson
 import pytest
 
-from modtimeline.resolve import BACKWARD, FLOW_IN, FLOW_OUT, FORWARD, INCOMPLETE, RECOMPUTE, SpanColumns, TraceData, Track
+from modtimeline.resolve import (
+    BACKWARD, FLOW_IN, FLOW_OUT, FORWARD, INCOMPLETE, NO_LAG, RECOMPUTE, SpanColumns, TraceData, Track,
+)
 from modtimeline.writers import chrome
 
 
@@ -17,7 +19,7 @@ def _trace(rows: int = 3000) -> TraceData:
         begin = rng.randrange(0, 10**12)
         spans.append(rng.choice((2, 10, 11, 100)), begin, begin + rng.randrange(0, 10**7), rng.randrange(4),
                      rng.choice((FORWARD, BACKWARD, RECOMPUTE)), i, rng.randrange(-1, 50),
-                     rng.choice((0, INCOMPLETE)), rng.choice((0, FLOW_OUT, FLOW_IN)), rng.choice((-1, -1, 0, 1234567)))
+                     rng.choice((0, INCOMPLETE)), rng.choice((0, FLOW_OUT, FLOW_IN)), rng.choice((NO_LAG, NO_LAG, -2500, 0, 1234567)))
     names = ["Model", 'Model.weird "quoted" \\ name', "Model.ünïcode", "Model.layers.0"]
     tracks = [Track(2, "forward"), Track(10, "backward"), Track(11, "backward (2)"), Track(100, "cuda:0 stream 7")]
     return TraceData(3, 0, names, tracks, spans, metadata={"tool": "modtimeline"})
@@ -46,3 +48,5 @@ def test_times_keep_every_nanosecond():
         event = by_call[data.spans.call[row]]
         assert round(event["ts"] * 1000) == data.spans.begin[row]
         assert round(event["dur"] * 1000) == data.spans.end[row] - data.spans.begin[row]
+        lag = data.spans.lag[row]
+        assert event["args"].get("launch_lag_us") == (None if lag == NO_LAG else lag / 1000)

@@ -153,3 +153,54 @@ def test_exception_mid_step_with_device_clock(tmp_path):
     names = thread_names(trace)
     steps = {e["args"]["step"] for e in spans(trace) if names[e["tid"]].startswith("cuda")}
     assert steps == {0, 1}
+
+
+class _StandInCuda:
+    """Just enough of the torch.cuda API, with a fake clock, to run CudaBackend on a CPU."""
+
+    def __init__(self):
+        self.synchronized = []
+        self._stream = type("Stream", (), {"device": torch.device("cuda", 0), "stream_id": 7})()
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing, "events must be created with timing enabled"
+            self.recorded_at = None
+
+        def record(self, stream=None):
+            self.recorded_at = time.perf_counter_ns() + 10_000
+
+        def elapsed_time(self, end):
+            return (end.recorded_at - self.recorded_at) / 1e6  # milliseconds, like CUDA
+
+    def current_stream(self, device=None):
+        return self._stream
+
+    def current_device(self):
+        return 0
+
+    def synchronize(self, device=None):
+        self.synchronized.append(device)
+
+    def memory_allocated(self, device=None):
+        return 4096
+
+
+def test_cuda_backend_calls_through_a_stand_in_torch_cuda(tmp_path):
+    from modtimeline.clock import CudaBackend
+
+    backend = CudaBackend()
+    backend._cuda = _StandInCuda()
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "cuda.json"
+    with Timeline(path, device="cuda", device_backend=backend, memory=True) as timeline:
+        with timeline.step():
+            train_step(model, optimizer)
+    trace = load(path)
+    names = thread_names(trace)
+    gpu = [e for e in spans(trace) if names[e["tid"]] == "cuda:0 stream 7"]
+    assert len(gpu) == len([e for e in spans(trace) if names[e["tid"]] in ("forward", "backward")])
+    # every event, the anchor too, completes 10 µs after its record: that offset cancels
+    assert all(-50.0 < e["args"]["launch_lag_us"] < 1000.0 for e in gpu)
+    assert backend._cuda.synchronized  # anchoring and resolving synchronise, outside the step

@@ -52,6 +52,10 @@ INCOMPLETE = 1
 
 FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
 
+# The lag column of spans that have none (CPU spans). A GPU span's lag can be negative:
+# every device time carries the anchor's small constant offset.
+NO_LAG = -(1 << 63)
+
 # Track ids (Chrome "tid"). GPU tracks are numbered from GPU_TRACK_BASE.
 STEPS_TRACK = 1
 FORWARD_TRACK = 2
@@ -78,13 +82,13 @@ class SpanColumns:
     step: array = field(default_factory=lambda: array("q"))
     flags: array = field(default_factory=lambda: array("b"))
     flow: array = field(default_factory=lambda: array("b"))
-    lag: array = field(default_factory=lambda: array("q"))  # GPU start - CPU launch, ns; -1 on CPU
+    lag: array = field(default_factory=lambda: array("q"))  # GPU start - CPU launch, ns; NO_LAG on CPU
 
     def __len__(self) -> int:
         return len(self.begin)
 
     def append(self, track: int, begin: int, end: int, name: int, category: int, call: int,
-               step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = -1) -> None:
+               step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = NO_LAG) -> None:
         self.track.append(track)
         self.begin.append(begin)
         self.end.append(end)
@@ -164,7 +168,7 @@ def resolve(
         if kind == FORWARD_BEGIN or kind == RECOMPUTE_BEGIN:
             module = (code >> KIND_BITS) & MODULE_MASK
             cat = FORWARD if kind == FORWARD_BEGIN else RECOMPUTE
-            open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1, -1]
+            open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1, NO_LAG]
             if cat == FORWARD:
                 if fw_stack:
                     parent_of[call] = fw_stack[-1]
@@ -199,12 +203,12 @@ def resolve(
                     if linked_call not in began_this_backward:
                         began_this_backward.add(linked_call)
                         module = (link >> 1) & MODULE_MASK
-                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, -1]
+                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, NO_LAG]
         elif kind == BACKWARD_BEGIN:
             if call not in began_this_backward:
                 began_this_backward.add(call)
                 module = (code >> KIND_BITS) & MODULE_MASK
-                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1, -1]
+                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1, NO_LAG]
         elif kind == BACKWARD_END:
             span = open_bw.pop(call, None)
             if span is not None:
@@ -219,7 +223,7 @@ def resolve(
             began_this_backward.clear()
         elif kind == STEP_BEGIN:
             step = call
-            open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1, -1]
+            open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1, NO_LAG]
         elif kind == STEP_END:
             if open_step is not None:
                 open_step[_E] = ts

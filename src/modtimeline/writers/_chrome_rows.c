@@ -132,7 +132,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         put_micros(&out, end[i] - begin[i]);
         LITERAL(&out, ",\"args\":{\"step\":");
         put_int(&out, step[i]);
-        if (lag[i] >= 0) {
+        if (lag[i] != INT64_MIN) { /* resolve.NO_LAG: a CPU span */
             LITERAL(&out, ",\"launch_lag_us\":");
             put_micros(&out, lag[i]);
         }

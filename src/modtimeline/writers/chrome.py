@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import orjson
 
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, STEP, SpanColumns, TraceData
+from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, NO_LAG, STEP, SpanColumns, TraceData
 
 try:  # the compiled row formatter (setup.py); without a compiler, the Python path below
     from . import _chrome_rows
@@ -131,9 +131,9 @@ def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: in
     calls = _numbers(spans.call[start:stop].tolist())
     lags = spans.lag[start:stop]
     lag_parts: Iterable[bytes] = repeat(b"")
-    if any(lag >= 0 for lag in lags):
+    if any(lag != NO_LAG for lag in lags):
         # GPU spans carry the CPU->GPU launch lag.
-        lag_parts = [b',"launch_lag_us":%s' % orjson.dumps(lag / 1000) if lag >= 0 else b"" for lag in lags]
+        lag_parts = [b',"launch_lag_us":%s' % orjson.dumps(lag / 1000) if lag != NO_LAG else b"" for lag in lags]
     rows = map(bytes.__mod__, map(templates.__getitem__, keys), zip(ts, dur, steps, lag_parts, calls, calls))
     stream.write(b",\n")
     stream.write(b",\n".join(rows))

@@ -25,7 +25,7 @@ import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, SpanColumns, TraceData
+from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, SpanColumns, TraceData
 
 FORMAT_NAME = "modtimeline-pftrace"
 FORMAT_VERSION = 1
@@ -177,7 +177,7 @@ def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
                 annotation = event.debug_annotations.add()
                 annotation.name_iid = _INCOMPLETE
                 annotation.bool_value = True
-            if spans.lag[row] >= 0:
+            if spans.lag[row] != NO_LAG:
                 annotation = event.debug_annotations.add()
                 annotation.name_iid = _LAG
                 annotation.double_value = spans.lag[row] / 1000
