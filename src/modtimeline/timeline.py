@@ -31,11 +31,33 @@ from .writers.atomic import check_writable
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _rank() -> int:
+TRACE_SUFFIXES = (".json.gz", ".pftrace", ".json")
+
+
+def _rank_and_world() -> tuple[int, int]:
     dist = getattr(torch, "distributed", None)
     if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return 0
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+def _with_infix(path: Path, infix: str) -> Path:
+    """``run.json.gz`` + ``000`` -> ``run.000.json.gz``."""
+    name = path.name
+    for suffix in TRACE_SUFFIXES:
+        if name.endswith(suffix):
+            return path.with_name(f"{name[: -len(suffix)]}.{infix}{suffix}")
+    return path.with_name(f"{name}.{infix}")
+
+
+def _rank_path(path: str | os.PathLike[str]) -> Path:
+    """One file per rank: ``{rank}`` in the path is replaced by the global rank; without
+    it, a job of several ranks writes ``out.rank<N>.json`` so ranks never share a file."""
+    rank, world = _rank_and_world()
+    text = os.fspath(path)
+    if "{rank}" in text:
+        return Path(text.replace("{rank}", str(rank)))
+    return _with_infix(Path(text), f"rank{rank}") if world > 1 else Path(text)
 
 
 class Timeline:
@@ -56,6 +78,9 @@ class Timeline:
     ``"cpu"`` (host only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated
     counter track. ``capacity`` bounds the events held between flushes.
     ``device_backend`` replaces the CUDA event backend (tests pass a ``FakeBackend``).
+    Under ``torch.distributed`` (create the Timeline after ``init_process_group``) each
+    rank writes its own file: ``{rank}`` in ``path`` becomes the rank, and without it a
+    job of several ranks writes ``out.rank<N>.json``.
     """
 
     def __init__(
@@ -69,7 +94,7 @@ class Timeline:
         memory: bool = False,
         device_backend: DeviceBackend | None = None,
     ) -> None:
-        self.path = check_writable(path)
+        self.path = check_writable(_rank_path(path))
         self.format = format_for(self.path, format)
         if device not in DEVICES:
             raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
@@ -213,11 +238,7 @@ class Timeline:
         return self._window_path(self.schedule.window(self._window_steps[0]))
 
     def _window_path(self, window: int) -> Path:
-        name = self.path.name
-        for suffix in (".json.gz", ".pftrace", ".json"):
-            if name.endswith(suffix):
-                return self.path.with_name(f"{name[: -len(suffix)]}.{window:03d}{suffix}")
-        return self.path.with_name(f"{name}.{window:03d}")
+        return _with_infix(self.path, f"{window:03d}")
 
     def trace_data(self, exception: BaseException | None = None) -> TraceData:
         """Resolve what has been recorded so far into spans (closing what is open)."""
@@ -242,7 +263,7 @@ class Timeline:
             self.tracker.module_names,
             close_ns,
             links=(self.buffer.link_node, self.buffer.link_code),
-            rank=_rank(),
+            rank=_rank_and_world()[0],
             base_ns=self._base_ns,
             marks=marks,
             metadata=metadata,
