@@ -10,13 +10,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .errors import ModTimelineError
+from .analysis.commands import add_analysis_commands, int_at_least, split_candidates
+from .errors import DeviceError, ModTimelineError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo  # imports torch: only the demo needs it
+    import torch  # only the demo needs torch
+
+    from .demo import run_demo
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but CUDA is not available on this machine")
 
     path = run_demo(args.output, steps=args.steps, device=args.device)
     size = path.stat().st_size
@@ -32,19 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a small built-in transformer under a Timeline")
     demo.add_argument("-o", "--output", default="modtimeline-demo.json", help="trace file to write")
-    demo.add_argument("--steps", type=int, default=4)
-    demo.add_argument("--device", default="cpu", help="cpu or cuda")
+    demo.add_argument("--steps", type=int_at_least(1), default=4)
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     demo.set_defaults(run=_demo)
-
-    from .analysis.commands import add_analysis_commands
 
     add_analysis_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .analysis.commands import split_candidates
-
     parser = build_parser()
     args = parser.parse_args(split_candidates(list(sys.argv[1:] if argv is None else argv)))
     try:

@@ -24,6 +24,32 @@ from .summary import summarize
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
+def int_at_least(minimum: int):  # type: ignore[no-untyped-def]
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _emit_json(document: dict[str, Any]) -> None:
     sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -84,9 +110,9 @@ def add_analysis_commands(commands: Any) -> None:
                                   description="Per-module time per step: forward, backward, recompute; total and self.")
     summary.add_argument("traces", nargs="+", help="trace files or directories of them")
     summary.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    summary.add_argument("--top", type=int, help="only the N modules with the most time (a flat list)")
-    summary.add_argument("--depth", type=int, help="only modules at most D levels below the root (root = 0)")
-    summary.add_argument("--warmup", type=int, default=0, help="leave out the first N steps of each trace")
+    summary.add_argument("--top", type=int_at_least(1), help="only the N modules with the most time (a flat list)")
+    summary.add_argument("--depth", type=int_at_least(0), help="only modules at most D levels below the root (root = 0)")
+    summary.add_argument("--warmup", type=int_at_least(0), default=0, help="leave out the first N steps of each trace")
     summary.set_defaults(run=_summary)
 
     compare = commands.add_parser(
@@ -103,12 +129,12 @@ def add_analysis_commands(commands: Any) -> None:
                         help="markdown sorted by absolute change, for a PR comment")
     output.add_argument("--json", dest="format", action="store_const", const="json")
     compare.add_argument("--config", help="TOML file with [diff] settings and per-FQN-glob thresholds")
-    compare.add_argument("--threshold", type=float, help="relative change that counts (default 0.05)")
+    compare.add_argument("--threshold", type=fraction, help="relative change that counts (default 0.05)")
     compare.add_argument("--floor-us", type=float, help="absolute change per step that counts (default 20)")
-    compare.add_argument("--alpha", type=float, help="significance level after correction (default 0.05)")
+    compare.add_argument("--alpha", type=fraction, help="significance level after correction (default 0.05)")
     compare.add_argument("--correction", choices=("holm", "bh"), help="multiple-testing correction (default holm)")
-    compare.add_argument("--warmup", type=int, help="steps left out at the start of each trace (default 1)")
-    compare.add_argument("--min-samples", type=int, help="steps per side needed for a verdict (default 5)")
+    compare.add_argument("--warmup", type=int_at_least(0), help="steps left out at the start of each trace (default 1)")
+    compare.add_argument("--min-samples", type=int_at_least(2), help="steps per side needed for a verdict (default 5)")
     compare.add_argument("--all", action="store_true", help="list unchanged modules too")
     compare.set_defaults(run=_diff)
 

@@ -1,0 +1,38 @@
+"""The command line: demo, and user mistakes as one line with exit code 2."""
+
+import pytest
+import torch
+
+from modtimeline.cli import main
+
+from .trace_checks import load, spans
+
+
+def test_demo_writes_a_trace_and_says_how_to_open_it(tmp_path, capsys):
+    path = tmp_path / "demo.json"
+    assert main(["demo", "-o", str(path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {path}" in out and "ui.perfetto.dev" in out
+    assert {e["args"]["step"] for e in spans(load(path))} == {0, 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--steps", "0"], "--steps: must be at least 1"),
+    (["summary", "x.json", "--top", "0"], "--top: must be at least 1"),
+    (["summary", "x.json", "--depth", "-1"], "--depth: must be at least 0"),
+    (["diff", "a.json", "b.json", "--alpha", "2"], "--alpha: must be between 0 and 1"),
+    (["diff", "a.json", "b.json", "--threshold", "abc"], "'abc' is not a number"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["demo", "--device", "cuda", "-o", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err == "modtimeline: error: --device cuda was asked for, but CUDA is not available on this machine\n"
