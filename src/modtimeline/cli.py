@@ -10,10 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .analysis.commands import add_analysis_commands, int_at_least, split_candidates
+from .analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, int_at_least, split_candidates
 from .errors import DeviceError, ModTimelineError
-
-EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
 
 def _demo(args: argparse.Namespace) -> int:
