@@ -20,7 +20,7 @@ def _trace(rows: int = 3000) -> TraceData:
         spans.append(rng.choice((2, 10, 11, 100)), begin, begin + rng.randrange(0, 10**7), rng.randrange(4),
                      rng.choice((FORWARD, BACKWARD, RECOMPUTE)), i, rng.randrange(-1, 50),
                      rng.choice((0, INCOMPLETE)), rng.choice((0, FLOW_OUT, FLOW_IN)), rng.choice((NO_LAG, NO_LAG, -2500, 0, 1234567)))
-    names = ["Model", 'Model.weird "quoted" \\ name', "Model.ünïcode", "Model.layers.0"]
+    names = ["Model", 'Model.weird "quoted" \\ name', "Model.ünïcode", "Model.heads.100%"]
     tracks = [Track(2, "forward"), Track(10, "backward"), Track(11, "backward (2)"), Track(100, "cuda:0 stream 7")]
     return TraceData(3, 0, names, tracks, spans, metadata={"tool": "modtimeline"})
 

@@ -86,11 +86,17 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
     stream.write(b"\n]}\n")
 
 
+def _head(pid: int, tid: int, name: str, category: int) -> bytes:
+    """The start of one kind of span event, up to its "ts" value."""
+    return b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":' % (
+        pid, tid, orjson.dumps(name), CATEGORIES[category].encode())
+
+
 def _template(pid: int, tid: int, name: str, category: int, flow: int, flags: int) -> bytes:
-    """The text of one kind of span event, numbers left as %b."""
-    return (b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":%%b,"dur":%%b,'
-            b'"args":{"step":%%b%%b,"call":' % (pid, tid, orjson.dumps(name), CATEGORIES[category].encode())
-            + _TAILS[flow, flags])
+    """The text of one kind of span event, numbers left as %b. The head is escaped: a
+    module name may hold a "%" (ModuleDict keys can)."""
+    return (_head(pid, tid, name, category).replace(b"%", b"%%")
+            + b'%b,"dur":%b,"args":{"step":%b%b,"call":' + _TAILS[flow, flags])
 
 
 # Module spans come back in every window of a long run: their templates are kept.
@@ -103,8 +109,7 @@ def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int,
     """Rows ``start:stop`` by the C formatter: the same events, times as exact integer µs."""
 
     def head(tid: int, name: int, category: int) -> bytes:
-        return b'{"ph":"X","pid":%d,"tid":%d,"name":%s,"cat":"%s","ts":' % (
-            pid, tid, orjson.dumps(names[name]), CATEGORIES[category].encode())
+        return _head(pid, tid, names[name], category)
 
     rows = slice(start, stop)
     stream.write(b",\n")
