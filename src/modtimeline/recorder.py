@@ -54,10 +54,7 @@ class _NodeMark:
         self.generation = recorder._generation
 
     def __call__(self, grad_outputs: Any) -> None:
-        recorder = self.recorder
-        recorder.buffer.record(GRADIENT_READY, self.node_id, 0)
-        if not recorder._backward_callback_queued:
-            recorder._queue_backward_done()
+        self.recorder._backward_event(GRADIENT_READY, self.node_id, 0)
 
 
 class Recorder(ModuleTracker):
@@ -136,14 +133,13 @@ class Recorder(ModuleTracker):
         buffer = self.buffer
         if len(buffer.codes) >= buffer.capacity:
             return  # the buffer is full: this call's backward goes unrecorded, as its events do
-        metadata = node.metadata
-        mark = metadata.get(self)
-        if mark is None or mark.generation != self._generation:
-            mark = metadata[self] = _NodeMark(self, buffer.nodes)
-            buffer.nodes += 1
-            self._keep(node.register_prehook(mark))
-        buffer.link_node.append(mark.node_id)
+        buffer.link_node.append(self._node_hook(node).node_id)
         buffer.link_code.append(link)
+
+    def _new_node_hook(self) -> _NodeMark:  # type: ignore[override]
+        mark = _NodeMark(self, self.buffer.nodes)
+        self.buffer.nodes += 1
+        return mark
 
     def _backward_event(self, kind: int, call: int, index: int, *grads: Any) -> None:
         self.buffer.record(kind, call, index)

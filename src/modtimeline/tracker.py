@@ -307,14 +307,18 @@ class ModuleTracker:
             self._index_by_id[id(module)] = index
         return index
 
-    def _gradient_ready(self, node: Any) -> _GradientReady:
-        """The shared pre-hook record of autograd ``node``, registering it on first use."""
+    def _node_hook(self, node: Any) -> Any:
+        """This tracker's one pre-hook on autograd ``node``, registered on first use; kept
+        in the node's ``metadata``, so it lives and dies with the graph."""
         metadata = node.metadata
-        record = metadata.get(self)
-        if record is None or record.generation != self._generation:
-            record = metadata[self] = _GradientReady(self)
-            self._keep(node.register_prehook(record))
-        return record
+        hook = metadata.get(self)
+        if hook is None or hook.generation != self._generation:
+            hook = metadata[self] = self._new_node_hook()
+            self._keep(node.register_prehook(hook))
+        return hook
+
+    def _new_node_hook(self) -> _GradientReady:
+        return _GradientReady(self)
 
     # -------------------------------------------------------------- forward hooks
     def _index_of(self, module: torch.nn.Module) -> int:
@@ -342,7 +346,7 @@ class ModuleTracker:
             elif len(inputs) == 1:
                 node = inputs[0].grad_fn
                 if node is not None:
-                    self._gradient_ready(node).ends.append((call, index))
+                    self._node_hook(node).ends.append((call, index))
                 else:  # a leaf: it has no node, only a tensor hook tells
                     self._keep(_OneShotHook(inputs[0], partial(self._post_backward, call, index)).handle)
             else:
@@ -375,7 +379,7 @@ class ModuleTracker:
         for tensor in outputs:
             node = tensor.grad_fn
             if node is not None:
-                self._gradient_ready(node).begins.append((call, index, any_mode))
+                self._node_hook(node).begins.append((call, index, any_mode))
             else:  # a leaf returned as output (e.g. a parameter)
                 method = self._pre_backward_any if any_mode else self._pre_backward
                 self._keep(_OneShotHook(tensor, partial(method, call, index)).handle)
