@@ -39,8 +39,6 @@ MAX_MODULES = 1 << MODULE_BITS
 LINK_BEGIN = 1
 LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
 
-BYTES_PER_EVENT = 16  # one int64 timestamp + one int64 code
-
 _BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN, GRADIENT_READY))
 
 DEFAULT_CAPACITY = 8_000_000  # events; 128 MB of buffer at most

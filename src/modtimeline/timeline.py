@@ -25,13 +25,10 @@ from .gc_pause import paused_gc
 from .resolve import TraceData, resolve
 from .schedule import Schedule, StepAction
 from .recorder import Recorder
-from .writers import format_for, write_trace
+from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-TRACE_SUFFIXES = (".json.gz", ".pftrace", ".json")
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -17,8 +17,8 @@ import orjson
 
 from ..errors import TraceFileError, TraceFormatError
 from ..gc_pause import paused_gc
+from ..writers import TRACE_SUFFIXES
 
-TRACE_SUFFIXES = (".json", ".json.gz", ".pftrace")
 PHASES = ("forward", "backward", "recompute")
 
 # (FQN, phase, device), e.g. ("GPT.blocks.0.attn", "backward", "cpu")
@@ -67,7 +67,7 @@ def trace_files(paths: list[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.name.endswith(TRACE_SUFFIXES) and p.is_file())
             if not found:
-                raise TraceFileError(f"{path}: no trace files (.json, .json.gz, .pftrace) in this directory")
+                raise TraceFileError(f"{path}: no trace files ({', '.join(TRACE_SUFFIXES)}) in this directory")
             files.extend(found)
         elif path.exists():
             files.append(path)

@@ -8,6 +8,10 @@ from ..errors import TraceFileError
 
 FORMATS = ("json", "json.gz", "pftrace")
 
+# File name endings and the format each names; ".json.gz" before ".json".
+SUFFIX_FORMATS = ((".json.gz", "json.gz"), (".pftrace", "pftrace"), (".perfetto-trace", "pftrace"), (".json", "json"))
+TRACE_SUFFIXES = tuple(suffix for suffix, _ in SUFFIX_FORMATS)
+
 
 def format_for(path: str | Path, format: str | None = None) -> str:
     """The trace format named by ``format`` or, when it is None, by the file name."""
@@ -16,32 +20,28 @@ def format_for(path: str | Path, format: str | None = None) -> str:
             raise TraceFileError(f"unknown trace format {format!r}; choose one of {', '.join(FORMATS)}")
         return format
     name = str(path).lower()
-    if name.endswith(".json.gz"):
-        return "json.gz"
-    if name.endswith(".pftrace") or name.endswith(".perfetto-trace"):
-        return "pftrace"
+    for suffix, named in SUFFIX_FORMATS:
+        if name.endswith(suffix):
+            return named
     return "json"
 
 
 def write_trace(data, path: str | Path, format: str | None = None) -> int:  # type: ignore[no-untyped-def]
     """Write ``data`` atomically to ``path``; returns the number of bytes written."""
     from .atomic import atomic_output
+    from .chrome import write_chrome_json
 
     fmt = format_for(path, format)
     with atomic_output(path) as stream:
         if fmt == "pftrace":
-            from .perfetto import write_pftrace
+            from .perfetto import write_pftrace  # protobuf classes load only when needed
 
             write_pftrace(data, stream)
         elif fmt == "json.gz":
             import gzip
 
             with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
-                from .chrome import write_chrome_json
-
                 write_chrome_json(data, gz)
         else:
-            from .chrome import write_chrome_json
-
             write_chrome_json(data, stream)
         return stream.tell()
