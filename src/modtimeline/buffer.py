@@ -6,6 +6,9 @@ Every event is a host timestamp (``perf_counter_ns``) and one packed integer::
 
 so recording never allocates a Python object per event beyond the two array slots
 (16 bytes), and names are only looked up when the buffer is resolved at flush.
+
+``EventBuffer`` keeps the columns in Python arrays; ``NativeEventBuffer`` is the same
+interface over the compiled store of ``modtimeline._hotpath`` (recorder.py picks one).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 import time
 import warnings
 from array import array
+from collections.abc import Callable
+from typing import Any
 
 # Event kinds (the low KIND_BITS bits of a code).
 FORWARD_BEGIN = 0
@@ -105,14 +110,87 @@ class EventBuffer:
         self.dropped = 0
 
     def warn_if_overflowed(self) -> None:
-        if self.dropped:
-            warnings.warn(
-                f"modtimeline: the event buffer filled up ({self.capacity:,} events); "
-                f"{self.dropped:,} events were dropped and their spans are missing. "
-                "Trace fewer steps per window (schedule=Schedule(...)) or raise capacity=.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _warn_if_dropped(self.dropped, self.capacity)
+
+
+class NativeEventBuffer:
+    """``EventBuffer``'s interface over a compiled ``_hotpath.Store`` (same layout and
+    capacity rules), whose events the compiled hooks append without Python. The columns
+    are copied out as arrays when read, which happens once per flush."""
+
+    __slots__ = ("store", "record")
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.record = store.record  # (kind, call, module), bound once: no wrapper per call
+
+    def _column(self, position: int) -> array:
+        column = array("q")
+        column.frombytes(self.store.columns()[position])
+        return column
+
+    @property
+    def timestamps(self) -> array:
+        return self._column(0)
+
+    @property
+    def codes(self) -> array:
+        return self._column(1)
+
+    @property
+    def link_node(self) -> array:
+        return self._column(2)
+
+    @property
+    def link_code(self) -> array:
+        return self._column(3)
+
+    @property
+    def nodes(self) -> int:
+        return int(self.store.nodes)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.store.capacity)
+
+    @property
+    def dropped(self) -> int:
+        return int(self.store.dropped)
+
+    @property
+    def overflowed(self) -> bool:
+        return self.dropped > 0
+
+    @property
+    def on_recorded(self) -> Callable[[int], None] | None:
+        return self.store.on_recorded  # type: ignore[no-any-return]
+
+    @on_recorded.setter
+    def on_recorded(self, callback: Callable[[int], None] | None) -> None:
+        self.store.on_recorded = callback
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def bytes_used(self) -> int:
+        return int(self.store.bytes_used())
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def warn_if_overflowed(self) -> None:
+        _warn_if_dropped(self.dropped, self.capacity)
+
+
+def _warn_if_dropped(dropped: int, capacity: int) -> None:
+    if dropped:
+        warnings.warn(
+            f"modtimeline: the event buffer filled up ({capacity:,} events); "
+            f"{dropped:,} events were dropped and their spans are missing. "
+            "Trace fewer steps per window (schedule=Schedule(...)) or raise capacity=.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def unpack(code: int) -> tuple[int, int, int]:

@@ -7,10 +7,18 @@ event per autograd node whose gradient becomes ready, shared by every call bound
 that node (a chain of modules shares its nodes: module i's input is module i-1's
 output). Which calls a node begins or ends is kept as a small list of *links* per node
 and turned into spans once, at flush, by ``resolve``.
+
+Where ``modtimeline._hotpath`` is built (setup.py), the forward hooks and the node
+marks are compiled (C++ autograd pre-hooks, no GIL, no RemovableHandle per node) and
+write into a compiled store; the methods below then run only for the rare cases the
+compiled hooks hand back (containers of tensors, leaves, several inputs, a raised
+forward). Without it, or with ``MODTIMELINE_PURE_PYTHON=1``, the Python hooks here do
+the same work: a test checks that both record the same events.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 from typing import Any
@@ -30,6 +38,7 @@ from .buffer import (
     RECOMPUTE_BEGIN,
     RECOMPUTE_END,
     EventBuffer,
+    NativeEventBuffer,
 )
 from .errors import ModTimelineError
 from .tracker import (
@@ -57,17 +66,61 @@ class _NodeMark:
         self.recorder._backward_event(GRADIENT_READY, self.node_id, 0)
 
 
+def native_hotpath() -> Any | None:
+    """The compiled hot path module, or None (not built, or disabled by the environment)."""
+    if os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _hotpath
+    except ImportError:  # not built (no compiler, or built for another torch)
+        return None
+    return _hotpath
+
+
+def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:
+    """The compiled event buffer when it is built, else the Python one."""
+    hotpath = native_hotpath()
+    return EventBuffer(capacity) if hotpath is None else NativeEventBuffer(hotpath.Store(capacity))
+
+
 class Recorder(ModuleTracker):
     """Records every module call of the models that run while it is active."""
 
-    def __init__(self, buffer: EventBuffer) -> None:
+    def __init__(self, buffer: EventBuffer | NativeEventBuffer) -> None:
         super().__init__()
         self.buffer = buffer
         # Calls whose forward ended by raising (their forward hook ran with no output).
         self.raised_calls: set[int] = set()
+        self._native_hooks = None
+        if isinstance(buffer, NativeEventBuffer):
+            hotpath = native_hotpath()
+            assert hotpath is not None
+            store = buffer.store
+            self._native_hooks = hotpath.ForwardHooks(store, self)
+            # Instance attributes shadow the Python methods: ModuleTracker.__enter__
+            # registers these as the global forward hooks.
+            self._pre_forward = self._native_hooks.pre_forward  # type: ignore[method-assign]
+            self._post_forward = self._native_hooks.post_forward  # type: ignore[method-assign]
+            self._link = store.link  # type: ignore[method-assign]
+            self._backward_event = store.backward_event  # type: ignore[method-assign]
+
+    @property
+    def native(self) -> bool:
+        """Whether the compiled hot path records (else these Python hooks do)."""
+        return self._native_hooks is not None
 
     def register_user_hooks(self, *args: Any, **kwargs: Any) -> None:
         raise ModTimelineError("Timeline's recorder takes no user hooks; use modtimeline.ModuleTracker for those")
+
+    def __exit__(self, *exc_info: object) -> None:
+        super().__exit__(*exc_info)
+        if self._native_hooks is not None:
+            self._native_hooks.reset()
+
+    def remove_grad_hooks(self) -> None:
+        super().remove_grad_hooks()
+        if isinstance(self.buffer, NativeEventBuffer):
+            self.buffer.store.remove_marks()
 
     # ------------------------------------------------------------------ forward
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
@@ -84,19 +137,11 @@ class Recorder(ModuleTracker):
         if not _grad_enabled():
             return
         if len(args) == 1 and isinstance(args[0], _Tensor):  # the common case, inline
-            inputs = [args[0]] if args[0].requires_grad else []
+            tensor = args[0]
+            if tensor.requires_grad and not self._link(tensor, call << LINK_SHIFT | index << 1):
+                self._hook_leaf(BACKWARD_END, call, index, tensor)
         else:
-            inputs = _grad_tensors(args)
-        if len(inputs) == 1:
-            node = inputs[0].grad_fn
-            if node is not None:
-                self._link(node, call << LINK_SHIFT | index << 1)
-            else:  # a leaf has no node; only a tensor hook tells
-                self._keep(_OneShotHook(inputs[0], partial(self._backward_event, BACKWARD_END, call, index)).handle)
-        elif inputs:
-            # Several inputs: the backward ends once all their gradients are in.
-            self._keep(register_multi_grad_hook(inputs, partial(self._backward_event, BACKWARD_END, call, index)))
-        # No input needs grad: the backward ends with the whole backward pass.
+            self._hook_inputs(call, index, args)
 
     def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         stack = self._fw_stack
@@ -113,32 +158,58 @@ class Recorder(ModuleTracker):
         self.buffer.record(FORWARD_END, call, index)
         if output is None:
             if sys.exc_info()[1] is not None:  # the forward raised: torch calls us with no output
-                self.raised_calls.add(call)
+                self._forward_raised(call)
             return
         if not _grad_enabled():
             return
         if isinstance(output, _Tensor):  # the common case, inline
-            outputs = [output] if output.requires_grad else []
+            if output.requires_grad and not self._link(output, call << LINK_SHIFT | index << 1 | LINK_BEGIN):
+                self._hook_leaf(BACKWARD_BEGIN, call, index, output)
         else:
-            outputs = _grad_tensors(output)
-        for tensor in outputs:
-            node = tensor.grad_fn
-            if node is not None:
-                self._link(node, call << LINK_SHIFT | index << 1 | LINK_BEGIN)
-            else:  # a leaf returned as output (e.g. a parameter)
-                self._keep(_OneShotHook(tensor, partial(self._backward_event, BACKWARD_BEGIN, call, index)).handle)
+            self._hook_outputs(call, index, output)
+
+    # ------------------------------------------ the rare cases (both hot paths)
+    def _forward_raised(self, call: int) -> None:
+        self.raised_calls.add(call)
+
+    def _hook_inputs(self, call: int, index: int, args: Any) -> None:
+        """Inputs other than one tensor: the backward ends once all their gradients are in."""
+        inputs = _grad_tensors(args)
+        if len(inputs) == 1:
+            if not self._link(inputs[0], call << LINK_SHIFT | index << 1):
+                self._hook_leaf(BACKWARD_END, call, index, inputs[0])
+        elif inputs:
+            self._keep(register_multi_grad_hook(inputs, partial(self._backward_event, BACKWARD_END, call, index)))
+        # No input needs grad: the backward ends with the whole backward pass.
+
+    def _hook_outputs(self, call: int, index: int, output: Any) -> None:
+        """Outputs other than one tensor: each one's node begins the call's backward."""
+        for tensor in _grad_tensors(output):
+            if not self._link(tensor, call << LINK_SHIFT | index << 1 | LINK_BEGIN):
+                self._hook_leaf(BACKWARD_BEGIN, call, index, tensor)
+
+    def _hook_leaf(self, kind: int, call: int, index: int, tensor: torch.Tensor) -> None:
+        """A leaf tensor has no autograd node; only a (one-shot) tensor hook tells."""
+        self._keep(_OneShotHook(tensor, partial(self._backward_event, kind, call, index)).handle)
 
     # ----------------------------------------------------------------- backward
-    def _link(self, node: Any, link: int) -> None:
+    def _link(self, tensor: torch.Tensor, link: int) -> bool:
+        """Link the tensor's autograd node to a call boundary; False if it has none (a leaf)."""
+        node = tensor.grad_fn
+        if node is None:
+            return False
         buffer = self.buffer
         if len(buffer.codes) >= buffer.capacity:
-            return  # the buffer is full: this call's backward goes unrecorded, as its events do
+            return True  # the buffer is full: this call's backward goes unrecorded, as its events do
         buffer.link_node.append(self._node_hook(node).node_id)
         buffer.link_code.append(link)
+        return True
 
     def _new_node_hook(self) -> _NodeMark:  # type: ignore[override]
-        mark = _NodeMark(self, self.buffer.nodes)
-        self.buffer.nodes += 1
+        buffer = self.buffer
+        assert isinstance(buffer, EventBuffer)
+        mark = _NodeMark(self, buffer.nodes)
+        buffer.nodes += 1
         return mark
 
     def _backward_event(self, kind: int, call: int, index: int, *grads: Any) -> None:

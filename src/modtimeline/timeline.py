@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from . import __version__
-from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END, EventBuffer
+from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError
 from .gc_pause import paused_gc
 from .resolve import TraceData, resolve
 from .schedule import Schedule, StepAction
-from .recorder import Recorder
+from .recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 
@@ -101,7 +101,7 @@ class Timeline:
         self.schedule = schedule
         self.memory = memory
         self._backend = device_backend
-        self.buffer = EventBuffer(capacity)
+        self.buffer = new_buffer(capacity)
         self.tracker = Recorder(self.buffer)
         self._clock: DeviceClock | None = None
         self._step = 0
