@@ -26,7 +26,12 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
       --extra-index-url https://pypi.org/simple
   fi
 fi
-"${pip[@]}" install -e ".[test]"
+# Without build isolation, so setup.py sees this venv's torch and compiles the recording
+# hot path (modtimeline._hotpath) against it; setuptools >= 68 for that build.
+"${pip[@]}" install "setuptools>=68" wheel
+"${pip[@]}" install --no-build-isolation -e ".[test]"
+"$venv/bin/python" -c "import modtimeline._hotpath" 2>/dev/null \
+  || echo "note: the compiled hot path was not built; modtimeline runs on its pure-Python path" >&2
 
 if [ "$action" = "test" ] && [ ! -x /usr/bin/chromium ]; then
   # The Perfetto UI test drives Debian's chromium (playwright's own download is not used).

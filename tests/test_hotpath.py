@@ -1,0 +1,200 @@
+"""The compiled hot path (modtimeline._hotpath) against the Python recorder it replaces.
+
+Both must record the same events: same kinds, calls and modules in the same order, the
+same node links; only the timestamps differ.
+"""
+
+import gc
+import time
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modtimeline import Timeline
+from modtimeline.buffer import (
+    BACKWARD_DONE,
+    FORWARD_BEGIN,
+    GRADIENT_READY,
+    EventBuffer,
+    NativeEventBuffer,
+    unpack,
+)
+from modtimeline.recorder import Recorder, native_hotpath
+
+from .models import Tree
+
+hotpath = native_hotpath()
+
+
+def test_hotpath_is_built():
+    # tools/setup.sh builds it; a silent fallback would hide a broken build.
+    assert hotpath is not None, "modtimeline._hotpath is not built (pip install --no-build-isolation -e .)"
+
+
+needs_hotpath = pytest.mark.skipif(hotpath is None, reason="modtimeline._hotpath is not built")
+
+
+class Pair(nn.Module):
+    """Several inputs and a tuple of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x) + y, self.b(y)
+
+
+class Shapes(nn.Module):
+    """Leaf input, several inputs, tuple outputs, a parameter as output, a no-grad call,
+    a reentrant checkpoint and a dict input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.pair = Pair()
+        self.scale = nn.Module()
+        self.scale.weight = nn.Parameter(torch.ones(4))
+        self.frozen = nn.Linear(4, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.identity = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)  # x is a leaf that requires grad
+        p, q = self.pair(h, x)
+        with torch.no_grad():
+            self.frozen(h)
+        h = checkpoint(self.block, p * q, use_reentrant=True)
+        w = self.identity(self.scale.weight)  # a leaf returned as output
+        return (h * w).sum() + self.identity({"k": q})["k"].sum()
+
+
+def record(model_fn, native: bool, steps: int = 2):
+    buffer = NativeEventBuffer(hotpath.Store(1 << 20)) if native else EventBuffer(1 << 20)
+    recorder = Recorder(buffer)
+    torch.manual_seed(0)
+    model, run = model_fn()
+    with recorder:
+        for _ in range(steps):
+            run(model)
+            recorder.remove_grad_hooks()
+    events = [unpack(code) for code in buffer.codes]
+    links = list(zip(buffer.link_node, buffer.link_code))
+    return events, links, buffer.nodes, set(recorder.raised_calls)
+
+
+def tree_model():
+    return Tree(), lambda m: m(torch.randint(0, 16, (4, 5))).sum().backward()
+
+
+def shapes_model():
+    return Shapes(), lambda m: m(torch.randn(3, 4, requires_grad=True)).backward()
+
+
+def raising_model():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    model = nn.Sequential(nn.Linear(4, 4), Boom())
+
+    def run(m):
+        with pytest.raises(ValueError):
+            m(torch.randn(2, 4))
+
+    return model, run
+
+
+def deep_chain():
+    return nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)]), lambda m: m(torch.randn(2, 8)).sum().backward()
+
+
+@needs_hotpath
+@pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain])
+def test_native_records_what_python_records(model_fn):
+    python = record(model_fn, native=False)
+    native = record(model_fn, native=True)
+    assert native == python
+    events, links, nodes, _ = native
+    assert events and (links or model_fn is raising_model)
+
+
+@needs_hotpath
+def test_raised_forward_is_flagged_by_both():
+    assert record(raising_model, native=True)[3] == record(raising_model, native=False)[3] != set()
+
+
+@needs_hotpath
+def test_store_clock_is_perf_counter_ns():
+    for _ in range(100):
+        before = time.perf_counter_ns()
+        now = hotpath.Store.now()
+        after = time.perf_counter_ns()
+        assert before <= now <= after
+
+
+@needs_hotpath
+def test_store_capacity_rules_match_the_python_buffer():
+    native, python = NativeEventBuffer(hotpath.Store(3)), EventBuffer(3)
+    for buffer in (native, python):
+        for kind in (FORWARD_BEGIN, FORWARD_BEGIN, FORWARD_BEGIN, FORWARD_BEGIN, 1, BACKWARD_DONE):
+            buffer.record(kind, 7, 2)
+    assert list(native.codes) == list(python.codes)
+    assert native.dropped == python.dropped == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        hotpath.Store(0)
+
+
+@needs_hotpath
+def test_marks_taken_off_a_retained_graph_record_nothing():
+    buffer = NativeEventBuffer(hotpath.Store(1000))
+    recorder = Recorder(buffer)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with recorder:
+        loss = model(torch.randn(2, 4)).sum()
+        loss.backward(retain_graph=True)
+        ready = [unpack(c)[0] for c in buffer.codes].count(GRADIENT_READY)
+        assert ready == buffer.nodes > 0
+        recorder.remove_grad_hooks()
+        before = len(buffer)
+        loss.backward()  # the same graph, its marks removed
+        kinds = [unpack(c)[0] for c in buffer.codes][before:]
+        assert GRADIENT_READY not in kinds
+
+
+@needs_hotpath
+def test_cleared_store_ignores_old_marks():
+    buffer = NativeEventBuffer(hotpath.Store(1000))
+    recorder = Recorder(buffer)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with recorder:
+        loss = model(torch.randn(2, 4)).sum()
+        buffer.clear()  # a new window: the graph's marks belong to the old one
+        loss.backward()
+    assert GRADIENT_READY not in [unpack(c)[0] for c in buffer.codes]
+
+
+@needs_hotpath
+def test_native_timeline_keeps_nothing_alive(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    timeline = Timeline(tmp_path / "t.json")
+    assert timeline.tracker.native
+    with timeline:
+        model(torch.randn(2, 4)).sum().backward()
+    recorder = weakref.ref(timeline.tracker)
+    model_ref = weakref.ref(model)
+    del timeline, model
+    gc.collect()
+    assert recorder() is None and model_ref() is None
+
+
+@needs_hotpath
+def test_pure_python_switch(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "1")
+    assert not Timeline(tmp_path / "t.json").tracker.native
+    monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "0")
+    assert Timeline(tmp_path / "t.json").tracker.native
