@@ -5,6 +5,7 @@ same node links; only the timestamps differ.
 """
 
 import gc
+import os
 import time
 import weakref
 
@@ -14,6 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from modtimeline import Timeline
+from modtimeline import resolve as resolve_module
+from modtimeline.writers import chrome
 from modtimeline.buffer import (
     BACKWARD_DONE,
     FORWARD_BEGIN,
@@ -29,8 +32,11 @@ from .models import Tree
 hotpath = native_hotpath()
 
 
-def test_hotpath_is_built():
-    # tools/setup.sh builds it; a silent fallback would hide a broken build.
+@pytest.mark.skipif(os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"), reason="compiled parts off")
+def test_compiled_parts_are_built():
+    # tools/setup.sh builds them; a silent fallback would hide a broken build.
+    assert resolve_module._resolve_cpu is not None, "modtimeline._resolve_cpu is not built"
+    assert chrome._chrome_rows is not None, "modtimeline.writers._chrome_rows is not built"
     assert hotpath is not None, "modtimeline._hotpath is not built (pip install --no-build-isolation -e .)"
 
 

@@ -79,3 +79,104 @@ def test_recompute_goes_to_backward_track_and_step_numbers_follow():
 def test_end_without_begin_is_ignored():
     ts, codes = events((5, BACKWARD_END, 3, 0), (6, FORWARD_END, 4, 0))
     assert len(resolve(ts, codes, ["M"], close_ns=10).spans) == 0
+
+
+# ---------------------------------------------------------------- compiled resolve
+import contextlib  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modtimeline import Timeline, resolve as resolve_module  # noqa: E402
+from modtimeline.buffer import BACKWARD_DONE, GRADIENT_READY, LINK_BEGIN, LINK_SHIFT  # noqa: E402
+
+from .models import Tree  # noqa: E402
+from .test_hotpath import shapes_model  # noqa: E402
+
+needs_compiled = pytest.mark.skipif(resolve_module._resolve_cpu is None, reason="_resolve_cpu is not built")
+
+
+def both_resolves(monkeypatch, *args, **kwargs):
+    compiled = resolve(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(resolve_module, "_resolve_cpu", None)
+        python = resolve(*args, **kwargs)
+    return compiled, python
+
+
+def assert_same(compiled, python):
+    assert compiled.names == python.names
+    assert compiled.tracks == python.tracks
+    for field in ("track", "begin", "end", "name", "category", "call", "step", "flags", "flow", "lag"):
+        assert list(getattr(compiled.spans, field)) == list(getattr(python.spans, field)), field
+    assert compiled.counters == python.counters == []
+
+
+def recorded(timeline):
+    buffer = timeline.buffer
+    return dict(
+        timestamps=buffer.timestamps, codes=buffer.codes, module_names=timeline.tracker.module_names,
+        close_ns=buffer.timestamps[-1] + 1000, links=(buffer.link_node, buffer.link_code),
+        raised_calls=set(timeline.tracker.raised_calls), raised_steps=set(timeline._raised_steps),
+    )
+
+
+@needs_compiled
+@pytest.mark.parametrize("raises", [False, True])
+def test_compiled_resolve_matches_python_on_real_steps(monkeypatch, tmp_path, raises):
+    model, run = shapes_model()
+    tree = Tree()
+    timeline = Timeline(tmp_path / "t.json")
+    timeline._flush = lambda *args, **kwargs: None  # keep the buffer to resolve it twice
+    with pytest.raises(RuntimeError) if raises else contextlib.nullcontext():
+        with timeline:
+            for _ in range(3):
+                with timeline.step():
+                    run(model)
+                    tree(torch.randint(0, 16, (4, 5))).sum().backward()
+            if raises:
+                with timeline.step():
+                    tree(torch.randint(0, 16, (4, 5))).sum()
+                    raise RuntimeError("mid-step")
+    compiled, python = both_resolves(monkeypatch, **recorded(timeline))
+    assert len(compiled.spans) > 100
+    assert_same(compiled, python)
+    if raises:
+        assert INCOMPLETE in list(compiled.spans.flags)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_resolve_matches_python_on_random_events(monkeypatch, seed):
+    """Arbitrary event streams, tied timestamps included: every rule, every odd case."""
+    rng = random.Random(seed)
+    ts, codes = array("q"), array("q")
+    link_node, link_code = array("q"), array("q")
+    nodes = rng.randint(1, 12)
+    calls = rng.randint(1, 30)
+    for _ in range(rng.randint(0, 25)):
+        link_node.append(rng.randrange(nodes + 2))  # some links name nodes that never fire
+        link_code.append(rng.randrange(calls) << LINK_SHIFT | rng.randrange(5) << 1 | rng.choice((0, LINK_BEGIN)))
+    t = 0
+    kinds = [FORWARD_BEGIN, FORWARD_END, BACKWARD_BEGIN, BACKWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END,
+             STEP_BEGIN, STEP_END, GRADIENT_READY, BACKWARD_DONE]
+    begun = 0  # as recorded: every forward or recompute begins a new call number
+    for _ in range(rng.randint(0, 120)):
+        t += rng.choice((0, 0, 1, 5, 100))
+        kind = rng.choice(kinds)
+        if kind == GRADIENT_READY:
+            call = rng.randrange(nodes + 3)
+        elif kind in (FORWARD_BEGIN, RECOMPUTE_BEGIN):
+            call, begun = begun, begun + 1
+        else:
+            call = rng.randrange(calls)
+        ts.append(t)
+        codes.append(call << CALL_SHIFT | rng.randrange(5) << KIND_BITS | kind)
+    raised_calls = {rng.randrange(calls) for _ in range(rng.randint(0, 3))}
+    raised_steps = {rng.randrange(calls) for _ in range(rng.randint(0, 2))}
+    compiled, python = both_resolves(
+        monkeypatch, ts, codes, ["A", "A.b", "A.c", "A.b.d", "A.e"], t + 10, links=(link_node, link_code),
+        raised_calls=raised_calls, raised_steps=raised_steps, rank=3, base_ns=7, metadata={"x": 1})
+    assert_same(compiled, python)
+    assert (compiled.rank, compiled.base_ns, compiled.metadata) == (3, 7, {"x": 1})

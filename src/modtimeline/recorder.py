@@ -18,7 +18,6 @@ the same work: a test checks that both record the same events.
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import partial
 from typing import Any
@@ -40,6 +39,7 @@ from .buffer import (
     EventBuffer,
     NativeEventBuffer,
 )
+from ._native import compiled
 from .errors import ModTimelineError
 from .tracker import (
     ModuleTracker,
@@ -68,13 +68,7 @@ class _NodeMark:
 
 def native_hotpath() -> Any | None:
     """The compiled hot path module, or None (not built, or disabled by the environment)."""
-    if os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from . import _hotpath
-    except ImportError:  # not built (no compiler, or built for another torch)
-        return None
-    return _hotpath
+    return compiled("_hotpath")
 
 
 def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:

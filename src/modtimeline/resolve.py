@@ -41,7 +41,11 @@ from .buffer import (
     STEP_BEGIN,
     STEP_END,
 )
+from ._native import compiled
 from .clock import DeviceMarks
+
+# Host-only resolve, compiled (setup.py); without it, the Python below does it all.
+_resolve_cpu = compiled("_resolve_cpu")
 
 CATEGORIES = ("forward", "backward", "recompute", "step")
 FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
@@ -146,6 +150,15 @@ def resolve(
     flag those and the calls and steps that raised ``INCOMPLETE``, make every track nest,
     and add GPU spans from ``marks``."""
     names = list(module_names)
+    link_node, link_code = links if links is not None else (array("q"), array("q"))
+    if marks is None and _resolve_cpu is not None:
+        # The same rules, compiled (a test checks both give the same columns).
+        columns, track_rows, step_calls = _resolve_cpu.spans(
+            timestamps, codes, link_node, link_code, close_ns, set(raised_calls), set(raised_steps), len(names))
+        names.extend(f"step {number}" for number in step_calls)
+        out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
+        tracks = [Track(tid, name) for tid, name in track_rows]
+        return TraceData(rank, base_ns, names, tracks, out, [], dict(metadata or {}))
     steps: list[list[Any]] = []
     forward: list[list[Any]] = []
     backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes
@@ -156,7 +169,6 @@ def resolve(
     open_step: list[Any] | None = None
     step = -1
     # Group the node links by node: a stable sort keeps each node's links in order.
-    link_node, link_code = links if links is not None else (array("q"), array("q"))
     by_node = sorted(range(len(link_node)), key=link_node.__getitem__)
     sorted_nodes = list(map(link_node.__getitem__, by_node))
     sorted_links = list(map(link_code.__getitem__, by_node))
@@ -258,6 +270,16 @@ def resolve(
     if marks is not None and len(marks.host_event):
         _add_gpu_spans(out, tracks, counters, forward + backward, marks, parent_of, timestamps)
     return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
+
+
+# SpanColumns' fields in order, as the compiled resolve returns them.
+_COLUMN_TYPES = "qqqqbqqbbq"  # track, begin, end, name, category, call, step, flags, flow, lag
+
+
+def _array(typecode: str, data: bytes) -> array:
+    column = array(typecode)
+    column.frombytes(data)
+    return column
 
 
 def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:

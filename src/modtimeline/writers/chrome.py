@@ -21,12 +21,11 @@ from typing import BinaryIO
 
 import orjson
 
+from .._native import compiled
 from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, NO_LAG, STEP, SpanColumns, TraceData
 
-try:  # the compiled row formatter (setup.py); without a compiler, the Python path below
-    from . import _chrome_rows
-except ImportError:  # pragma: no cover - depends on the install
-    _chrome_rows = None
+# The compiled row formatter (setup.py); without it, the Python path below.
+_chrome_rows = compiled("writers._chrome_rows")
 
 CHUNK_ROWS = 1 << 16
 FORMAT_NAME = "modtimeline-chrome"
