@@ -209,3 +209,23 @@ def test_retain_graph_second_backward_gets_its_own_spans(tmp_path):
     assert backward == {"Sequential": 2, "Sequential.0": 2, "Sequential.1": 2}
     assert len([e for e in spans(trace) if e.get("flow_in")]) == 6
     assert_nested(trace)
+
+
+def test_temporary_file_skips_a_leftover_and_respects_umask(tmp_path, monkeypatch):
+    import itertools
+
+    from modtimeline.writers import atomic
+
+    monkeypatch.setattr(atomic, "_temporary_names", itertools.count(5))
+    leftover = tmp_path / f".out.json.{os.getpid()}.5.tmp"  # a crashed run's, same pid and number
+    leftover.write_bytes(b"old")
+    old_umask = os.umask(0o027)
+    try:
+        with atomic.atomic_output(tmp_path / "out.json") as stream:
+            stream.write(b"{}")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "out.json").read_bytes() == b"{}"
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o640
+    assert leftover.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "out.json"]

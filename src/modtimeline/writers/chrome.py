@@ -98,8 +98,9 @@ def _template(pid: int, tid: int, name: str, category: int, flow: int, flags: in
             + b'%b,"dur":%b,"args":{"step":%b%b,"call":' + _TAILS[flow, flags])
 
 
-# Module spans come back in every window of a long run: their templates are kept.
-# (Step spans are not: "step N" is a new name every step.)
+# Module spans come back in every window (and Timeline) of a long run: their heads and
+# templates are kept. (Step spans' are not: "step N" is a new name every step.)
+_module_head = lru_cache(maxsize=1 << 14)(_head)
 _module_template = lru_cache(maxsize=1 << 14)(_template)
 
 
@@ -108,7 +109,7 @@ def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int,
     """Rows ``start:stop`` by the C formatter: the same events, times as exact integer µs."""
 
     def head(tid: int, name: int, category: int) -> bytes:
-        return _head(pid, tid, names[name], category)
+        return (_head if category == STEP else _module_head)(pid, tid, names[name], category)
 
     rows = slice(start, stop)
     stream.write(b",\n")
