@@ -78,6 +78,10 @@ class EventBuffer:
         # Called with the index of each stored event (device clocks mark it on the GPU).
         self.on_recorded = None
 
+    def columns(self) -> tuple[array, array, array, array]:
+        """(timestamps, codes, link_node, link_code)."""
+        return self.timestamps, self.codes, self.link_node, self.link_code
+
     def record(self, kind: int, call: int, module: int) -> None:
         """Store one event stamped now. The hot path: keep it tiny."""
         codes = self.codes
@@ -124,10 +128,15 @@ class NativeEventBuffer:
         self.store = store
         self.record = store.record  # (kind, call, module), bound once: no wrapper per call
 
+    def columns(self) -> tuple[array, array, array, array]:
+        """(timestamps, codes, link_node, link_code), copied out in one go."""
+        arrays = (array("q"), array("q"), array("q"), array("q"))
+        for column, data in zip(arrays, self.store.columns()):
+            column.frombytes(data)
+        return arrays
+
     def _column(self, position: int) -> array:
-        column = array("q")
-        column.frombytes(self.store.columns()[position])
-        return column
+        return self.columns()[position]
 
     @property
     def timestamps(self) -> array:

@@ -254,12 +254,13 @@ class Timeline:
         }
         if exception is not None:
             metadata["exception"] = f"{type(exception).__name__}: {exception}"
+        timestamps, codes, link_node, link_code = self.buffer.columns()
         return resolve(
-            self.buffer.timestamps,
-            self.buffer.codes,
+            timestamps,
+            codes,
             self.tracker.module_names,
             close_ns,
-            links=(self.buffer.link_node, self.buffer.link_code),
+            links=(link_node, link_code),
             rank=_rank_and_world()[0],
             base_ns=self._base_ns,
             marks=marks,
