@@ -204,3 +204,15 @@ def test_pure_python_switch(monkeypatch, tmp_path):
     assert not Timeline(tmp_path / "t.json").tracker.native
     monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "0")
     assert Timeline(tmp_path / "t.json").tracker.native
+
+
+@needs_hotpath
+def test_compiled_autograd_gets_the_python_path(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    flag = types.SimpleNamespace(compiled_autograd_enabled=True)
+    monkeypatch.setitem(sys.modules, "torch._dynamo.compiled_autograd", flag)
+    assert not Timeline(tmp_path / "t.json").tracker.native
+    flag.compiled_autograd_enabled = False
+    assert Timeline(tmp_path / "t.json").tracker.native

@@ -71,10 +71,20 @@ def native_hotpath() -> Any | None:
     return compiled("_hotpath")
 
 
+def _compiled_autograd_enabled() -> bool:
+    # Compiled autograd asks every node hook to describe itself, which only Python hooks
+    # can. Looked up only if the user's code imported it (importing dynamo takes seconds).
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return bool(getattr(module, "compiled_autograd_enabled", False))
+
+
 def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:
-    """The compiled event buffer when it is built, else the Python one."""
+    """The compiled event buffer when it is built (and compiled autograd is off), else the
+    Python one."""
     hotpath = native_hotpath()
-    return EventBuffer(capacity) if hotpath is None else NativeEventBuffer(hotpath.Store(capacity))
+    if hotpath is None or _compiled_autograd_enabled():
+        return EventBuffer(capacity)
+    return NativeEventBuffer(hotpath.Store(capacity))
 
 
 class Recorder(ModuleTracker):
