@@ -97,9 +97,8 @@ class Recorder(ModuleTracker):
         self.raised_calls: set[int] = set()
         self._native_hooks = None
         if isinstance(buffer, NativeEventBuffer):
-            hotpath = native_hotpath()
-            assert hotpath is not None
             store = buffer.store
+            hotpath = sys.modules[type(store).__module__]  # the store's own extension module
             self._native_hooks = hotpath.ForwardHooks(store, self)
             # Instance attributes shadow the Python methods: ModuleTracker.__enter__
             # registers these as the global forward hooks.
