@@ -131,7 +131,11 @@ struct Events : std::enable_shared_from_this<Events> {
     return result != nullptr;
   }
 
-  // The same from a thread that may not hold the GIL (autograd's).
+  // Store one event and tell on_recorded; the caller holds the GIL. False: it raised.
+  bool record(int64_t kind, int64_t call, int64_t module) { return notify_with_gil(append(kind, call, module)); }
+
+  // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
+  // an error in it cannot propagate into autograd, so it is reported as unraisable.
   void notify(int64_t index) {
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
@@ -141,7 +145,7 @@ struct Events : std::enable_shared_from_this<Events> {
 
   // Called on autograd's thread inside a backward: a gradient is ready, or a leaf's
   // hook fired. Queues one BACKWARD_DONE per backward pass (an engine callback).
-  void backward_event(int64_t kind, int64_t call, int64_t module, uint64_t mark_generation, bool has_gil) {
+  void backward_event(int64_t kind, int64_t call, int64_t module, uint64_t mark_generation) {
     int64_t index;
     bool queue = false;
     {
@@ -156,11 +160,7 @@ struct Events : std::enable_shared_from_this<Events> {
         if (auto events = self.lock()) events->backward_done(mark_generation);
       });
     }
-    if (has_gil) {
-      if (!notify_with_gil(index)) PyErr_WriteUnraisable(nullptr);
-    } else {
-      notify(index);
-    }
+    notify(index);
   }
 
   void backward_done(uint64_t mark_generation) {
@@ -185,6 +185,7 @@ struct Events : std::enable_shared_from_this<Events> {
     ++generation;
   }
 
+  void link(const NodePtr& node, int64_t link);
   void remove_marks();
 };
 
@@ -194,7 +195,7 @@ struct NodeMark : torch::autograd::FunctionPreHook {
       : events(std::move(events)), node_id(node_id), generation(generation) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-    events->backward_event(GRADIENT_READY, node_id, 0, generation, /*has_gil=*/false);
+    events->backward_event(GRADIENT_READY, node_id, 0, generation);
     return grads;
   }
 
@@ -202,6 +203,33 @@ struct NodeMark : torch::autograd::FunctionPreHook {
   int64_t node_id;
   uint64_t generation;
 };
+
+// Link `node` to a call boundary, adding this store's mark to it on first use.
+void Events::link(const NodePtr& node, int64_t link) {
+  std::lock_guard<std::mutex> guard(mutex);
+  // A full buffer: this call's backward goes unrecorded, as its events do.
+  if (static_cast<int64_t>(codes.size()) >= capacity) return;
+  int64_t node_id = -1;
+  for (const auto& hook : node->pre_hooks()) {
+    auto* mark = dynamic_cast<NodeMark*>(hook.get());
+    if (mark != nullptr && mark->events.get() == this && mark->generation == generation) {
+      node_id = mark->node_id;
+      break;
+    }
+  }
+  if (node_id < 0) {
+    node_id = nodes++;
+    node->add_pre_hook(std::make_unique<NodeMark>(shared_from_this(), node_id, generation));
+    if (marked.size() >= prune_at) {
+      marked.erase(std::remove_if(marked.begin(), marked.end(), [](const auto& w) { return w.expired(); }),
+                   marked.end());
+      prune_at = std::max<size_t>(4096, 2 * marked.size());
+    }
+    marked.push_back(WeakOf<NodePtr>::make(node));
+  }
+  link_node.push_back(node_id);
+  link_code.push_back(link);
+}
 
 void Events::remove_marks() {
   std::lock_guard<std::mutex> guard(mutex);
@@ -271,8 +299,7 @@ bool parse_event(PyObject* const* args, Py_ssize_t nargs, int64_t* kind, int64_t
 PyObject* store_record(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   int64_t kind, call, module;
   if (!parse_event(args, nargs, &kind, &call, &module)) return nullptr;
-  Events& events = events_of(self);
-  if (!events.notify_with_gil(events.append(kind, call, module))) return nullptr;
+  if (!events_of(self).record(kind, call, module)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -287,8 +314,7 @@ PyObject* store_backward_event(PyObject* self, PyObject* const* args, Py_ssize_t
     std::lock_guard<std::mutex> guard(events.mutex);
     generation = events.generation;
   }
-  events.backward_event(kind, call, module, generation, /*has_gil=*/true);
-  if (PyErr_Occurred()) return nullptr;
+  events.backward_event(kind, call, module, generation);
   Py_RETURN_NONE;
 }
 
@@ -303,32 +329,7 @@ PyObject* store_link(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (link == -1 && PyErr_Occurred()) return nullptr;
   NodePtr node = THPVariable_Unpack(args[0]).grad_fn();
   if (!node) Py_RETURN_FALSE;
-  std::shared_ptr<Events>& shared = *reinterpret_cast<StoreObject*>(self)->events;
-  Events& events = *shared;
-  std::lock_guard<std::mutex> guard(events.mutex);
-  // A full buffer: this call's backward goes unrecorded, as its events do.
-  if (static_cast<int64_t>(events.codes.size()) >= events.capacity) Py_RETURN_TRUE;
-  int64_t node_id = -1;
-  for (const auto& hook : node->pre_hooks()) {
-    auto* mark = dynamic_cast<NodeMark*>(hook.get());
-    if (mark != nullptr && mark->events.get() == &events && mark->generation == events.generation) {
-      node_id = mark->node_id;
-      break;
-    }
-  }
-  if (node_id < 0) {
-    node_id = events.nodes++;
-    node->add_pre_hook(std::make_unique<NodeMark>(shared, node_id, events.generation));
-    if (events.marked.size() >= events.prune_at) {
-      auto& marked = events.marked;
-      marked.erase(std::remove_if(marked.begin(), marked.end(), [](const auto& w) { return w.expired(); }),
-                   marked.end());
-      events.prune_at = std::max<size_t>(4096, 2 * marked.size());
-    }
-    events.marked.push_back(WeakOf<NodePtr>::make(node));
-  }
-  events.link_node.push_back(node_id);
-  events.link_code.push_back(link);
+  events_of(self).link(node, link);
   Py_RETURN_TRUE;
 }
 
@@ -541,17 +542,10 @@ bool is_module(HooksObject* self, PyObject* module, int64_t index) {
 bool link_tensor(HooksObject* self, PyObject* tensor, int64_t kind, int64_t call, int64_t index) {
   const at::Tensor& value = THPVariable_Unpack(tensor);
   if (!value.requires_grad()) return true;
-  int64_t link = call << LINK_SHIFT | index << 1 | (kind == BACKWARD_BEGIN ? LINK_BEGIN : 0);
-  PyObject* args[2] = {tensor, nullptr};
-  PyObject* linked_obj = PyLong_FromLongLong(link);
-  if (linked_obj == nullptr) return false;
-  args[1] = linked_obj;
-  PyObject* linked = store_link(self->store, args, 2);
-  Py_DECREF(linked_obj);
-  if (linked == nullptr) return false;
-  bool is_linked = linked == Py_True;
-  Py_DECREF(linked);
-  if (is_linked) return true;
+  if (const NodePtr& node = value.grad_fn()) {
+    events_of(self->store).link(node, call << LINK_SHIFT | index << 1 | (kind == BACKWARD_BEGIN ? LINK_BEGIN : 0));
+    return true;
+  }
   PyObject* result = PyObject_CallMethod(self->recorder, "_hook_leaf", "LLLO", static_cast<long long>(kind),
                                          static_cast<long long>(call), static_cast<long long>(index), tensor);
   Py_XDECREF(result);
@@ -571,11 +565,11 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
   Events& events = events_of(self->store);
   if (torch::autograd::get_current_graph_task_id() != -1) {
     // Forward inside backward: activation-checkpoint recompute.
-    if (!events.notify_with_gil(events.append(RECOMPUTE_BEGIN, call, index))) return nullptr;
+    if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
     self->stack->push_back({call, index, true});
     Py_RETURN_NONE;
   }
-  if (!events.notify_with_gil(events.append(FORWARD_BEGIN, call, index))) return nullptr;
+  if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
   self->stack->push_back({call, index, false});
   if (!c10::GradMode::is_enabled()) Py_RETURN_NONE;
   PyObject* inputs = args[1];
@@ -604,10 +598,10 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
   Events& events = events_of(self->store);
   if (frame.recompute) {
     // (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
-    if (!events.notify_with_gil(events.append(RECOMPUTE_END, frame.call, frame.index))) return nullptr;
+    if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
     Py_RETURN_NONE;
   }
-  if (!events.notify_with_gil(events.append(FORWARD_END, frame.call, frame.index))) return nullptr;
+  if (!events.record(FORWARD_END, frame.call, frame.index)) return nullptr;
   PyObject* output = args[2];
   if (output == Py_None) {
     PyObject *type, *value, *traceback;
