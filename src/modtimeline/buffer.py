@@ -49,7 +49,30 @@ _BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_B
 DEFAULT_CAPACITY = 8_000_000  # events; 128 MB of buffer at most
 
 
-class EventBuffer:
+class _OverflowReport:
+    """What both buffers tell of events dropped at capacity (they hold ``dropped`` and
+    ``capacity``)."""
+
+    __slots__ = ()
+    dropped: int
+    capacity: int
+
+    @property
+    def overflowed(self) -> bool:
+        return self.dropped > 0
+
+    def warn_if_overflowed(self) -> None:
+        if self.dropped:
+            warnings.warn(
+                f"modtimeline: the event buffer filled up ({self.capacity:,} events); "
+                f"{self.dropped:,} events were dropped and their spans are missing. "
+                "Trace fewer steps per window (schedule=Schedule(...)) or raise capacity=.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+class EventBuffer(_OverflowReport):
     """Struct-of-arrays event store with a capacity.
 
     When ``capacity`` events are stored, new *begin* events are dropped (their spans are
@@ -97,10 +120,6 @@ class EventBuffer:
     def __len__(self) -> int:
         return len(self.codes)
 
-    @property
-    def overflowed(self) -> bool:
-        return self.dropped > 0
-
     def bytes_used(self) -> int:
         """Bytes held by the events and node links (allocated slots, not just used ones)."""
         return sum(sys.getsizeof(column) for column in (self.timestamps, self.codes, self.link_node, self.link_code))
@@ -113,11 +132,16 @@ class EventBuffer:
         self.nodes = 0
         self.dropped = 0
 
-    def warn_if_overflowed(self) -> None:
-        _warn_if_dropped(self.dropped, self.capacity)
+
+def _copied_column(position: int) -> property:
+    return property(lambda self: self.columns()[position])
 
 
-class NativeEventBuffer:
+def _store_count(name: str) -> property:
+    return property(lambda self: int(getattr(self.store, name)))
+
+
+class NativeEventBuffer(_OverflowReport):
     """``EventBuffer``'s interface over a compiled ``_hotpath.Store`` (same layout and
     capacity rules), whose events the compiled hooks append without Python. The columns
     are copied out as arrays when read, which happens once per flush."""
@@ -135,40 +159,13 @@ class NativeEventBuffer:
             column.frombytes(data)
         return arrays
 
-    def _column(self, position: int) -> array:
-        return self.columns()[position]
-
-    @property
-    def timestamps(self) -> array:
-        return self._column(0)
-
-    @property
-    def codes(self) -> array:
-        return self._column(1)
-
-    @property
-    def link_node(self) -> array:
-        return self._column(2)
-
-    @property
-    def link_code(self) -> array:
-        return self._column(3)
-
-    @property
-    def nodes(self) -> int:
-        return int(self.store.nodes)
-
-    @property
-    def capacity(self) -> int:
-        return int(self.store.capacity)
-
-    @property
-    def dropped(self) -> int:
-        return int(self.store.dropped)
-
-    @property
-    def overflowed(self) -> bool:
-        return self.dropped > 0
+    timestamps = _copied_column(0)
+    codes = _copied_column(1)
+    link_node = _copied_column(2)
+    link_code = _copied_column(3)
+    nodes = _store_count("nodes")
+    capacity = _store_count("capacity")
+    dropped = _store_count("dropped")
 
     @property
     def on_recorded(self) -> Callable[[int], None] | None:
@@ -186,20 +183,6 @@ class NativeEventBuffer:
 
     def clear(self) -> None:
         self.store.clear()
-
-    def warn_if_overflowed(self) -> None:
-        _warn_if_dropped(self.dropped, self.capacity)
-
-
-def _warn_if_dropped(dropped: int, capacity: int) -> None:
-    if dropped:
-        warnings.warn(
-            f"modtimeline: the event buffer filled up ({capacity:,} events); "
-            f"{dropped:,} events were dropped and their spans are missing. "
-            "Trace fewer steps per window (schedule=Schedule(...)) or raise capacity=.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def unpack(code: int) -> tuple[int, int, int]:
