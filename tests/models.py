@@ -64,3 +64,43 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model(tokens).sum().backward()
     optimizer.step()
     optimizer.zero_grad()
+
+
+class Pair(nn.Module):
+    """Several inputs and a tuple of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x) + y, self.b(y)
+
+
+class Shapes(nn.Module):
+    """Leaf input, several inputs, tuple outputs, a parameter as output, a no-grad call,
+    a reentrant checkpoint and a dict input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.pair = Pair()
+        self.scale = nn.Module()
+        self.scale.weight = nn.Parameter(torch.ones(4))
+        self.frozen = nn.Linear(4, 4)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.identity = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)  # x is a leaf that requires grad
+        p, q = self.pair(h, x)
+        with torch.no_grad():
+            self.frozen(h)
+        h = checkpoint(self.block, p * q, use_reentrant=True)
+        w = self.identity(self.scale.weight)  # a leaf returned as output
+        return (h * w).sum() + self.identity({"k": q})["k"].sum()
+
+
+def shapes_model():
+    return Shapes(), lambda m: m(torch.randn(3, 4, requires_grad=True)).backward()

@@ -12,7 +12,6 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from modtimeline import Timeline
 from modtimeline import resolve as resolve_module
@@ -27,7 +26,7 @@ from modtimeline.buffer import (
 )
 from modtimeline.recorder import Recorder, native_hotpath
 
-from .models import Tree
+from .models import Tree, shapes_model
 
 hotpath = native_hotpath()
 
@@ -41,42 +40,6 @@ def test_compiled_parts_are_built():
 
 
 needs_hotpath = pytest.mark.skipif(hotpath is None, reason="modtimeline._hotpath is not built")
-
-
-class Pair(nn.Module):
-    """Several inputs and a tuple of outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.a(x) + y, self.b(y)
-
-
-class Shapes(nn.Module):
-    """Leaf input, several inputs, tuple outputs, a parameter as output, a no-grad call,
-    a reentrant checkpoint and a dict input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(4, 4)
-        self.pair = Pair()
-        self.scale = nn.Module()
-        self.scale.weight = nn.Parameter(torch.ones(4))
-        self.frozen = nn.Linear(4, 4)
-        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
-        self.identity = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x)  # x is a leaf that requires grad
-        p, q = self.pair(h, x)
-        with torch.no_grad():
-            self.frozen(h)
-        h = checkpoint(self.block, p * q, use_reentrant=True)
-        w = self.identity(self.scale.weight)  # a leaf returned as output
-        return (h * w).sum() + self.identity({"k": q})["k"].sum()
 
 
 def record(model_fn, native: bool, steps: int = 2):
@@ -95,10 +58,6 @@ def record(model_fn, native: bool, steps: int = 2):
 
 def tree_model():
     return Tree(), lambda m: m(torch.randint(0, 16, (4, 5))).sum().backward()
-
-
-def shapes_model():
-    return Shapes(), lambda m: m(torch.randn(3, 4, requires_grad=True)).backward()
 
 
 def raising_model():

@@ -1,12 +1,21 @@
 """resolve(): events -> spans that nest strictly on every track."""
 
+import contextlib
+import random
 from array import array
 
+import pytest
+import torch
+
+from modtimeline import Timeline
+from modtimeline import resolve as resolve_module
 from modtimeline.buffer import (
-    BACKWARD_BEGIN, BACKWARD_END, CALL_SHIFT, FORWARD_BEGIN, FORWARD_END, KIND_BITS,
-    RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, EventBuffer, unpack,
+    BACKWARD_BEGIN, BACKWARD_DONE, BACKWARD_END, CALL_SHIFT, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY,
+    KIND_BITS, LINK_BEGIN, LINK_SHIFT, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, EventBuffer, unpack,
 )
 from modtimeline.resolve import BACKWARD_TRACK, FORWARD_TRACK, INCOMPLETE, resolve
+
+from .models import Tree, shapes_model
 
 
 def events(*rows):
@@ -82,17 +91,6 @@ def test_end_without_begin_is_ignored():
 
 
 # ---------------------------------------------------------------- compiled resolve
-import contextlib  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from modtimeline import Timeline, resolve as resolve_module  # noqa: E402
-from modtimeline.buffer import BACKWARD_DONE, GRADIENT_READY, LINK_BEGIN, LINK_SHIFT  # noqa: E402
-
-from .models import Tree  # noqa: E402
-from .test_hotpath import shapes_model  # noqa: E402
 
 needs_compiled = pytest.mark.skipif(resolve_module._resolve_cpu is None, reason="_resolve_cpu is not built")
 
