@@ -61,7 +61,7 @@ def record(steps: int, folder: Path) -> Timeline:
         buffer = timeline.buffer
         events = len(buffer)
         memory = buffer.bytes_used()
-        names = timeline.tracker.module_names
+        names = timeline.recorder.module_names
         close = time.perf_counter_ns()
         args = (buffer.timestamps, buffer.codes, names, close)
         kwargs = {"links": (buffer.link_node, buffer.link_code), "base_ns": timeline._base_ns, "metadata": {"tool": "modtimeline"}}

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from modtimeline import Timeline
-from modtimeline import resolve as resolve_module
 from modtimeline.writers import chrome
 from modtimeline.buffer import (
     BACKWARD_DONE,
@@ -34,7 +33,6 @@ hotpath = native_hotpath()
 @pytest.mark.skipif(os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"), reason="compiled parts off")
 def test_compiled_parts_are_built():
     # tools/setup.sh builds them; a silent fallback would hide a broken build.
-    assert resolve_module._resolve_cpu is not None, "modtimeline._resolve_cpu is not built"
     assert chrome._chrome_rows is not None, "modtimeline.writers._chrome_rows is not built"
     assert hotpath is not None, "modtimeline._hotpath is not built (pip install --no-build-isolation -e .)"
 
@@ -50,7 +48,7 @@ def record(model_fn, native: bool, steps: int = 2):
     with recorder:
         for _ in range(steps):
             run(model)
-            recorder.remove_grad_hooks()
+            recorder.end_step()
     events = [unpack(code) for code in buffer.codes]
     links = list(zip(buffer.link_node, buffer.link_code))
     return events, links, buffer.nodes, set(recorder.raised_calls)
@@ -115,7 +113,7 @@ def test_store_capacity_rules_match_the_python_buffer():
 
 
 @needs_hotpath
-def test_marks_taken_off_a_retained_graph_record_nothing():
+def test_retired_marks_on_a_retained_graph_record_nothing():
     buffer = NativeEventBuffer(hotpath.Store(1000))
     recorder = Recorder(buffer)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
@@ -124,9 +122,9 @@ def test_marks_taken_off_a_retained_graph_record_nothing():
         loss.backward(retain_graph=True)
         ready = [unpack(c)[0] for c in buffer.codes].count(GRADIENT_READY)
         assert ready == buffer.nodes > 0
-        recorder.remove_grad_hooks()
+        recorder.end_step()
         before = len(buffer)
-        loss.backward()  # the same graph, its marks removed
+        loss.backward()  # the same graph, its marks retired
         kinds = [unpack(c)[0] for c in buffer.codes][before:]
         assert GRADIENT_READY not in kinds
 
@@ -147,10 +145,10 @@ def test_cleared_store_ignores_old_marks():
 def test_native_timeline_keeps_nothing_alive(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     timeline = Timeline(tmp_path / "t.json")
-    assert timeline.tracker.native
+    assert timeline.recorder.native
     with timeline:
         model(torch.randn(2, 4)).sum().backward()
-    recorder = weakref.ref(timeline.tracker)
+    recorder = weakref.ref(timeline.recorder)
     model_ref = weakref.ref(model)
     del timeline, model
     gc.collect()
@@ -160,9 +158,9 @@ def test_native_timeline_keeps_nothing_alive(tmp_path):
 @needs_hotpath
 def test_pure_python_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "1")
-    assert not Timeline(tmp_path / "t.json").tracker.native
+    assert not Timeline(tmp_path / "t.json").recorder.native
     monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "0")
-    assert Timeline(tmp_path / "t.json").tracker.native
+    assert Timeline(tmp_path / "t.json").recorder.native
 
 
 @needs_hotpath
@@ -172,6 +170,6 @@ def test_compiled_autograd_gets_the_python_path(monkeypatch, tmp_path):
 
     flag = types.SimpleNamespace(compiled_autograd_enabled=True)
     monkeypatch.setitem(sys.modules, "torch._dynamo.compiled_autograd", flag)
-    assert not Timeline(tmp_path / "t.json").tracker.native
+    assert not Timeline(tmp_path / "t.json").recorder.native
     flag.compiled_autograd_enabled = False
-    assert Timeline(tmp_path / "t.json").tracker.native
+    assert Timeline(tmp_path / "t.json").recorder.native

@@ -5,12 +5,13 @@
 //
 //   Store(capacity)      the event buffer: host timestamps and packed codes, node links,
 //                        as buffer.EventBuffer (same layout and capacity rules).
-//   ForwardHooks(store, recorder)
+//   ForwardHooks(store, callbacks)
 //                        the global forward pre/post hooks of one Recorder: module
-//                        index lookup, call numbering and the forward stack, exactly as
-//                        Recorder._pre_forward/_post_forward; the rare cases (containers
-//                        of tensors, leaf tensors, several inputs, a raised forward) call
-//                        back into the Python recorder.
+//                        index lookup, call numbering, the forward stack and the thread
+//                        filter, exactly as recorder.PythonForwardHooks; the rare cases
+//                        (containers of tensors, keyword arguments, first layers, a
+//                        raised forward) call the documented callbacks of
+//                        recorder.RecorderCallbacks.
 //
 // Why it is faster than Python: besides running no bytecode, the backward "gradient
 // ready" marks are C++ FunctionPreHooks added straight to the autograd node. Torch's
@@ -43,16 +44,16 @@
 
 namespace {
 
-// Must match buffer.py.
+// The event layout; buffer.py holds the same numbers and checks them against LAYOUT at
+// import (recorder.py), so the two cannot drift apart silently.
 constexpr int64_t KIND_BITS = 4;
-constexpr int64_t CALL_SHIFT = KIND_BITS + 20;
+constexpr int64_t MODULE_BITS = 20;
+constexpr int64_t CALL_SHIFT = KIND_BITS + MODULE_BITS;
 constexpr int64_t LINK_BEGIN = 1;
-constexpr int64_t LINK_SHIFT = 21;
+constexpr int64_t LINK_SHIFT = MODULE_BITS + 1;
 enum Kind : int64_t {
   FORWARD_BEGIN = 0,
   FORWARD_END = 1,
-  BACKWARD_BEGIN = 2,
-  BACKWARD_END = 3,
   RECOMPUTE_BEGIN = 4,
   RECOMPUTE_END = 5,
   STEP_BEGIN = 6,
@@ -62,27 +63,12 @@ enum Kind : int64_t {
 };
 
 inline bool is_begin(int64_t kind) {
-  return kind == FORWARD_BEGIN || kind == BACKWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN ||
-         kind == GRADIENT_READY;
+  return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
 }
 
 // An autograd node pointer: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node>
-// in newer; NodeRef is the weak reference of whichever it is.
+// in newer.
 using NodePtr = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
-
-template <class Pointer>
-struct WeakOf;
-template <class T>
-struct WeakOf<std::shared_ptr<T>> {
-  using type = std::weak_ptr<T>;
-  static type make(const std::shared_ptr<T>& pointer) { return pointer; }
-};
-template <class T, class NullType>
-struct WeakOf<c10::intrusive_ptr<T, NullType>> {
-  using type = c10::weak_intrusive_ptr<T, NullType>;
-  static type make(const c10::intrusive_ptr<T, NullType>& pointer) { return type(pointer); }
-};
-using NodeRef = typename WeakOf<NodePtr>::type;
 
 inline int64_t now_ns() {
   struct timespec ts;
@@ -90,17 +76,35 @@ inline int64_t now_ns() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
+// Adding a pre-hook to a node and looking for ours must not race with another store
+// doing the same on the same node (two Timelines in two threads over one shared
+// parameter): node pre-hook lists have no lock of their own.
+std::mutex node_hooks_mutex;
+
+// A mark's state, one atomic word: the generation it was armed in, and its node id.
+constexpr uint64_t pack_mark(uint64_t generation, int64_t node_id) {
+  return (generation << 32) | static_cast<uint32_t>(node_id);
+}
+
 // The events, shared by the Store object and every node mark (a graph can outlive
-// the Store; its marks then hold the events alive and record into nothing visible).
+// the Store; its marks then keep this alive, emptied, and record into nothing visible).
 struct Events : std::enable_shared_from_this<Events> {
   std::mutex mutex;  // node marks fire on autograd's threads, without the GIL
   std::vector<int64_t> timestamps, codes, link_node, link_code;
   int64_t capacity = 0, hard_limit = 0, dropped = 0, nodes = 0;
-  uint64_t generation = 0;  // bumped by clear()/remove_marks(): older marks are stale
+  // Bumped by clear()/retire_marks(): marks armed in an older generation are stale and
+  // record nothing until link() re-arms them. Only the low 32 bits are compared.
+  uint64_t generation = 0;
   bool done_queued = false;
+  // The autograd graph tasks our marks fired in since the last retire: a forward that runs
+  // inside one of them on another thread is activation-checkpoint recompute of ours.
+  std::vector<int64_t> tasks;
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
-  std::vector<NodeRef> marked;  // nodes holding our marks
-  size_t prune_at = 4096;
+  // Gradient accumulators of leaf tensors linked this step: a leaf holds its accumulator
+  // only weakly, and one made for a link before any op used the leaf would die with it.
+  std::vector<NodePtr> accumulators;
+
+  uint32_t current() const { return static_cast<uint32_t>(generation); }
 
   // Append one event; the caller holds `mutex`. Returns its index, or -1 if dropped.
   int64_t append_locked(int64_t kind, int64_t call, int64_t module) {
@@ -143,111 +147,131 @@ struct Events : std::enable_shared_from_this<Events> {
     PyGILState_Release(state);
   }
 
-  // Called on autograd's thread inside a backward: a gradient is ready, or a leaf's
-  // hook fired. Queues one BACKWARD_DONE per backward pass (an engine callback).
-  void backward_event(int64_t kind, int64_t call, int64_t module, uint64_t mark_generation) {
+  // On autograd's thread inside a backward: a marked node's gradient is ready. Queues
+  // one BACKWARD_DONE per backward pass (an engine callback).
+  void gradient_ready(uint64_t mark) {
     int64_t index;
     bool queue = false;
+    uint64_t generation_now;
     {
       std::lock_guard<std::mutex> guard(mutex);
-      if (mark_generation != generation) return;
-      index = append_locked(kind, call, module);
+      if ((mark >> 32) != current()) return;
+      generation_now = generation;
+      index = append_locked(GRADIENT_READY, static_cast<int64_t>(mark & 0xffffffffu), 0);
+      int64_t task = torch::autograd::get_current_graph_task_id();
+      if (task != -1 && tasks.size() < 1024 && std::find(tasks.begin(), tasks.end(), task) == tasks.end()) {
+        tasks.push_back(task);
+      }
       if (!done_queued) done_queued = queue = true;
     }
     if (queue) {
       std::weak_ptr<Events> self = weak_from_this();
-      torch::autograd::Engine::get_default_engine().queue_callback([self, mark_generation] {
-        if (auto events = self.lock()) events->backward_done(mark_generation);
+      torch::autograd::Engine::get_default_engine().queue_callback([self, generation_now] {
+        if (auto events = self.lock()) events->backward_done(generation_now);
       });
     }
     notify(index);
   }
 
-  void backward_done(uint64_t mark_generation) {
+  void backward_done(uint64_t generation_then) {
     int64_t index = -1;
     {
       std::lock_guard<std::mutex> guard(mutex);
+      if (generation_then != generation) return;  // retired meanwhile: done_queued was reset
       done_queued = false;
-      if (mark_generation == generation) index = append_locked(BACKWARD_DONE, 0, 0);
+      index = append_locked(BACKWARD_DONE, 0, 0);
     }
     notify(index);
   }
 
-  void clear() {
+  bool serves(int64_t task) {
     std::lock_guard<std::mutex> guard(mutex);
+    return std::find(tasks.begin(), tasks.end(), task) != tasks.end();
+  }
+
+  void clear() {
+    std::vector<NodePtr> released;
+    std::lock_guard<std::mutex> guard(mutex);
+    released.swap(accumulators);
     timestamps = {};
     codes = {};
     link_node = {};
     link_code = {};
     nodes = 0;
     dropped = 0;
-    done_queued = false;
-    ++generation;
+    retire_locked();
   }
 
-  void link(const NodePtr& node, int64_t link);
-  void remove_marks();
+  // The step is over: every mark placed so far goes stale. Marks are never taken off
+  // their nodes: another thread's engine may be iterating a node's pre-hooks right now
+  // (erasing them crashed the process), and a node holds at most one mark per store,
+  // re-armed when a later step links it again.
+  void retire_marks() {
+    std::vector<NodePtr> released;
+    {
+      std::lock_guard<std::mutex> guard(mutex);
+      retire_locked();
+      released.swap(accumulators);
+    }
+  }  // (nodes released outside the lock: a node's destruction may run arbitrary code)
+
+  void retire_locked() {
+    ++generation;
+    done_queued = false;
+    tasks.clear();
+  }
+
+  void link(const NodePtr& node, int64_t link, bool leaf);
 };
 
 // The pre-hook of one autograd node: records that its gradient is ready.
 struct NodeMark : torch::autograd::FunctionPreHook {
-  NodeMark(std::shared_ptr<Events> events, int64_t node_id, uint64_t generation)
-      : events(std::move(events)), node_id(node_id), generation(generation) {}
+  NodeMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-    events->backward_event(GRADIENT_READY, node_id, 0, generation);
+    events->gradient_ready(state.load(std::memory_order_acquire));
     return grads;
   }
 
   std::shared_ptr<Events> events;
-  int64_t node_id;
-  uint64_t generation;
+  std::atomic<uint64_t> state;  // pack_mark(generation, node id)
 };
 
-// Link `node` to a call boundary, adding this store's mark to it on first use.
-void Events::link(const NodePtr& node, int64_t link) {
+// Link `node` to a call boundary, arming this store's mark on it (added on first use).
+void Events::link(const NodePtr& node, int64_t link, bool leaf) {
+  std::lock_guard<std::mutex> node_guard(node_hooks_mutex);
   std::lock_guard<std::mutex> guard(mutex);
   // A full buffer: this call's backward goes unrecorded, as its events do.
   if (static_cast<int64_t>(codes.size()) >= capacity) return;
-  int64_t node_id = -1;
+  NodeMark* ours = nullptr;
   for (const auto& hook : node->pre_hooks()) {
     auto* mark = dynamic_cast<NodeMark*>(hook.get());
-    if (mark != nullptr && mark->events.get() == this && mark->generation == generation) {
-      node_id = mark->node_id;
+    if (mark != nullptr && mark->events.get() == this) {
+      ours = mark;
       break;
     }
   }
-  if (node_id < 0) {
+  int64_t node_id;
+  if (ours != nullptr && (ours->state.load() >> 32) == current()) {
+    node_id = static_cast<int64_t>(ours->state.load() & 0xffffffffu);
+  } else {
     node_id = nodes++;
-    node->add_pre_hook(std::make_unique<NodeMark>(shared_from_this(), node_id, generation));
-    if (marked.size() >= prune_at) {
-      marked.erase(std::remove_if(marked.begin(), marked.end(), [](const auto& w) { return w.expired(); }),
-                   marked.end());
-      prune_at = std::max<size_t>(4096, 2 * marked.size());
+    if (ours != nullptr) {
+      ours->state.store(pack_mark(current(), node_id), std::memory_order_release);
+    } else {
+      node->add_pre_hook(std::make_unique<NodeMark>(shared_from_this(), pack_mark(current(), node_id)));
     }
-    marked.push_back(WeakOf<NodePtr>::make(node));
+    if (leaf) accumulators.push_back(node);
   }
   link_node.push_back(node_id);
   link_code.push_back(link);
 }
 
-void Events::remove_marks() {
-  std::lock_guard<std::mutex> guard(mutex);
-  for (auto& weak : marked) {
-    if (auto node = weak.lock()) {
-      auto& hooks = node->pre_hooks();
-      hooks.erase(std::remove_if(hooks.begin(), hooks.end(),
-                                 [this](const std::unique_ptr<torch::autograd::FunctionPreHook>& hook) {
-                                   auto* mark = dynamic_cast<NodeMark*>(hook.get());
-                                   return mark != nullptr && mark->events.get() == this;
-                                 }),
-                  hooks.end());
-    }
-  }
-  marked.clear();
-  prune_at = 4096;
-  done_queued = false;
-  ++generation;
+// The node whose gradient-ready moment stands for `tensor`: its grad_fn, or for a leaf
+// that requires grad its gradient accumulator. Null when gradient never reaches it.
+NodePtr gradient_node(const at::Tensor& tensor) {
+  if (!tensor.requires_grad()) return NodePtr();
+  return torch::autograd::impl::gradient_edge(tensor).function;
 }
 
 // ------------------------------------------------------------------------ Store
@@ -277,6 +301,7 @@ PyObject* store_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
 void store_dealloc(StoreObject* self) {
   if (self->events != nullptr) {
     Py_XDECREF((*self->events)->on_recorded.exchange(nullptr));
+    (*self->events)->clear();  // marks left on retained graphs keep only an empty shell
     delete self->events;
   }
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
@@ -303,23 +328,9 @@ PyObject* store_record(PyObject* self, PyObject* const* args, Py_ssize_t nargs) 
   Py_RETURN_NONE;
 }
 
-// backward_event(kind, call, module, *grads): a Python hook's backward event (a leaf
-// tensor's or a multi-grad hook's); also queues the backward-done event.
-PyObject* store_backward_event(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t kind, call, module;
-  if (!parse_event(args, nargs, &kind, &call, &module)) return nullptr;
-  Events& events = events_of(self);
-  uint64_t generation;
-  {
-    std::lock_guard<std::mutex> guard(events.mutex);
-    generation = events.generation;
-  }
-  events.backward_event(kind, call, module, generation);
-  Py_RETURN_NONE;
-}
-
-// link(tensor, link) -> bool: link `tensor`'s autograd node to a call boundary, adding
-// this store's mark to the node on first use. False when the tensor is a leaf (no node).
+// link(tensor, link) -> bool: link the node of `tensor` (its grad_fn, or a leaf's gradient
+// accumulator) to a call boundary, arming this store's mark on it. False when gradient
+// never reaches the tensor.
 PyObject* store_link(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !THPVariable_Check(args[0])) {
     PyErr_SetString(PyExc_TypeError, "link(tensor, link) expects a tensor and an int");
@@ -327,9 +338,10 @@ PyObject* store_link(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   }
   int64_t link = PyLong_AsLongLong(args[1]);
   if (link == -1 && PyErr_Occurred()) return nullptr;
-  NodePtr node = THPVariable_Unpack(args[0]).grad_fn();
+  const at::Tensor& tensor = THPVariable_Unpack(args[0]);
+  NodePtr node = gradient_node(tensor);
   if (!node) Py_RETURN_FALSE;
-  events_of(self).link(node, link);
+  events_of(self).link(node, link, !tensor.grad_fn());
   Py_RETURN_TRUE;
 }
 
@@ -351,8 +363,8 @@ PyObject* store_clear(PyObject* self, PyObject*) {
   Py_RETURN_NONE;
 }
 
-PyObject* store_remove_marks(PyObject* self, PyObject*) {
-  events_of(self).remove_marks();
+PyObject* store_retire_marks(PyObject* self, PyObject*) {
+  events_of(self).retire_marks();
   Py_RETURN_NONE;
 }
 
@@ -405,13 +417,11 @@ int store_set_on_recorded(PyObject* self, PyObject* value, void*) {
 PyMethodDef store_methods[] = {
     {"record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_record)), METH_FASTCALL,
      "record(kind, call, module): store one event stamped now"},
-    {"backward_event", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_backward_event)),
-     METH_FASTCALL, "backward_event(kind, call, module, *grads): an event from a Python autograd hook"},
     {"link", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_link)), METH_FASTCALL,
-     "link(tensor, link) -> bool: link the tensor's autograd node to a call boundary"},
+     "link(tensor, link) -> bool: link the tensor's gradient node to a call boundary"},
     {"columns", store_columns, METH_NOARGS, "(timestamps, codes, link_node, link_code) as int64 bytes"},
     {"clear", store_clear, METH_NOARGS, "drop every event and link; node marks already placed go stale"},
-    {"remove_marks", store_remove_marks, METH_NOARGS, "take this store's marks off every autograd node"},
+    {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the step is over)"},
     {"bytes_used", store_bytes_used, METH_NOARGS, "bytes allocated for events and links"},
     {"now", store_now, METH_NOARGS | METH_STATIC, "the clock events are stamped with, in ns"},
     {nullptr, nullptr, 0, nullptr},
@@ -448,6 +458,7 @@ struct Frame {
   int64_t call;
   int64_t index;
   bool recompute;
+  bool inputs_linked;  // some input carried gradient (else the parameters bound the end)
 };
 
 struct KnownModule {
@@ -455,29 +466,36 @@ struct KnownModule {
   PyObject* ref;  // weak reference to the module (owned)
 };
 
+// The recorder side of the hooks: an object with the documented callback methods of
+// recorder.RecorderCallbacks (learn, link_tensors, link_parameters, forward_raised).
 struct HooksObject {
   PyObject_HEAD
-  PyObject* store;     // StoreObject
-  PyObject* recorder;  // the Python Recorder: rare paths and module naming
+  PyObject* store;      // StoreObject
+  PyObject* callbacks;  // recorder.RecorderCallbacks
   int64_t next_call;
+  unsigned long owner;  // the thread whose forwards are recorded
   std::vector<Frame>* stack;
+  // Recompute frames of other threads (autograd's device threads run checkpoint recompute).
+  std::unordered_map<unsigned long, std::vector<Frame>>* other_stacks;
   std::unordered_map<PyObject*, KnownModule>* modules;  // by the module's address
 };
 
 PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"store", "recorder", nullptr};
-  PyObject *store, *recorder;
+  static const char* keywords[] = {"store", "callbacks", nullptr};
+  PyObject *store, *callbacks;
   if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O", const_cast<char**>(keywords), &StoreType, &store,
-                                   &recorder))
+                                   &callbacks))
     return nullptr;
   auto* self = reinterpret_cast<HooksObject*>(type->tp_alloc(type, 0));
   if (self == nullptr) return nullptr;
   Py_INCREF(store);
-  Py_INCREF(recorder);
+  Py_INCREF(callbacks);
   self->store = store;
-  self->recorder = recorder;
+  self->callbacks = callbacks;
   self->next_call = 0;
+  self->owner = PyThread_get_thread_ident();
   self->stack = new std::vector<Frame>();
+  self->other_stacks = new std::unordered_map<unsigned long, std::vector<Frame>>();
   self->modules = new std::unordered_map<PyObject*, KnownModule>();
   return reinterpret_cast<PyObject*>(self);
 }
@@ -490,13 +508,13 @@ void forget_modules(HooksObject* self) {
 
 int hooks_traverse(HooksObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->store);
-  Py_VISIT(self->recorder);
+  Py_VISIT(self->callbacks);
   return 0;
 }
 
 int hooks_clear(HooksObject* self) {
   Py_CLEAR(self->store);
-  Py_CLEAR(self->recorder);
+  Py_CLEAR(self->callbacks);
   return 0;
 }
 
@@ -506,16 +524,17 @@ void hooks_dealloc(HooksObject* self) {
   forget_modules(self);
   delete self->modules;
   delete self->stack;
+  delete self->other_stacks;
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
-// The module's index in the recorder, learning it (in Python) on first sight.
+// The module's index, learning it (in Python) on first sight.
 int64_t index_of(HooksObject* self, PyObject* module) {
   auto found = self->modules->find(module);
   if (found != self->modules->end() && PyWeakref_GetObject(found->second.ref) == module) {
     return found->second.index;
   }
-  PyObject* learned = PyObject_CallMethod(self->recorder, "_learn", "O", module);
+  PyObject* learned = PyObject_CallMethod(self->callbacks, "learn", "O", module);
   if (learned == nullptr) return -1;
   int64_t index = PyLong_AsLongLong(learned);
   Py_DECREF(learned);
@@ -538,18 +557,31 @@ bool is_module(HooksObject* self, PyObject* module, int64_t index) {
          PyWeakref_GetObject(found->second.ref) == module;
 }
 
-// A tensor argument's boundary: link its node, or hand a leaf to Python.
-bool link_tensor(HooksObject* self, PyObject* tensor, int64_t kind, int64_t call, int64_t index) {
-  const at::Tensor& value = THPVariable_Unpack(tensor);
-  if (!value.requires_grad()) return true;
-  if (const NodePtr& node = value.grad_fn()) {
-    events_of(self->store).link(node, call << LINK_SHIFT | index << 1 | (kind == BACKWARD_BEGIN ? LINK_BEGIN : 0));
-    return true;
+inline int64_t link_code(int64_t call, int64_t index, bool begins) {
+  return call << LINK_SHIFT | index << 1 | (begins ? LINK_BEGIN : 0);
+}
+
+// Link every tensor in `value` that carries gradient; returns how many, or -1 (raised).
+// One tensor is linked here; anything else (tuples, dicts, dataclasses) by the callbacks.
+int64_t link_value(HooksObject* self, PyObject* value, int64_t call, int64_t index, bool begins) {
+  if (THPVariable_Check(value)) {
+    const at::Tensor& tensor = THPVariable_Unpack(value);
+    NodePtr node = gradient_node(tensor);
+    if (!node) return 0;
+    events_of(self->store).link(node, link_code(call, index, begins), !tensor.grad_fn());
+    return 1;
   }
-  PyObject* result = PyObject_CallMethod(self->recorder, "_hook_leaf", "LLLO", static_cast<long long>(kind),
-                                         static_cast<long long>(call), static_cast<long long>(index), tensor);
-  Py_XDECREF(result);
-  return result != nullptr;
+  if (PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) == 1 && THPVariable_Check(PyTuple_GET_ITEM(value, 0))) {
+    return link_value(self, PyTuple_GET_ITEM(value, 0), call, index, begins);
+  }
+  if (PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) == 0) return 0;
+  if (PyDict_CheckExact(value) && PyDict_GET_SIZE(value) == 0) return 0;
+  PyObject* linked = PyObject_CallMethod(self->callbacks, "link_tensors", "LLOO", static_cast<long long>(call),
+                                         static_cast<long long>(index), value, begins ? Py_True : Py_False);
+  if (linked == nullptr) return -1;
+  int64_t count = PyLong_AsLongLong(linked);
+  Py_DECREF(linked);
+  return count;
 }
 
 // pre_forward(module, args): a module's forward begins.
@@ -559,34 +591,58 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     PyErr_SetString(PyExc_TypeError, "pre_forward(module, args)");
     return nullptr;
   }
+  Events& events = events_of(self->store);
+  int64_t task = torch::autograd::get_current_graph_task_id();
+  unsigned long thread = PyThread_get_thread_ident();
+  if (thread != self->owner) {
+    // Another thread's forward is not ours, unless it is recompute inside our backward.
+    if (task == -1 || !events.serves(task)) Py_RETURN_NONE;
+    int64_t index = index_of(self, args[0]);
+    if (index < 0) return nullptr;
+    int64_t call = self->next_call++;
+    if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
+    (*self->other_stacks)[thread].push_back({call, index, true, false});
+    Py_RETURN_NONE;
+  }
   int64_t index = index_of(self, args[0]);
   if (index < 0) return nullptr;
   int64_t call = self->next_call++;
-  Events& events = events_of(self->store);
-  if (torch::autograd::get_current_graph_task_id() != -1) {
+  if (task != -1) {
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    self->stack->push_back({call, index, true});
+    self->stack->push_back({call, index, true, false});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
-  self->stack->push_back({call, index, false});
+  self->stack->push_back({call, index, false, false});
   if (!c10::GradMode::is_enabled()) Py_RETURN_NONE;
-  PyObject* inputs = args[1];
-  if (PyTuple_CheckExact(inputs) && PyTuple_GET_SIZE(inputs) == 1 && THPVariable_Check(PyTuple_GET_ITEM(inputs, 0))) {
-    if (!link_tensor(self, PyTuple_GET_ITEM(inputs, 0), BACKWARD_END, call, index)) return nullptr;
-    Py_RETURN_NONE;
-  }
-  return PyObject_CallMethod(self->recorder, "_hook_inputs", "LLO", static_cast<long long>(call),
-                             static_cast<long long>(index), inputs);
+  int64_t linked = link_value(self, args[1], call, index, false);
+  if (linked < 0) return nullptr;
+  if (!self->stack->empty() && self->stack->back().call == call) self->stack->back().inputs_linked = linked > 0;
+  Py_RETURN_NONE;
 }
 
-// post_forward(module, args, output): a module's forward ended (output None if it raised).
+// post_forward(module, args, kwargs, output): a module's forward ended (output None if it
+// raised; torch then calls the hook without kwargs).
 PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
-  if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "post_forward(module, args, output)");
+  if (nargs != 3 && nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "post_forward(module, args, [kwargs,] output)");
     return nullptr;
+  }
+  PyObject* kwargs = nargs == 4 ? args[2] : nullptr;
+  PyObject* output = args[nargs - 1];
+  unsigned long thread = PyThread_get_thread_ident();
+  Events& events = events_of(self->store);
+  if (thread != self->owner) {
+    auto found = self->other_stacks->find(thread);
+    if (found == self->other_stacks->end() || found->second.empty()) Py_RETURN_NONE;
+    Frame frame = found->second.back();
+    if (!is_module(self, args[0], frame.index)) Py_RETURN_NONE;
+    found->second.pop_back();
+    if (found->second.empty()) self->other_stacks->erase(found);
+    if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
+    Py_RETURN_NONE;
   }
   auto& stack = *self->stack;
   if (stack.empty()) Py_RETURN_NONE;  // the forward began before the hooks were on
@@ -595,14 +651,12 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
   // open entry rather than closing somebody else's span.
   if (!is_module(self, args[0], frame.index)) Py_RETURN_NONE;
   stack.pop_back();
-  Events& events = events_of(self->store);
   if (frame.recompute) {
     // (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_END, frame.call, frame.index)) return nullptr;
-  PyObject* output = args[2];
   if (output == Py_None) {
     PyObject *type, *value, *traceback;
     PyErr_GetExcInfo(&type, &value, &traceback);
@@ -610,24 +664,41 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(traceback);
-    if (raised) {  // the forward raised: torch calls the hook with no output
-      return PyObject_CallMethod(self->recorder, "_forward_raised", "L", static_cast<long long>(frame.call));
+    if (raised) {  // the forward raised: torch calls us with no output
+      return PyObject_CallMethod(self->callbacks, "forward_raised", "L", static_cast<long long>(frame.call));
     }
     Py_RETURN_NONE;
   }
   if (!c10::GradMode::is_enabled()) Py_RETURN_NONE;
-  if (THPVariable_Check(output)) {
-    if (!link_tensor(self, output, BACKWARD_BEGIN, frame.call, frame.index)) return nullptr;
-    Py_RETURN_NONE;
+  int64_t outputs = link_value(self, output, frame.call, frame.index, true);
+  if (outputs < 0) return nullptr;
+  if (outputs == 0) Py_RETURN_NONE;  // no backward will run through this call
+  bool inputs_linked = frame.inputs_linked;
+  if (kwargs != nullptr && kwargs != Py_None) {
+    // Keyword arguments: global pre-hooks never see them, the post-hook does.
+    int64_t linked = link_value(self, kwargs, frame.call, frame.index, false);
+    if (linked < 0) return nullptr;
+    inputs_linked = inputs_linked || linked > 0;
   }
-  return PyObject_CallMethod(self->recorder, "_hook_outputs", "LLO", static_cast<long long>(frame.call),
-                             static_cast<long long>(frame.index), output);
+  if (!inputs_linked) {
+    // No input carries gradient (a first layer): its parameters' gradients end it.
+    return PyObject_CallMethod(self->callbacks, "link_parameters", "LLO", static_cast<long long>(frame.call),
+                               static_cast<long long>(frame.index), args[0]);
+  }
+  Py_RETURN_NONE;
 }
 
 // reset(): the hooks were taken off; forget open forwards (call numbers go on).
 PyObject* hooks_reset(PyObject* obj, PyObject*) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
   self->stack->clear();
+  self->other_stacks->clear();
+  Py_RETURN_NONE;
+}
+
+// own_thread(): record the calling thread's forwards from now on.
+PyObject* hooks_own_thread(PyObject* obj, PyObject*) {
+  reinterpret_cast<HooksObject*>(obj)->owner = PyThread_get_thread_ident();
   Py_RETURN_NONE;
 }
 
@@ -635,8 +706,9 @@ PyMethodDef hooks_methods[] = {
     {"pre_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hooks_pre_forward)), METH_FASTCALL,
      "global forward pre-hook"},
     {"post_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hooks_post_forward)),
-     METH_FASTCALL, "global forward hook (always called)"},
+     METH_FASTCALL, "global forward hook (always called, with kwargs)"},
     {"reset", hooks_reset, METH_NOARGS, "forget open forwards"},
+    {"own_thread", hooks_own_thread, METH_NOARGS, "record the calling thread's forwards from now on"},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -654,7 +726,7 @@ PyTypeObject HooksType = [] {
   type.tp_name = "modtimeline._hotpath.ForwardHooks";
   type.tp_basicsize = sizeof(HooksObject);
   type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
-  type.tp_doc = "ForwardHooks(store, recorder): a Recorder's compiled forward hooks";
+  type.tp_doc = "ForwardHooks(store, callbacks): a Recorder's compiled forward hooks";
   type.tp_new = hooks_new;
   type.tp_dealloc = reinterpret_cast<destructor>(hooks_dealloc);
   type.tp_traverse = reinterpret_cast<traverseproc>(hooks_traverse);
@@ -678,6 +750,18 @@ PyMODINIT_FUNC PyInit__hotpath() {
   if (module == nullptr) return nullptr;
   if (PyModule_AddObjectRef(module, "Store", reinterpret_cast<PyObject*>(&StoreType)) < 0 ||
       PyModule_AddObjectRef(module, "ForwardHooks", reinterpret_cast<PyObject*>(&HooksType)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  using L = long long;
+  PyObject* layout = Py_BuildValue(
+      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS), "MODULE_BITS", L(MODULE_BITS),
+      "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT), "FORWARD_BEGIN", L(FORWARD_BEGIN), "FORWARD_END",
+      L(FORWARD_END), "RECOMPUTE_BEGIN", L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN",
+      L(STEP_BEGIN), "GRADIENT_READY", L(GRADIENT_READY), "BACKWARD_DONE", L(BACKWARD_DONE));
+  int added = layout == nullptr ? -1 : PyModule_AddObjectRef(module, "LAYOUT", layout);
+  Py_XDECREF(layout);
+  if (added < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -1,6 +1,5 @@
 """The optional compiled parts (setup.py), each with a pure-Python twin that does the
-same work: ``_hotpath`` (recording), ``_resolve_cpu`` (host-only resolve) and
-``writers._chrome_rows`` (JSON rows). ``MODTIMELINE_PURE_PYTHON=1`` turns them all off."""
+same work: ``_hotpath`` (recording) and ``writers._chrome_rows`` (JSON rows). ``MODTIMELINE_PURE_PYTHON=1`` turns them all off."""
 
 from __future__ import annotations
 

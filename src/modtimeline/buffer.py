@@ -20,11 +20,10 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-# Event kinds (the low KIND_BITS bits of a code).
+# Event kinds (the low KIND_BITS bits of a code). _hotpath.cpp holds the same numbers and
+# exports them as LAYOUT; recorder.py refuses a compiled hot path whose LAYOUT differs.
 FORWARD_BEGIN = 0
 FORWARD_END = 1
-BACKWARD_BEGIN = 2
-BACKWARD_END = 3
 RECOMPUTE_BEGIN = 4
 RECOMPUTE_END = 5
 STEP_BEGIN = 6
@@ -44,7 +43,14 @@ MAX_MODULES = 1 << MODULE_BITS
 LINK_BEGIN = 1
 LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
 
-_BEGIN_KINDS = frozenset((FORWARD_BEGIN, BACKWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN, GRADIENT_READY))
+LAYOUT = {
+    "KIND_BITS": KIND_BITS, "MODULE_BITS": MODULE_BITS, "LINK_BEGIN": LINK_BEGIN, "LINK_SHIFT": LINK_SHIFT,
+    "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "RECOMPUTE_BEGIN": RECOMPUTE_BEGIN,
+    "RECOMPUTE_END": RECOMPUTE_END, "STEP_BEGIN": STEP_BEGIN, "GRADIENT_READY": GRADIENT_READY,
+    "BACKWARD_DONE": BACKWARD_DONE,
+}
+
+_BEGIN_KINDS = frozenset((FORWARD_BEGIN, RECOMPUTE_BEGIN, STEP_BEGIN, GRADIENT_READY))
 
 DEFAULT_CAPACITY = 8_000_000  # events; 128 MB of buffer at most
 

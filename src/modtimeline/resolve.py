@@ -4,11 +4,22 @@ Input: the event buffer (host ns + packed codes), optionally device marks resolv
 ``DeviceClock``. Output: ``TraceData``, plain columns that writers turn into files.
 Nothing here imports torch.
 
+A call's backward span, per backward pass: it begins when the gradient of the first of
+its outputs' autograd nodes is ready, and ends when the gradients of *all* its inputs'
+nodes are (the last of them): by then every node its forward created has run. A call
+whose output node is its input node (``nn.Identity``, dropout with p=0: it created no
+autograd work) gets no backward span. A call none of whose inputs carries gradient ends
+with its parameters' gradient accumulators (a first layer). A call with neither has no
+end that can be bounded: its span closes at the best bound there is (the end of its
+backward pass, or of its nearest bounded ancestor's span if earlier) and is flagged
+``APPROXIMATE``.
+
 Two rules make every track nest, which Perfetto requires:
 
 * *Hull*: a module's backward span covers its children's backward spans. Hooks that
-  fire "at the same moment" run in registration order, so a parent's ``post_bw`` can
-  fire a microsecond before its child's; the parent's span is widened to the child's.
+  fire "at the same moment" run in registration order, so a parent's end can be stamped
+  a microsecond before its child's; the parent's span is widened to the child's.
+  Approximate spans (below) never widen anything.
 * *Lanes*: what still overlaps partially (backward of parallel branches, work of one
   module spread over two streams) moves to the next lane, a track of its own
   (``backward``, ``backward 2``, ...), instead of being dropped by the viewer.
@@ -24,9 +35,7 @@ from operator import add, and_, itemgetter, mul, rshift
 from typing import Any
 
 from .buffer import (
-    BACKWARD_BEGIN,
     BACKWARD_DONE,
-    BACKWARD_END,
     CALL_SHIFT,
     FORWARD_BEGIN,
     FORWARD_END,
@@ -41,18 +50,16 @@ from .buffer import (
     STEP_BEGIN,
     STEP_END,
 )
-from ._native import compiled
 from .clock import DeviceMarks
-
-# Host-only resolve, compiled (setup.py); without it, the Python below does it all.
-_resolve_cpu = compiled("_resolve_cpu")
 
 CATEGORIES = ("forward", "backward", "recompute", "step")
 FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
 
-# Span flag: the span did not end normally: it was still open when the trace was closed,
-# or its forward raised. Written as "incomplete": true.
+# Span flags. INCOMPLETE: the span did not end normally: it was still open when the trace
+# was closed, or its forward raised ("incomplete": true). APPROXIMATE: its end could not be
+# bounded by its own work and is the best bound there was ("approximate": true).
 INCOMPLETE = 1
+APPROXIMATE = 2
 
 FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
 
@@ -146,19 +153,11 @@ def resolve(
     raised_steps: set[int] | frozenset[int] = frozenset(),
 ) -> TraceData:
     """Pair begin/end events into spans, close what is still open at ``close_ns``,
-    (backward spans that no gradient closed end with their backward pass),
-    flag those and the calls and steps that raised ``INCOMPLETE``, make every track nest,
-    and add GPU spans from ``marks``."""
+    flag those and the calls and steps that raised ``INCOMPLETE``, close backward spans
+    by the rules in the module docstring, make every track nest, and add GPU spans from
+    ``marks``."""
     names = list(module_names)
     link_node, link_code = links if links is not None else (array("q"), array("q"))
-    if marks is None and _resolve_cpu is not None:
-        # The same rules, compiled (a test checks both give the same columns).
-        columns, track_rows, step_calls = _resolve_cpu.spans(
-            timestamps, codes, link_node, link_code, close_ns, set(raised_calls), set(raised_steps), len(names))
-        names.extend(f"step {number}" for number in step_calls)
-        out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
-        tracks = [Track(tid, name) for tid, name in track_rows]
-        return TraceData(rank, base_ns, names, tracks, out, [], dict(metadata or {}))
     steps: list[list[Any]] = []
     forward: list[list[Any]] = []
     backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes
@@ -173,6 +172,7 @@ def resolve(
     sorted_nodes = list(map(link_node.__getitem__, by_node))
     sorted_links = list(map(link_code.__getitem__, by_node))
     began_this_backward: set[int] = set()  # a call's backward begins once per pass
+    passthrough: list[int] = []  # calls that created no autograd work
 
     kinds = map(and_, codes, repeat(KIND_MASK))
     calls = map(rshift, codes, repeat(CALL_SHIFT))
@@ -201,37 +201,24 @@ def resolve(
             else:
                 backward.append(span)
         elif kind == GRADIENT_READY:
-            # A node's gradient is ready: the calls it ends close first, then those it begins.
-            links = sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]
-            for link in links:
-                if not link & LINK_BEGIN:
-                    span = open_bw.pop(link >> LINK_SHIFT, None)
-                    if span is not None:
-                        span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
-                        backward.append(span)
-            for link in links:
+            # A node's gradient is ready: the calls it begins open (once per pass), and it
+            # is the latest end so far of the open calls it ends. Begins go first: a call
+            # whose output node is its input node begins and ends on this one event.
+            lo, hi = bisect_left(sorted_nodes, call), bisect_right(sorted_nodes, call)
+            for link in sorted_links[lo:hi]:
                 if link & LINK_BEGIN:
                     linked_call = link >> LINK_SHIFT
                     if linked_call not in began_this_backward:
                         began_this_backward.add(linked_call)
                         module = (link >> 1) & MODULE_MASK
-                        open_bw[linked_call] = [ts, close_ns, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, NO_LAG]
-        elif kind == BACKWARD_BEGIN:
-            if call not in began_this_backward:
-                began_this_backward.add(call)
-                module = (code >> KIND_BITS) & MODULE_MASK
-                open_bw[call] = [ts, close_ns, module, BACKWARD, call, step, INCOMPLETE, i, -1, NO_LAG]
-        elif kind == BACKWARD_END:
-            span = open_bw.pop(call, None)
-            if span is not None:
-                span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
-                backward.append(span)
+                        open_bw[linked_call] = [ts, -1, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, NO_LAG]
+            for link in sorted_links[lo:hi]:
+                if not link & LINK_BEGIN:
+                    span = open_bw.get(link >> LINK_SHIFT)
+                    if span is not None:
+                        span[_E], span[_EEV] = ts, i
         elif kind == BACKWARD_DONE:
-            # What no input gradient closed (e.g. a root fed integer tokens) ends here.
-            for span in open_bw.values():
-                span[_E], span[_FLAGS], span[_EEV] = ts, 0, i
-                backward.append(span)
-            open_bw.clear()
+            _close_pass(open_bw, ts, i, backward, passthrough)
             began_this_backward.clear()
         elif kind == STEP_BEGIN:
             step = call
@@ -244,10 +231,13 @@ def resolve(
                 open_step = None
             step = -1
 
-    # What never ended (an exception, a backward that never ran) closes at close_ns.
+    # What never ended (an exception, a backward that never finished) closes at close_ns.
     for span in open_fw.values():
         (forward if span[_CAT] == FORWARD else backward).append(span)
-    backward.extend(open_bw.values())
+    for span in open_bw.values():
+        if span[_E] < 0:
+            span[_E] = close_ns
+        backward.append(span)
     if open_step is not None:
         steps.append(open_step)
 
@@ -256,6 +246,9 @@ def resolve(
         names.append(f"step {span[_CALL]}")
 
     _hull_backward(backward, parent_of)
+    _bound_approximate(backward, parent_of)
+    if passthrough:
+        metadata = dict(metadata or {}, passthrough_calls=len(passthrough))
     # Flow arrows join a call's forward span to its backward span.
     flow_calls = {s[_CALL] for s in backward if s[_CAT] == BACKWARD} & {s[_CALL] for s in forward}
 
@@ -272,27 +265,59 @@ def resolve(
     return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
 
 
-# SpanColumns' fields in order, as the compiled resolve returns them.
-_COLUMN_TYPES = "qqqqbqqbbq"  # track, begin, end, name, category, call, step, flags, flow, lag
+def _close_pass(open_bw: dict[int, list[Any]], done_ns: int, done_event: int, backward: list[list[Any]],
+                passthrough: list[int]) -> None:
+    """A backward pass is over: close every span it opened."""
+    for call, span in open_bw.items():
+        if span[_EEV] == span[_BEV]:
+            passthrough.append(call)  # its output node was its input node: no work of its own
+            continue
+        if span[_E] < 0:
+            # No input or parameter gradient marked its end: the pass's end bounds it.
+            span[_E], span[_EEV], span[_FLAGS] = done_ns, done_event, APPROXIMATE
+        else:
+            span[_FLAGS] = 0
+        backward.append(span)
+    open_bw.clear()
 
 
-def _array(typecode: str, data: bytes) -> array:
-    column = array(typecode)
-    column.frombytes(data)
-    return column
+def _bounded_parent(call: int, by_call: dict[int, list[Any]], parent_of: dict[int, int]) -> list[Any] | None:
+    """The nearest ancestor call's backward span whose end is bounded, if any."""
+    parent_call = parent_of.get(call)
+    while parent_call is not None:
+        parent = by_call.get(parent_call)
+        if parent is not None and not parent[_FLAGS] & APPROXIMATE:
+            return parent
+        parent_call = parent_of.get(parent_call)
+    return None
+
+
+def _bound_approximate(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
+    """An approximate span ends no later than its nearest bounded ancestor (its work is
+    part of that ancestor's), and never before it began."""
+    by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
+    for span in by_call.values():
+        if span[_FLAGS] & APPROXIMATE:
+            parent = _bounded_parent(span[_CALL], by_call, parent_of)
+            if parent is not None and parent[_B] <= span[_B] and parent[_E] < span[_E]:
+                span[_E] = max(parent[_E], span[_B])
 
 
 def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
-    """Widen each backward span to cover the backward spans of its module's children."""
+    """Widen each backward span to cover the backward spans of its module's children
+    (approximate children excepted: a guess never moves a bounded span)."""
     by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
     parent_get = parent_of.get
     for call in sorted(by_call, reverse=True):  # children were called after parents
+        child = by_call[call]
+        if child[_FLAGS] & APPROXIMATE:
+            continue
         parent_call = parent_get(call)
         while parent_call is not None and parent_call not in by_call:
             parent_call = parent_get(parent_call)
         if parent_call is None:
             continue
-        child, parent = by_call[call], by_call[parent_call]
+        parent = by_call[parent_call]
         if child[_B] < parent[_B]:
             parent[_B] = child[_B]
         if child[_E] > parent[_E]:

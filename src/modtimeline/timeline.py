@@ -102,7 +102,7 @@ class Timeline:
         self.memory = memory
         self._backend = device_backend
         self.buffer = new_buffer(capacity)
-        self.tracker = Recorder(self.buffer)
+        self.recorder = Recorder(self.buffer)
         self._clock: DeviceClock | None = None
         self._step = 0
         self._action = StepAction.RECORD
@@ -143,7 +143,7 @@ class Timeline:
                     raise
                 # Never replace the user's exception with ours.
                 warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
-        self.tracker.__exit__(None, None, None)
+        self.recorder.__exit__(None, None, None)
 
     # -------------------------------------------------------------------- steps
     @contextmanager
@@ -184,7 +184,7 @@ class Timeline:
             return
         self.buffer.record(STEP_END, number, 0)
         # The step's backward has run: its autograd hooks are done with.
-        self.tracker.remove_grad_hooks()
+        self.recorder.end_step()
         if action is StepAction.WARMUP:
             self._discard_window()
             return
@@ -198,9 +198,9 @@ class Timeline:
     # ------------------------------------------------------------------ helpers
     def _hooks(self, on: bool) -> None:
         if on and not self._hooks_on:
-            self.tracker.__enter__()
+            self.recorder.__enter__()
         elif not on and self._hooks_on:
-            self.tracker.__exit__(None, None, None)
+            self.recorder.__exit__(None, None, None)
         self._hooks_on = on
 
     def _maybe_start_device_clock(self) -> None:
@@ -219,7 +219,7 @@ class Timeline:
 
     def _start_window(self) -> None:
         self.buffer.clear()
-        self.tracker.forget_nodes()
+        self.recorder.forget_nodes()
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
@@ -258,14 +258,14 @@ class Timeline:
         return resolve(
             timestamps,
             codes,
-            self.tracker.module_names,
+            self.recorder.module_names,
             close_ns,
             links=(link_node, link_code),
             rank=_rank_and_world()[0],
             base_ns=self._base_ns,
             marks=marks,
             metadata=metadata,
-            raised_calls=self.tracker.raised_calls,
+            raised_calls=self.recorder.raised_calls,
             raised_steps=self._raised_steps,
         )
 
@@ -273,6 +273,6 @@ class Timeline:
         with paused_gc():
             data = self.trace_data(exception)
             write_trace(data, path, self.format)
-        self.tracker.raised_calls.clear()
+        self.recorder.raised_calls.clear()
         self._raised_steps.clear()
         self.written.append(path)

@@ -75,7 +75,7 @@ static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_
     return 0;
 }
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1 };
+enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2 }; /* resolve.py */
 
 static PyObject *format_spans(PyObject *module, PyObject *args) {
     PyObject *track_o, *name_o, *category_o, *begin_o, *end_o, *step_o, *call_o, *flags_o, *flow_o, *lag_o;
@@ -139,6 +139,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         LITERAL(&out, ",\"call\":");
         put_int(&out, call[i]);
         if (flags[i] & INCOMPLETE) LITERAL(&out, ",\"incomplete\":true");
+        if (flags[i] & APPROXIMATE) LITERAL(&out, ",\"approximate\":true");
         LITERAL(&out, "}");
         if (flow[i] == FLOW_OUT || flow[i] == FLOW_IN) {
             LITERAL(&out, ",\"bind_id\":");

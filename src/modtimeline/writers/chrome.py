@@ -22,7 +22,7 @@ from typing import BinaryIO
 import orjson
 
 from .._native import compiled
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, NO_LAG, STEP, SpanColumns, TraceData
+from ..resolve import APPROXIMATE, CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, STEP, SpanColumns, TraceData
 
 # The compiled row formatter (setup.py); without it, the Python path below.
 _chrome_rows = compiled("writers._chrome_rows")
@@ -39,16 +39,18 @@ def _numbers(values: list) -> list[bytes]:  # type: ignore[type-arg]
     return orjson.dumps(values)[1:-1].split(b",")
 
 
-# The end of a span event by (flow, incomplete). Every template takes the call number
-# twice; "%.0b" prints nothing, so only rows with a flow repeat it (as bind_id).
-_TAILS = {
-    (0, 0): b'%b}}%.0b',
-    (0, 1): b'%b,"incomplete":true}}%.0b',
-    (FLOW_OUT, 0): b'%b},"bind_id":%b,"flow_out":true}',
-    (FLOW_OUT, 1): b'%b,"incomplete":true},"bind_id":%b,"flow_out":true}',
-    (FLOW_IN, 0): b'%b},"bind_id":%b,"flow_in":true}',
-    (FLOW_IN, 1): b'%b,"incomplete":true},"bind_id":%b,"flow_in":true}',
-}
+# The end of a span event by (flow, flags). Every template takes the call number twice;
+# "%.0b" prints nothing, so only rows with a flow repeat it (as bind_id).
+def _tail(flow: int, flags: int) -> bytes:
+    marks = (b',"incomplete":true' if flags & INCOMPLETE else b"") + (b',"approximate":true' if flags & APPROXIMATE else b"")
+    if flow == FLOW_OUT:
+        return b'%b' + marks + b'},"bind_id":%b,"flow_out":true}'
+    if flow == FLOW_IN:
+        return b'%b' + marks + b'},"bind_id":%b,"flow_in":true}'
+    return b'%b' + marks + b'}}%.0b'
+
+
+_TAILS = {(flow, flags): _tail(flow, flags) for flow in (0, FLOW_OUT, FLOW_IN) for flags in range(4)}
 
 
 def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:

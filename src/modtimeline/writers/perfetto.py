@@ -25,7 +25,7 @@ import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
-from ..resolve import CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, SpanColumns, TraceData
+from ..resolve import APPROXIMATE, CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, SpanColumns, TraceData
 
 FORMAT_NAME = "modtimeline-pftrace"
 FORMAT_VERSION = 1
@@ -39,8 +39,8 @@ _BUILTIN_BOOTTIME = 6  # the trace's global clock
 _FIRST_USER_CLOCK = 64  # sequence-scoped clocks start here
 
 # Interned debug annotation names.
-_ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us")
-_STEP, _CALL, _INCOMPLETE, _LAG = range(1, 5)
+_ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate")
+_STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE = range(1, 6)
 
 _PROCESS_UUID = 1
 
@@ -176,6 +176,10 @@ def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
             if spans.flags[row] & INCOMPLETE:
                 annotation = event.debug_annotations.add()
                 annotation.name_iid = _INCOMPLETE
+                annotation.bool_value = True
+            if spans.flags[row] & APPROXIMATE:
+                annotation = event.debug_annotations.add()
+                annotation.name_iid = _APPROXIMATE
                 annotation.bool_value = True
             if spans.lag[row] != NO_LAG:
                 annotation = event.debug_annotations.add()
