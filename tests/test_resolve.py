@@ -5,7 +5,7 @@ from array import array
 
 import pytest
 from modtimeline.buffer import (
-    BACKWARD_DONE, CALL_SHIFT, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY,
+    BACKWARD_DONE, CALL_SHIFT, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE,
     KIND_BITS, LINK_BEGIN, LINK_SHIFT, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, EventBuffer, unpack,
 )
 from modtimeline.resolve import APPROXIMATE, BACKWARD_TRACK, FORWARD_TRACK, INCOMPLETE, resolve
@@ -40,51 +40,40 @@ def test_pack_roundtrip():
     assert unpack(buffer.codes[0]) == (GRADIENT_READY, 1048575, 123456789)
 
 
-# Bar (call 0) > Bar.foo (call 1): Bar's output node 0 is foo's output node too; foo's input
-# node 1; Bar's input node 2.
+# Bar (call 0) > Bar.foo (call 1): node 0 is the output node of both; foo's node 1 and
+# Bar's node 2 lead out of them (they end them when they have run).
 FORWARD_BAR = ((0, FORWARD_BEGIN, 0, 0), (1, FORWARD_BEGIN, 1, 1), (2, FORWARD_END, 1, 1), (3, FORWARD_END, 0, 0))
 BAR_LINKS = links((0, 0, 0, True), (0, 1, 1, True), (1, 1, 1, False), (2, 0, 0, False))
 
 
 def test_backward_span_from_output_node_to_input_node():
-    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (20, GRADIENT_READY, 1, 0),
-                       (30, GRADIENT_READY, 2, 0), (40, BACKWARD_DONE, 0, 0))
+    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (20, NODE_DONE, 1, 0),
+                       (30, NODE_DONE, 2, 0), (40, BACKWARD_DONE, 0, 0))
     data = resolve(ts, codes, ["Bar", "Bar.foo"], close_ns=100, links=BAR_LINKS)
     bw = [row for row in table(data) if row[0] == BACKWARD_TRACK]
     assert bw == [(BACKWARD_TRACK, 10, 30, "Bar", 0), (BACKWARD_TRACK, 10, 20, "Bar.foo", 0)]
 
 
 def test_parent_backward_widened_over_child_that_ends_later():
-    # foo's input node fires after Bar's (hooks "at the same moment" in another order).
-    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (20, GRADIENT_READY, 2, 0),
-                       (21, GRADIENT_READY, 1, 0), (40, BACKWARD_DONE, 0, 0))
+    # foo's end node is marked after Bar's (hooks "at the same moment" in another order).
+    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (20, NODE_DONE, 2, 0),
+                       (21, NODE_DONE, 1, 0), (40, BACKWARD_DONE, 0, 0))
     data = resolve(ts, codes, ["Bar", "Bar.foo"], close_ns=100, links=BAR_LINKS)
     bw = [row for row in table(data) if row[0] == BACKWARD_TRACK]
     assert bw == [(BACKWARD_TRACK, 10, 21, "Bar", 0), (BACKWARD_TRACK, 10, 21, "Bar.foo", 0)]
 
 
-def test_span_ends_with_the_last_of_its_input_nodes():
-    # call 0 has two inputs (nodes 1 and 2): its backward ends when both gradients are in.
+def test_span_ends_with_the_last_of_its_end_nodes():
+    # call 0 has two nodes leading out of it (1 and 2): its backward ends when both have run.
     ts, codes = events((0, FORWARD_BEGIN, 0, 0), (1, FORWARD_END, 0, 0), (10, GRADIENT_READY, 0, 0),
-                       (20, GRADIENT_READY, 1, 0), (35, GRADIENT_READY, 2, 0), (40, BACKWARD_DONE, 0, 0))
+                       (20, NODE_DONE, 1, 0), (35, NODE_DONE, 2, 0), (40, BACKWARD_DONE, 0, 0))
     data = resolve(ts, codes, ["M"], close_ns=100, links=links((0, 0, 0, True), (1, 0, 0, False), (2, 0, 0, False)))
     assert [row for row in table(data) if row[0] == BACKWARD_TRACK] == [(BACKWARD_TRACK, 10, 35, "M", 0)]
 
 
-def test_passthrough_call_gets_no_backward_span():
-    # Seq (call 0) > Identity (call 1) whose output node is its input node (node 1).
-    ts, codes = events((0, FORWARD_BEGIN, 0, 0), (1, FORWARD_BEGIN, 1, 1), (2, FORWARD_END, 1, 1),
-                       (3, FORWARD_END, 0, 0), (10, GRADIENT_READY, 0, 0), (20, GRADIENT_READY, 1, 0),
-                       (30, GRADIENT_READY, 2, 0), (40, BACKWARD_DONE, 0, 0))
-    data = resolve(ts, codes, ["Seq", "Seq.id"], close_ns=100,
-                   links=links((0, 0, 0, True), (1, 1, 1, True), (1, 1, 1, False), (2, 0, 0, False)))
-    assert [row for row in table(data) if row[0] == BACKWARD_TRACK] == [(BACKWARD_TRACK, 10, 30, "Seq", 0)]
-    assert data.metadata["passthrough_calls"] == 1
-
-
 def test_unbounded_span_is_flagged_bounded_by_its_parent_and_widens_nothing():
-    # Bar (call 0) > foo (call 1); foo has no input node, so nothing marks its end.
-    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (30, GRADIENT_READY, 2, 0),
+    # Bar (call 0) > foo (call 1); foo has no end node, so nothing marks its end.
+    ts, codes = events(*FORWARD_BAR, (10, GRADIENT_READY, 0, 0), (30, NODE_DONE, 2, 0),
                        (90, BACKWARD_DONE, 0, 0))
     data = resolve(ts, codes, ["Bar", "Bar.foo"], close_ns=100,
                    links=links((0, 0, 0, True), (0, 1, 1, True), (2, 0, 0, False)))
@@ -103,8 +92,8 @@ def test_partial_overlap_of_unrelated_spans_goes_to_a_second_lane():
     # two sibling branches whose backward interleaves: A [10, 30], B [20, 40]
     ts, codes = events(
         (0, FORWARD_BEGIN, 0, 0), (1, FORWARD_END, 0, 0), (2, FORWARD_BEGIN, 1, 1), (3, FORWARD_END, 1, 1),
-        (10, GRADIENT_READY, 0, 0), (20, GRADIENT_READY, 1, 0), (30, GRADIENT_READY, 2, 0),
-        (40, GRADIENT_READY, 3, 0), (50, BACKWARD_DONE, 0, 0),
+        (10, GRADIENT_READY, 0, 0), (20, GRADIENT_READY, 1, 0), (30, NODE_DONE, 2, 0),
+        (40, NODE_DONE, 3, 0), (50, BACKWARD_DONE, 0, 0),
     )
     data = resolve(ts, codes, ["A", "B"], close_ns=100,
                    links=links((0, 0, 0, True), (1, 1, 1, True), (2, 0, 0, False), (3, 1, 1, False)))
@@ -126,7 +115,7 @@ def test_open_spans_close_at_close_time_flagged():
 
 def test_backward_that_never_finished_keeps_the_end_it_saw_flagged():
     ts, codes = events((0, FORWARD_BEGIN, 0, 0), (1, FORWARD_END, 0, 0), (10, GRADIENT_READY, 0, 0),
-                       (20, GRADIENT_READY, 1, 0))
+                       (20, NODE_DONE, 1, 0))
     data = resolve(ts, codes, ["M"], close_ns=100, links=links((0, 0, 0, True), (1, 0, 0, False)))
     assert [row for row in table(data) if row[0] == BACKWARD_TRACK] == [(BACKWARD_TRACK, 10, 20, "M", INCOMPLETE)]
 
@@ -134,7 +123,7 @@ def test_backward_that_never_finished_keeps_the_end_it_saw_flagged():
 def test_recompute_goes_to_backward_track_and_step_numbers_follow():
     ts, codes = events(
         (0, STEP_BEGIN, 7, 0), (1, FORWARD_BEGIN, 0, 0), (2, FORWARD_END, 0, 0),
-        (3, GRADIENT_READY, 0, 0), (4, RECOMPUTE_BEGIN, 1, 0), (5, RECOMPUTE_END, 1, 0), (6, GRADIENT_READY, 1, 0),
+        (3, GRADIENT_READY, 0, 0), (4, RECOMPUTE_BEGIN, 1, 0), (5, RECOMPUTE_END, 1, 0), (6, NODE_DONE, 1, 0),
         (6, BACKWARD_DONE, 0, 0), (7, STEP_END, 7, 0), (8, FORWARD_BEGIN, 2, 0), (9, FORWARD_END, 2, 0),
     )
     data = resolve(ts, codes, ["M"], close_ns=10, links=links((0, 0, 0, True), (1, 0, 0, False)))
@@ -147,7 +136,7 @@ def test_recompute_goes_to_backward_track_and_step_numbers_follow():
 
 
 def test_end_without_begin_is_ignored():
-    ts, codes = events((5, GRADIENT_READY, 3, 0), (6, FORWARD_END, 4, 0), (7, BACKWARD_DONE, 0, 0))
+    ts, codes = events((5, NODE_DONE, 3, 0), (6, FORWARD_END, 4, 0), (7, BACKWARD_DONE, 0, 0))
     assert len(resolve(ts, codes, ["M"], close_ns=10, links=links((3, 0, 0, False))).spans) == 0
 
 
@@ -165,12 +154,12 @@ def test_random_event_streams_resolve_into_nesting_tracks(seed):
         link_code.append(rng.randrange(calls) << LINK_SHIFT | rng.randrange(5) << 1 | rng.choice((0, LINK_BEGIN)))
     t = 0
     kinds = [FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, GRADIENT_READY,
-             GRADIENT_READY, BACKWARD_DONE]
+             NODE_DONE, BACKWARD_DONE]
     begun = 0  # as recorded: every forward or recompute begins a new call number
     for _ in range(rng.randint(0, 120)):
         t += rng.choice((0, 0, 1, 5, 100))
         kind = rng.choice(kinds)
-        if kind == GRADIENT_READY:
+        if kind in (GRADIENT_READY, NODE_DONE):
             call = rng.randrange(nodes + 3)
         elif kind in (FORWARD_BEGIN, RECOMPUTE_BEGIN):
             call, begun = begun, begun + 1

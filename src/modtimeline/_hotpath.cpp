@@ -8,10 +8,10 @@
 //   ForwardHooks(store, callbacks)
 //                        the global forward pre/post hooks of one Recorder: module
 //                        index lookup, call numbering, the forward stack and the thread
-//                        filter, exactly as recorder.PythonForwardHooks; the rare cases
-//                        (containers of tensors, keyword arguments, first layers, a
-//                        raised forward) call the documented callbacks of
-//                        recorder.RecorderCallbacks.
+//                        filter, and the walk of each call's autograd nodes that links
+//                        its backward, exactly as recorder.PythonForwardHooks; module
+//                        naming, outputs other than one tensor and a raised forward call
+//                        the documented callbacks of recorder.RecorderCallbacks.
 //
 // Why it is faster than Python: besides running no bytecode, the backward "gradient
 // ready" marks are C++ FunctionPreHooks added straight to the autograd node. Torch's
@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <ATen/SequenceNumber.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
@@ -40,6 +41,7 @@
 #include <utility>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -54,6 +56,7 @@ constexpr int64_t LINK_SHIFT = MODULE_BITS + 1;
 enum Kind : int64_t {
   FORWARD_BEGIN = 0,
   FORWARD_END = 1,
+  NODE_DONE = 2,
   RECOMPUTE_BEGIN = 4,
   RECOMPUTE_END = 5,
   STEP_BEGIN = 6,
@@ -100,9 +103,6 @@ struct Events : std::enable_shared_from_this<Events> {
   // inside one of them on another thread is activation-checkpoint recompute of ours.
   std::vector<int64_t> tasks;
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
-  // Gradient accumulators of leaf tensors linked this step: a leaf holds its accumulator
-  // only weakly, and one made for a link before any op used the leaf would die with it.
-  std::vector<NodePtr> accumulators;
 
   uint32_t current() const { return static_cast<uint32_t>(generation); }
 
@@ -147,9 +147,10 @@ struct Events : std::enable_shared_from_this<Events> {
     PyGILState_Release(state);
   }
 
-  // On autograd's thread inside a backward: a marked node's gradient is ready. Queues
-  // one BACKWARD_DONE per backward pass (an engine callback).
-  void gradient_ready(uint64_t mark) {
+  // On autograd's thread inside a backward: a marked node is about to run
+  // (GRADIENT_READY) or has run (NODE_DONE). Queues one BACKWARD_DONE per backward pass
+  // (an engine callback).
+  void node_event(int64_t kind, uint64_t mark) {
     int64_t index;
     bool queue = false;
     uint64_t generation_now;
@@ -157,7 +158,7 @@ struct Events : std::enable_shared_from_this<Events> {
       std::lock_guard<std::mutex> guard(mutex);
       if ((mark >> 32) != current()) return;
       generation_now = generation;
-      index = append_locked(GRADIENT_READY, static_cast<int64_t>(mark & 0xffffffffu), 0);
+      index = append_locked(kind, static_cast<int64_t>(mark & 0xffffffffu), 0);
       int64_t task = torch::autograd::get_current_graph_task_id();
       if (task != -1 && tasks.size() < 1024 && std::find(tasks.begin(), tasks.end(), task) == tasks.end()) {
         tasks.push_back(task);
@@ -190,9 +191,7 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   void clear() {
-    std::vector<NodePtr> released;
     std::lock_guard<std::mutex> guard(mutex);
-    released.swap(accumulators);
     timestamps = {};
     codes = {};
     link_node = {};
@@ -207,13 +206,9 @@ struct Events : std::enable_shared_from_this<Events> {
   // (erasing them crashed the process), and a node holds at most one mark per store,
   // re-armed when a later step links it again.
   void retire_marks() {
-    std::vector<NodePtr> released;
-    {
-      std::lock_guard<std::mutex> guard(mutex);
-      retire_locked();
-      released.swap(accumulators);
-    }
-  }  // (nodes released outside the lock: a node's destruction may run arbitrary code)
+    std::lock_guard<std::mutex> guard(mutex);
+    retire_locked();
+  }
 
   void retire_locked() {
     ++generation;
@@ -221,15 +216,18 @@ struct Events : std::enable_shared_from_this<Events> {
     tasks.clear();
   }
 
-  void link(const NodePtr& node, int64_t link, bool leaf);
+  // Link `node` to a call boundary: `done` (the call's backward may end when it has run)
+  // or not (it begins when the node is about to run). Arms this store's mark on it.
+  void link(torch::autograd::Node* node, int64_t link, bool done);
 };
 
-// The pre-hook of one autograd node: records that its gradient is ready.
+// The marks on one autograd node: a pre-hook (its gradient is ready, it is about to run)
+// and a post-hook (it has run). Both carry the node's id for this generation.
 struct NodeMark : torch::autograd::FunctionPreHook {
   NodeMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-    events->gradient_ready(state.load(std::memory_order_acquire));
+    events->node_event(GRADIENT_READY, state.load(std::memory_order_acquire));
     return grads;
   }
 
@@ -237,41 +235,107 @@ struct NodeMark : torch::autograd::FunctionPreHook {
   std::atomic<uint64_t> state;  // pack_mark(generation, node id)
 };
 
-// Link `node` to a call boundary, arming this store's mark on it (added on first use).
-void Events::link(const NodePtr& node, int64_t link, bool leaf) {
+struct NodeDoneMark : torch::autograd::FunctionPostHook {
+  NodeDoneMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
+
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grad_inputs,
+                                            const torch::autograd::variable_list&) override {
+    events->node_event(NODE_DONE, state.load(std::memory_order_acquire));
+    return grad_inputs;
+  }
+
+  std::shared_ptr<Events> events;
+  std::atomic<uint64_t> state;
+};
+
+template <class Mark, class Hooks>
+Mark* find_mark(const Hooks& hooks, const Events* events) {
+  for (const auto& hook : hooks) {
+    auto* mark = dynamic_cast<Mark*>(hook.get());
+    if (mark != nullptr && mark->events.get() == events) return mark;
+  }
+  return nullptr;
+}
+
+void Events::link(torch::autograd::Node* node, int64_t link, bool done) {
   std::lock_guard<std::mutex> node_guard(node_hooks_mutex);
   std::lock_guard<std::mutex> guard(mutex);
   // A full buffer: this call's backward goes unrecorded, as its events do.
   if (static_cast<int64_t>(codes.size()) >= capacity) return;
-  NodeMark* ours = nullptr;
-  for (const auto& hook : node->pre_hooks()) {
-    auto* mark = dynamic_cast<NodeMark*>(hook.get());
-    if (mark != nullptr && mark->events.get() == this) {
-      ours = mark;
-      break;
-    }
-  }
+  NodeMark* before = find_mark<NodeMark>(node->pre_hooks(), this);
+  NodeDoneMark* after = find_mark<NodeDoneMark>(node->post_hooks(), this);
+  auto armed = [this](auto* mark) { return mark != nullptr && (mark->state.load() >> 32) == current(); };
   int64_t node_id;
-  if (ours != nullptr && (ours->state.load() >> 32) == current()) {
-    node_id = static_cast<int64_t>(ours->state.load() & 0xffffffffu);
+  if (armed(before)) {
+    node_id = static_cast<int64_t>(before->state.load() & 0xffffffffu);
+  } else if (armed(after)) {
+    node_id = static_cast<int64_t>(after->state.load() & 0xffffffffu);
   } else {
     node_id = nodes++;
-    if (ours != nullptr) {
-      ours->state.store(pack_mark(current(), node_id), std::memory_order_release);
-    } else {
-      node->add_pre_hook(std::make_unique<NodeMark>(shared_from_this(), pack_mark(current(), node_id)));
+  }
+  uint64_t state = pack_mark(current(), node_id);
+  if (done) {
+    if (after == nullptr) {
+      node->add_post_hook(std::make_unique<NodeDoneMark>(shared_from_this(), state));
+    } else if (!armed(after)) {
+      after->state.store(state, std::memory_order_release);
     }
-    if (leaf) accumulators.push_back(node);
+  } else {
+    if (before == nullptr) {
+      node->add_pre_hook(std::make_unique<NodeMark>(shared_from_this(), state));
+    } else if (!armed(before)) {
+      before->state.store(state, std::memory_order_release);
+    }
   }
   link_node.push_back(node_id);
   link_code.push_back(link);
 }
 
-// The node whose gradient-ready moment stands for `tensor`: its grad_fn, or for a leaf
-// that requires grad its gradient accumulator. Null when gradient never reaches it.
-NodePtr gradient_node(const at::Tensor& tensor) {
-  if (!tensor.requires_grad()) return NodePtr();
-  return torch::autograd::impl::gradient_edge(tensor).function;
+inline int64_t link_code(int64_t call, int64_t index, bool begins) {
+  return call << LINK_SHIFT | index << 1 | (begins ? LINK_BEGIN : 0);
+}
+
+// The nodes one call visits at most to find where its autograd work ends; past it, the
+// span's end is left unbounded (resolve flags it approximate).
+constexpr size_t SUBGRAPH_BUDGET = 1 << 17;
+
+// Link one call's backward: the autograd nodes its forward created are those with a
+// sequence number in [first, last) (numbers are per thread, and the forward ran on this
+// one). Its backward begins when the first of its output nodes in that range is about to
+// run, and ends when the last node of the range that leads out of it has run (every
+// other node of the range runs before one of those). Outputs outside the range (a module
+// returning its input) add nothing: a call that created no node has no backward.
+void link_call(Events& events, const std::vector<torch::autograd::Node*>& outputs, int64_t call, int64_t index,
+               uint64_t first, uint64_t last) {
+  auto inside = [first, last](const torch::autograd::Node* node) {
+    uint64_t number = node->sequence_nr();
+    return number >= first && number < last;
+  };
+  std::vector<torch::autograd::Node*> queue, ends;
+  std::unordered_set<torch::autograd::Node*> seen;
+  for (auto* node : outputs) {
+    if (inside(node) && seen.insert(node).second) queue.push_back(node);
+  }
+  size_t begins = queue.size();
+  for (size_t head = 0; head < queue.size(); ++head) {
+    if (queue.size() > SUBGRAPH_BUDGET) {
+      ends.clear();
+      break;
+    }
+    torch::autograd::Node* node = queue[head];
+    bool leads_out = node->next_edges().empty();
+    for (const auto& edge : node->next_edges()) {
+      torch::autograd::Node* next = edge.function.get();
+      if (next != nullptr && inside(next)) {
+        if (seen.insert(next).second) queue.push_back(next);
+      } else {
+        leads_out = true;
+      }
+    }
+    if (leads_out) ends.push_back(node);
+  }
+  for (size_t i = 0; i < begins; ++i) events.link(queue[i], link_code(call, index, true), false);
+  for (auto* node : ends) events.link(node, link_code(call, index, false), true);
 }
 
 // ------------------------------------------------------------------------ Store
@@ -326,23 +390,6 @@ PyObject* store_record(PyObject* self, PyObject* const* args, Py_ssize_t nargs) 
   if (!parse_event(args, nargs, &kind, &call, &module)) return nullptr;
   if (!events_of(self).record(kind, call, module)) return nullptr;
   Py_RETURN_NONE;
-}
-
-// link(tensor, link) -> bool: link the node of `tensor` (its grad_fn, or a leaf's gradient
-// accumulator) to a call boundary, arming this store's mark on it. False when gradient
-// never reaches the tensor.
-PyObject* store_link(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2 || !THPVariable_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "link(tensor, link) expects a tensor and an int");
-    return nullptr;
-  }
-  int64_t link = PyLong_AsLongLong(args[1]);
-  if (link == -1 && PyErr_Occurred()) return nullptr;
-  const at::Tensor& tensor = THPVariable_Unpack(args[0]);
-  NodePtr node = gradient_node(tensor);
-  if (!node) Py_RETURN_FALSE;
-  events_of(self).link(node, link, !tensor.grad_fn());
-  Py_RETURN_TRUE;
 }
 
 PyObject* bytes_of(const std::vector<int64_t>& column) {
@@ -417,8 +464,6 @@ int store_set_on_recorded(PyObject* self, PyObject* value, void*) {
 PyMethodDef store_methods[] = {
     {"record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_record)), METH_FASTCALL,
      "record(kind, call, module): store one event stamped now"},
-    {"link", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_link)), METH_FASTCALL,
-     "link(tensor, link) -> bool: link the tensor's gradient node to a call boundary"},
     {"columns", store_columns, METH_NOARGS, "(timestamps, codes, link_node, link_code) as int64 bytes"},
     {"clear", store_clear, METH_NOARGS, "drop every event and link; node marks already placed go stale"},
     {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the step is over)"},
@@ -458,7 +503,7 @@ struct Frame {
   int64_t call;
   int64_t index;
   bool recompute;
-  bool inputs_linked;  // some input carried gradient (else the parameters bound the end)
+  uint64_t first_node;  // the sequence number the first autograd node of this call gets
 };
 
 struct KnownModule {
@@ -467,7 +512,7 @@ struct KnownModule {
 };
 
 // The recorder side of the hooks: an object with the documented callback methods of
-// recorder.RecorderCallbacks (learn, link_tensors, link_parameters, forward_raised).
+// recorder.RecorderCallbacks (learn, tensors, forward_raised).
 struct HooksObject {
   PyObject_HEAD
   PyObject* store;      // StoreObject
@@ -534,7 +579,9 @@ int64_t index_of(HooksObject* self, PyObject* module) {
   if (found != self->modules->end() && PyWeakref_GetObject(found->second.ref) == module) {
     return found->second.index;
   }
-  PyObject* learned = PyObject_CallMethod(self->callbacks, "learn", "O", module);
+  static PyObject* name = PyUnicode_InternFromString("learn");
+  if (name == nullptr) return -1;
+  PyObject* learned = PyObject_CallMethodOneArg(self->callbacks, name, module);
   if (learned == nullptr) return -1;
   int64_t index = PyLong_AsLongLong(learned);
   Py_DECREF(learned);
@@ -557,31 +604,30 @@ bool is_module(HooksObject* self, PyObject* module, int64_t index) {
          PyWeakref_GetObject(found->second.ref) == module;
 }
 
-inline int64_t link_code(int64_t call, int64_t index, bool begins) {
-  return call << LINK_SHIFT | index << 1 | (begins ? LINK_BEGIN : 0);
-}
-
-// Link every tensor in `value` that carries gradient; returns how many, or -1 (raised).
-// One tensor is linked here; anything else (tuples, dicts, dataclasses) by the callbacks.
-int64_t link_value(HooksObject* self, PyObject* value, int64_t call, int64_t index, bool begins) {
-  if (THPVariable_Check(value)) {
-    const at::Tensor& tensor = THPVariable_Unpack(value);
-    NodePtr node = gradient_node(tensor);
-    if (!node) return 0;
-    events_of(self->store).link(node, link_code(call, index, begins), !tensor.grad_fn());
-    return 1;
+// The grad_fn of every tensor in `output` that has one: a tensor here, anything else
+// (tuples, dicts, dataclasses, ModelOutput) through the callbacks. False: it raised.
+bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autograd::Node*>& nodes) {
+  auto add = [&nodes](PyObject* tensor) {
+    if (auto* node = THPVariable_Unpack(tensor).grad_fn().get()) nodes.push_back(node);
+  };
+  if (THPVariable_Check(output)) {
+    add(output);
+    return true;
   }
-  if (PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) == 1 && THPVariable_Check(PyTuple_GET_ITEM(value, 0))) {
-    return link_value(self, PyTuple_GET_ITEM(value, 0), call, index, begins);
+  // (CallMethodOneArg: with a "O" format, a tuple output would become the argument list)
+  static PyObject* name = PyUnicode_InternFromString("tensors");
+  if (name == nullptr) return false;
+  PyObject* tensors = PyObject_CallMethodOneArg(self->callbacks, name, output);
+  if (tensors == nullptr) return false;
+  PyObject* fast = PySequence_Fast(tensors, "RecorderCallbacks.tensors must return a sequence");
+  Py_DECREF(tensors);
+  if (fast == nullptr) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(fast, i);
+    if (THPVariable_Check(item)) add(item);
   }
-  if (PyTuple_CheckExact(value) && PyTuple_GET_SIZE(value) == 0) return 0;
-  if (PyDict_CheckExact(value) && PyDict_GET_SIZE(value) == 0) return 0;
-  PyObject* linked = PyObject_CallMethod(self->callbacks, "link_tensors", "LLOO", static_cast<long long>(call),
-                                         static_cast<long long>(index), value, begins ? Py_True : Py_False);
-  if (linked == nullptr) return -1;
-  int64_t count = PyLong_AsLongLong(linked);
-  Py_DECREF(linked);
-  return count;
+  Py_DECREF(fast);  // (the nodes stay alive: the output tensors hold them)
+  return true;
 }
 
 // pre_forward(module, args): a module's forward begins.
@@ -601,7 +647,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     if (index < 0) return nullptr;
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    (*self->other_stacks)[thread].push_back({call, index, true, false});
+    (*self->other_stacks)[thread].push_back({call, index, true, 0});
     Py_RETURN_NONE;
   }
   int64_t index = index_of(self, args[0]);
@@ -610,28 +656,22 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
   if (task != -1) {
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    self->stack->push_back({call, index, true, false});
+    self->stack->push_back({call, index, true, 0});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
-  self->stack->push_back({call, index, false, false});
-  if (!c10::GradMode::is_enabled()) Py_RETURN_NONE;
-  int64_t linked = link_value(self, args[1], call, index, false);
-  if (linked < 0) return nullptr;
-  if (!self->stack->empty() && self->stack->back().call == call) self->stack->back().inputs_linked = linked > 0;
+  self->stack->push_back({call, index, false, at::sequence_number::peek()});
   Py_RETURN_NONE;
 }
 
-// post_forward(module, args, kwargs, output): a module's forward ended (output None if it
-// raised; torch then calls the hook without kwargs).
+// post_forward(module, args, output): a module's forward ended (output None if it raised).
 PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
-  if (nargs != 3 && nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "post_forward(module, args, [kwargs,] output)");
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "post_forward(module, args, output)");
     return nullptr;
   }
-  PyObject* kwargs = nargs == 4 ? args[2] : nullptr;
-  PyObject* output = args[nargs - 1];
+  PyObject* output = args[2];
   unsigned long thread = PyThread_get_thread_ident();
   Events& events = events_of(self->store);
   if (thread != self->owner) {
@@ -669,22 +709,11 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     }
     Py_RETURN_NONE;
   }
-  if (!c10::GradMode::is_enabled()) Py_RETURN_NONE;
-  int64_t outputs = link_value(self, output, frame.call, frame.index, true);
-  if (outputs < 0) return nullptr;
-  if (outputs == 0) Py_RETURN_NONE;  // no backward will run through this call
-  bool inputs_linked = frame.inputs_linked;
-  if (kwargs != nullptr && kwargs != Py_None) {
-    // Keyword arguments: global pre-hooks never see them, the post-hook does.
-    int64_t linked = link_value(self, kwargs, frame.call, frame.index, false);
-    if (linked < 0) return nullptr;
-    inputs_linked = inputs_linked || linked > 0;
-  }
-  if (!inputs_linked) {
-    // No input carries gradient (a first layer): its parameters' gradients end it.
-    return PyObject_CallMethod(self->callbacks, "link_parameters", "LLO", static_cast<long long>(frame.call),
-                               static_cast<long long>(frame.index), args[0]);
-  }
+  uint64_t last_node = at::sequence_number::peek();
+  if (last_node == frame.first_node) Py_RETURN_NONE;  // no autograd node was made: no backward
+  std::vector<torch::autograd::Node*> nodes;
+  if (!output_nodes(self, output, nodes)) return nullptr;
+  link_call(events, nodes, frame.call, frame.index, frame.first_node, last_node);
   Py_RETURN_NONE;
 }
 
@@ -755,9 +784,9 @@ PyMODINIT_FUNC PyInit__hotpath() {
   }
   using L = long long;
   PyObject* layout = Py_BuildValue(
-      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS), "MODULE_BITS", L(MODULE_BITS),
+      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS), "MODULE_BITS", L(MODULE_BITS),
       "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT), "FORWARD_BEGIN", L(FORWARD_BEGIN), "FORWARD_END",
-      L(FORWARD_END), "RECOMPUTE_BEGIN", L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN",
+      L(FORWARD_END), "NODE_DONE", L(NODE_DONE), "RECOMPUTE_BEGIN", L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN",
       L(STEP_BEGIN), "GRADIENT_READY", L(GRADIENT_READY), "BACKWARD_DONE", L(BACKWARD_DONE));
   int added = layout == nullptr ? -1 : PyModule_AddObjectRef(module, "LAYOUT", layout);
   Py_XDECREF(layout);

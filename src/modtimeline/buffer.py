@@ -24,11 +24,12 @@ from typing import Any
 # exports them as LAYOUT; recorder.py refuses a compiled hot path whose LAYOUT differs.
 FORWARD_BEGIN = 0
 FORWARD_END = 1
+NODE_DONE = 2  # an autograd node has run; "call" holds the node's id
 RECOMPUTE_BEGIN = 4
 RECOMPUTE_END = 5
 STEP_BEGIN = 6
 STEP_END = 7
-GRADIENT_READY = 8  # an autograd node's gradient is ready; "call" holds the node's id
+GRADIENT_READY = 8  # an autograd node's gradient is ready (it is about to run); "call": node id
 BACKWARD_DONE = 9  # autograd finished a backward pass
 
 KIND_BITS = 4
@@ -38,14 +39,16 @@ KIND_MASK = (1 << KIND_BITS) - 1
 MODULE_MASK = (1 << MODULE_BITS) - 1
 MAX_MODULES = 1 << MODULE_BITS
 
-# A node link (EventBuffer.link_node/link_code): which call, and whether the node *ends* the call's
-# backward (it produced one of the call's inputs) or *begins* it (one of its outputs).
+# A node link (EventBuffer.link_node/link_code): which call, and whether the node *begins* the
+# call's backward (one of its outputs' nodes: GRADIENT_READY) or may *end* it (a node of the
+# call that leads out of it: NODE_DONE).
 LINK_BEGIN = 1
 LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
 
 LAYOUT = {
     "KIND_BITS": KIND_BITS, "MODULE_BITS": MODULE_BITS, "LINK_BEGIN": LINK_BEGIN, "LINK_SHIFT": LINK_SHIFT,
-    "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "RECOMPUTE_BEGIN": RECOMPUTE_BEGIN,
+    "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "NODE_DONE": NODE_DONE,
+    "RECOMPUTE_BEGIN": RECOMPUTE_BEGIN,
     "RECOMPUTE_END": RECOMPUTE_END, "STEP_BEGIN": STEP_BEGIN, "GRADIENT_READY": GRADIENT_READY,
     "BACKWARD_DONE": BACKWARD_DONE,
 }

@@ -3,18 +3,17 @@
 Three parts, each with one job:
 
 * the **forward hooks** (global ``nn.Module`` pre/post hooks): one timestamp and one
-  packed integer per forward boundary, and a *link* from each call to the autograd
-  nodes of its inputs (the call's backward *ends* when their gradients are ready) and
-  of its outputs (it *begins*);
-* the **node marks**: one pre-hook per autograd node, which records that the node's
-  gradient is ready (one event, however many call boundaries share the node: in a chain
-  of modules, one module's output is the next one's input);
+  packed integer per forward boundary; at the end of a call, a *link* from the call to
+  the autograd nodes its forward created (sequence numbers in the call's range): its
+  output nodes *begin* its backward, its nodes that lead out of the call may *end* it;
+* the **node marks**: a pre-hook (the node is about to run) and a post-hook (it has
+  run) per linked autograd node, one event each however many calls share the node;
 * the **module registry** (``registry.ModuleRegistry``): FQN and index of each module.
 
 Which calls a node begins or ends is resolved once, at flush (``resolve``). Where
 ``modtimeline._hotpath`` is built, the forward hooks and the node marks are compiled
-(C++ autograd pre-hooks, no GIL, no RemovableHandle per node); they call back into
-``RecorderCallbacks`` (this class's four public callback methods) for the rare cases.
+(C++ autograd hooks, no GIL, no RemovableHandle per node); they call back into
+``RecorderCallbacks`` (this class's three public callback methods).
 Without it, or with ``MODTIMELINE_PURE_PYTHON=1``, ``PythonForwardHooks`` and
 ``PythonNodeMarks`` do the same work: a test checks that both record the same events.
 
@@ -32,7 +31,6 @@ import warnings
 from typing import Any, Protocol
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from .buffer import (
@@ -41,6 +39,7 @@ from .buffer import (
     FORWARD_END,
     GRADIENT_READY,
     LAYOUT,
+    NODE_DONE,
     LINK_BEGIN,
     LINK_SHIFT,
     RECOMPUTE_BEGIN,
@@ -54,10 +53,13 @@ from .registry import ModuleRegistry
 from .tensors import grad_tensors
 
 _graph_task_id = torch._C._current_graph_task_id
-_grad_enabled = torch.is_grad_enabled
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
 _Tensor = torch.Tensor
 _thread_id = threading.get_ident
+_next_sequence_nr = torch._C._autograd._get_sequence_nr
+
+# The nodes one call visits at most to find where its autograd work ends (as _hotpath.cpp).
+SUBGRAPH_BUDGET = 1 << 17
 
 _layout_warned = False
 
@@ -98,74 +100,99 @@ def link_code(call: int, index: int, begins: bool) -> int:
 
 
 class RecorderCallbacks(Protocol):
-    """What the forward hooks (compiled or Python) call back for the rare cases."""
+    """What the forward hooks (compiled or Python) call back."""
 
     def learn(self, module: torch.nn.Module) -> int:
         """The module's index, given on first sight."""
 
-    def link_tensors(self, call: int, index: int, value: Any, begins: bool) -> int:
-        """Link every tensor in ``value`` that carries gradient; returns how many."""
-
-    def link_parameters(self, call: int, index: int, module: torch.nn.Module) -> None:
-        """A call none of whose inputs carries gradient: its parameters' gradients end it."""
+    def tensors(self, value: Any) -> list[torch.Tensor]:
+        """The tensors in an output other than one tensor (tuples, dicts, dataclasses)."""
 
     def forward_raised(self, call: int) -> None:
         """The call's forward ended by raising."""
+
+
+def call_nodes(outputs: list[Any], first: int, last: int) -> tuple[list[Any], list[Any]]:
+    """(begin nodes, end nodes) of one call whose forward made the autograd nodes with
+    sequence numbers in [first, last): its output nodes in that range, and its nodes
+    that lead out of it (every other node of the call runs before one of those). No end
+    nodes when the walk passed SUBGRAPH_BUDGET nodes."""
+    seen: set[Any] = set()
+    queue = []
+    for node in outputs:
+        if first <= node._sequence_nr() < last and node not in seen:
+            seen.add(node)
+            queue.append(node)
+    begins = list(queue)
+    ends = []
+    head = 0
+    while head < len(queue):
+        if len(queue) > SUBGRAPH_BUDGET:
+            return begins, []
+        node = queue[head]
+        head += 1
+        edges = node.next_functions
+        leads_out = not edges
+        for next_node, _ in edges:
+            if next_node is not None and first <= next_node._sequence_nr() < last:
+                if next_node not in seen:
+                    seen.add(next_node)
+                    queue.append(next_node)
+            else:
+                leads_out = True
+        if leads_out:
+            ends.append(node)
+    return begins, ends
 
 
 # ------------------------------------------------------------------ Python twins
 
 
 class _NodeMark:
-    """The pre-hook of one autograd node: records that its gradient is ready."""
+    """A hook of one autograd node: records that it is about to run (a pre-hook) or has
+    run (a post-hook)."""
 
-    __slots__ = ("marks", "node_id", "generation")
+    __slots__ = ("marks", "kind", "node_id", "generation")
 
-    def __init__(self, marks: PythonNodeMarks, node_id: int) -> None:
+    def __init__(self, marks: PythonNodeMarks, kind: int, node_id: int) -> None:
         self.marks = marks
+        self.kind = kind
         self.node_id = node_id
         self.generation = marks.generation
 
-    def __call__(self, grad_outputs: Any) -> None:
+    def __call__(self, *grads: Any) -> None:
         if self.generation == self.marks.generation:
-            self.marks.gradient_ready(self.node_id)
+            self.marks.node_event(self.kind, self.node_id)
 
 
 class PythonNodeMarks:
-    """Node marks through torch's Python ``register_prehook`` (the compiled store's twin)."""
+    """Node marks through torch's Python node hooks (the compiled store's twin)."""
 
     def __init__(self, buffer: EventBuffer) -> None:
         self.buffer = buffer
         self.generation = 0
         self._handles: list[Any] = []
-        # Gradient accumulators of leaves linked this step: a leaf holds its accumulator
-        # only weakly, and one made for a link before any op used the leaf would die.
-        self._accumulators: list[Any] = []
         self._tasks: set[int] = set()
         self._done_queued = False
 
-    def link(self, tensor: torch.Tensor, code: int) -> bool:
-        node = tensor.grad_fn
-        if node is None:
-            if not tensor.requires_grad:
-                return False
-            node = get_gradient_edge(tensor).node
-            self._accumulators.append(node)
+    def link(self, node: Any, code: int, done: bool) -> None:
         buffer = self.buffer
         if len(buffer.codes) >= buffer.capacity:
-            return True  # the buffer is full: this call's backward goes unrecorded, as its events do
+            return  # the buffer is full: this call's backward goes unrecorded, as its events do
         metadata = node.metadata
-        mark = metadata.get(self)
-        if mark is None or mark.generation != self.generation:
-            mark = metadata[self] = _NodeMark(self, buffer.nodes)
+        marks = metadata.get(self)  # [pre-hook mark, post-hook mark] of this generation
+        if marks is None or marks[2] != self.generation:
+            marks = metadata[self] = [None, None, self.generation, buffer.nodes]
             buffer.nodes += 1
-            self._handles.append(node.register_prehook(mark))
-        buffer.link_node.append(mark.node_id)
+        slot = 1 if done else 0
+        if marks[slot] is None:
+            mark = marks[slot] = _NodeMark(self, NODE_DONE if done else GRADIENT_READY, marks[3])
+            self._handles.append(node.register_hook(mark) if done else node.register_prehook(mark))
+        buffer.link_node.append(marks[3])
         buffer.link_code.append(code)
-        return True
 
-    def gradient_ready(self, node_id: int) -> None:
-        self.buffer.record(GRADIENT_READY, node_id, 0)
+    def node_event(self, kind: int, node_id: int) -> None:
+        self.buffer.record(kind, node_id, 0)
         task = _graph_task_id()
         if task != -1:
             self._tasks.add(task)
@@ -188,20 +215,19 @@ class PythonNodeMarks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._accumulators = []
         self._tasks.clear()
         self._done_queued = False
         self.generation += 1
 
 
 class _Frame:
-    __slots__ = ("call", "index", "recompute", "inputs_linked")
+    __slots__ = ("call", "index", "recompute", "first_node")
 
-    def __init__(self, call: int, index: int, recompute: bool) -> None:
+    def __init__(self, call: int, index: int, recompute: bool, first_node: int = 0) -> None:
         self.call = call
         self.index = index
         self.recompute = recompute
-        self.inputs_linked = False
+        self.first_node = first_node  # the sequence number the call's first autograd node gets
 
 
 class PythonForwardHooks:
@@ -245,15 +271,9 @@ class PythonForwardHooks:
             self._stack.append(_Frame(call, index, True))
             return
         self._buffer.record(FORWARD_BEGIN, call, index)
-        frame = _Frame(call, index, False)
-        self._stack.append(frame)
-        if _grad_enabled():
-            frame.inputs_linked = self._link(args, call, index, False) > 0
+        self._stack.append(_Frame(call, index, False, _next_sequence_nr()))
 
-    def post_forward(self, module: torch.nn.Module, args: Any, *rest: Any) -> None:
-        # (module, args, kwargs, output); torch leaves kwargs out when the forward raised.
-        kwargs = rest[0] if len(rest) == 2 else None
-        output = rest[-1]
+    def post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if _thread_id() != self._owner:
             stack = self._other_stacks.get(_thread_id())
             if not stack or not self._registry.is_module(stack[-1].index, module):
@@ -278,21 +298,16 @@ class PythonForwardHooks:
             if sys.exc_info()[1] is not None:  # the forward raised: torch calls us with no output
                 self._callbacks.forward_raised(frame.call)
             return
-        if not _grad_enabled():
-            return
-        if self._link(output, frame.call, frame.index, True) == 0:
-            return  # no backward will run through this call
-        inputs_linked = frame.inputs_linked
-        if kwargs:
-            # Keyword arguments: global pre-hooks never see them, the post-hook does.
-            inputs_linked = self._link(kwargs, frame.call, frame.index, False) > 0 or inputs_linked
-        if not inputs_linked:
-            self._callbacks.link_parameters(frame.call, frame.index, module)
-
-    def _link(self, value: Any, call: int, index: int, begins: bool) -> int:
-        if isinstance(value, _Tensor):
-            return int(value.requires_grad and self._marks.link(value, link_code(call, index, begins)))
-        return self._callbacks.link_tensors(call, index, value, begins)
+        last = _next_sequence_nr()
+        if last == frame.first_node:
+            return  # no autograd node was made: no backward
+        tensors = [output] if isinstance(output, _Tensor) else self._callbacks.tensors(output)
+        outputs = [t.grad_fn for t in tensors if isinstance(t, _Tensor) and t.grad_fn is not None]
+        begins, ends = call_nodes(outputs, frame.first_node, last)
+        for node in begins:
+            self._marks.link(node, link_code(frame.call, frame.index, True), False)
+        for node in ends:
+            self._marks.link(node, link_code(frame.call, frame.index, False), True)
 
 
 # --------------------------------------------------------------------- Recorder
@@ -339,7 +354,7 @@ class Recorder:
             raise ModTimelineError("this Recorder is already active")
         self._global_handles = [
             register_module_forward_pre_hook(self._forward.pre_forward),
-            register_module_forward_hook(self._forward.post_forward, with_kwargs=True, always_call=True),
+            register_module_forward_hook(self._forward.post_forward, always_call=True),
         ]
         return self
 
@@ -365,17 +380,8 @@ class Recorder:
     def learn(self, module: torch.nn.Module) -> int:
         return self.registry.learn(module)
 
-    def link_tensors(self, call: int, index: int, value: Any, begins: bool) -> int:
-        code = link_code(call, index, begins)
-        link = self._store.link if self._store is not None else self._marks.link  # type: ignore[union-attr]
-        return sum(1 for tensor in grad_tensors(value) if link(tensor, code))
-
-    def link_parameters(self, call: int, index: int, module: torch.nn.Module) -> None:
-        code = link_code(call, index, False)
-        link = self._store.link if self._store is not None else self._marks.link  # type: ignore[union-attr]
-        for parameter in module.parameters():
-            if parameter.requires_grad:
-                link(parameter, code)
+    def tensors(self, value: Any) -> list[torch.Tensor]:
+        return grad_tensors(value)
 
     def forward_raised(self, call: int) -> None:
         self.raised_calls.add(call)

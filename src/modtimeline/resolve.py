@@ -4,13 +4,13 @@ Input: the event buffer (host ns + packed codes), optionally device marks resolv
 ``DeviceClock``. Output: ``TraceData``, plain columns that writers turn into files.
 Nothing here imports torch.
 
-A call's backward span, per backward pass: it begins when the gradient of the first of
-its outputs' autograd nodes is ready, and ends when the gradients of *all* its inputs'
-nodes are (the last of them): by then every node its forward created has run. A call
-whose output node is its input node (``nn.Identity``, dropout with p=0: it created no
-autograd work) gets no backward span. A call none of whose inputs carries gradient ends
-with its parameters' gradient accumulators (a first layer). A call with neither has no
-end that can be bounded: its span closes at the best bound there is (the end of its
+A call's backward span, per backward pass, covers the autograd nodes its forward
+created (its own and its children's; the recorder finds them by sequence number): it
+begins when the first of its output nodes is about to run (GRADIENT_READY) and ends when
+the last of its nodes that lead out of it has run (NODE_DONE); every other node of the
+call runs before one of those. A call that created no node (``nn.Identity``, dropout
+with p=0: it returns its input) has no backward span. A span whose end was never marked
+(the walk of its nodes was cut short) closes at the best bound there is (the end of its
 backward pass, or of its nearest bounded ancestor's span if earlier) and is flagged
 ``APPROXIMATE``.
 
@@ -45,6 +45,7 @@ from .buffer import (
     LINK_BEGIN,
     LINK_SHIFT,
     MODULE_MASK,
+    NODE_DONE,
     RECOMPUTE_BEGIN,
     RECOMPUTE_END,
     STEP_BEGIN,
@@ -172,7 +173,6 @@ def resolve(
     sorted_nodes = list(map(link_node.__getitem__, by_node))
     sorted_links = list(map(link_code.__getitem__, by_node))
     began_this_backward: set[int] = set()  # a call's backward begins once per pass
-    passthrough: list[int] = []  # calls that created no autograd work
 
     kinds = map(and_, codes, repeat(KIND_MASK))
     calls = map(rshift, codes, repeat(CALL_SHIFT))
@@ -201,24 +201,23 @@ def resolve(
             else:
                 backward.append(span)
         elif kind == GRADIENT_READY:
-            # A node's gradient is ready: the calls it begins open (once per pass), and it
-            # is the latest end so far of the open calls it ends. Begins go first: a call
-            # whose output node is its input node begins and ends on this one event.
-            lo, hi = bisect_left(sorted_nodes, call), bisect_right(sorted_nodes, call)
-            for link in sorted_links[lo:hi]:
+            # A node is about to run: the calls it begins open (once per backward pass).
+            for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
                 if link & LINK_BEGIN:
                     linked_call = link >> LINK_SHIFT
                     if linked_call not in began_this_backward:
                         began_this_backward.add(linked_call)
                         module = (link >> 1) & MODULE_MASK
                         open_bw[linked_call] = [ts, -1, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, NO_LAG]
-            for link in sorted_links[lo:hi]:
+        elif kind == NODE_DONE:
+            # A node has run: the latest end so far of the open calls it may end.
+            for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
                 if not link & LINK_BEGIN:
                     span = open_bw.get(link >> LINK_SHIFT)
                     if span is not None:
                         span[_E], span[_EEV] = ts, i
         elif kind == BACKWARD_DONE:
-            _close_pass(open_bw, ts, i, backward, passthrough)
+            _close_pass(open_bw, ts, i, backward)
             began_this_backward.clear()
         elif kind == STEP_BEGIN:
             step = call
@@ -247,8 +246,6 @@ def resolve(
 
     _hull_backward(backward, parent_of)
     _bound_approximate(backward, parent_of)
-    if passthrough:
-        metadata = dict(metadata or {}, passthrough_calls=len(passthrough))
     # Flow arrows join a call's forward span to its backward span.
     flow_calls = {s[_CALL] for s in backward if s[_CAT] == BACKWARD} & {s[_CALL] for s in forward}
 
@@ -265,15 +262,11 @@ def resolve(
     return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
 
 
-def _close_pass(open_bw: dict[int, list[Any]], done_ns: int, done_event: int, backward: list[list[Any]],
-                passthrough: list[int]) -> None:
+def _close_pass(open_bw: dict[int, list[Any]], done_ns: int, done_event: int, backward: list[list[Any]]) -> None:
     """A backward pass is over: close every span it opened."""
-    for call, span in open_bw.items():
-        if span[_EEV] == span[_BEV]:
-            passthrough.append(call)  # its output node was its input node: no work of its own
-            continue
+    for span in open_bw.values():
         if span[_E] < 0:
-            # No input or parameter gradient marked its end: the pass's end bounds it.
+            # Nothing marked its end: the pass's end bounds it.
             span[_E], span[_EEV], span[_FLAGS] = done_ns, done_event, APPROXIMATE
         else:
             span[_FLAGS] = 0

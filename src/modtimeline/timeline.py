@@ -120,6 +120,7 @@ class Timeline:
         if self._entered:
             raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
         self._entered = True
+        self.recorder.own_thread()  # the thread that enters records (see README: threads)
         self._start_window()
         self._maybe_start_device_clock()
         if self.schedule is None:
