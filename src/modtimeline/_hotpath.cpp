@@ -630,6 +630,17 @@ bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autogr
   return true;
 }
 
+// Link the backward of the call that just returned `output` (a recomputed call's too: a
+// reentrant checkpoint runs the backward of what it recomputed right after).
+PyObject* link_output(HooksObject* self, Events& events, PyObject* output, const Frame& frame) {
+  uint64_t last_node = at::sequence_number::peek();
+  if (output == Py_None || last_node == frame.first_node) Py_RETURN_NONE;  // no node was made: no backward
+  std::vector<torch::autograd::Node*> nodes;
+  if (!output_nodes(self, output, nodes)) return nullptr;
+  link_call(events, nodes, frame.call, frame.index, frame.first_node, last_node);
+  Py_RETURN_NONE;
+}
+
 // pre_forward(module, args): a module's forward begins.
 PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
@@ -647,7 +658,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     if (index < 0) return nullptr;
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    (*self->other_stacks)[thread].push_back({call, index, true, 0});
+    (*self->other_stacks)[thread].push_back({call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   int64_t index = index_of(self, args[0]);
@@ -656,7 +667,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
   if (task != -1) {
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    self->stack->push_back({call, index, true, 0});
+    self->stack->push_back({call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
@@ -682,7 +693,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     found->second.pop_back();
     if (found->second.empty()) self->other_stacks->erase(found);
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
-    Py_RETURN_NONE;
+    return link_output(self, events, output, frame);
   }
   auto& stack = *self->stack;
   if (stack.empty()) Py_RETURN_NONE;  // the forward began before the hooks were on
@@ -694,7 +705,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
   if (frame.recompute) {
     // (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
-    Py_RETURN_NONE;
+    return link_output(self, events, output, frame);
   }
   if (!events.record(FORWARD_END, frame.call, frame.index)) return nullptr;
   if (output == Py_None) {
@@ -709,12 +720,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     }
     Py_RETURN_NONE;
   }
-  uint64_t last_node = at::sequence_number::peek();
-  if (last_node == frame.first_node) Py_RETURN_NONE;  // no autograd node was made: no backward
-  std::vector<torch::autograd::Node*> nodes;
-  if (!output_nodes(self, output, nodes)) return nullptr;
-  link_call(events, nodes, frame.call, frame.index, frame.first_node, last_node);
-  Py_RETURN_NONE;
+  return link_output(self, events, output, frame);
 }
 
 // reset(): the hooks were taken off; forget open forwards (call numbers go on).

@@ -260,7 +260,7 @@ class PythonForwardHooks:
             call = self.next_call
             self.next_call = call + 1
             self._buffer.record(RECOMPUTE_BEGIN, call, index)
-            self._other_stacks.setdefault(_thread_id(), []).append(_Frame(call, index, True))
+            self._other_stacks.setdefault(_thread_id(), []).append(_Frame(call, index, True, _next_sequence_nr()))
             return
         index = self._registry.index_of(module)
         call = self.next_call
@@ -268,7 +268,7 @@ class PythonForwardHooks:
         if task != -1:
             # Forward inside backward: activation-checkpoint recompute.
             self._buffer.record(RECOMPUTE_BEGIN, call, index)
-            self._stack.append(_Frame(call, index, True))
+            self._stack.append(_Frame(call, index, True, _next_sequence_nr()))
             return
         self._buffer.record(FORWARD_BEGIN, call, index)
         self._stack.append(_Frame(call, index, False, _next_sequence_nr()))
@@ -282,6 +282,7 @@ class PythonForwardHooks:
             if not stack:
                 del self._other_stacks[_thread_id()]
             self._buffer.record(RECOMPUTE_END, frame.call, frame.index)
+            self._link_output(output, frame)
             return
         stack = self._stack
         if not stack or not self._registry.is_module(stack[-1].index, module):
@@ -292,14 +293,20 @@ class PythonForwardHooks:
         if frame.recompute:
             # (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
             self._buffer.record(RECOMPUTE_END, frame.call, frame.index)
+            self._link_output(output, frame)
             return
         self._buffer.record(FORWARD_END, frame.call, frame.index)
         if output is None:
             if sys.exc_info()[1] is not None:  # the forward raised: torch calls us with no output
                 self._callbacks.forward_raised(frame.call)
             return
+        self._link_output(output, frame)
+
+    def _link_output(self, output: Any, frame: _Frame) -> None:
+        """Link the backward of the call that returned ``output`` (a recomputed call's too:
+        a reentrant checkpoint runs the backward of what it recomputed right after)."""
         last = _next_sequence_nr()
-        if last == frame.first_node:
+        if output is None or last == frame.first_node:
             return  # no autograd node was made: no backward
         tensors = [output] if isinstance(output, _Tensor) else self._callbacks.tensors(output)
         outputs = [t.grad_fn for t in tensors if isinstance(t, _Tensor) and t.grad_fn is not None]

@@ -166,6 +166,7 @@ def resolve(
     open_bw: dict[int, list[Any]] = {}
     parent_of: dict[int, int] = {}
     fw_stack: list[int] = []
+    rc_stack: list[int] = []
     open_step: list[Any] | None = None
     step = -1
     # Group the node links by node: a stable sort keeps each node's links in order.
@@ -181,10 +182,12 @@ def resolve(
             module = (code >> KIND_BITS) & MODULE_MASK
             cat = FORWARD if kind == FORWARD_BEGIN else RECOMPUTE
             open_fw[call] = [ts, close_ns, module, cat, call, step, INCOMPLETE, i, -1, NO_LAG]
-            if cat == FORWARD:
-                if fw_stack:
-                    parent_of[call] = fw_stack[-1]
-                fw_stack.append(call)
+            # Recomputed calls nest among themselves as forward calls do (their backward
+            # spans, from the nodes the recompute made, follow the same hull rule).
+            stack = fw_stack if cat == FORWARD else rc_stack
+            if stack:
+                parent_of[call] = stack[-1]
+            stack.append(call)
         elif kind == FORWARD_END or kind == RECOMPUTE_END:
             span = open_fw.pop(call, None)
             if span is None:
@@ -192,14 +195,12 @@ def resolve(
             span[_E] = ts
             span[_FLAGS] = INCOMPLETE if call in raised_calls else 0
             span[_EEV] = i
-            if span[_CAT] == FORWARD:
-                forward.append(span)
-                if fw_stack and fw_stack[-1] == call:
-                    fw_stack.pop()
-                elif call in fw_stack:
-                    fw_stack.remove(call)
-            else:
-                backward.append(span)
+            stack = fw_stack if span[_CAT] == FORWARD else rc_stack
+            if stack and stack[-1] == call:
+                stack.pop()
+            elif call in stack:
+                stack.remove(call)
+            (forward if span[_CAT] == FORWARD else backward).append(span)
         elif kind == GRADIENT_READY:
             # A node is about to run: the calls it begins open (once per backward pass).
             for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
