@@ -7,6 +7,7 @@ resolve -> writer -> file.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .errors import DeviceError, ModTimelineError
 from .gc_pause import paused_gc
 from .resolve import TraceData, resolve
 from .schedule import Schedule, StepAction
+from .signals import TerminationGuard
 from .recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
@@ -74,6 +76,11 @@ class Timeline:
     as soon as it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use),
     ``"cpu"`` (host only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated
     counter track. ``capacity`` bounds the events held between flushes.
+    ``handle_signals``: on SIGTERM inside the Timeline (main thread only), write the
+    trace first, open spans flagged incomplete, then do what SIGTERM did before.
+    Threads: the Timeline records the module calls of the thread that entered it, and
+    the activation-checkpoint recompute inside its own backward passes; other threads'
+    models are not recorded.
     ``device_backend`` replaces the CUDA event backend (tests pass a ``FakeBackend``).
     Under ``torch.distributed`` (create the Timeline after ``init_process_group``) each
     rank writes its own file: ``{rank}`` in ``path`` becomes the rank, and without it a
@@ -89,6 +96,7 @@ class Timeline:
         schedule: Schedule | None = None,
         capacity: int = DEFAULT_CAPACITY,
         memory: bool = False,
+        handle_signals: bool = True,
         device_backend: DeviceBackend | None = None,
     ) -> None:
         self.path = check_writable(_rank_path(path))
@@ -114,6 +122,9 @@ class Timeline:
         self._window_steps: list[int] = []
         self._raised_steps: set[int] = set()
         self.written: list[Path] = []
+        self._guard = TerminationGuard(self._write_on_signal) if handle_signals else None
+        self._writing = False
+        self._deferred_signal: int | None = None
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Timeline:
@@ -125,10 +136,19 @@ class Timeline:
         self._maybe_start_device_clock()
         if self.schedule is None:
             self._hooks(True)
+        if self._guard is not None:
+            self._guard.install()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        try:
+            self._close(exc)
+        finally:
+            if self._guard is not None:
+                self._guard.uninstall()
+
+    def _close(self, exc: BaseException | None) -> None:
         self._entered = False
         if self._in_step:
             self._end_step(closing=True)
@@ -159,9 +179,13 @@ class Timeline:
             yield number
         except BaseException:
             self._raised_steps.add(number)
+            try:
+                self._end_step()
+            except Exception as error:
+                # Never replace the user's exception with ours (a full disk at a window's end).
+                warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=3)
             raise
-        finally:
-            self._end_step()
+        self._end_step()
 
     def _begin_step(self) -> int:
         number = self._step
@@ -238,7 +262,7 @@ class Timeline:
     def _window_path(self, window: int) -> Path:
         return _with_infix(self.path, f"{window:03d}")
 
-    def trace_data(self, exception: BaseException | None = None) -> TraceData:
+    def trace_data(self, exception: BaseException | str | None = None) -> TraceData:
         """Resolve what has been recorded so far into spans (closing what is open)."""
         close_ns = time.perf_counter_ns()
         marks = self._clock.resolve() if self._clock is not None else None
@@ -253,8 +277,10 @@ class Timeline:
             "events_dropped": self.buffer.dropped,
             "device": "cuda" if marks is not None else "cpu",
         }
-        if exception is not None:
+        if isinstance(exception, BaseException):
             metadata["exception"] = f"{type(exception).__name__}: {exception}"
+        elif exception is not None:
+            metadata["exception"] = exception
         timestamps, codes, link_node, link_code = self.buffer.columns()
         return resolve(
             timestamps,
@@ -270,10 +296,39 @@ class Timeline:
             raised_steps=self._raised_steps,
         )
 
-    def _flush(self, path: Path, exception: BaseException | None = None) -> None:
-        with paused_gc():
-            data = self.trace_data(exception)
-            write_trace(data, path, self.format)
+    def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:
+        self._writing = True
+        try:
+            with paused_gc():
+                data = self.trace_data(exception)
+                write_trace(data, path, self.format)
+        finally:
+            self._writing = False
         self.recorder.raised_calls.clear()
         self._raised_steps.clear()
         self.written.append(path)
+        deferred, self._deferred_signal = self._deferred_signal, None
+        if deferred is not None and self._guard is not None:
+            self._guard.deliver(deferred)
+
+    def _write_on_signal(self, signum: int) -> bool:
+        """SIGTERM inside the Timeline: write what was recorded, open spans flagged
+        incomplete. False: a write is under way; the signal waits for it."""
+        if self._writing:
+            self._deferred_signal = signum
+            return False
+        if not self._entered:
+            return True
+        if self.schedule is None:
+            path = self.path
+        elif self._window_steps:
+            path = self._final_path()
+        elif self._in_step and self._action not in (StepAction.SKIP, StepAction.WARMUP):
+            path = self._window_path(self.schedule.window(self._step))
+        else:
+            return True  # between windows: nothing recorded to lose
+        try:
+            self._flush(path, exception=f"terminated by signal {signal.Signals(signum).name}")
+        except Exception as error:
+            warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
+        return True

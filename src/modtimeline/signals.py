@@ -1,0 +1,70 @@
+"""Write the trace when the process is told to stop (SIGTERM), then stop as it would have.
+
+torchrun sends SIGTERM to every worker when one of them fails: exactly when the trace is
+wanted. SIGINT needs nothing here: Python turns it into KeyboardInterrupt, which leaves
+the ``with Timeline`` block, and the block writes the trace on its way out.
+
+Signal handlers can only be set from the main thread, so a Timeline entered in another
+thread does not install one. A process that ignores SIGTERM keeps ignoring it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+__all__ = ["TerminationGuard"]
+
+_HANDLED = (signal.SIGTERM,)
+
+
+class TerminationGuard:
+    """While installed, SIGTERM first calls ``write(signum)``, then does what the handler
+    it replaced would have done (the default: the process ends, killed by SIGTERM).
+
+    ``write`` returns False to defer (a write is under way): its caller then calls
+    ``deliver(signum)`` once that write is done."""
+
+    def __init__(self, write: Callable[[int], bool]) -> None:
+        self._write = write
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> bool:
+        """Install in the main thread; False (and nothing done) anywhere else."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for signum in _HANDLED:
+            previous = signal.getsignal(signum)
+            if previous in (signal.SIG_IGN, None):
+                continue  # ignored on purpose, or set from C: left as it is
+            self._previous[signum] = previous
+            signal.signal(signum, self._handle)
+        return True
+
+    def uninstall(self) -> None:
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        written = True
+        try:
+            written = self._write(signum)
+        finally:
+            if written:
+                self.deliver(signum, frame)
+
+    def deliver(self, signum: int, frame: FrameType | None = None) -> None:
+        """Do what the replaced handler does with ``signum``."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            # The default action: restore it and deliver the signal again.
+            self.uninstall()
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
