@@ -1,6 +1,7 @@
 """summary / diff: statistics, verdicts, outputs and input errors (no torch needed)."""
 
 import gzip
+from pathlib import Path
 import subprocess
 import sys
 
@@ -236,3 +237,68 @@ def test_summary_formats(tmp_path, capsys):
     summary = summarize([read_trace(path)])
     root = summary.rows[0]
     assert root.share_of_step == pytest.approx(1.0, rel=1e-6)
+
+
+# ------------------------------------------------------------------ machine drift
+def _uniform(count: int, factor: float) -> dict[int, float]:
+    return {i: factor for i in range(1, count)}
+
+
+@pytest.mark.parametrize("drift", [1.08, 0.92, 1.15])
+def test_uniform_drift_of_the_whole_machine_is_not_a_regression_either_way(drift):
+    # Same code, recorded one after the other while the machine's speed changed: every
+    # module moved by the same factor. Before the correction, one direction failed.
+    a = [synthetic.in_memory(30, 20, seed=1)]
+    b = [synthetic.in_memory(30, 20, seed=2, slow=_uniform(30, drift))]
+    for base, candidate in ((a, b), (b, a)):
+        report = diff(base, candidate, DiffConfig(warmup=0))
+        assert not report.regressed, [(m.fqn, m.phase, m.ratio) for m in report.regressed]
+        assert report.drift != 1.0 and any("machine drift" in w for w in report.warnings)
+
+
+def test_one_module_ten_percent_slower_is_still_found_on_a_drifting_machine():
+    slow = _uniform(30, 1.08)
+    slow[7] = 1.08 * 1.10
+    report = diff([synthetic.in_memory(30, 20, seed=1)], [synthetic.in_memory(30, 20, seed=2, slow=slow)],
+                  DiffConfig(warmup=0))
+    assert {(m.fqn, m.phase) for m in report.regressed} == {("Model.layers.6", "forward"), ("Model.layers.6", "backward")}
+
+
+def test_a_shift_beyond_max_drift_is_judged_as_measured():
+    report = diff([synthetic.in_memory(30, 20, seed=1)], [synthetic.in_memory(30, 20, seed=2, slow=_uniform(30, 1.5))],
+                  DiffConfig(warmup=0))
+    assert report.drift == 1.0 and report.regressed
+    assert any("more than machine drift" in w for w in report.warnings)
+
+
+def test_drift_correction_can_be_turned_off():
+    report = diff([synthetic.in_memory(30, 20, seed=1)], [synthetic.in_memory(30, 20, seed=2, slow=_uniform(30, 1.08))],
+                  DiffConfig(warmup=0, max_drift=0))
+    assert report.drift == 1.0 and report.regressed
+
+
+# ------------------------------------------------------------------ summary arithmetic
+def test_summary_shares_count_recompute_once_and_skip_warmup_as_diff_does():
+    from modtimeline.analysis.reader import Span, Trace
+
+    spans = []
+    for step in range(3):
+        t = step * 1000
+        spans += [Span("M", "forward", "cpu", (0, 2), step, t, t + 100),
+                  Span("M", "backward", "cpu", (0, 10), step, t + 200, t + 500),
+                  Span("M", "recompute", "cpu", (0, 10), step, t + 250, t + 350)]
+    trace = Trace(Path("mem"), {"tool": "modtimeline"}, spans, {0: 1000, 1: 1000, 2: 1000})
+    summary = summarize([trace])
+    assert summary.steps == 2  # one warm-up step left out, as diff does by default
+    assert summary.rows[0].share_of_step == pytest.approx(0.4)  # (100 + 300) / 1000, recompute inside
+
+
+def test_summary_refuses_two_runs_in_one_folder(tmp_path, capsys):
+    for name, run in (("a.json", "run-a"), ("b.json", "run-b")):
+        path = synthetic.write(tmp_path / name, count=3, steps=4, seed=1)
+        document = orjson.loads(path.read_bytes())
+        document["metadata"]["run_id"] = run
+        path.write_bytes(orjson.dumps(document))
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "different runs" in capsys.readouterr().err
+    assert main(["summary", str(tmp_path), "--pool-runs"]) == 0

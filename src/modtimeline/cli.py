@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, int_at_least, split_candidates
+from .analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, emit, int_at_least, split_candidates
 from .errors import DeviceError, ModTimelineError
 
 
@@ -24,9 +24,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     path = run_demo(args.output, steps=args.steps, device=args.device)
     size = path.stat().st_size
-    print(f"wrote {path} ({size / 1024:.0f} KiB): {args.steps} training steps of a small transformer")
-    print("open it: drag the file onto https://ui.perfetto.dev (or `modtimeline summary "
-          f"{path}` for a per-module table)")
+    emit(f"wrote {path} ({size / 1024:.0f} KiB): {args.steps} training steps of a small transformer\n"
+         "open it: drag the file onto https://ui.perfetto.dev (or `modtimeline summary "
+         f"{path}` for a per-module table)")
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,8 @@ class Timeline:
         self._raised_steps: set[int] = set()
         self.written: list[Path] = []
         self._guard = TerminationGuard(self._write_on_signal) if handle_signals else None
+        # One id for every file of this run (its windows; under torchrun, every rank's).
+        self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
         self._writing = False
         self._deferred_signal: int | None = None
 
@@ -272,6 +275,7 @@ class Timeline:
             "version": __version__,
             "torch": torch.__version__,
             "base_wall_time_ns": self._base_wall_ns,
+            "run_id": self._run_id,
             "clock": "perf_counter_ns",
             "steps": list(self._window_steps),
             "events_dropped": self.buffer.dropped,

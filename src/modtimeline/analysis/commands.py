@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ import orjson
 
 from ..errors import ModTimelineError
 from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
-from .reader import read_trace, trace_files
+from .reader import DEFAULT_LIMITS, ReadLimits, Trace, read_trace, trace_files
 from .render import (
     render_diff_markdown,
     render_diff_text,
@@ -50,19 +51,58 @@ def fraction(text: str) -> float:
     return value
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def alpha(text: str) -> float:
+    """An argparse type: a significance level, above 0 and at most 0.5."""
+    value = fraction(text)
+    if not 0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 0.5, got {value}")
+    return value
+
+
+def emit(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) ends the output quietly."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's own flush at exit stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _emit_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+    emit(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+
+
+def _limits(args: argparse.Namespace) -> ReadLimits:
+    return ReadLimits(max_bytes=args.max_trace_mb << 20, max_events=args.max_events)
+
+
+def _read_all(paths: list[str], limits: ReadLimits) -> list[Trace]:
+    return [read_trace(path, limits) for path in trace_files(paths)]
 
 
 def _summary(args: argparse.Namespace) -> int:
-    traces = [read_trace(path) for path in trace_files(args.traces)]
-    summary = summarize(traces, warmup=args.warmup, depth=args.depth, top=args.top)
+    traces = _read_all(args.traces, _limits(args))
+    summary = summarize(traces, warmup=args.warmup, depth=args.depth, top=args.top, pool_runs=args.pool_runs)
     if args.format == "json":
         _emit_json(summary.to_json())
     elif args.format == "markdown":
-        print(render_summary_markdown(summary, tree=args.top is None))
+        emit(render_summary_markdown(summary, tree=args.top is None))
     else:
-        print(render_summary_text(summary, tree=args.top is None))
+        emit(render_summary_text(summary, tree=args.top is None))
     return EXIT_OK
 
 
@@ -79,12 +119,12 @@ def _diff(args: argparse.Namespace) -> int:
     if args.threshold is not None or args.floor_us is not None:
         config.default = Rule("*", args.threshold if args.threshold is not None else config.default.threshold,
                               args.floor_us if args.floor_us is not None else config.default.floor_us)
-    for name in ("alpha", "correction", "warmup", "min_samples"):
+    for name in ("alpha", "correction", "warmup", "min_samples", "max_drift"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
-    base = [read_trace(path) for path in trace_files(base_paths)]
-    candidate = [read_trace(path) for path in trace_files(candidate_paths)]
+    base = _read_all(base_paths, _limits(args))
+    candidate = _read_all(candidate_paths, _limits(args))
     report = diff(base, candidate, config)
 
     markdown = None
@@ -92,9 +132,9 @@ def _diff(args: argparse.Namespace) -> int:
         _emit_json(report.to_json())
     elif args.format == "markdown":
         markdown = render_diff_markdown(report)
-        print(markdown)
+        emit(markdown)
     else:
-        print(render_diff_text(report, show_all=args.all, color=use_color()))
+        emit(render_diff_text(report, show_all=args.all, color=use_color()))
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
         try:
@@ -112,7 +152,11 @@ def add_analysis_commands(commands: Any) -> None:
     summary.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     summary.add_argument("--top", type=int_at_least(1), help="only the N modules with the most time (a flat list)")
     summary.add_argument("--depth", type=int_at_least(0), help="only modules at most D levels below the root (root = 0)")
-    summary.add_argument("--warmup", type=int_at_least(0), default=0, help="leave out the first N steps of each trace")
+    summary.add_argument("--warmup", type=int_at_least(0), default=1,
+                         help="leave out the first N steps of each trace (default 1, as diff)")
+    summary.add_argument("--pool-runs", action="store_true",
+                         help="average traces of different runs together (refused by default)")
+    _add_limits(summary)
     summary.set_defaults(run=_summary)
 
     compare = commands.add_parser(
@@ -130,13 +174,23 @@ def add_analysis_commands(commands: Any) -> None:
     output.add_argument("--json", dest="format", action="store_const", const="json")
     compare.add_argument("--config", help="TOML file with [diff] settings and per-FQN-glob thresholds")
     compare.add_argument("--threshold", type=fraction, help="relative change that counts (default 0.05)")
-    compare.add_argument("--floor-us", type=float, help="absolute change per step that counts (default 20)")
-    compare.add_argument("--alpha", type=fraction, help="significance level after correction (default 0.05)")
+    compare.add_argument("--floor-us", type=non_negative, help="absolute change per step that counts (default 20)")
+    compare.add_argument("--alpha", type=alpha, help="significance level after correction (default 0.05)")
     compare.add_argument("--correction", choices=("holm", "bh"), help="multiple-testing correction (default holm)")
     compare.add_argument("--warmup", type=int_at_least(0), help="steps left out at the start of each trace (default 1)")
     compare.add_argument("--min-samples", type=int_at_least(2), help="steps per side needed for a verdict (default 5)")
+    compare.add_argument("--max-drift", type=fraction, help="largest common shift of all modules taken for machine "
+                         "drift and corrected (default 0.25; 0 turns the correction off)")
     compare.add_argument("--all", action="store_true", help="list unchanged modules too")
+    _add_limits(compare)
     compare.set_defaults(run=_diff)
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-trace-mb", type=int_at_least(1), default=DEFAULT_LIMITS.max_bytes >> 20,
+                        help=f"largest trace read, after gunzip (default {DEFAULT_LIMITS.max_bytes >> 20} MiB)")
+    parser.add_argument("--max-events", type=int_at_least(1), default=DEFAULT_LIMITS.max_events,
+                        help=f"most events in one trace (default {DEFAULT_LIMITS.max_events:,})")
 
 
 def split_candidates(argv: list[str]) -> list[str]:

@@ -10,11 +10,19 @@ A module (FQN, phase, device) *regressed* only when all three agree:
 
 A change past both thresholds without significance is *inconclusive* (too noisy or
 too few steps), never a silent pass. Thresholds can be set per FQN glob.
+
+Machine drift: base and candidate recorded one after the other on a shared machine
+differ by however much the machine's speed changed in between, in every module alike.
+The common shift (the median over modules of candidate/base) is estimated and the base
+times are scaled by it before each module is judged, so only a module that moved *more
+than the rest* is flagged; the shift itself is reported. A shift larger than
+``max_drift`` is not taken for drift: modules are then judged as measured.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +52,10 @@ class DiffConfig:
     warmup: int = 1
     min_samples: int = 5
     noisy_spread: float = 0.10  # warn when MAD/median of a side exceeds this
+    # A common shift of every module up to this much is machine drift (the machine got
+    # slower or faster between the runs), and each module is judged against it; 0 turns
+    # the correction off.
+    max_drift: float = 0.25
     default: Rule = field(default_factory=Rule)
     rules: list[Rule] = field(default_factory=list)
 
@@ -81,34 +93,91 @@ def load_config(path: str | Path, base: DiffConfig | None = None) -> DiffConfig:
         raise TraceFormatError("reading a TOML config needs Python 3.11 or newer")
     config = base or DiffConfig()
     try:
-        document = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_bytes().decode("utf-8")
+        document = tomllib.loads(text)
     except OSError as error:
         raise TraceFormatError(f"{path}: cannot read config: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise TraceFormatError(f"{path}: the config is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise TraceFormatError(f"{path}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise TraceFormatError(f"{path}: invalid TOML: nested too deeply") from None
+    unknown_tables = set(document) - {"diff"}
+    if unknown_tables:
+        raise TraceFormatError(f"{path}: unknown top-level settings: {', '.join(sorted(unknown_tables))} "
+                               "(settings go under [diff])")
     section = document.get("diff", {})
-    known = {"threshold", "floor_us", "alpha", "correction", "warmup", "min_samples", "noisy_spread", "module"}
-    unknown = set(section) - known
-    if unknown:
-        raise TraceFormatError(f"{path}: unknown [diff] settings: {', '.join(sorted(unknown))}")
-    try:
-        config.alpha = float(section.get("alpha", config.alpha))
-        config.correction = str(section.get("correction", config.correction))
-        config.warmup = int(section.get("warmup", config.warmup))
-        config.min_samples = int(section.get("min_samples", config.min_samples))
-        config.noisy_spread = float(section.get("noisy_spread", config.noisy_spread))
-        config.default = Rule("*", float(section.get("threshold", config.default.threshold)),
-                              float(section.get("floor_us", config.default.floor_us)))
-        for entry in section.get("module", []):
-            if "match" not in entry:
-                raise TraceFormatError(f"{path}: every [[diff.module]] needs a match = \"FQN glob\"")
-            config.rules.append(Rule(str(entry["match"]), float(entry.get("threshold", config.default.threshold)),
-                                     float(entry.get("floor_us", config.default.floor_us)), bool(entry.get("ignore", False))))
-    except (TypeError, ValueError) as error:
-        raise TraceFormatError(f"{path}: bad value in [diff]: {error}") from None
+    if not isinstance(section, dict):
+        raise TraceFormatError(f"{path}: diff must be a table ([diff]), not {type(section).__name__}")
+    check = _ConfigChecker(str(path))
+    check.known("[diff]", section, set(_SETTINGS) | {"threshold", "floor_us", "module"})
+    for key, (kind, low, high) in _SETTINGS.items():
+        if key in section:
+            setattr(config, key, check.value(f"[diff] {key}", section[key], kind, low, high))
     if config.correction not in ("holm", "bh"):
-        raise TraceFormatError(f"{path}: correction must be 'holm' or 'bh', not {config.correction!r}")
+        raise TraceFormatError(f"{path}: [diff] correction must be \"holm\" or \"bh\", not {config.correction!r}")
+    threshold = check.value("[diff] threshold", section.get("threshold", config.default.threshold), float, 0, 100)
+    floor_us = check.value("[diff] floor_us", section.get("floor_us", config.default.floor_us), float, 0, 1e12)
+    config.default = Rule("*", threshold, floor_us)
+    modules = section.get("module", [])
+    if not isinstance(modules, list):
+        raise TraceFormatError(f"{path}: [diff] module must be a list of [[diff.module]] tables")
+    for number, entry in enumerate(modules, start=1):
+        where = f"[[diff.module]] #{number}"
+        if not isinstance(entry, dict):
+            raise TraceFormatError(f"{path}: {where} must be a table")
+        check.known(where, entry, {"match", "threshold", "floor_us", "ignore"})
+        if "match" not in entry:
+            raise TraceFormatError(f"{path}: {where} needs a match = \"FQN glob\"")
+        config.rules.append(Rule(
+            check.value(f"{where} match", entry["match"], str),
+            check.value(f"{where} threshold", entry.get("threshold", threshold), float, 0, 100),
+            check.value(f"{where} floor_us", entry.get("floor_us", floor_us), float, 0, 1e12),
+            check.value(f"{where} ignore", entry.get("ignore", False), bool)))
     return config
+
+
+# [diff] settings: (type, lowest, highest) — bounds inclusive.
+_SETTINGS: dict[str, tuple[type, float | None, float | None]] = {
+    "alpha": (float, 1e-12, 0.5),
+    "correction": (str, None, None),
+    "warmup": (int, 0, 1_000_000),
+    "min_samples": (int, 2, 1_000_000),
+    "noisy_spread": (float, 0, 100),
+    "max_drift": (float, 0, 0.9),
+}
+
+
+class _ConfigChecker:
+    """Every value checked for type, range and NaN, naming the key on error: a config
+    that could hide a regression (threshold = nan, ignore = "false") must not load."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def known(self, where: str, table: dict[str, Any], allowed: set[str]) -> None:
+        unknown = set(table) - allowed
+        if unknown:
+            raise TraceFormatError(f"{self.path}: unknown {where} settings: {', '.join(sorted(unknown))}")
+
+    def value(self, key: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> Any:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TraceFormatError(f"{self.path}: {key} must be true or false, not {value!r}")
+            return value
+        if kind is str:
+            if not isinstance(value, str):
+                raise TraceFormatError(f"{self.path}: {key} must be a string, not {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise TraceFormatError(f"{self.path}: {key} must be {'a whole number' if kind is int else 'a number'}, "
+                                   f"not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TraceFormatError(f"{self.path}: {key} must be a finite number, not {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise TraceFormatError(f"{self.path}: {key} must be between {low:g} and {high:g}, not {value!r}")
+        return kind(value)
 
 
 @dataclass
@@ -148,6 +217,7 @@ class DiffReport:
     base_files: list[str]
     candidate_files: list[str]
     config: DiffConfig
+    drift: float = 1.0  # candidate/base common shift the base was scaled by
 
     @property
     def regressed(self) -> list[ModuleDiff]:
@@ -167,6 +237,7 @@ class DiffReport:
             "warnings": self.warnings,
             "base": self.base_files,
             "candidate": self.candidate_files,
+            "drift": self.drift,
             "settings": {"alpha": self.config.alpha, "correction": self.config.correction,
                          "warmup": self.config.warmup, "threshold": self.config.default.threshold,
                          "floor_us": self.config.default.floor_us},
@@ -193,6 +264,8 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
     common = sorted(set(base_samples) & set(candidate_samples))
     if not common:
         raise TraceFormatError("base and candidate have no module in common: are they traces of the same model?")
+    warnings: list[str] = []
+    drift = _machine_drift(base_samples, candidate_samples, common, config, warnings)
 
     structural: list[StructuralChange] = []
     for key in sorted(set(base_samples) - set(candidate_samples)):
@@ -202,7 +275,6 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
 
     rows: list[ModuleDiff] = []
     tested: list[int] = []
-    warnings: list[str] = []
     noisy: list[str] = []
     for key in common:
         rule = config.rule_for(key[0])
@@ -212,10 +284,10 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         base_calls, candidate_calls = _median_calls(a), _median_calls(b)
         if base_calls != candidate_calls:
             structural.append(StructuralChange(*key, "calls changed", base_calls, candidate_calls))
-        a_us = [s.inclusive_ns / 1000 for s in a]
+        a_us = [s.inclusive_ns / 1000 * drift for s in a]  # the base, on the candidate machine's speed
         b_us = [s.inclusive_ns / 1000 for s in b]
         base_median, candidate_median = median(a_us), median(b_us)
-        self_delta = median([s.self_ns / 1000 for s in b]) - median([s.self_ns / 1000 for s in a])
+        self_delta = median([s.self_ns / 1000 for s in b]) - median([s.self_ns / 1000 * drift for s in a])
         delta = candidate_median - base_median
         row = ModuleDiff(*key, UNCHANGED, base_median, candidate_median, delta,
                          candidate_median / base_median if base_median else float("inf"),
@@ -253,7 +325,36 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         warnings.append(f"{len(noisy)} module(s) with noisy per-step times (spread > {config.noisy_spread:.0%}), "
                         f"e.g. {noisy[0]}: interleave base and candidate runs on one machine")
     rows.sort(key=lambda r: -abs(r.delta_us))
-    return DiffReport(rows, structural, warnings, [str(t.path) for t in base], [str(t.path) for t in candidate], config)
+    return DiffReport(rows, structural, warnings, [str(t.path) for t in base], [str(t.path) for t in candidate], config,
+                      drift)
+
+
+def _machine_drift(base: dict[Key, list[Sample]], candidate: dict[Key, list[Sample]], common: list[Key],
+                   config: DiffConfig, warnings: list[str]) -> float:
+    """The factor by which every module moved together (1.0: none, or not drift)."""
+    if config.max_drift <= 0:
+        return 1.0
+    logs = []
+    for key in common:
+        rule = config.rule_for(key[0])
+        a, b = base[key], candidate[key]
+        if rule.ignore or len(a) < config.min_samples or len(b) < config.min_samples:
+            continue
+        base_median = median([s.inclusive_ns / 1000 for s in a])
+        candidate_median = median([s.inclusive_ns / 1000 for s in b])
+        if base_median > rule.floor_us and candidate_median > 0:
+            logs.append(math.log(candidate_median / base_median))
+    if len(logs) < 5:
+        return 1.0  # too few modules to tell a shift of the machine from a change of the code
+    shift = math.exp(median(logs))
+    if abs(shift - 1) > config.max_drift:
+        warnings.append(f"every module moved by {shift - 1:+.1%} together: more than machine drift "
+                        f"(max_drift {config.max_drift:.0%}); modules are judged as measured")
+        return 1.0
+    if abs(shift - 1) >= 0.01:
+        warnings.append(f"machine drift: the modules moved by {shift - 1:+.1%} together (median over "
+                        f"{len(logs)}); each module is judged against that shift")
+    return shift
 
 
 def _median_calls(per_step: list[Sample]) -> float:

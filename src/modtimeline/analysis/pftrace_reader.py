@@ -11,16 +11,19 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProt
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
 from ..errors import TraceFormatError
-from .reader import Span, Trace
+from .reader import ReadLimits, Span, Trace, checked_int, checked_metadata, checked_name
 
 _INCREMENTAL_CLOCK = 64
 
 
-def read_pftrace(path: Path, raw: bytes) -> Trace:
+def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     try:
         proto = TraceProto.FromString(raw)
     except (DecodeError, RuntimeError, ValueError):
         raise TraceFormatError(f"{path}: neither JSON nor a Perfetto protobuf trace (or truncated)") from None
+    if len(proto.packet) > limits.max_events:
+        raise TraceFormatError(f"{path}: {len(proto.packet):,} packets is over the {limits.max_events:,} limit "
+                               "(--max-events raises it)")
 
     metadata: dict[str, Any] | None = None
     tracks: dict[int, tuple[int, int, str]] = {}  # uuid -> (pid, tid, name)
@@ -39,7 +42,7 @@ def read_pftrace(path: Path, raw: bytes) -> Trace:
             for entry in packet.chrome_events.metadata:
                 if entry.name == "modtimeline":
                     try:
-                        metadata = orjson.loads(entry.json_value)
+                        metadata = checked_metadata(path, orjson.loads(entry.json_value))
                     except orjson.JSONDecodeError:
                         raise TraceFormatError(f"{path}: damaged modtimeline metadata") from None
         if packet.HasField("track_descriptor"):
@@ -68,8 +71,9 @@ def read_pftrace(path: Path, raw: bytes) -> Trace:
             step = -1
             for annotation in event.debug_annotations:
                 if arg_names.get(sequence, {}).get(annotation.name_iid, annotation.name) == "step":
-                    step = annotation.int_value
-            open_spans.setdefault(track, []).append((time, name, category, step))
+                    step = checked_int(path, annotation.int_value, "slice step")
+            open_spans.setdefault(track, []).append((time, checked_name(path, name, "slice name", limits),
+                                                     checked_name(path, category, "slice category", limits), step))
         elif event.type == TrackEvent.TYPE_SLICE_END:
             stack = open_spans.get(track)
             if not stack:
@@ -77,7 +81,7 @@ def read_pftrace(path: Path, raw: bytes) -> Trace:
             begin, name, category, step = stack.pop()
             spans.append((track, name, category, step, begin, time))
 
-    if metadata is None or metadata.get("tool") != "modtimeline":
+    if metadata is None:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata)")
     result: list[Span] = []
     step_ns: dict[int, int] = {}

@@ -5,7 +5,8 @@ Never imports torch: a CI job that only compares traces does not need it.
 
 from __future__ import annotations
 
-import gzip
+import math
+import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +21,22 @@ from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
 
 PHASES = ("forward", "backward", "recompute")
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one trace file may hold before reading it stops with a clear error (so a
+    hostile or runaway file cannot take the machine's memory). ``--max-trace-mb`` and
+    ``--max-events`` raise the first two."""
+
+    max_bytes: int = 512 << 20  # the file's size, after gunzip
+    max_events: int = 3_000_000  # trace events (spans, metadata)
+    max_name: int = 4096  # characters in a module, track or category name
+
+
+DEFAULT_LIMITS = ReadLimits()
+# Timestamps and durations beyond this (µs, ~31 years) are damage, not time.
+_MAX_MICROSECONDS = 1e15
 
 # (FQN, phase, device), e.g. ("GPT.blocks.0.attn", "backward", "cpu")
 Key = tuple[str, str, str]
@@ -65,7 +82,10 @@ def trace_files(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.name.endswith(TRACE_SUFFIXES) and p.is_file())
+            try:
+                found = sorted(p for p in path.iterdir() if p.name.endswith(TRACE_SUFFIXES) and p.is_file())
+            except OSError as error:
+                raise TraceFileError(f"{path}: cannot list: {error.strerror or error}") from None
             if not found:
                 raise TraceFileError(f"{path}: no trace files ({', '.join(TRACE_SUFFIXES)}) in this directory")
             files.extend(found)
@@ -76,64 +96,134 @@ def trace_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_trace(path: str | Path) -> Trace:
-    """Read one trace file; a clear ``TraceFormatError`` if it is not a usable modtimeline trace."""
+def read_trace(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> Trace:
+    """Read one trace file; a clear ``TraceFormatError`` if it is not a usable modtimeline
+    trace (never another exception for what a file holds)."""
+    path = Path(path)
     with paused_gc():
-        return _read_trace(Path(path))
+        try:
+            return _read_trace(path, limits)
+        except (TraceFileError, TraceFormatError):
+            raise
+        except MemoryError:
+            raise TraceFormatError(f"{path}: too big to read in this process's memory") from None
+        except RecursionError:
+            raise TraceFormatError(f"{path}: nested too deeply") from None
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError, IndexError) as error:
+            raise TraceFormatError(f"{path}: malformed trace ({type(error).__name__}: {error})") from None
 
 
-def _read_trace(path: Path) -> Trace:
+def _read_bytes(path: Path, limits: ReadLimits) -> bytes:
     try:
-        raw = path.read_bytes()
+        size = os.stat(path).st_size
+        if size > limits.max_bytes:
+            raise TraceFormatError(f"{path}: {size / 2**20:.0f} MiB is over the {limits.max_bytes / 2**20:.0f} MiB "
+                                   "limit (--max-trace-mb raises it)")
+        with open(path, "rb") as stream:
+            raw = stream.read(limits.max_bytes + 1)
     except OSError as error:
         raise TraceFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    # gzip, inflated in bounded pieces: a small file can inflate to gigabytes.
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(raw, limits.max_bytes + 1)
+        if len(out) > limits.max_bytes or inflate.unconsumed_tail:
+            raise TraceFormatError(f"{path}: inflates to more than the {limits.max_bytes / 2**20:.0f} MiB limit "
+                                   "(--max-trace-mb raises it)")
+        if not inflate.eof:
+            raise TraceFormatError(f"{path}: damaged or truncated gzip data")
+    except zlib.error:
+        raise TraceFormatError(f"{path}: damaged or truncated gzip data") from None
+    return out
+
+
+def _read_trace(path: Path, limits: ReadLimits) -> Trace:
+    raw = _read_bytes(path, limits)
     if not raw:
         raise TraceFormatError(f"{path}: empty file")
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error):
-            raise TraceFormatError(f"{path}: damaged or truncated gzip data") from None
     if raw.lstrip()[:1] == b"{":
-        trace = _read_chrome_json(path, raw)
+        trace = _read_chrome_json(path, raw, limits)
     else:
         from .pftrace_reader import read_pftrace
 
-        trace = read_pftrace(path, raw)
+        trace = read_pftrace(path, raw, limits)
     if not any(span.phase in PHASES for span in trace.spans):
         raise TraceFormatError(f"{path}: the trace holds no module spans")
     return trace
 
 
-def _read_chrome_json(path: Path, raw: bytes) -> Trace:
+def checked_name(path: Path, value: Any, what: str, limits: ReadLimits) -> str:
+    """A name from a trace file: a string of bounded length."""
+    if not isinstance(value, str):
+        raise TraceFormatError(f"{path}: {what} is {type(value).__name__}, not a string")
+    if len(value) > limits.max_name:
+        raise TraceFormatError(f"{path}: {what} is {len(value):,} characters long (limit {limits.max_name:,})")
+    return value
+
+
+def checked_int(path: Path, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 62:
+        raise TraceFormatError(f"{path}: {what} is not a whole number ({str(value)[:40]!r})")
+    return value
+
+
+def _checked_microseconds(path: Path, value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > _MAX_MICROSECONDS:
+        raise TraceFormatError(f"{path}: event {what} is not a usable time ({str(value)[:40]!r})")
+    return value
+
+
+def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, dict) or metadata.get("tool") != "modtimeline":
+        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not 'modtimeline')")
+    return metadata
+
+
+def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}); truncated?") from None
     if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
         raise TraceFormatError(f"{path}: not a Chrome trace (no traceEvents list)")
-    metadata = document.get("metadata")
-    if not isinstance(metadata, dict) or metadata.get("tool") != "modtimeline":
-        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not 'modtimeline')")
+    metadata = checked_metadata(path, document.get("metadata"))
+    events = document["traceEvents"]
+    if len(events) > limits.max_events:
+        raise TraceFormatError(f"{path}: {len(events):,} events is over the {limits.max_events:,} limit "
+                               "(--max-events raises it)")
     thread_names: dict[tuple[int, int], str] = {}
     spans: list[Span] = []
     step_ns: dict[int, int] = {}
-    try:
-        for event in document["traceEvents"]:
-            phase = event.get("ph")
-            if phase == "X":
-                begin = round(event["ts"] * 1000)
-                end = begin + round(event["dur"] * 1000)
-                step = int(event.get("args", {}).get("step", -1))
-                category = event.get("cat", "")
-                if category == "step":
-                    step_ns[step] = end - begin
-                else:  # device is filled in below, once thread names are known
-                    spans.append(Span(event["name"], category, "", (event["pid"], event["tid"]), step, begin, end))
-            elif phase == "M" and event.get("name") == "thread_name":
-                thread_names[(event["pid"], event["tid"])] = event["args"]["name"]
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise TraceFormatError(f"{path}: malformed trace event ({type(error).__name__}: {error})") from None
+    for event in events:
+        if not isinstance(event, dict):
+            raise TraceFormatError(f"{path}: a trace event is {type(event).__name__}, not an object")
+        phase = event.get("ph")
+        if phase == "X":
+            track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
+            begin = round(_checked_microseconds(path, event.get("ts"), "ts") * 1000)
+            duration = _checked_microseconds(path, event.get("dur"), "dur")
+            if duration < 0:
+                raise TraceFormatError(f"{path}: event dur is negative ({duration})")
+            end = begin + round(duration * 1000)
+            args = event.get("args", {})
+            if not isinstance(args, dict):
+                raise TraceFormatError(f"{path}: event args is {type(args).__name__}, not an object")
+            step = checked_int(path, args.get("step", -1), "event args.step")
+            category = checked_name(path, event.get("cat", ""), "event cat", limits)
+            name = checked_name(path, event.get("name"), "event name", limits)
+            if category == "step":
+                step_ns[step] = end - begin
+            else:  # device is filled in below, once thread names are known
+                spans.append(Span(name, category, "", track, step, begin, end))
+        elif phase == "M" and event.get("name") == "thread_name":
+            track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
+            args = event.get("args")
+            if not isinstance(args, dict):
+                raise TraceFormatError(f"{path}: thread_name args is not an object")
+            thread_names[track] = checked_name(path, args.get("name"), "thread name", limits)
     device_of = {track: "cuda" if name.startswith("cuda") else "cpu" for track, name in thread_names.items()}
     for span in spans:
         span.device = device_of.get(span.track, "cpu")

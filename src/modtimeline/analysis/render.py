@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,28 @@ from .summary import Summary, tree_levels
 _COLORS = {REGRESSED: "\033[31m", IMPROVED: "\033[32m", INCONCLUSIVE: "\033[33m", UNCHANGED: ""}
 _RESET = "\033[0m"
 _MARKS = {REGRESSED: "🔴 regressed", IMPROVED: "🟢 improved", INCONCLUSIVE: "🟡 inconclusive", UNCHANGED: "unchanged"}
+
+
+# Characters a module name may hold (``add_module`` accepts any string) that would let it
+# rewrite a terminal (escape sequences) or a markdown page (new lines, HTML comments).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def plain(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``, ``\\n``): safe on a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def markdown_code(text: str) -> str:
+    """``text`` as one markdown code span that renders literally inside a table cell:
+    control characters escaped, the fence longer than any run of backticks inside
+    (``markdown_table`` escapes ``|``, on which tables split cells even inside code).
+    Inside a code span ``<!--`` and ``#`` are shown as they are, never interpreted."""
+    text = plain(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def use_color(stream: object = sys.stdout) -> bool:
@@ -57,7 +80,7 @@ def _summary_table(summary: Summary, indent: bool) -> tuple[list[str], list[list
     levels = tree_levels([r.fqn for r in summary.rows]) if indent else [0] * len(summary.rows)
     rows = []
     for r, level in zip(summary.rows, levels):
-        name = "  " * level + r.fqn
+        name = "  " * level + plain(r.fqn)
         cells = [name, f"{r.calls:g}", _ms(r.total_us["forward"]), _ms(r.self_us["forward"]),
                  _ms(r.total_us["backward"]), _ms(r.self_us["backward"]), _ms(r.total_us["recompute"])]
         if summary.has_gpu:
@@ -83,13 +106,13 @@ def render_summary_markdown(summary: Summary, tree: bool = True) -> str:
     headers, rows, right = _summary_table(summary, indent=False)
     levels = tree_levels([r.fqn for r in summary.rows]) if tree else [0] * len(summary.rows)
     for row, module, level in zip(rows, summary.rows, levels):
-        row[0] = "&nbsp;&nbsp;" * level + f"`{module.fqn}`"
+        row[0] = "&nbsp;&nbsp;" * level + markdown_code(module.fqn)
     return f"**modtimeline summary**: {_summary_header(summary)}\n\n" + markdown_table(headers, rows, right)
 
 
 # -------------------------------------------------------------------------- diff
 def _diff_cells(m: ModuleDiff, marks: dict[str, str]) -> list[str]:
-    return [marks[m.verdict], m.fqn, m.phase, m.device, _ms(m.base_us), _ms(m.candidate_us),
+    return [marks[m.verdict], plain(m.fqn), m.phase, m.device, _ms(m.base_us), _ms(m.candidate_us),
             _signed_ms(m.delta_us), f"{m.ratio - 1:+.1%}", _signed_ms(m.self_delta_us),
             _signed_ms(m.children_delta_us), f"{m.p_adjusted:.2g}", "; ".join(m.notes)]
 
@@ -126,7 +149,7 @@ def render_diff_text(report: DiffReport, show_all: bool = False, color: bool = F
     if hidden:
         parts.append(f"... {hidden} more unchanged module(s) (--all shows them)")
     parts += _structural_lines(report)
-    parts += [f"warning: {w}" for w in report.warnings]
+    parts += [f"warning: {plain(w)}" for w in report.warnings]
     parts.append(_settings_line(report))
     return "\n".join(parts)
 
@@ -137,16 +160,18 @@ def render_diff_markdown(report: DiffReport, limit: int = 50) -> str:
     unchanged = [m for m in report.modules if m.verdict == UNCHANGED]
     shown = changed + unchanged[: max(0, 10 - len(changed))]
     rows = [_diff_cells(m, _MARKS) for m in shown[:limit]]
-    for row in rows:
-        row[1] = f"`{row[1]}`"
+    for row, module in zip(rows, shown):
+        row[1] = markdown_code(module.fqn)
     parts = [f"### modtimeline diff: {_headline(report)}", "", markdown_table(_DIFF_HEADERS, rows, _DIFF_RIGHT)]
     if len(report.modules) > len(rows):
         parts.append(f"\n<sub>{len(report.modules) - len(rows)} more unchanged module(s) not shown.</sub>")
-    structural = _structural_lines(report)
-    if structural:
-        parts += ["", "**Structural changes**", ""] + [f"- {line.lstrip('- ')}" for line in structural[1:]]
+    if report.structural:
+        parts += ["", "**Structural changes**", ""] + [
+            f"- {markdown_code(s.fqn)} ({s.phase}, {s.device}): " + (
+                f"calls per step {s.base_calls:g} -> {s.candidate_calls:g}" if s.change == "calls changed" else s.change)
+            for s in report.structural]
     if report.warnings:
-        parts += [""] + [f"> ⚠️ {w}" for w in report.warnings]
+        parts += [""] + [f"> ⚠️ {_markdown_text(w)}" for w in report.warnings]
     parts += ["", f"<sub>{_settings_line(report)}</sub>"]
     return "\n".join(parts)
 
@@ -157,9 +182,9 @@ def _structural_lines(report: DiffReport) -> list[str]:
     lines = ["", "structural changes:"]
     for s in report.structural:
         if s.change == "calls changed":
-            lines.append(f"  - {s.fqn} ({s.phase}, {s.device}): calls per step {s.base_calls:g} -> {s.candidate_calls:g}")
+            lines.append(f"  - {plain(s.fqn)} ({s.phase}, {s.device}): calls per step {s.base_calls:g} -> {s.candidate_calls:g}")
         else:
-            lines.append(f"  - {s.fqn} ({s.phase}, {s.device}): {s.change}")
+            lines.append(f"  - {plain(s.fqn)} ({s.phase}, {s.device}): {s.change}")
     return lines
 
 
@@ -169,3 +194,8 @@ def _settings_line(report: DiffReport) -> str:
             f"correction, alpha {c.alpha}, threshold {c.default.threshold:.0%}, floor {c.default.floor_us:g} µs, "
             f"{c.warmup} warm-up step(s) left out; "
             f"{len(report.base_files)} base vs {len(report.candidate_files)} candidate trace(s)")
+
+
+def _markdown_text(text: str) -> str:
+    """Our own message text, which may quote a module name: one line, no HTML, no markup."""
+    return re.sub(r"([\\`*_{}\[\]<>#|!])", r"\\\1", plain(text))

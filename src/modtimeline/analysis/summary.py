@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import TraceFormatError
 from .reader import PHASES, Trace, samples
 from .stats import median
 
@@ -29,7 +30,7 @@ class ModuleRow:
     total_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive
     self_us: dict[str, float] = field(default_factory=dict)  # phase -> self
     gpu_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive on GPU tracks
-    share_of_step: float | None = None  # (forward + backward + recompute) / step time
+    share_of_step: float | None = None  # (forward + backward) / step time (recompute lies inside backward)
 
     @property
     def cpu_total_us(self) -> float:
@@ -49,8 +50,27 @@ class Summary:
                 "modules": [asdict(r) for r in self.rows]}
 
 
-def summarize(traces: list[Trace], warmup: int = 0, depth: int | None = None, top: int | None = None) -> Summary:
+def check_one_run(traces: list[Trace]) -> None:
+    """Refuse traces of different runs of one rank (two runs sharing a folder): averaging
+    them would mix two sets of numbers silently. Traces written before run ids pass."""
+    first_of_run: dict[tuple[object, str], Trace] = {}
+    for trace in traces:
+        run = trace.metadata.get("run_id")
+        if not isinstance(run, str):
+            continue
+        rank = trace.metadata.get("rank", 0)
+        other = next((t for (r, known), t in first_of_run.items() if r == rank and known != run), None)
+        if other is not None:
+            raise TraceFormatError(f"{trace.path} and {other.path} are traces of different runs (run_id differs); "
+                                   "summarise one run at a time, or pass --pool-runs to average them")
+        first_of_run.setdefault((rank, run), trace)
+
+
+def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, top: int | None = None,
+              pool_runs: bool = False) -> Summary:
     """Rows in model order (first forward first), or the ``top`` rows by total time."""
+    if not pool_runs:
+        check_one_run(traces)
     totals: dict[tuple[str, str, str], list[float]] = {}
     selfs: dict[tuple[str, str, str], list[float]] = {}
     calls: dict[str, list[int]] = {}
@@ -88,7 +108,9 @@ def summarize(traces: list[Trace], warmup: int = 0, depth: int | None = None, to
             row.total_us.setdefault(phase, 0.0)
             row.self_us.setdefault(phase, 0.0)
         if step_us:
-            row.share_of_step = row.cpu_total_us / step_us
+            # Recompute spans lie inside backward spans: counting them again would add up
+            # to more than the module's share.
+            row.share_of_step = (row.total_us["forward"] + row.total_us["backward"]) / step_us
 
     ordered = sorted(rows.values(), key=lambda r: (first_seen.get(r.fqn, 1 << 62), r.fqn))
     if depth is not None:
