@@ -302,40 +302,53 @@ constexpr size_t SUBGRAPH_BUDGET = 1 << 17;
 // Link one call's backward: the autograd nodes its forward created are those with a
 // sequence number in [first, last) (numbers are per thread, and the forward ran on this
 // one). Its backward begins when the first of its output nodes in that range is about to
-// run, and ends when the last node of the range that leads out of it has run (every
-// other node of the range runs before one of those). Outputs outside the range (a module
-// returning its input) add nothing: a call that created no node has no backward.
+// run, and ends when the last of the range's *sinks* (nodes none of whose edges stays in
+// the range) has run: a node with a successor in the range runs before that successor.
+// Outputs outside the range (a module returning its input) add nothing: a call that
+// created no node has no backward.
 void link_call(Events& events, const std::vector<torch::autograd::Node*>& outputs, int64_t call, int64_t index,
                uint64_t first, uint64_t last) {
   auto inside = [first, last](const torch::autograd::Node* node) {
     uint64_t number = node->sequence_nr();
     return number >= first && number < last;
   };
-  std::vector<torch::autograd::Node*> queue, ends;
-  std::unordered_set<torch::autograd::Node*> seen;
+  // Most calls make a handful of nodes: `seen` is a plain vector, searched linearly,
+  // until it grows; then a hash set takes over.
+  std::vector<torch::autograd::Node*> queue, sinks;
+  std::unordered_set<torch::autograd::Node*> seen_set;
+  auto first_sight = [&queue, &seen_set](torch::autograd::Node* node) {
+    if (queue.size() < 32) {
+      if (std::find(queue.begin(), queue.end(), node) != queue.end()) return false;
+      if (queue.size() == 31) seen_set.insert(queue.begin(), queue.end());
+    } else if (!seen_set.insert(node).second) {
+      return false;
+    }
+    if (queue.size() >= 31) seen_set.insert(node);
+    queue.push_back(node);
+    return true;
+  };
   for (auto* node : outputs) {
-    if (inside(node) && seen.insert(node).second) queue.push_back(node);
+    if (inside(node)) first_sight(node);
   }
   size_t begins = queue.size();
   for (size_t head = 0; head < queue.size(); ++head) {
     if (queue.size() > SUBGRAPH_BUDGET) {
-      ends.clear();
+      sinks.clear();
       break;
     }
     torch::autograd::Node* node = queue[head];
-    bool leads_out = node->next_edges().empty();
+    bool sink = true;
     for (const auto& edge : node->next_edges()) {
       torch::autograd::Node* next = edge.function.get();
       if (next != nullptr && inside(next)) {
-        if (seen.insert(next).second) queue.push_back(next);
-      } else {
-        leads_out = true;
+        sink = false;
+        first_sight(next);
       }
     }
-    if (leads_out) ends.push_back(node);
+    if (sink) sinks.push_back(node);
   }
   for (size_t i = 0; i < begins; ++i) events.link(queue[i], link_code(call, index, true), false);
-  for (auto* node : ends) events.link(node, link_code(call, index, false), true);
+  for (auto* node : sinks) events.link(node, link_code(call, index, false), true);
 }
 
 // ------------------------------------------------------------------------ Store
@@ -573,7 +586,10 @@ void hooks_dealloc(HooksObject* self) {
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
-// The module's index, learning it (in Python) on first sight.
+// The module's index, learning it (in Python) on first sight; IGNORED for modules not
+// recorded (the graphs torch.compile runs), -1 when learning raised.
+constexpr int64_t IGNORED = -2;
+
 int64_t index_of(HooksObject* self, PyObject* module) {
   auto found = self->modules->find(module);
   if (found != self->modules->end() && PyWeakref_GetObject(found->second.ref) == module) {
@@ -583,7 +599,7 @@ int64_t index_of(HooksObject* self, PyObject* module) {
   if (name == nullptr) return -1;
   PyObject* learned = PyObject_CallMethodOneArg(self->callbacks, name, module);
   if (learned == nullptr) return -1;
-  int64_t index = PyLong_AsLongLong(learned);
+  int64_t index = learned == Py_None ? IGNORED : PyLong_AsLongLong(learned);
   Py_DECREF(learned);
   if (index == -1 && PyErr_Occurred()) return -1;
   PyObject* ref = PyWeakref_NewRef(module, nullptr);
@@ -655,6 +671,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     // Another thread's forward is not ours, unless it is recompute inside our backward.
     if (task == -1 || !events.serves(task)) Py_RETURN_NONE;
     int64_t index = index_of(self, args[0]);
+    if (index == IGNORED) Py_RETURN_NONE;
     if (index < 0) return nullptr;
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
@@ -662,6 +679,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     Py_RETURN_NONE;
   }
   int64_t index = index_of(self, args[0]);
+  if (index == IGNORED) Py_RETURN_NONE;
   if (index < 0) return nullptr;
   int64_t call = self->next_call++;
   if (task != -1) {

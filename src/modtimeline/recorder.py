@@ -48,8 +48,9 @@ from .buffer import (
     NativeEventBuffer,
 )
 from ._native import compiled
+from .compile_guard import invisible_to_dynamo
 from .errors import ModTimelineError
-from .registry import ModuleRegistry
+from .registry import ModuleRegistry, is_compiler_graph
 from .tensors import grad_tensors
 
 _graph_task_id = torch._C._current_graph_task_id
@@ -102,8 +103,8 @@ def link_code(call: int, index: int, begins: bool) -> int:
 class RecorderCallbacks(Protocol):
     """What the forward hooks (compiled or Python) call back."""
 
-    def learn(self, module: torch.nn.Module) -> int:
-        """The module's index, given on first sight."""
+    def learn(self, module: torch.nn.Module) -> int | None:
+        """The module's index, given on first sight; None: not recorded."""
 
     def tensors(self, value: Any) -> list[torch.Tensor]:
         """The tensors in an output other than one tensor (tuples, dicts, dataclasses)."""
@@ -114,9 +115,9 @@ class RecorderCallbacks(Protocol):
 
 def call_nodes(outputs: list[Any], first: int, last: int) -> tuple[list[Any], list[Any]]:
     """(begin nodes, end nodes) of one call whose forward made the autograd nodes with
-    sequence numbers in [first, last): its output nodes in that range, and its nodes
-    that lead out of it (every other node of the call runs before one of those). No end
-    nodes when the walk passed SUBGRAPH_BUDGET nodes."""
+    sequence numbers in [first, last): its output nodes in that range, and the range's
+    sinks, nodes none of whose edges stays in it (a node with a successor in the range
+    runs before that successor). No end nodes when the walk passed SUBGRAPH_BUDGET."""
     seen: set[Any] = set()
     queue = []
     for node in outputs:
@@ -124,25 +125,23 @@ def call_nodes(outputs: list[Any], first: int, last: int) -> tuple[list[Any], li
             seen.add(node)
             queue.append(node)
     begins = list(queue)
-    ends = []
+    sinks = []
     head = 0
     while head < len(queue):
         if len(queue) > SUBGRAPH_BUDGET:
             return begins, []
         node = queue[head]
         head += 1
-        edges = node.next_functions
-        leads_out = not edges
-        for next_node, _ in edges:
+        sink = True
+        for next_node, _ in node.next_functions:
             if next_node is not None and first <= next_node._sequence_nr() < last:
+                sink = False
                 if next_node not in seen:
                     seen.add(next_node)
                     queue.append(next_node)
-            else:
-                leads_out = True
-        if leads_out:
-            ends.append(node)
-    return begins, ends
+        if sink:
+            sinks.append(node)
+    return begins, sinks
 
 
 # ------------------------------------------------------------------ Python twins
@@ -246,6 +245,13 @@ class PythonForwardHooks:
     def own_thread(self) -> None:
         self._owner = _thread_id()
 
+    def _index_of(self, module: torch.nn.Module) -> int | None:
+        """The module's index (the registry's lookup is the hot path), None if ignored."""
+        index = self._registry.lookup(module)
+        if index is None:
+            index = self._callbacks.learn(module)
+        return index
+
     def reset(self) -> None:
         self._stack.clear()
         self._other_stacks.clear()
@@ -256,13 +262,17 @@ class PythonForwardHooks:
             # Another thread's forward is not ours, unless it is recompute inside our backward.
             if task == -1 or not self._marks.serves(task):
                 return
-            index = self._registry.index_of(module)
+            index = self._index_of(module)
+            if index is None:
+                return
             call = self.next_call
             self.next_call = call + 1
             self._buffer.record(RECOMPUTE_BEGIN, call, index)
             self._other_stacks.setdefault(_thread_id(), []).append(_Frame(call, index, True, _next_sequence_nr()))
             return
-        index = self._registry.index_of(module)
+        index = self._index_of(module)
+        if index is None:
+            return
         call = self.next_call
         self.next_call = call + 1
         if task != -1:
@@ -360,8 +370,8 @@ class Recorder:
         if self._global_handles:
             raise ModTimelineError("this Recorder is already active")
         self._global_handles = [
-            register_module_forward_pre_hook(self._forward.pre_forward),
-            register_module_forward_hook(self._forward.post_forward, always_call=True),
+            register_module_forward_pre_hook(invisible_to_dynamo(self._forward.pre_forward)),
+            register_module_forward_hook(invisible_to_dynamo(self._forward.post_forward), always_call=True),
         ]
         return self
 
@@ -384,7 +394,9 @@ class Recorder:
         self.end_step()
 
     # ------------------------------------------------------- RecorderCallbacks
-    def learn(self, module: torch.nn.Module) -> int:
+    def learn(self, module: torch.nn.Module) -> int | None:
+        if is_compiler_graph(module):
+            return None
         return self.registry.learn(module)
 
     def tensors(self, value: Any) -> list[torch.Tensor]:

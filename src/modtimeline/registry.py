@@ -15,7 +15,7 @@ import torch
 from .errors import ModTimelineError
 from .buffer import MAX_MODULES
 
-__all__ = ["ModuleRegistry", "fqn_of"]
+__all__ = ["ModuleRegistry", "fqn_of", "is_compiler_graph"]
 
 # FQN and root of every module named so far, for the whole process.
 _FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[torch.nn.Module]]] = (
@@ -24,12 +24,37 @@ _FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[to
 
 
 def fqn_of(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
-    """(FQN, root) of ``module``; an unnamed module becomes a root named by its class."""
+    """(FQN, root) of ``module``; an unnamed module becomes a root named by the class of
+    the model it stands for (a ``torch.compile`` wrapper by the module it compiled)."""
     entry = _FQN_CACHE.get(module)
     if entry is None:
-        _name_tree(module, type(module).__name__, weakref.ref(module))
+        _name_tree(module, type(_unwrapped(module)).__name__, weakref.ref(module))
         entry = _FQN_CACHE[module]
     return entry
+
+
+# Wrappers whose child holds the user's model under a name the user never wrote.
+_TRANSPARENT_CHILDREN = {"OptimizedModule": "_orig_mod"}
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    child = _TRANSPARENT_CHILDREN.get(type(module).__name__)
+    inner = getattr(module, child, None) if child else None
+    return _unwrapped(inner) if isinstance(inner, torch.nn.Module) else module
+
+
+def is_compiler_graph(module: torch.nn.Module) -> bool:
+    """A graph torch.compile made and runs (aot_eager's forward and backward graphs): an
+    ``fx.GraphModule`` of the default class name that belongs to no model. Its work is
+    the compiled module's, which is recorded under the user's name."""
+    return type(module).__name__ == "GraphModule" and known_fqn(module) is None \
+        and isinstance(module, _graph_module_class())
+
+
+def _graph_module_class() -> type:
+    from torch.fx import GraphModule  # (imported on first need: torch.fx is not small)
+
+    return GraphModule
 
 
 def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]] | None:
@@ -39,9 +64,12 @@ def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module
 
 def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module]) -> None:
     _FQN_CACHE[module] = (name, root)
+    transparent = _TRANSPARENT_CHILDREN.get(type(module).__name__)
     for child_name, child in module.named_children():
         if child not in _FQN_CACHE:
-            _name_tree(child, f"{name}.{child_name}", root)
+            # torch.compile's OptimizedModule keeps the model as `_orig_mod`: the model
+            # keeps the name the user knows, not `Net._orig_mod`.
+            _name_tree(child, name if child_name == transparent else f"{name}.{child_name}", root)
 
 
 class ModuleRegistry:

@@ -7,8 +7,8 @@ Nothing here imports torch.
 A call's backward span, per backward pass, covers the autograd nodes its forward
 created (its own and its children's; the recorder finds them by sequence number): it
 begins when the first of its output nodes is about to run (GRADIENT_READY) and ends when
-the last of its nodes that lead out of it has run (NODE_DONE); every other node of the
-call runs before one of those. A call that created no node (``nn.Identity``, dropout
+the last of its sink nodes (none of whose edges stays inside the call) has run
+(NODE_DONE); every other node of the call runs before one of those. A call that created no node (``nn.Identity``, dropout
 with p=0: it returns its input) has no backward span. A span whose end was never marked
 (the walk of its nodes was cut short) closes at the best bound there is (the end of its
 backward pass, or of its nearest bounded ancestor's span if earlier) and is flagged

@@ -37,6 +37,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._pytree import tree_flatten
 
 from .buffer import MAX_MODULES
+from .compile_guard import invisible_to_dynamo
 from .errors import ModTimelineError
 
 __all__ = ["ModuleTracker"]
@@ -249,8 +250,8 @@ class ModuleTracker:
             raise ModTimelineError("this ModuleTracker is already active; it cannot be entered twice")
         self._entered = True
         self._global_handles = [
-            register_module_forward_pre_hook(self._pre_forward),
-            register_module_forward_hook(self._post_forward, always_call=True),
+            register_module_forward_pre_hook(invisible_to_dynamo(self._pre_forward)),
+            register_module_forward_hook(invisible_to_dynamo(self._post_forward), always_call=True),
         ]
         return self
 
