@@ -154,3 +154,35 @@ def test_gpu_tracks_load_and_nest(ui, tmp_path):
             assert trace.query("select count(*) as n from counter")[0]["n"] > 0
         finally:
             trace.close()
+
+
+def test_llama_trace_loads_and_backward_is_no_deeper_than_forward(ui, tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+
+    from modtimeline import Timeline
+
+    from .real_models import llama
+
+    torch.manual_seed(0)
+    model, step = llama()
+    path = tmp_path / "llama.json"
+    with Timeline(path) as timeline:
+        for _ in range(2):
+            with timeline.step():
+                step().backward()
+    trace = ui.load(path)
+    try:
+        assert trace.problems() == [] and trace.page_errors == []
+        depth = {row["track"]: row["depth"] for row in trace.query(
+            "select t.name as track, max(s.depth) as depth from slice s join thread_track tt on s.track_id = tt.id "
+            "join thread t using (utid) group by 1")}
+        # Before backward spans were bounded by their own work, Llama's backward track was
+        # 12 deep (layers nested inside the next layer's self_attn).
+        assert "backward (2)" not in depth
+        assert depth["backward"] <= depth["forward"], depth
+        layers = trace.query("select distinct p.name as parent from slice s join slice p on s.parent_id = p.id "
+                             "where s.category = 'backward' and s.name = 'LlamaForCausalLM.model.layers.2'")
+        assert layers == [{"parent": "LlamaForCausalLM.model"}]
+    finally:
+        trace.close()
