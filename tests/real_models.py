@@ -34,7 +34,9 @@ def gpt2(dropout: float | None = None, checkpointing: bool = False) -> tuple[nn.
         extra = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=64, **extra))
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        # (transformers 5 renamed it; 4.x has only the old name)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     ids = _ids(96)
     return model, lambda: model(input_ids=ids, labels=ids).loss

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from modtimeline import Timeline
+from modtimeline import resolve as resolve_module
 from modtimeline.writers import chrome
 from modtimeline.buffer import (
     BACKWARD_DONE,
@@ -34,6 +35,7 @@ hotpath = native_hotpath()
 @pytest.mark.skipif(os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"), reason="compiled parts off")
 def test_compiled_parts_are_built():
     # tools/setup.sh builds them; a silent fallback would hide a broken build.
+    assert resolve_module._resolve_cpu is not None, "modtimeline._resolve_cpu is not built"
     assert chrome._chrome_rows is not None, "modtimeline.writers._chrome_rows is not built"
     assert hotpath is not None, "modtimeline._hotpath is not built (pip install --no-build-isolation -e .)"
 

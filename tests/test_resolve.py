@@ -174,3 +174,104 @@ def test_random_event_streams_resolve_into_nesting_tracks(seed):
     assert all(spans.end[i] >= spans.begin[i] for i in range(len(spans)))
     assert_nested_columns(spans)
     assert (data.rank, data.base_ns, data.metadata["x"]) == (3, 7, 1)
+
+
+# ---------------------------------------------------------------- compiled resolve
+
+from modtimeline import resolve as resolve_module  # noqa: E402
+
+needs_compiled = pytest.mark.skipif(resolve_module._resolve_cpu is None, reason="_resolve_cpu is not built")
+
+
+def both_resolves(monkeypatch, *args, **kwargs):
+    compiled = resolve(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(resolve_module, "_resolve_cpu", None)
+        python = resolve(*args, **kwargs)
+    return compiled, python
+
+
+def assert_same(compiled, python):
+    assert compiled.names == python.names
+    assert compiled.tracks == python.tracks
+    for name in ("track", "begin", "end", "name", "category", "call", "step", "flags", "flow", "lag"):
+        assert list(getattr(compiled.spans, name)) == list(getattr(python.spans, name)), name
+    assert compiled.counters == python.counters == []
+
+
+def recorded(timeline):
+    buffer = timeline.buffer
+    return dict(
+        timestamps=buffer.timestamps, codes=buffer.codes, module_names=timeline.recorder.module_names,
+        close_ns=buffer.timestamps[-1] + 1000, links=(buffer.link_node, buffer.link_code),
+        raised_calls=set(timeline.recorder.raised_calls), raised_steps=set(timeline._raised_steps),
+    )
+
+
+@needs_compiled
+@pytest.mark.parametrize("raises", [False, True])
+def test_compiled_resolve_matches_python_on_real_steps(monkeypatch, tmp_path, raises):
+    import contextlib
+
+    import torch
+
+    from modtimeline import Timeline
+
+    from .models import Tree, shapes_model
+    from .real_models import gpt2
+
+    model, run = shapes_model()
+    tree = Tree()
+    checkpointed, step = gpt2(checkpointing=True)
+    timeline = Timeline(tmp_path / "t.json")
+    timeline._flush = lambda *args, **kwargs: None  # keep the buffer to resolve it twice
+    with pytest.raises(RuntimeError) if raises else contextlib.nullcontext():
+        with timeline:
+            for _ in range(3):
+                with timeline.step():
+                    run(model)
+                    tree(torch.randint(0, 16, (4, 5))).sum().backward()
+                    step().backward()
+            if raises:
+                with timeline.step():
+                    tree(torch.randint(0, 16, (4, 5))).sum()
+                    raise RuntimeError("mid-step")
+    compiled, python = both_resolves(monkeypatch, **recorded(timeline))
+    assert len(compiled.spans) > 100
+    assert_same(compiled, python)
+    if raises:
+        assert INCOMPLETE in list(compiled.spans.flags)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(60))
+def test_compiled_resolve_matches_python_on_random_events(monkeypatch, seed):
+    """Arbitrary event streams, tied timestamps included: every rule, every odd case."""
+    rng = random.Random(seed)
+    ts, codes = array("q"), array("q")
+    link_node, link_code = array("q"), array("q")
+    nodes = rng.randint(1, 12)
+    calls = rng.randint(1, 30)
+    for _ in range(rng.randint(0, 25)):
+        link_node.append(rng.randrange(nodes + 2))
+        link_code.append(rng.randrange(calls) << LINK_SHIFT | rng.randrange(5) << 1 | rng.choice((0, LINK_BEGIN)))
+    t = 0
+    kinds = [FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, GRADIENT_READY,
+             NODE_DONE, BACKWARD_DONE]
+    begun = 0
+    for _ in range(rng.randint(0, 120)):
+        t += rng.choice((0, 0, 1, 5, 100))
+        kind = rng.choice(kinds)
+        if kind in (GRADIENT_READY, NODE_DONE):
+            call = rng.randrange(nodes + 3)
+        elif kind in (FORWARD_BEGIN, RECOMPUTE_BEGIN):
+            call, begun = begun, begun + 1
+        else:
+            call = rng.randrange(calls)
+        ts.append(t)
+        codes.append(call << CALL_SHIFT | rng.randrange(5) << KIND_BITS | kind)
+    compiled, python = both_resolves(
+        monkeypatch, ts, codes, ["A", "A.b", "A.c", "A.b.d", "A.e"], t + 10, links=(link_node, link_code),
+        raised_calls={rng.randrange(calls)}, raised_steps={rng.randrange(calls)}, rank=3, base_ns=7,
+        metadata={"x": 1})
+    assert_same(compiled, python)

@@ -1,0 +1,418 @@
+// resolve() for host-only windows, compiled (optional; resolve.py does the same in
+// Python, and always where device marks are present). No torch here: plain CPython.
+//
+//   spans(timestamps, codes, link_node, link_code, close_ns, raised_calls, raised_steps,
+//         first_step_name) -> (columns, tracks, step_calls)
+//
+// columns: bytes of the SpanColumns arrays in resolve.py's order (track, begin, end,
+// name, call, step, lag as int64; category, flags, flow as int8); tracks: [(tid, name)];
+// step_calls: the step number of each step span, whose names resolve.py appends.
+// Every rule (pairing, closing, hull, approximate bounds, lanes, order) is resolve.py's;
+// a test checks that both give identical columns. The constants below are exported as
+// LAYOUT, and resolve.py refuses this module when they differ from its own.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+// buffer.py's event layout and resolve.py's span constants (checked at import).
+constexpr int64_t KIND_BITS = 4, MODULE_BITS = 20, KIND_MASK = (1 << KIND_BITS) - 1, CALL_SHIFT = KIND_BITS + MODULE_BITS;
+constexpr int64_t MODULE_MASK = (1 << MODULE_BITS) - 1, LINK_BEGIN = 1, LINK_SHIFT = MODULE_BITS + 1;
+enum : int64_t {
+  FORWARD_BEGIN = 0, FORWARD_END = 1, NODE_DONE = 2, RECOMPUTE_BEGIN = 4, RECOMPUTE_END = 5,
+  STEP_BEGIN = 6, STEP_END = 7, GRADIENT_READY = 8, BACKWARD_DONE = 9,
+};
+enum : int8_t { FORWARD, BACKWARD, RECOMPUTE, STEP };
+constexpr int8_t INCOMPLETE = 1, APPROXIMATE = 2, FLOW_NONE = 0, FLOW_OUT = 1, FLOW_IN = 2;
+constexpr int64_t NO_LAG = INT64_MIN;
+constexpr int64_t STEPS_TRACK = 1, FORWARD_TRACK = 2, BACKWARD_TRACK = 10;
+
+struct Span {
+  int64_t begin, end, name;
+  int8_t category;
+  int64_t call, step;
+  int8_t flags;
+};
+
+struct Columns {
+  std::vector<int64_t> track, begin, end, name, call, step, lag;
+  std::vector<int8_t> category, flags, flow;
+};
+
+// A read-only int64 view of a buffer-protocol object (array('q')).
+struct Int64s {
+  Py_buffer view{};
+  bool ok = false;
+  explicit Int64s(PyObject* object) {
+    if (PyObject_GetBuffer(object, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return;
+    if (view.itemsize != 8 || view.format == nullptr || (strcmp(view.format, "q") != 0 && strcmp(view.format, "l") != 0)) {
+      PyErr_SetString(PyExc_TypeError, "expected an array('q')");
+      PyBuffer_Release(&view);
+      return;
+    }
+    ok = true;
+  }
+  ~Int64s() {
+    if (ok) PyBuffer_Release(&view);
+  }
+  Py_ssize_t size() const { return view.len / 8; }
+  int64_t operator[](Py_ssize_t i) const { return static_cast<const int64_t*>(view.buf)[i]; }
+};
+
+bool contains(PyObject* set, int64_t value, bool* error) {
+  if (PySet_GET_SIZE(set) == 0) return false;
+  PyObject* key = PyLong_FromLongLong(value);
+  if (key == nullptr) {
+    *error = true;
+    return false;
+  }
+  int found = PySet_Contains(set, key);
+  Py_DECREF(key);
+  if (found < 0) *error = true;
+  return found == 1;
+}
+
+// resolve.assign_lanes: nesting order (begin asc, end desc, call asc, then as listed),
+// then the lowest lane whose stack of open ends can take each span.
+std::vector<int64_t> assign_lanes(std::vector<Span>& spans) {
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.begin != b.begin) return a.begin < b.begin;
+    if (a.end != b.end) return a.end > b.end;
+    return a.call < b.call;
+  });
+  std::vector<std::vector<int64_t>> stacks(1);
+  std::vector<int64_t> lanes;
+  lanes.reserve(spans.size());
+  for (const Span& span : spans) {
+    size_t lane = 0;
+    for (;; ++lane) {
+      if (lane == stacks.size()) stacks.emplace_back();
+      auto& stack = stacks[lane];
+      while (!stack.empty() && stack.back() <= span.begin) stack.pop_back();
+      if (stack.empty() || span.end <= stack.back()) {
+        stack.push_back(span.end);
+        break;
+      }
+    }
+    lanes.push_back(static_cast<int64_t>(lane));
+  }
+  return lanes;
+}
+
+// resolve._emit_lanes: lane by lane (stable), one track per lane.
+bool emit_lanes(Columns& out, PyObject* tracks, std::vector<Span>& spans, int64_t first_tid, const char* label,
+                const std::unordered_set<int64_t>& flow_calls) {
+  std::vector<int64_t> lanes = assign_lanes(spans);
+  int64_t lane_count = lanes.empty() ? 0 : *std::max_element(lanes.begin(), lanes.end()) + 1;
+  std::vector<char> used(static_cast<size_t>(lane_count), 0);
+  for (int64_t lane : lanes) used[lane] = 1;
+  for (int64_t lane = 0; lane < lane_count; ++lane) {
+    if (!used[lane]) continue;
+    std::string name = lane == 0 ? std::string(label) : std::string(label) + " (" + std::to_string(lane + 1) + ")";
+    PyObject* track = Py_BuildValue("(Ls)", static_cast<long long>(first_tid + lane), name.c_str());
+    if (track == nullptr || PyList_Append(tracks, track) < 0) {
+      Py_XDECREF(track);
+      return false;
+    }
+    Py_DECREF(track);
+  }
+  std::vector<size_t> order(spans.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return lanes[a] < lanes[b]; });
+  static const int8_t flow_by_category[] = {FLOW_OUT, FLOW_IN, FLOW_NONE, FLOW_NONE};
+  for (size_t i : order) {
+    const Span& s = spans[i];
+    out.track.push_back(first_tid + lanes[i]);
+    out.begin.push_back(s.begin);
+    out.end.push_back(s.end);
+    out.name.push_back(s.name);
+    out.category.push_back(s.category);
+    out.call.push_back(s.call);
+    out.step.push_back(s.step);
+    out.flags.push_back(s.flags);
+    out.flow.push_back(flow_calls.count(s.call) ? flow_by_category[s.category] : FLOW_NONE);
+    out.lag.push_back(NO_LAG);
+  }
+  return true;
+}
+
+template <class T>
+PyObject* bytes_of(const std::vector<T>& column) {
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(column.data()),
+                                   static_cast<Py_ssize_t>(column.size() * sizeof(T)));
+}
+
+PyObject* spans(PyObject*, PyObject* args) {
+  PyObject *ts_obj, *codes_obj, *node_obj, *link_obj, *raised_calls, *raised_steps;
+  long long close_ns, first_step_name;
+  if (!PyArg_ParseTuple(args, "OOOOLO!O!L", &ts_obj, &codes_obj, &node_obj, &link_obj, &close_ns, &PySet_Type,
+                        &raised_calls, &PySet_Type, &raised_steps, &first_step_name)) {
+    return nullptr;
+  }
+  Int64s timestamps(ts_obj), codes(codes_obj), link_node(node_obj), link_code(link_obj);
+  if (!timestamps.ok || !codes.ok || !link_node.ok || !link_code.ok) return nullptr;
+  if (timestamps.size() != codes.size() || link_node.size() != link_code.size()) {
+    PyErr_SetString(PyExc_ValueError, "column lengths differ");
+    return nullptr;
+  }
+
+  // Links grouped by node, each node's in recorded order (a stable counting sort).
+  int64_t max_node = -1;
+  for (Py_ssize_t i = 0; i < link_node.size(); ++i) max_node = std::max(max_node, link_node[i]);
+  std::vector<size_t> first_link(static_cast<size_t>(max_node + 2), 0);
+  for (Py_ssize_t i = 0; i < link_node.size(); ++i) {
+    if (link_node[i] < 0) {
+      PyErr_SetString(PyExc_ValueError, "negative node id");
+      return nullptr;
+    }
+    ++first_link[link_node[i] + 1];
+  }
+  for (size_t n = 1; n < first_link.size(); ++n) first_link[n] += first_link[n - 1];
+  std::vector<int64_t> links(static_cast<size_t>(link_node.size()));
+  {
+    std::vector<size_t> fill(first_link.begin(), first_link.end() - 1);
+    for (Py_ssize_t i = 0; i < link_node.size(); ++i) links[fill[link_node[i]]++] = link_code[i];
+  }
+
+  std::vector<Span> all;  // every span made, in creation order
+  all.reserve(static_cast<size_t>(codes.size() / 2 + 1));
+  std::vector<size_t> forward, backward, steps;
+  std::unordered_map<int64_t, size_t> open_fw, open_bw;  // call -> span
+  std::unordered_map<int64_t, int64_t> parent_of;
+  std::unordered_set<int64_t> began_this_backward;
+  std::vector<int64_t> fw_stack, rc_stack;
+  int64_t open_step = -1;
+  int64_t step = -1;
+  bool error = false;
+
+  auto open_span = [&](int64_t begin, int64_t name, int8_t category, int64_t call, int64_t span_step) {
+    all.push_back({begin, close_ns, name, category, call, span_step, INCOMPLETE});
+    return all.size() - 1;
+  };
+  // What is open, in the order it was opened (a Python dict's order).
+  auto in_order = [&](const std::unordered_map<int64_t, size_t>& open) {
+    std::vector<size_t> indices;
+    indices.reserve(open.size());
+    for (const auto& entry : open) indices.push_back(entry.second);
+    std::sort(indices.begin(), indices.end());
+    return indices;
+  };
+
+  // A backward pass is over: close every span it opened (resolve._close_pass).
+  auto close_pass = [&](int64_t done_ns) {
+    for (size_t index : in_order(open_bw)) {
+      Span& span = all[index];
+      if (span.end < 0) {
+        span.end = done_ns;
+        span.flags = APPROXIMATE;
+      } else {
+        span.flags = 0;
+      }
+      backward.push_back(index);
+    }
+    open_bw.clear();
+  };
+
+  for (Py_ssize_t i = 0; i < codes.size(); ++i) {
+    int64_t ts = timestamps[i], code = codes[i];
+    int64_t kind = code & KIND_MASK, call = code >> CALL_SHIFT;
+    if (kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN) {
+      int8_t category = kind == FORWARD_BEGIN ? FORWARD : RECOMPUTE;
+      open_fw[call] = open_span(ts, (code >> KIND_BITS) & MODULE_MASK, category, call, step);
+      auto& stack = category == FORWARD ? fw_stack : rc_stack;
+      if (!stack.empty()) parent_of[call] = stack.back();
+      stack.push_back(call);
+    } else if (kind == FORWARD_END || kind == RECOMPUTE_END) {
+      auto found = open_fw.find(call);
+      if (found == open_fw.end()) continue;
+      size_t index = found->second;
+      open_fw.erase(found);
+      Span& span = all[index];
+      span.end = ts;
+      span.flags = contains(raised_calls, call, &error) ? INCOMPLETE : 0;
+      auto& stack = span.category == FORWARD ? fw_stack : rc_stack;
+      if (!stack.empty() && stack.back() == call) {
+        stack.pop_back();
+      } else {
+        auto at = std::find(stack.begin(), stack.end(), call);
+        if (at != stack.end()) stack.erase(at);
+      }
+      (span.category == FORWARD ? forward : backward).push_back(index);
+    } else if (kind == GRADIENT_READY) {
+      // A node is about to run: the calls it begins open (once per backward pass).
+      if (call < 0 || call > max_node) continue;
+      for (size_t l = first_link[call]; l < first_link[call + 1]; ++l) {
+        if (!(links[l] & LINK_BEGIN)) continue;
+        int64_t linked_call = links[l] >> LINK_SHIFT;
+        if (began_this_backward.insert(linked_call).second) {
+          size_t index = open_span(ts, (links[l] >> 1) & MODULE_MASK, BACKWARD, linked_call, step);
+          all[index].end = -1;
+          open_bw[linked_call] = index;
+        }
+      }
+    } else if (kind == NODE_DONE) {
+      // A node has run: the latest end so far of the open calls it may end.
+      if (call < 0 || call > max_node) continue;
+      for (size_t l = first_link[call]; l < first_link[call + 1]; ++l) {
+        if (links[l] & LINK_BEGIN) continue;
+        auto found = open_bw.find(links[l] >> LINK_SHIFT);
+        if (found != open_bw.end()) all[found->second].end = ts;
+      }
+    } else if (kind == BACKWARD_DONE) {
+      close_pass(ts);
+      began_this_backward.clear();
+    } else if (kind == STEP_BEGIN) {
+      step = call;
+      open_step = static_cast<int64_t>(open_span(ts, -1, STEP, call, call));
+    } else if (kind == STEP_END) {
+      if (open_step >= 0) {
+        all[open_step].end = ts;
+        all[open_step].flags = contains(raised_steps, call, &error) ? INCOMPLETE : 0;
+        steps.push_back(static_cast<size_t>(open_step));
+        open_step = -1;
+      }
+      step = -1;
+    }
+    if (error) return nullptr;
+  }
+
+  // What never ended (an exception, a backward that never ran) closes at close_ns.
+  for (size_t index : in_order(open_fw)) (all[index].category == FORWARD ? forward : backward).push_back(index);
+  for (size_t index : in_order(open_bw)) {
+    if (all[index].end < 0) all[index].end = close_ns;
+    backward.push_back(index);
+  }
+  if (open_step >= 0) steps.push_back(static_cast<size_t>(open_step));
+
+  std::vector<Span> step_spans, forward_spans, backward_spans;
+  PyObject* step_calls = PyList_New(0);
+  if (step_calls == nullptr) return nullptr;
+  for (size_t index : steps) {
+    Span span = all[index];
+    span.name = first_step_name + static_cast<int64_t>(step_spans.size());
+    step_spans.push_back(span);
+    PyObject* number = PyLong_FromLongLong(span.call);
+    if (number == nullptr || PyList_Append(step_calls, number) < 0) {
+      Py_XDECREF(number);
+      Py_DECREF(step_calls);
+      return nullptr;
+    }
+    Py_DECREF(number);
+  }
+  for (size_t index : forward) forward_spans.push_back(all[index]);
+  for (size_t index : backward) backward_spans.push_back(all[index]);
+
+  // resolve._hull_backward: widen each backward span over its module's children's
+  // (the last backward span of a call stands for it; approximate children widen nothing).
+  std::unordered_map<int64_t, size_t> by_call;
+  for (size_t i = 0; i < backward_spans.size(); ++i) {
+    if (backward_spans[i].category == BACKWARD) by_call[backward_spans[i].call] = i;
+  }
+  std::vector<int64_t> calls;
+  calls.reserve(by_call.size());
+  for (const auto& entry : by_call) calls.push_back(entry.first);
+  std::sort(calls.begin(), calls.end(), std::greater<int64_t>());  // children were called after parents
+  for (int64_t call : calls) {
+    if (backward_spans[by_call[call]].flags & APPROXIMATE) continue;
+    auto parent = parent_of.find(call);
+    while (parent != parent_of.end() && by_call.find(parent->second) == by_call.end()) {
+      parent = parent_of.find(parent->second);
+    }
+    if (parent == parent_of.end()) continue;
+    const Span& child = backward_spans[by_call[call]];
+    Span& outer = backward_spans[by_call[parent->second]];
+    outer.begin = std::min(outer.begin, child.begin);
+    outer.end = std::max(outer.end, child.end);
+  }
+
+  // resolve._bound_approximate: an approximate span ends no later than its nearest
+  // bounded ancestor, and never before it began.
+  for (const auto& entry : by_call) {
+    Span& span = backward_spans[entry.second];
+    if (!(span.flags & APPROXIMATE)) continue;
+    auto parent = parent_of.find(span.call);
+    while (parent != parent_of.end()) {
+      auto outer = by_call.find(parent->second);
+      if (outer != by_call.end() && !(backward_spans[outer->second].flags & APPROXIMATE)) {
+        const Span& bound = backward_spans[outer->second];
+        if (bound.begin <= span.begin && bound.end < span.end) span.end = std::max(bound.end, span.begin);
+        break;
+      }
+      parent = parent_of.find(parent->second);
+    }
+  }
+
+  // Flow arrows join a call's forward span to its backward span.
+  std::unordered_set<int64_t> forward_calls, flow_calls;
+  for (const Span& s : forward_spans) forward_calls.insert(s.call);
+  for (const Span& s : backward_spans) {
+    if (s.category == BACKWARD && forward_calls.count(s.call)) flow_calls.insert(s.call);
+  }
+
+  Columns out;
+  PyObject* tracks = PyList_New(0);
+  if (tracks == nullptr) {
+    Py_DECREF(step_calls);
+    return nullptr;
+  }
+  std::unordered_set<int64_t> no_flows;
+  bool ok = (step_spans.empty() || emit_lanes(out, tracks, step_spans, STEPS_TRACK, "steps", no_flows)) &&
+            emit_lanes(out, tracks, forward_spans, FORWARD_TRACK, "forward", flow_calls) &&
+            emit_lanes(out, tracks, backward_spans, BACKWARD_TRACK, "backward", flow_calls);
+  if (!ok) {
+    Py_DECREF(tracks);
+    Py_DECREF(step_calls);
+    return nullptr;
+  }
+  PyObject* columns = Py_BuildValue("(NNNNNNNNNN)", bytes_of(out.track), bytes_of(out.begin), bytes_of(out.end),
+                                    bytes_of(out.name), bytes_of(out.category), bytes_of(out.call),
+                                    bytes_of(out.step), bytes_of(out.flags), bytes_of(out.flow), bytes_of(out.lag));
+  if (columns == nullptr) {
+    Py_DECREF(tracks);
+    Py_DECREF(step_calls);
+    return nullptr;
+  }
+  return Py_BuildValue("(NNN)", columns, tracks, step_calls);
+}
+
+PyMethodDef methods[] = {
+    {"spans", spans, METH_VARARGS, "host-only resolve: (columns, tracks, step_calls); see resolve.py"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "modtimeline._resolve_cpu", "resolve() for host-only windows, compiled", -1, methods,
+    nullptr,               nullptr,                     nullptr,                                     nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__resolve_cpu() {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  using L = long long;
+  PyObject* layout = Py_BuildValue(
+      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS),
+      "MODULE_BITS", L(MODULE_BITS), "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT), "FORWARD_BEGIN",
+      L(FORWARD_BEGIN), "FORWARD_END", L(FORWARD_END), "NODE_DONE", L(NODE_DONE), "RECOMPUTE_BEGIN",
+      L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN", L(STEP_BEGIN), "GRADIENT_READY",
+      L(GRADIENT_READY), "BACKWARD_DONE", L(BACKWARD_DONE), "INCOMPLETE", L(INCOMPLETE), "APPROXIMATE",
+      L(APPROXIMATE), "FLOW_OUT", L(FLOW_OUT), "FLOW_IN", L(FLOW_IN), "STEPS_TRACK", L(STEPS_TRACK),
+      "FORWARD_TRACK", L(FORWARD_TRACK), "BACKWARD_TRACK", L(BACKWARD_TRACK));
+  int added = layout == nullptr ? -1 : PyModule_AddObjectRef(module, "LAYOUT", layout);
+  Py_XDECREF(layout);
+  if (added < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
