@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 from .errors import DeviceError, ModTimelineError, TraceFileError, TraceFormatError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 
+from typing import Any  # noqa: E402
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+
+def __getattr__(name: str) -> Any:
     # Timeline and ModuleTracker import torch; load them only when asked for, so that
     # `modtimeline summary/diff` (and modtimeline.analysis) run where torch is absent.
     if name == "Timeline":

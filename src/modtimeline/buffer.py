@@ -178,7 +178,7 @@ class NativeEventBuffer(_OverflowReport):
 
     @property
     def on_recorded(self) -> Callable[[int], None] | None:
-        return self.store.on_recorded  # type: ignore[no-any-return]
+        return self.store.on_recorded
 
     @on_recorded.setter
     def on_recorded(self, callback: Callable[[int], None] | None) -> None:

@@ -180,9 +180,9 @@ def resolve(
         columns, track_rows, step_calls = _resolve_cpu.spans(
             timestamps, codes, link_node, link_code, close_ns, set(raised_calls), set(raised_steps), len(names))
         names.extend(f"step {number}" for number in step_calls)
-        out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
-        tracks = [Track(tid, name) for tid, name in track_rows]
-        return TraceData(rank, base_ns, names, tracks, out, [], dict(metadata or {}))
+        columns_out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
+        return TraceData(rank, base_ns, names, [Track(tid, name) for tid, name in track_rows], columns_out, [],
+                         dict(metadata or {}))
     steps: list[list[Any]] = []
     forward: list[list[Any]] = []
     backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes

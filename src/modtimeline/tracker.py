@@ -20,13 +20,14 @@ that node and kept in the node's own ``metadata`` (so it lives and dies with the
 graph). In a chain, one module's output is the next one's input: the same node, one
 hook, one firing, which runs the *ends* before the *begins*, so sibling backward spans
 never overlap. Multi-input calls keep torch's "all gradients" semantics through
-``register_multi_grad_hook``. Inputs and outputs are scanned without ``tree_flatten``
-unless they are containers, and nothing is formatted per call.
+``register_multi_grad_hook``. Inputs and outputs are scanned by ``tensors.grad_tensors``
+(tuples, lists, dicts, dataclasses), names come from ``registry.ModuleRegistry`` (as for
+the Recorder), and nothing is formatted per call. As torch's trackers do, it sees
+positional inputs only, and every thread's modules.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,11 +35,10 @@ from typing import Any
 import torch
 from torch.autograd.graph import register_multi_grad_hook
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.utils._pytree import tree_flatten
-
-from .buffer import MAX_MODULES
 from .compile_guard import invisible_to_dynamo
 from .errors import ModTimelineError
+from .registry import ModuleRegistry
+from .tensors import grad_tensors
 
 __all__ = ["ModuleTracker"]
 
@@ -46,51 +46,6 @@ _graph_task_id = torch._C._current_graph_task_id
 _grad_enabled = torch.is_grad_enabled
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
 _Tensor = torch.Tensor
-
-def _grad_tensors(value: Any) -> list[torch.Tensor]:
-    """Distinct tensors in ``value`` (a tensor, or args/outputs nesting) that require grad."""
-    if isinstance(value, _Tensor):
-        return [value] if value.requires_grad else []
-    if type(value) is tuple:
-        if len(value) == 1:
-            return _grad_tensors(value[0])
-        if all(isinstance(v, _Tensor) for v in value):
-            flat: Any = value  # a plain tuple of tensors: no pytree walk
-        else:
-            flat, _ = tree_flatten(value)
-    else:
-        flat, _ = tree_flatten(value)
-    found: list[torch.Tensor] = []
-    for v in flat:
-        if isinstance(v, _Tensor) and v.requires_grad and not any(v is f for f in found):
-            found.append(v)
-    return found
-
-
-# The FQN of every module named so far, with the root module that named it, for the
-# whole process: a module's name does not change, and walking a model's tree to name
-# it (~4 µs per module) should happen once, not once per tracker or Timeline. Weak
-# keys: the cache never keeps a model alive.
-_FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[torch.nn.Module]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
-    """(FQN, root) of ``module``; an unnamed module becomes a root named by its class."""
-    entry = _FQN_CACHE.get(module)
-    if entry is None:
-        _name_tree(module, type(module).__name__, weakref.ref(module))
-        entry = _FQN_CACHE[module]
-    return entry
-
-
-def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module]) -> None:
-    _FQN_CACHE[module] = (name, root)
-    for child_name, child in module.named_children():
-        if child not in _FQN_CACHE:
-            _name_tree(child, f"{name}.{child_name}", root)
-
 
 class _GradientReady:
     """What to do when the gradient reaching one autograd node is ready.
@@ -170,11 +125,8 @@ class ModuleTracker:
     def __init__(self) -> None:
         self.parents = {"Global"}
         self._active_count: dict[str, int] = {}
-        # Module registry: index -> FQN / weak reference; id(module) -> index.
-        self._names: list[str] = []
-        self._refs: list[weakref.ref[torch.nn.Module]] = []
-        self._index_by_id: dict[int, int] = {}
-        self._roots: set[int] = set()  # ids of the root modules this tracker has seen
+        self.registry = ModuleRegistry()
+        self._names = self.registry.names  # FQN by module index
         self._next_call = 0
         self._fw_stack: list[tuple[int, int, _PendingPostBackward | None]] = []
         self._pending_post_bw: list[_PendingPostBackward] = []
@@ -198,15 +150,7 @@ class ModuleTracker:
 
     def get_known_fqn(self, mod: torch.nn.Module) -> str | None:
         """The FQN of ``mod`` if the tracker has seen it (or its root), else ``None``."""
-        index = self._lookup(mod)
-        if index is not None:
-            return self._names[index]
-        entry = _FQN_CACHE.get(mod)
-        if entry is not None:
-            root = entry[1]()
-            if root is not None and id(root) in self._roots and self._lookup(root) is not None:
-                return entry[0]
-        return None
+        return self.registry.known_fqn(mod)
 
     @property
     def module_names(self) -> list[str]:
@@ -287,27 +231,6 @@ class ModuleTracker:
         self._generation += 1
 
     # ------------------------------------------------------------- module names
-    def _lookup(self, module: torch.nn.Module) -> int | None:
-        index = self._index_by_id.get(id(module))
-        if index is not None and self._refs[index]() is module:
-            return index
-        return None
-
-    def _learn(self, module: torch.nn.Module) -> int:
-        """Give ``module`` an index in this tracker (its FQN comes from the process-wide cache)."""
-        index = self._lookup(module)
-        if index is None:
-            if len(self._names) >= MAX_MODULES:
-                raise ModTimelineError(f"more than {MAX_MODULES:,} distinct modules; modtimeline cannot track them")
-            name, root = _fqn(module)
-            if root() is module:
-                self._roots.add(id(module))
-            index = len(self._names)
-            self._names.append(name)
-            self._refs.append(weakref.ref(module))
-            self._index_by_id[id(module)] = index
-        return index
-
     def _node_hook(self, node: Any) -> Any:
         """This tracker's one pre-hook on autograd ``node``, registered on first use; kept
         in the node's ``metadata``, so it lives and dies with the graph."""
@@ -322,15 +245,8 @@ class ModuleTracker:
         return _GradientReady(self)
 
     # -------------------------------------------------------------- forward hooks
-    def _index_of(self, module: torch.nn.Module) -> int:
-        """The module's index, learning it on first sight (the lookup is the hot path)."""
-        index = self._index_by_id.get(id(module))
-        if index is None or self._refs[index]() is not module:
-            index = self._learn(module)
-        return index
-
     def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
-        index = self._index_of(module)
+        index = self.registry.index_of(module)
         call = self._next_call
         self._next_call = call + 1
         in_backward = _graph_task_id() != -1
@@ -339,7 +255,7 @@ class ModuleTracker:
             self._user_pre_fw_hook(module, args)
         pending = None
         if not in_backward and _grad_enabled():
-            inputs = _grad_tensors(args)
+            inputs = grad_tensors(args)
             if not inputs:
                 # Nothing to hook: its backward ends when the whole backward ends.
                 pending = _PendingPostBackward(call, index)
@@ -360,7 +276,7 @@ class ModuleTracker:
         if not stack:
             return  # the module's forward began before the tracker was entered
         call, index, pending = stack.pop()
-        if self._refs[index]() is not module:
+        if not self.registry.is_module(index, module):
             # A pre-hook of ours never ran for this module (e.g. another pre-hook raised);
             # put the entry back rather than closing somebody else's span.
             stack.append((call, index, pending))
@@ -371,7 +287,7 @@ class ModuleTracker:
         self._leave_name(self._names[index])
         if in_backward or not _grad_enabled():
             return
-        outputs = _grad_tensors(output) if output is not None else []
+        outputs = grad_tensors(output) if output is not None else []
         if not outputs:
             if pending is not None:
                 pending.live = False  # no backward will run through this call
@@ -402,13 +318,13 @@ class ModuleTracker:
             _queue_engine_callback(self._backward_finished)
         self._enter_name(self._names[index])
         if self._user_pre_bw_hook is not None:
-            self._user_pre_bw_hook(self._refs[index](), grads)
+            self._user_pre_bw_hook(self.registry.module(index), grads)
 
     def _post_backward(self, call: int, index: int, *grads: Any) -> None:
         if not self._entered:
             return
         if self._user_post_bw_hook is not None:
-            self._user_post_bw_hook(self._refs[index](), grads)
+            self._user_post_bw_hook(self.registry.module(index), grads)
         self._leave_name(self._names[index])
 
     def _backward_finished(self) -> None:

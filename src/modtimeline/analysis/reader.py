@@ -9,6 +9,7 @@ import math
 import os
 import zlib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -76,7 +77,7 @@ class Trace:
         return sorted({span.step for span in self.spans} | set(self.step_ns))
 
 
-def trace_files(paths: list[str | Path]) -> list[Path]:
+def trace_files(paths: Sequence[str | Path]) -> list[Path]:
     """The trace files named by ``paths``; a directory stands for the traces inside it."""
     files: list[Path] = []
     for raw in paths:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+if TYPE_CHECKING:
+    from ..resolve import TraceData
 
 from ..errors import TraceFileError
 
@@ -26,7 +30,7 @@ def format_for(path: str | Path, format: str | None = None) -> str:
     return "json"
 
 
-def write_trace(data, path: str | Path, format: str | None = None) -> int:  # type: ignore[no-untyped-def]
+def write_trace(data: TraceData, path: str | Path, format: str | None = None) -> int:
     """Write ``data`` atomically to ``path``; returns the number of bytes written."""
     from .atomic import atomic_output
     from .chrome import write_chrome_json
@@ -41,7 +45,7 @@ def write_trace(data, path: str | Path, format: str | None = None) -> int:  # ty
             import gzip
 
             with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
-                write_chrome_json(data, gz)
+                write_chrome_json(data, cast(BinaryIO, gz))
         else:
             write_chrome_json(data, stream)
         return stream.tell()

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from itertools import repeat
 from operator import sub, truediv
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -32,7 +32,7 @@ FORMAT_NAME = "modtimeline-chrome"
 FORMAT_VERSION = 1
 
 
-def _numbers(values: list) -> list[bytes]:  # type: ignore[type-arg]
+def _numbers(values: list[Any]) -> list[bytes]:
     """orjson-serialise a column and split it into one bytes object per value."""
     if not values:
         return []

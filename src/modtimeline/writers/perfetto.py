@@ -18,6 +18,7 @@ microseconds, so both formats hold identical spans.
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -201,7 +202,7 @@ def _annotate(event: TrackEvent, name_iid: int, value: int) -> None:
     annotation.int_value = value
 
 
-def _counter_packets(times, values, sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:  # type: ignore[no-untyped-def]
+def _counter_packets(times: array, values: array, sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:
     previous = 0
     for time, value in zip(times, values):
         packet = TracePacket()
