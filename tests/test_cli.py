@@ -36,3 +36,30 @@ def test_demo_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
         pytest.skip("CUDA is available here")
     assert main(["demo", "--device", "cuda", "-o", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err == "modtimeline: error: --device cuda was asked for, but CUDA is not available on this machine\n"
+
+
+def test_info_names_versions_and_compiled_parts(capsys, monkeypatch):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("modtimeline ") and "torch " in out
+    for part in ("_hotpath", "_resolve_cpu", "writers._chrome_rows"):
+        assert f"  {part}: " in out
+    monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "1")
+    assert main(["info"]) == 0
+    assert "_hotpath: not in use: turned off by MODTIMELINE_PURE_PYTHON" in capsys.readouterr().out
+
+
+def test_a_missing_hot_path_is_said_once(monkeypatch, tmp_path):
+    import warnings
+
+    from modtimeline import _native, recorder
+    from modtimeline import Timeline
+
+    monkeypatch.setattr(recorder, "compiled", lambda name: None)
+    monkeypatch.setitem(_native.why_not, "_hotpath", "not built (test)")
+    monkeypatch.setattr(_native, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="not built \\(test\\).*--no-build-isolation"):
+        Timeline(tmp_path / "a.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Timeline(tmp_path / "b.json")  # once per process

@@ -1,4 +1,4 @@
-"""Command line: ``modtimeline demo | summary | diff``.
+"""Command line: ``modtimeline demo | summary | diff | info``.
 
 User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
 code 2, never a traceback.
@@ -30,6 +30,42 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _info(args: argparse.Namespace) -> int:
+    """What a bug report needs: versions, and which compiled parts are in use (and why not)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__, _native
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"modtimeline {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
+    try:
+        import torch
+
+        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() \
+            else "no CUDA device"
+        lines.append(f"torch {torch.__version__} ({cuda})")
+        from . import recorder, resolve  # importing them tries the compiled parts
+
+        recorder.native_hotpath()
+        del resolve
+    except ImportError:
+        lines.append("torch not installed (summary and diff work without it; Timeline needs it)")
+    lines += [f"orjson {installed('orjson')}", f"perfetto {installed('perfetto')}", "compiled parts:"]
+    for part in _native.PARTS:
+        if part not in _native.why_not:
+            _native.compiled(part)
+        reason = _native.why_not.get(part)
+        lines.append(f"  {part}: " + ("in use" if reason is None else f"not in use: {reason}"))
+    emit("\n".join(lines))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modtimeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     add_analysis_commands(commands)
+
+    info = commands.add_parser("info", help="versions and compiled parts in use (for bug reports)")
+    info.set_defaults(run=_info)
     return parser
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import warnings
 from typing import Any, Protocol
 
 import torch
@@ -47,7 +46,7 @@ from .buffer import (
     EventBuffer,
     NativeEventBuffer,
 )
-from ._native import compiled
+from ._native import compiled, warn_once_if_slow, why_not
 from .compile_guard import invisible_to_dynamo
 from .errors import ModTimelineError
 from .registry import ModuleRegistry, is_compiler_graph
@@ -62,20 +61,12 @@ _next_sequence_nr = torch._C._autograd._get_sequence_nr
 # The nodes one call visits at most to find where its autograd work ends (as _hotpath.cpp).
 SUBGRAPH_BUDGET = 1 << 17
 
-_layout_warned = False
-
-
 def native_hotpath() -> Any | None:
     """The compiled hot path module, or None (not built, disabled by the environment, or
     built with another event layout)."""
-    global _layout_warned
     hotpath = compiled("_hotpath")
     if hotpath is not None and getattr(hotpath, "LAYOUT", None) != LAYOUT:
-        if not _layout_warned:
-            _layout_warned = True
-            warnings.warn("modtimeline: the compiled hot path was built from another version of modtimeline "
-                          "(its event layout differs); recording on the slower Python path. Reinstall modtimeline "
-                          "to rebuild it.", RuntimeWarning, stacklevel=2)
+        why_not["_hotpath"] = "built from another version of modtimeline (its event layout differs)"
         return None
     return hotpath
 
@@ -91,7 +82,10 @@ def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:
     """The compiled event buffer when it is built (and compiled autograd is off), else the
     Python one."""
     hotpath = native_hotpath()
-    if hotpath is None or _compiled_autograd_enabled():
+    if hotpath is None:
+        warn_once_if_slow("_hotpath")
+        return EventBuffer(capacity)
+    if _compiled_autograd_enabled():
         return EventBuffer(capacity)
     return NativeEventBuffer(hotpath.Store(capacity))
 

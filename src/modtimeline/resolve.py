@@ -51,7 +51,7 @@ from .buffer import (
     STEP_BEGIN,
     STEP_END,
 )
-from ._native import compiled
+from ._native import compiled, why_not
 from .buffer import LAYOUT
 from .clock import DeviceMarks
 
@@ -83,7 +83,8 @@ def _compiled_resolve() -> Any:
     expected = dict(LAYOUT, INCOMPLETE=INCOMPLETE, APPROXIMATE=APPROXIMATE, FLOW_OUT=FLOW_OUT, FLOW_IN=FLOW_IN,
                     STEPS_TRACK=STEPS_TRACK, FORWARD_TRACK=FORWARD_TRACK, BACKWARD_TRACK=BACKWARD_TRACK)
     if module is not None and getattr(module, "LAYOUT", None) != expected:
-        return None  # built from another version: the Python below does the same work
+        why_not["_resolve_cpu"] = "built from another version of modtimeline (its constants differ)"
+        return None  # the Python below does the same work
     return module
 
 
