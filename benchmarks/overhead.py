@@ -1,9 +1,11 @@
 """Tracer overhead per module call and per step: untraced vs torch's ModuleTracker, ModTracker,
 torch.profiler(with_modules=True) and `with Timeline(path): step()` (file written).
 
-Runs everything in one process, interleaved (A B C D E, A B C D E, ...), and reports
-medians over repetitions, so a noisy shared machine hits every variant alike. Garbage
-is collected before each timed run, so no variant pays for another's.
+Runs everything in one process, interleaved (every round runs each variant once, in a
+fresh random order), and reports per-round ratios to the untraced step of the same
+round, medians over rounds: this shared machine's speed swings by 30-50 % within
+minutes, and a ratio taken within one round cancels that. Garbage is collected before
+each timed run, so no variant pays for another's.
 
     python benchmarks/overhead.py [--reps 21] [--out benchmarks/results]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import random
 import statistics
 import sys
 import tempfile
@@ -124,8 +127,12 @@ def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
     calls = module_calls(model, step)
     contexts = variants(trace_dir)
     times: dict[str, list[float]] = {name: [] for name in contexts}
+    order = random.Random(0)
     for rep in range(reps + 2):  # the first two rounds warm up
-        for name, make in contexts.items():
+        names = list(contexts)
+        order.shuffle(names)
+        for name in names:
+            make = contexts[name]
             model.zero_grad(set_to_none=True)
             # Each variant starts with no garbage left by the previous one (torch.profiler
             # leaves plenty, which the next variant's allocations would pay to collect).
@@ -139,11 +146,13 @@ def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
     base = statistics.median(times["untraced"])
     rows = {}
     for name, samples in times.items():
-        median = statistics.median(samples)
+        # Within each round: this variant against the untraced step of the same round.
+        ratios = [t / u for t, u in zip(samples, times["untraced"])]
+        added = [(t - u) / calls * 1e6 for t, u in zip(samples, times["untraced"])]
         rows[name] = {
-            "step_ms": median * 1e3,
-            "ratio": median / base,
-            "added_us_per_call": (median - base) / calls * 1e6,
+            "step_ms": statistics.median(samples) * 1e3,
+            "ratio": statistics.median(ratios),
+            "added_us_per_call": statistics.median(added),
         }
     tracker_added = rows["torch ModuleTracker"]["added_us_per_call"]
     rows["Timeline (file written)"]["vs_ModuleTracker_added"] = (
@@ -153,7 +162,8 @@ def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
 
 
 def markdown(results: dict[str, object]) -> str:
-    lines = [f"Machine: {results['machine']}; medians of {results['reps']} interleaved repetitions.", ""]
+    lines = [f"Machine: {results['machine']}; medians of {results['reps']} interleaved rounds (ratios and added "
+             "time taken within each round).", ""]
     for workload, result in results["workloads"].items():  # type: ignore[attr-defined]
         lines.append(f"**{workload}** ({result['module_calls_per_step']} module calls per step, "
                      f"untraced {result['untraced_us_per_call']:.1f} µs per call)")

@@ -29,6 +29,7 @@ from report import machine, save  # noqa: E402
 
 from modtimeline import Timeline  # noqa: E402
 from modtimeline.gc_pause import paused_gc  # noqa: E402
+from modtimeline import resolve as resolve_module  # noqa: E402
 from modtimeline.resolve import resolve  # noqa: E402
 from modtimeline.writers import write_trace  # noqa: E402
 
@@ -85,10 +86,24 @@ def main() -> int:
             with paused_gc():  # as Timeline does when it flushes
                 data = resolve(*resolve_args, **resolve_kwargs)
             resolve_times.append(time.perf_counter() - start)
+        # The same resolve on its pure-Python twin (resolve.py without _resolve_cpu): what
+        # the compiled one is worth at flush, and what GPU windows (always Python) pay.
+        python_times = []
+        compiled_resolve = resolve_module._resolve_cpu
+        resolve_module._resolve_cpu = None
+        try:
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                with paused_gc():
+                    resolve(*resolve_args, **resolve_kwargs)
+                python_times.append(time.perf_counter() - start)
+        finally:
+            resolve_module._resolve_cpu = compiled_resolve
         spans = len(data.spans)
         results = {"machine": machine(), "steps": args.steps, "buffered_events": events, "spans": spans,
                    "bytes_per_buffered_event_in_memory": memory / events,
-                   "resolve_s": statistics.median(resolve_times), "formats": {}}
+                   "resolve_s": statistics.median(resolve_times), "python_resolve_s": statistics.median(python_times),
+                   "compiled_resolve": compiled_resolve is not None, "formats": {}}
         for suffix in (".json", ".json.gz", ".pftrace"):
             path = folder / f"trace{suffix}"
             times = []
@@ -111,7 +126,9 @@ def main() -> int:
         f"Machine: {results['machine']}. Trace: a 4-layer nn.TransformerEncoder LM, {args.steps} steps: "
         f"{events:,} buffered events -> {spans:,} spans; {results['bytes_per_buffered_event_in_memory']:.1f} "
         f"bytes per buffered event in memory; resolve {results['resolve_s'] * 1e3:.0f} ms "
-        f"({events / results['resolve_s'] / 1e6:.2f} M events/s). Medians of {args.reps}.",
+        f"({events / results['resolve_s'] / 1e6:.2f} M events/s{'' if results['compiled_resolve'] else ', not compiled'})"
+        f", pure-Python resolve {results['python_resolve_s'] * 1e3:.0f} ms "
+        f"({events / results['python_resolve_s'] / 1e6:.2f} M events/s). Medians of {args.reps}.",
         "",
         "| format | write (ms) | spans/s (write) | buffered events/s (resolve + write) | bytes/span on disk | size vs .json |",
         "|---|---:|---:|---:|---:|---:|",

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from modtimeline.analysis.reader import Span, Trace
-from modtimeline.resolve import BACKWARD, FORWARD, FORWARD_TRACK, BACKWARD_TRACK, STEP, STEPS_TRACK, SpanColumns, TraceData, Track
+from modtimeline.format import BACKWARD, FORWARD, FORWARD_TRACK, BACKWARD_TRACK, STEP, STEPS_TRACK, SpanColumns, TraceData, Track
 from modtimeline.writers import write_trace
 
 

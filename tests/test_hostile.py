@@ -61,6 +61,8 @@ HOSTILE_JSON = {
     "thread args null": _set(_thread_name, "args", None),
     "event not an object": lambda d: d["traceEvents"].append(5),
     "metadata list": _set(lambda d: d, "metadata", []),
+    "format version from the future": _set(lambda d: d["metadata"], "format_version", 99),
+    "format version a string": _set(lambda d: d["metadata"], "format_version", "1"),
     "traceEvents dict": _set(lambda d: d, "traceEvents", {}),
     "no module spans": lambda d: d.update(traceEvents=[e for e in d["traceEvents"] if e.get("ph") != "X"]),
 }
@@ -89,6 +91,15 @@ def test_damaged_bytes_exit_2(raw, tmp_path, capsys):
     path.write_bytes(raw)
     assert main(["summary", str(path)]) == 2
     _one_error_line(capsys.readouterr().err, path)
+
+
+def test_a_newer_format_says_to_upgrade(valid, tmp_path, capsys):
+    document = copy.deepcopy(valid)
+    document["metadata"]["format_version"] = 99
+    path = tmp_path / "new.json"
+    path.write_bytes(orjson.dumps(document))
+    assert main(["summary", str(path)]) == 2
+    assert "written by a newer modtimeline (format version 99" in capsys.readouterr().err
 
 
 def test_pftrace_metadata_of_the_wrong_type_exits_2(tmp_path, capsys):

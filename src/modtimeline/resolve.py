@@ -28,7 +28,6 @@ Two rules make every track nest, which Perfetto requires:
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
 from bisect import bisect_left, bisect_right
 from itertools import count, repeat
 from operator import add, and_, itemgetter, mul, rshift
@@ -54,28 +53,27 @@ from .buffer import (
 from ._native import compiled, why_not
 from .buffer import LAYOUT
 from .clock import DeviceMarks
-
-CATEGORIES = ("forward", "backward", "recompute", "step")
-FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
-
-# Span flags. INCOMPLETE: the span did not end normally: it was still open when the trace
-# was closed, or its forward raised ("incomplete": true). APPROXIMATE: its end could not be
-# bounded by its own work and is the best bound there was ("approximate": true).
-INCOMPLETE = 1
-APPROXIMATE = 2
-
-FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
-
-# The lag column of spans that have none (CPU spans). A GPU span's lag can be negative:
-# every device time carries the anchor's small constant offset.
-NO_LAG = -(1 << 63)
-
-# Track ids (Chrome "tid"). GPU tracks are numbered from GPU_TRACK_BASE.
-STEPS_TRACK = 1
-FORWARD_TRACK = 2
-BACKWARD_TRACK = 10  # lanes: 10, 11, ...
-GPU_TRACK_BASE = 100
-
+from .format import (
+    APPROXIMATE,
+    BACKWARD,
+    BACKWARD_TRACK,
+    FLOW_IN,
+    FLOW_NONE,
+    FLOW_OUT,
+    FORWARD,
+    FORWARD_TRACK,
+    GPU_TRACK_BASE,
+    GPU_TRACK_PREFIX,
+    INCOMPLETE,
+    NO_LAG,
+    RECOMPUTE,
+    STEP,
+    STEPS_TRACK,
+    Counter,
+    SpanColumns,
+    TraceData,
+    Track,
+)
 
 def _compiled_resolve() -> Any:
     """The compiled host-only resolve (setup.py), if built with these very constants."""
@@ -90,65 +88,6 @@ def _compiled_resolve() -> Any:
 
 # Host-only resolve, compiled; without it, the Python below does it all (20x slower).
 _resolve_cpu = _compiled_resolve()
-
-
-@dataclass
-class Track:
-    tid: int
-    name: str
-
-
-@dataclass
-class SpanColumns:
-    """One row per span. Columns, not objects: cheap to hold and to format."""
-
-    track: array = field(default_factory=lambda: array("q"))
-    begin: array = field(default_factory=lambda: array("q"))
-    end: array = field(default_factory=lambda: array("q"))
-    name: array = field(default_factory=lambda: array("q"))  # index into TraceData.names
-    category: array = field(default_factory=lambda: array("b"))
-    call: array = field(default_factory=lambda: array("q"))
-    step: array = field(default_factory=lambda: array("q"))
-    flags: array = field(default_factory=lambda: array("b"))
-    flow: array = field(default_factory=lambda: array("b"))
-    lag: array = field(default_factory=lambda: array("q"))  # GPU start - CPU launch, ns; NO_LAG on CPU
-
-    def __len__(self) -> int:
-        return len(self.begin)
-
-    def append(self, track: int, begin: int, end: int, name: int, category: int, call: int,
-               step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = NO_LAG) -> None:
-        self.track.append(track)
-        self.begin.append(begin)
-        self.end.append(end)
-        self.name.append(name)
-        self.category.append(category)
-        self.call.append(call)
-        self.step.append(step)
-        self.flags.append(flags)
-        self.flow.append(flow)
-        self.lag.append(lag)
-
-
-@dataclass
-class Counter:
-    name: str
-    tid: int
-    times: array
-    values: array
-
-
-@dataclass
-class TraceData:
-    """Everything a writer needs; all times are host ns on one monotonic clock."""
-
-    rank: int
-    base_ns: int  # every timestamp is written relative to this
-    names: list[str]
-    tracks: list[Track]
-    spans: SpanColumns
-    counters: list[Counter] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 # A span while being built:
@@ -435,11 +374,11 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
         device, stream_id = marks.streams[b_stream]
         if b_stream == e_stream:
             tid = GPU_TRACK_BASE + 16 * b_stream
-            track_name[tid] = f"cuda:{device} stream {stream_id}"
+            track_name[tid] = f"{GPU_TRACK_PREFIX}:{device} stream {stream_id}"
         else:
             # Began on one stream and ended on another: it cannot nest on either.
             tid = spread_tid.setdefault(device, GPU_TRACK_BASE + 16 * (len(marks.streams) + len(spread_tid)))
-            track_name[tid] = f"cuda:{device} across streams"
+            track_name[tid] = f"{GPU_TRACK_PREFIX}:{device} across streams"
         begin = time_of[b_ev]
         gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev,
                begin - timestamps[b_ev]]
@@ -458,4 +397,4 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
             times.append(time_of[event])
             values.append(value)
         for n, (device, (times, values)) in enumerate(sorted(by_device.items())):
-            counters.append(Counter(f"cuda:{device} memory allocated (bytes)", GPU_TRACK_BASE - 10 + n, times, values))
+            counters.append(Counter(f"{GPU_TRACK_PREFIX}:{device} memory allocated (bytes)", GPU_TRACK_BASE - 10 + n, times, values))

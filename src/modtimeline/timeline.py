@@ -24,7 +24,8 @@ from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError
 from .gc_pause import paused_gc
-from .resolve import TraceData, resolve
+from .format import TOOL, TraceData
+from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
 from .recorder import Recorder, new_buffer
@@ -271,7 +272,7 @@ class Timeline:
         marks = self._clock.resolve() if self._clock is not None else None
         self.buffer.warn_if_overflowed()
         metadata: dict[str, Any] = {
-            "tool": "modtimeline",
+            "tool": TOOL,
             "version": __version__,
             "torch": torch.__version__,
             "base_wall_time_ns": self._base_wall_ns,

@@ -11,9 +11,9 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProt
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
 from ..errors import TraceFormatError
+from ..format import GPU_TRACK_PREFIX, PFTRACE_METADATA
 from .reader import ReadLimits, Span, Trace, checked_int, checked_metadata, checked_name
 
-_INCREMENTAL_CLOCK = 64
 
 
 def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
@@ -40,7 +40,7 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
         sequence = packet.trusted_packet_sequence_id
         if packet.HasField("chrome_events"):
             for entry in packet.chrome_events.metadata:
-                if entry.name == "modtimeline":
+                if entry.name == PFTRACE_METADATA:
                     try:
                         metadata = checked_metadata(path, orjson.loads(entry.json_value))
                     except orjson.JSONDecodeError:
@@ -90,6 +90,6 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
         if category == "step":
             step_ns[step] = end - begin
             continue
-        device = "cuda" if track_name.startswith("cuda") else "cpu"
+        device = "cuda" if track_name.startswith(GPU_TRACK_PREFIX) else "cpu"
         result.append(Span(name, category, device, (pid, tid), step, begin, end))
     return Trace(path, metadata, result, step_ns)

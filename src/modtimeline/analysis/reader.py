@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from ..errors import TraceFileError, TraceFormatError
+from ..format import GPU_TRACK_PREFIX, TOOL, check_version
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
 
@@ -178,8 +179,11 @@ def _checked_microseconds(path: Path, value: Any, what: str) -> float:
 
 
 def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
-    if not isinstance(metadata, dict) or metadata.get("tool") != "modtimeline":
-        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not 'modtimeline')")
+    if not isinstance(metadata, dict) or metadata.get("tool") != TOOL:
+        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not {TOOL!r})")
+    problem = check_version(metadata)
+    if problem:
+        raise TraceFormatError(f"{path}: {problem}")
     return metadata
 
 
@@ -225,7 +229,7 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             if not isinstance(args, dict):
                 raise TraceFormatError(f"{path}: thread_name args is not an object")
             thread_names[track] = checked_name(path, args.get("name"), "thread name", limits)
-    device_of = {track: "cuda" if name.startswith("cuda") else "cpu" for track, name in thread_names.items()}
+    device_of = {track: "cuda" if name.startswith(GPU_TRACK_PREFIX) else "cpu" for track, name in thread_names.items()}
     for span in spans:
         span.device = device_of.get(span.track, "cpu")
     return Trace(path, metadata, spans, step_ns)

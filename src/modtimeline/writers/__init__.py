@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 if TYPE_CHECKING:
-    from ..resolve import TraceData
+    from ..format import TraceData
 
 from ..errors import TraceFileError
 

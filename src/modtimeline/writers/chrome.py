@@ -22,14 +22,13 @@ from typing import Any, BinaryIO
 import orjson
 
 from .._native import compiled
-from ..resolve import APPROXIMATE, CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, STEP, SpanColumns, TraceData
+from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
+                      STEP, SpanColumns, TraceData)
 
 # The compiled row formatter (setup.py); without it, the Python path below.
 _chrome_rows = compiled("writers._chrome_rows")
 
 CHUNK_ROWS = 1 << 16
-FORMAT_NAME = "modtimeline-chrome"
-FORMAT_VERSION = 1
 
 
 def _numbers(values: list[Any]) -> list[bytes]:
@@ -58,7 +57,7 @@ def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
     pid = data.rank
     base = data.base_ns
     metadata = dict(data.metadata)
-    metadata.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, base_ns=base, rank=pid)
+    metadata.update(format=CHROME_FORMAT, format_version=FORMAT_VERSION, base_ns=base, rank=pid)
     stream.write(b'{"displayTimeUnit":"ns","metadata":')
     stream.write(orjson.dumps(metadata))
     stream.write(b',"traceEvents":[\n')

@@ -26,10 +26,9 @@ import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
-from ..resolve import APPROXIMATE, CATEGORIES, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG, SpanColumns, TraceData
+from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
+                      PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA, SpanColumns, TraceData)
 
-FORMAT_NAME = "modtimeline-pftrace"
-FORMAT_VERSION = 1
 
 _CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
 _NEEDS_STATE = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
@@ -37,10 +36,10 @@ _BEGIN = TrackEvent.TYPE_SLICE_BEGIN
 _END = TrackEvent.TYPE_SLICE_END
 _COUNTER = TrackEvent.TYPE_COUNTER
 _BUILTIN_BOOTTIME = 6  # the trace's global clock
-_FIRST_USER_CLOCK = 64  # sequence-scoped clocks start here
+_FIRST_USER_CLOCK = PFTRACE_INCREMENTAL_CLOCK  # sequence-scoped clocks start here
 
 # Interned debug annotation names.
-_ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate")
+_ARG_NAMES = ARG_NAMES
 _STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE = range(1, 6)
 
 _PROCESS_UUID = 1
@@ -54,14 +53,14 @@ def write_pftrace(data: TraceData, stream: BinaryIO) -> None:
     builder = StreamingTraceProtoBuilder(stream)
     pid = data.rank
     metadata = dict(data.metadata)
-    metadata.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, base_ns=data.base_ns, rank=pid)
+    metadata.update(format=PFTRACE_FORMAT, format_version=FORMAT_VERSION, base_ns=data.base_ns, rank=pid)
 
     # Sequence 1: metadata and track descriptors.
     header = builder.create_packet()
     header.trusted_packet_sequence_id = 1
     header.sequence_flags = _CLEARED
     entry = header.chrome_events.metadata.add()
-    entry.name = "modtimeline"
+    entry.name = PFTRACE_METADATA
     entry.json_value = orjson.dumps(metadata).decode()
     builder.write_packet(header)
     process = _descriptor_packet(_PROCESS_UUID)

@@ -1,0 +1,116 @@
+"""The trace file contract: the data writers write and readers read, in one place.
+
+``TraceData`` (span columns, tracks, counters, metadata) is what ``resolve`` produces
+and every writer consumes; the constants below are what the files hold (categories,
+flags, track ids and names, argument names, the tool name and the format version).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+TOOL = "modtimeline"  # metadata.tool of every trace we write
+# Bumped when a file's meaning changes; readers refuse files newer than they know.
+FORMAT_VERSION = 1
+CHROME_FORMAT = "modtimeline-chrome"
+PFTRACE_FORMAT = "modtimeline-pftrace"
+PFTRACE_METADATA = "modtimeline"  # name of the chrome_events metadata entry in .pftrace
+PFTRACE_INCREMENTAL_CLOCK = 64  # the first sequence-scoped clock id: our incremental timestamps
+
+ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate")
+
+CATEGORIES = ("forward", "backward", "recompute", "step")
+FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
+
+# Span flags. INCOMPLETE: the span did not end normally: it was still open when the trace
+# was closed, or its forward raised ("incomplete": true). APPROXIMATE: its end could not be
+# bounded by its own work and is the best bound there was ("approximate": true).
+INCOMPLETE = 1
+APPROXIMATE = 2
+
+FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
+
+# The lag column of spans that have none (CPU spans). A GPU span's lag can be negative:
+# every device time carries the anchor's small constant offset.
+NO_LAG = -(1 << 63)
+
+# Track ids (Chrome "tid"). GPU tracks are numbered from GPU_TRACK_BASE.
+STEPS_TRACK = 1
+FORWARD_TRACK = 2
+BACKWARD_TRACK = 10  # lanes: 10, 11, ...
+GPU_TRACK_BASE = 100
+
+GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"
+
+
+@dataclass
+class Track:
+    tid: int
+    name: str
+
+
+@dataclass
+class SpanColumns:
+    """One row per span. Columns, not objects: cheap to hold and to format."""
+
+    track: array = field(default_factory=lambda: array("q"))
+    begin: array = field(default_factory=lambda: array("q"))
+    end: array = field(default_factory=lambda: array("q"))
+    name: array = field(default_factory=lambda: array("q"))  # index into TraceData.names
+    category: array = field(default_factory=lambda: array("b"))
+    call: array = field(default_factory=lambda: array("q"))
+    step: array = field(default_factory=lambda: array("q"))
+    flags: array = field(default_factory=lambda: array("b"))
+    flow: array = field(default_factory=lambda: array("b"))
+    lag: array = field(default_factory=lambda: array("q"))  # GPU start - CPU launch, ns; NO_LAG on CPU
+
+    def __len__(self) -> int:
+        return len(self.begin)
+
+    def append(self, track: int, begin: int, end: int, name: int, category: int, call: int,
+               step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = NO_LAG) -> None:
+        self.track.append(track)
+        self.begin.append(begin)
+        self.end.append(end)
+        self.name.append(name)
+        self.category.append(category)
+        self.call.append(call)
+        self.step.append(step)
+        self.flags.append(flags)
+        self.flow.append(flow)
+        self.lag.append(lag)
+
+
+@dataclass
+class Counter:
+    name: str
+    tid: int
+    times: array
+    values: array
+
+
+@dataclass
+class TraceData:
+    """Everything a writer needs; all times are host ns on one monotonic clock."""
+
+    rank: int
+    base_ns: int  # every timestamp is written relative to this
+    names: list[str]
+    tracks: list[Track]
+    spans: SpanColumns
+    counters: list[Counter] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def check_version(metadata: dict[str, Any]) -> str | None:
+    """Why a file's metadata cannot be read by this version, or None if it can."""
+    version = metadata.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        return f"format_version is {version!r}, not a whole number"
+    if version > FORMAT_VERSION:
+        return (f"written by a newer modtimeline (format version {version}; this one reads up to "
+                f"{FORMAT_VERSION}): upgrade modtimeline to read it")
+    return None
