@@ -1,40 +1,77 @@
-"""Two ranks (gloo, CPU processes): one trace file each, process named by rank."""
+"""Several ranks (gloo, CPU processes, file-based rendezvous, a timeout on every test):
+one trace file each, processes named by rank, and module names of the unwrapped model
+under DDP and FSDP2 (and checkpoint_wrapper), so a wrapped run diffs against a plain one."""
+
+from __future__ import annotations
 
 import os
-import socket
+import time
 
+import orjson
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from modtimeline import Timeline
+from modtimeline.cli import main
 
 from .trace_checks import load, spans
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TIMEOUT_S = 180
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def spawn(worker, world: int, folder) -> None:
+    """Run ``worker(rank, world, folder)`` on ``world`` ranks; fail (never hang) past TIMEOUT_S."""
+    context = mp.spawn(_entry, args=(worker, world, str(folder)), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"ranks did not finish in {TIMEOUT_S} s")
+
+
+def _entry(rank: int, worker, world: int, folder: str) -> None:
+    torch.manual_seed(0)  # every rank builds the same model
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
-        model = torch.nn.Linear(4, 1)
-        with Timeline(os.path.join(folder, "run.json")) as timeline:
-            with timeline.step():
-                model(torch.randn(2, 4)).sum().backward()
-        with Timeline(os.path.join(folder, "named-{rank}.json")):
-            model(torch.randn(2, 4)).sum().backward()
+        worker(rank, world, folder)
     finally:
         dist.destroy_process_group()
 
 
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def train(model: nn.Module, path: str, steps: int = 6) -> None:
+    x = torch.randn(4, 8)
+    with Timeline(path) as timeline:
+        for _ in range(steps):
+            with timeline.step():
+                model(x).sum().backward()
+
+
+def _plain_and_named(rank: int, world: int, folder: str) -> None:
+    model = nn.Linear(4, 1)
+    with Timeline(os.path.join(folder, "run.json")) as timeline:
+        with timeline.step():
+            model(torch.randn(2, 4)).sum().backward()
+    with Timeline(os.path.join(folder, "named-{rank}.json")):
+        model(torch.randn(2, 4)).sum().backward()
+
+
 def test_each_rank_writes_its_own_trace(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    spawn(_plain_and_named, 2, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [
         "named-0.json", "named-1.json", "run.rank0.json", "run.rank1.json"]
     for rank in (0, 1):
         trace = load(tmp_path / f"run.rank{rank}.json")
@@ -42,3 +79,63 @@ def test_each_rank_writes_its_own_trace(tmp_path):
         assert {e["pid"] for e in spans(trace)} == {rank}
         names = [e for e in trace["traceEvents"] if e.get("name") == "process_name"]
         assert names[0]["args"]["name"] == f"rank {rank}"
+
+
+def _ddp(rank: int, world: int, folder: str) -> None:
+    train(nn.parallel.DistributedDataParallel(Net()), os.path.join(folder, "ddp-{rank}.json"))
+
+
+def _fsdp2(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    train(model, os.path.join(folder, "fsdp-{rank}.json"))
+
+
+MODEL_NAMES = {"Net", "Net.blocks", "Net.head"} | {f"Net.blocks.{i}{sub}" for i in range(2) for sub in ("", ".0", ".1")}
+
+
+def _names(path) -> set[str]:
+    return {e["name"] for e in spans(load(path)) if e["cat"] != "step"}
+
+
+def test_ddp_names_are_the_unwrapped_models_and_diff_matches_a_plain_run(tmp_path, capsys):
+    spawn(_ddp, 2, tmp_path)
+    torch.manual_seed(0)
+    train(Net(), str(tmp_path / "plain.json"))
+    for rank in (0, 1):
+        assert _names(tmp_path / f"ddp-{rank}.json") == MODEL_NAMES | {"Net (DistributedDataParallel)"}
+    assert main(["diff", "--json", "--warmup", "1", "--min-samples", "3", str(tmp_path / "plain.json"),
+                 str(tmp_path / "ddp-0.json")]) in (0, 1)
+    report = orjson.loads(capsys.readouterr().out)
+    assert {(s["fqn"], s["change"]) for s in report["structural"]} <= {
+        ("Net (DistributedDataParallel)", "added")}
+    compared = {m["fqn"] for m in report["modules"]}
+    assert compared == MODEL_NAMES
+
+
+def test_fsdp2_names_are_the_unwrapped_models(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    spawn(_fsdp2, 2, tmp_path)
+    for rank in (0, 1):
+        names = _names(tmp_path / f"fsdp-{rank}.json")
+        assert names == MODEL_NAMES, names  # not FSDPNet
+
+
+def test_checkpoint_wrapper_names_are_the_wrapped_modules(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = Net()
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+    train(model, str(tmp_path / "ckpt.json"), steps=2)
+    names = _names(tmp_path / "ckpt.json")
+    assert names == MODEL_NAMES | {f"Net.blocks.{i} (CheckpointWrapper)" for i in range(2)}

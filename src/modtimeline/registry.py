@@ -25,20 +25,44 @@ _FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[to
 
 def fqn_of(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
     """(FQN, root) of ``module``; an unnamed module becomes a root named by the class of
-    the model it stands for (a ``torch.compile`` wrapper by the module it compiled)."""
+    the model it stands for (a wrapper by the model it wraps)."""
     entry = _FQN_CACHE.get(module)
     if entry is None:
-        _name_tree(module, type(_unwrapped(module)).__name__, weakref.ref(module))
+        _name_tree(module, _class_name(_unwrapped(module)), weakref.ref(module))
         entry = _FQN_CACHE[module]
     return entry
 
 
-# Wrappers whose child holds the user's model under a name the user never wrote.
-_TRANSPARENT_CHILDREN = {"OptimizedModule": "_orig_mod"}
+# Wrappers whose child holds the user's model under a name the user never wrote: the
+# model keeps the names the user knows (`Net.blocks.0.fc1`, not
+# `DistributedDataParallel.module.blocks.0.fc1`), so a trace of a wrapped run lines up
+# with one of the plain model. The wrapper's own call (DDP and FSDP do work of their
+# own there) is named `<model's name> (<wrapper class>)`.
+_WRAPPER_CHILDREN = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "_fsdp_wrapped_module",  # FSDP1
+    "CheckpointWrapper": "_checkpoint_wrapped_module",
+    "OffloadWrapper": "_checkpoint_wrapped_module",
+}
+# torch.compile's wrapper runs no code of its own a hook can see (the model's call is
+# inlined into the compiled graph): it simply takes the model's name.
+_NAMELESS_WRAPPERS = {"OptimizedModule"}
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    """The class name a user wrote: FSDP2's ``fully_shard`` swaps a module's class for a
+    generated subclass ``FSDP<Class>``; the name is the class it was made from."""
+    cls = type(module)
+    name = cls.__name__
+    if name.startswith("FSDP") and any(base.__name__ == name[4:] for base in cls.__bases__):
+        return name[4:]
+    return name
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    child = _TRANSPARENT_CHILDREN.get(type(module).__name__)
+    child = _WRAPPER_CHILDREN.get(type(module).__name__)
     inner = getattr(module, child, None) if child else None
     return _unwrapped(inner) if isinstance(inner, torch.nn.Module) else module
 
@@ -63,13 +87,16 @@ def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module
 
 
 def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module]) -> None:
-    _FQN_CACHE[module] = (name, root)
-    transparent = _TRANSPARENT_CHILDREN.get(type(module).__name__)
+    wrapper = type(module).__name__
+    wrapped = _WRAPPER_CHILDREN.get(wrapper)
+    if wrapped is not None and isinstance(getattr(module, wrapped, None), torch.nn.Module):
+        _FQN_CACHE[module] = (name if wrapper in _NAMELESS_WRAPPERS else f"{name} ({wrapper})", root)
+    else:
+        wrapped = None
+        _FQN_CACHE[module] = (name, root)
     for child_name, child in module.named_children():
         if child not in _FQN_CACHE:
-            # torch.compile's OptimizedModule keeps the model as `_orig_mod`: the model
-            # keeps the name the user knows, not `Net._orig_mod`.
-            _name_tree(child, name if child_name == transparent else f"{name}.{child_name}", root)
+            _name_tree(child, name if child_name == wrapped else f"{name}.{child_name}", root)
 
 
 class ModuleRegistry:
