@@ -63,3 +63,31 @@ def test_a_missing_hot_path_is_said_once(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Timeline(tmp_path / "b.json")  # once per process
+
+
+def test_open_serves_the_trace_for_ui_perfetto_dev_and_stops(tmp_path):
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    trace = tmp_path / "t.json"
+    assert main(["demo", "-o", str(trace), "--steps", "1"]) == 0
+    command = subprocess.Popen([sys.executable, "-m", "modtimeline", "open", str(trace), "--ui", "perfetto",
+                                "--port", "0", "--no-browser", "--wait", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert command.stdout is not None
+        url = next(line.strip() for line in command.stdout if line.startswith("https://ui.perfetto.dev/"))
+        served = re.search(r"url=(http://127\.0\.0\.1:\d+/t\.json)$", url)
+        assert served, url
+        with urllib.request.urlopen(served.group(1), timeout=30) as response:  # what the UI fetches
+            assert response.headers["Access-Control-Allow-Origin"] == "https://ui.perfetto.dev"
+            assert response.read() == trace.read_bytes()
+        assert command.wait(timeout=60) == 0
+    finally:
+        command.kill()
+
+
+def test_open_a_missing_file_is_one_line(capsys):
+    assert main(["open", "missing.json", "--no-browser"]) == 2
+    assert capsys.readouterr().err == "modtimeline: error: missing.json: no such file\n"

