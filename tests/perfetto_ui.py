@@ -79,6 +79,15 @@ class PerfettoUI:
             page.screenshot(path=str(screenshot or os.environ["MODTIMELINE_UI_SCREENSHOT"]))
         return loaded
 
+    def load_url(self, url: str) -> LoadedTrace:
+        """A page of this browser on ``url`` (a UI served by someone else), once its trace loaded."""
+        page = self._browser.new_page(viewport={"width": 1600, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.wait_for_function("window.app && window.app.trace && window.app.trace.engine", timeout=120_000)
+        return LoadedTrace(page, errors)
+
     def close(self) -> None:
         self._browser.close()
         self._playwright.stop()

@@ -188,13 +188,9 @@ def test_llama_trace_loads_and_backward_is_no_deeper_than_forward(ui, tmp_path):
         trace.close()
 
 
-def test_modtimeline_open_serves_the_trace_to_the_offline_ui(tmp_path):
+def test_modtimeline_open_serves_the_trace_to_the_offline_ui(ui, tmp_path):
     import subprocess
     import sys
-
-    from playwright.sync_api import sync_playwright
-
-    from .perfetto_ui import CHROMIUM, CHROMIUM_ARGS, LoadedTrace
 
     trace_path = run_demo(tmp_path / "demo.json", steps=1)
     command = subprocess.Popen([sys.executable, "-m", "modtimeline", "open", str(trace_path), "--ui", "offline",
@@ -202,15 +198,12 @@ def test_modtimeline_open_serves_the_trace_to_the_offline_ui(tmp_path):
     try:
         assert command.stdout is not None
         url = next(line.strip() for line in command.stdout if line.startswith("http://127.0.0.1:"))
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url)
-            page.wait_for_function("window.app && window.app.trace && window.app.trace.engine", timeout=120_000)
-            trace = LoadedTrace(page, [])
-            assert trace.problems() == []
+        trace = ui.load_url(url)
+        try:
+            assert trace.problems() == [] and trace.page_errors == []
             assert trace.query("select count(*) as n from slice where name = 'GPT'")[0]["n"] == 2  # fw + bw
-            browser.close()
+        finally:
+            trace.close()
         assert command.wait(timeout=60) == 0  # it stops serving by itself once the UI has the trace
         assert "stopped serving" in command.stdout.read()
     finally:
