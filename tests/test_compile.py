@@ -118,6 +118,7 @@ def test_compile_is_unchanged_by_an_active_timeline(model_name, backend, fullgra
         assert root in names  # the compiled call, by the user's name
         kinds = {e["cat"] for e in spans(trace) if e["name"] == root}
         assert kinds == {"forward", "backward"}
+        assert all(e["args"].get("compiled") for e in spans(trace) if e["name"] == root)
 
 
 def test_compiled_before_the_timeline_with_inductor(tmp_path):

@@ -76,6 +76,7 @@ def test_each_rank_writes_its_own_trace(tmp_path):
     for rank in (0, 1):
         trace = load(tmp_path / f"run.rank{rank}.json")
         assert trace["metadata"]["rank"] == rank
+        assert trace["metadata"]["world_size"] == 2 and trace["metadata"]["hostname"]
         assert {e["pid"] for e in spans(trace)} == {rank}
         names = [e for e in trace["traceEvents"] if e.get("name") == "process_name"]
         assert names[0]["args"]["name"] == f"rank {rank}"

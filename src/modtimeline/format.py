@@ -20,7 +20,7 @@ PFTRACE_FORMAT = "modtimeline-pftrace"
 PFTRACE_METADATA = "modtimeline"  # name of the chrome_events metadata entry in .pftrace
 PFTRACE_INCREMENTAL_CLOCK = 64  # the first sequence-scoped clock id: our incremental timestamps
 
-ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate")
+ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate", "compiled")
 
 CATEGORIES = ("forward", "backward", "recompute", "step")
 FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
@@ -30,6 +30,7 @@ FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
 # bounded by its own work and is the best bound there was ("approximate": true).
 INCOMPLETE = 1
 APPROXIMATE = 2
+COMPILED = 4  # the call ran a torch.compile'd module ("compiled": true)
 
 FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
 

@@ -105,13 +105,14 @@ class ModuleRegistry:
     ``index_of`` is on every forward hook's path: one dict lookup and one weak-reference
     check (an address can be reused by a new module once the old one died)."""
 
-    __slots__ = ("names", "_refs", "_index_by_id", "roots")
+    __slots__ = ("names", "_refs", "_index_by_id", "roots", "compiled")
 
     def __init__(self) -> None:
         self.names: list[str] = []  # FQN by index
         self._refs: list[weakref.ref[torch.nn.Module]] = []
         self._index_by_id: dict[int, int] = {}
         self.roots: set[int] = set()  # ids of the root modules seen
+        self.compiled: set[int] = set()  # indices of torch.compile wrappers (OptimizedModule)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -140,6 +141,8 @@ class ModuleRegistry:
         if root() is module:
             self.roots.add(id(module))
         index = len(self.names)
+        if type(module).__name__ in _NAMELESS_WRAPPERS:
+            self.compiled.add(index)
         self.names.append(name)
         self._refs.append(weakref.ref(module))
         self._index_by_id[id(module)] = index

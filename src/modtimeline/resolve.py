@@ -56,6 +56,7 @@ from .clock import DeviceMarks
 from .format import (
     APPROXIMATE,
     BACKWARD,
+    COMPILED,
     BACKWARD_TRACK,
     FLOW_IN,
     FLOW_NONE,
@@ -108,6 +109,7 @@ def resolve(
     metadata: dict[str, Any] | None = None,
     raised_calls: set[int] | frozenset[int] = frozenset(),
     raised_steps: set[int] | frozenset[int] = frozenset(),
+    compiled_modules: set[int] | frozenset[int] = frozenset(),
 ) -> TraceData:
     """Pair begin/end events into spans, close what is still open at ``close_ns``,
     flag those and the calls and steps that raised ``INCOMPLETE``, close backward spans
@@ -121,6 +123,7 @@ def resolve(
             timestamps, codes, link_node, link_code, close_ns, set(raised_calls), set(raised_steps), len(names))
         names.extend(f"step {number}" for number in step_calls)
         columns_out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
+        _flag_compiled(columns_out, compiled_modules)
         return TraceData(rank, base_ns, names, [Track(tid, name) for tid, name in track_rows], columns_out, [],
                          dict(metadata or {}))
     steps: list[list[Any]] = []
@@ -224,7 +227,18 @@ def resolve(
     counters: list[Counter] = []
     if marks is not None and len(marks.host_event):
         _add_gpu_spans(out, tracks, counters, forward + backward, marks, parent_of, timestamps)
+    _flag_compiled(out, compiled_modules)
     return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
+
+
+def _flag_compiled(spans: SpanColumns, compiled_modules: set[int] | frozenset[int]) -> None:
+    """Flag the spans of torch.compile'd modules (names are module indices for module spans)."""
+    if not compiled_modules:
+        return
+    flags, names, categories = spans.flags, spans.name, spans.category
+    for row in range(len(spans)):
+        if names[row] in compiled_modules and categories[row] != STEP:
+            flags[row] |= COMPILED
 
 
 # SpanColumns' fields in order, as the compiled resolve returns them.

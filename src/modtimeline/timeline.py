@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
 import warnings
@@ -33,6 +34,14 @@ from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _local_rank() -> int:
+    """The rank on this host: torchrun's LOCAL_RANK, else 0."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -277,6 +286,9 @@ class Timeline:
             "torch": torch.__version__,
             "base_wall_time_ns": self._base_wall_ns,
             "run_id": self._run_id,
+            "world_size": _rank_and_world()[1],
+            "local_rank": _local_rank(),
+            "hostname": socket.gethostname(),
             "clock": "perf_counter_ns",
             "steps": list(self._window_steps),
             "events_dropped": self.buffer.dropped,
@@ -299,6 +311,7 @@ class Timeline:
             metadata=metadata,
             raised_calls=self.recorder.raised_calls,
             raised_steps=self._raised_steps,
+            compiled_modules=self.recorder.registry.compiled,
         )
 
     def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:

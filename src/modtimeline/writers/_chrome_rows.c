@@ -75,7 +75,7 @@ static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_
     return 0;
 }
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2 }; /* resolve.py */
+enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 }; /* format.py */
 
 static PyObject *format_spans(PyObject *module, PyObject *args) {
     PyObject *track_o, *name_o, *category_o, *begin_o, *end_o, *step_o, *call_o, *flags_o, *flow_o, *lag_o;
@@ -140,6 +140,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         put_int(&out, call[i]);
         if (flags[i] & INCOMPLETE) LITERAL(&out, ",\"incomplete\":true");
         if (flags[i] & APPROXIMATE) LITERAL(&out, ",\"approximate\":true");
+        if (flags[i] & COMPILED) LITERAL(&out, ",\"compiled\":true");
         LITERAL(&out, "}");
         if (flow[i] == FLOW_OUT || flow[i] == FLOW_IN) {
             LITERAL(&out, ",\"bind_id\":");

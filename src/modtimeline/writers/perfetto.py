@@ -26,7 +26,7 @@ import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
-from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
+from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
                       PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA, SpanColumns, TraceData)
 
 
@@ -40,7 +40,7 @@ _FIRST_USER_CLOCK = PFTRACE_INCREMENTAL_CLOCK  # sequence-scoped clocks start he
 
 # Interned debug annotation names.
 _ARG_NAMES = ARG_NAMES
-_STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE = range(1, 6)
+_STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE, _COMPILED = range(1, 7)
 
 _PROCESS_UUID = 1
 
@@ -180,6 +180,10 @@ def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
             if spans.flags[row] & APPROXIMATE:
                 annotation = event.debug_annotations.add()
                 annotation.name_iid = _APPROXIMATE
+                annotation.bool_value = True
+            if spans.flags[row] & COMPILED:
+                annotation = event.debug_annotations.add()
+                annotation.name_iid = _COMPILED
                 annotation.bool_value = True
             if spans.lag[row] != NO_LAG:
                 annotation = event.debug_annotations.add()
