@@ -140,10 +140,8 @@ def test_end_without_begin_is_ignored():
     assert len(resolve(ts, codes, ["M"], close_ns=10, links=links((3, 0, 0, False))).spans) == 0
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_event_streams_resolve_into_nesting_tracks(seed):
-    """Arbitrary event streams, tied timestamps included: resolve never fails, every
-    track nests, every span ends at or after it begins."""
+def random_stream(seed: int) -> tuple[tuple, dict]:
+    """Arbitrary event streams, tied timestamps included: resolve()'s (args, kwargs)."""
     rng = random.Random(seed)
     ts, codes = array("q"), array("q")
     link_node, link_code = array("q"), array("q")
@@ -167,9 +165,16 @@ def test_random_event_streams_resolve_into_nesting_tracks(seed):
             call = rng.randrange(calls)
         ts.append(t)
         codes.append(call << CALL_SHIFT | rng.randrange(5) << KIND_BITS | kind)
-    data = resolve(ts, codes, ["A", "A.b", "A.c", "A.b.d", "A.e"], t + 10, links=(link_node, link_code),
-                   raised_calls={rng.randrange(calls)}, raised_steps={rng.randrange(calls)}, rank=3, base_ns=7,
-                   metadata={"x": 1})
+    return (ts, codes, ["A", "A.b", "A.c", "A.b.d", "A.e"], t + 10), dict(
+        links=(link_node, link_code), raised_calls={rng.randrange(calls)}, raised_steps={rng.randrange(calls)},
+        rank=3, base_ns=7, metadata={"x": 1})
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_event_streams_resolve_into_nesting_tracks(seed):
+    """Resolve never fails, every track nests, every span ends at or after it begins."""
+    args, kwargs = random_stream(seed)
+    data = resolve(*args, **kwargs)
     spans = data.spans
     assert all(spans.end[i] >= spans.begin[i] for i in range(len(spans)))
     assert_nested_columns(spans)
@@ -246,32 +251,6 @@ def test_compiled_resolve_matches_python_on_real_steps(monkeypatch, tmp_path, ra
 @needs_compiled
 @pytest.mark.parametrize("seed", range(60))
 def test_compiled_resolve_matches_python_on_random_events(monkeypatch, seed):
-    """Arbitrary event streams, tied timestamps included: every rule, every odd case."""
-    rng = random.Random(seed)
-    ts, codes = array("q"), array("q")
-    link_node, link_code = array("q"), array("q")
-    nodes = rng.randint(1, 12)
-    calls = rng.randint(1, 30)
-    for _ in range(rng.randint(0, 25)):
-        link_node.append(rng.randrange(nodes + 2))
-        link_code.append(rng.randrange(calls) << LINK_SHIFT | rng.randrange(5) << 1 | rng.choice((0, LINK_BEGIN)))
-    t = 0
-    kinds = [FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, GRADIENT_READY,
-             NODE_DONE, BACKWARD_DONE]
-    begun = 0
-    for _ in range(rng.randint(0, 120)):
-        t += rng.choice((0, 0, 1, 5, 100))
-        kind = rng.choice(kinds)
-        if kind in (GRADIENT_READY, NODE_DONE):
-            call = rng.randrange(nodes + 3)
-        elif kind in (FORWARD_BEGIN, RECOMPUTE_BEGIN):
-            call, begun = begun, begun + 1
-        else:
-            call = rng.randrange(calls)
-        ts.append(t)
-        codes.append(call << CALL_SHIFT | rng.randrange(5) << KIND_BITS | kind)
-    compiled, python = both_resolves(
-        monkeypatch, ts, codes, ["A", "A.b", "A.c", "A.b.d", "A.e"], t + 10, links=(link_node, link_code),
-        raised_calls={rng.randrange(calls)}, raised_steps={rng.randrange(calls)}, rank=3, base_ns=7,
-        metadata={"x": 1})
-    assert_same(compiled, python)
+    """Every rule, every odd case: the compiled resolve gives Python's columns."""
+    args, kwargs = random_stream(seed)
+    assert_same(*both_resolves(monkeypatch, *args, **kwargs))

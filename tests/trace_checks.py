@@ -29,6 +29,18 @@ def assert_nested(trace: dict) -> None:
     for e in spans(trace):
         begin = round(e["ts"] * 1000)
         by_track[e["tid"]].append((begin, begin + round(e["dur"] * 1000), e["name"]))
+    _assert_tracks_nest(by_track)
+
+
+def assert_nested_columns(columns) -> None:
+    """``assert_nested`` on resolve's span columns, before any file is written."""
+    by_track = defaultdict(list)
+    for i in range(len(columns)):
+        by_track[columns.track[i]].append((columns.begin[i], columns.end[i], f"row {i}"))
+    _assert_tracks_nest(by_track)
+
+
+def _assert_tracks_nest(by_track: dict) -> None:
     for tid, items in by_track.items():
         items.sort(key=lambda s: (s[0], -s[1]))
         stack = []
@@ -37,18 +49,3 @@ def assert_nested(trace: dict) -> None:
                 stack.pop()
             assert not stack or end <= stack[-1][1], f"track {tid}: {name} overlaps {stack[-1][2]} partially"
             stack.append((begin, end, name))
-
-
-def assert_nested_columns(columns) -> None:
-    """``assert_nested`` on resolve's span columns, before any file is written."""
-    by_track = defaultdict(list)
-    for i in range(len(columns)):
-        by_track[columns.track[i]].append((columns.begin[i], columns.end[i], i))
-    for tid, items in by_track.items():
-        items.sort(key=lambda s: (s[0], -s[1]))
-        stack = []
-        for begin, end, row in items:
-            while stack and stack[-1][1] <= begin:
-                stack.pop()
-            assert not stack or end <= stack[-1][1], f"track {tid}: row {row} overlaps row {stack[-1][2]} partially"
-            stack.append((begin, end, row))

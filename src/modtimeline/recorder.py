@@ -252,30 +252,19 @@ class PythonForwardHooks:
 
     def pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         task = _graph_task_id()
-        if _thread_id() != self._owner:
-            # Another thread's forward is not ours, unless it is recompute inside our backward.
-            if task == -1 or not self._marks.serves(task):
-                return
-            index = self._index_of(module)
-            if index is None:
-                return
-            call = self.next_call
-            self.next_call = call + 1
-            self._buffer.record(RECOMPUTE_BEGIN, call, index)
-            self._other_stacks.setdefault(_thread_id(), []).append(_Frame(call, index, True, _next_sequence_nr()))
+        own_thread = _thread_id() == self._owner
+        # Another thread's forward is not ours, unless it is recompute inside our backward.
+        if not own_thread and (task == -1 or not self._marks.serves(task)):
             return
         index = self._index_of(module)
         if index is None:
             return
         call = self.next_call
         self.next_call = call + 1
-        if task != -1:
-            # Forward inside backward: activation-checkpoint recompute.
-            self._buffer.record(RECOMPUTE_BEGIN, call, index)
-            self._stack.append(_Frame(call, index, True, _next_sequence_nr()))
-            return
-        self._buffer.record(FORWARD_BEGIN, call, index)
-        self._stack.append(_Frame(call, index, False, _next_sequence_nr()))
+        recompute = task != -1  # forward inside backward: activation-checkpoint recompute
+        self._buffer.record(RECOMPUTE_BEGIN if recompute else FORWARD_BEGIN, call, index)
+        stack = self._stack if own_thread else self._other_stacks.setdefault(_thread_id(), [])
+        stack.append(_Frame(call, index, recompute, _next_sequence_nr()))
 
     def post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if _thread_id() != self._owner:

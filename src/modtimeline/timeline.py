@@ -1,6 +1,6 @@
 """``Timeline``: record module forward/backward spans of training steps into a trace file.
 
-The one room that knows all the others: tracker -> buffer (-> device clock) ->
+The one room that knows all the others: recorder -> buffer (-> device clock) ->
 resolve -> writer -> file.
 """
 
