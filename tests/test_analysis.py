@@ -302,3 +302,35 @@ def test_summary_refuses_two_runs_in_one_folder(tmp_path, capsys):
     assert main(["summary", str(tmp_path)]) == 2
     assert "different runs" in capsys.readouterr().err
     assert main(["summary", str(tmp_path), "--pool-runs"]) == 0
+
+
+def test_approximate_spans_are_footnoted_in_summary_and_diff(tmp_path, capsys):
+    path = synthetic.write(tmp_path / "t.json", count=3, steps=6, seed=1)
+    document = orjson.loads(path.read_bytes())
+    for event in document["traceEvents"]:
+        if event.get("name") == "Model.layers.0" and event.get("cat") == "backward":
+            event["args"]["approximate"] = True
+    path.write_bytes(orjson.dumps(document))
+    assert main(["summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Model.layers.0 *" in out and out.rstrip().splitlines()[-1].startswith("* approximate:")
+    assert main(["diff", "--json", str(path), str(path)]) == 0
+    notes = {m["fqn"]: m["notes"] for m in orjson.loads(capsys.readouterr().out)["modules"] if m["phase"] == "backward"}
+    assert any("approximate backward end" in n for n in notes["Model.layers.0"])
+    assert not any("approximate" in n for n in notes["Model"])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".json.gz", ".pftrace"])
+def test_approximate_flag_reads_back_from_every_format(tmp_path, suffix):
+    from modtimeline.format import APPROXIMATE, BACKWARD, BACKWARD_TRACK, FORWARD, FORWARD_TRACK, SpanColumns, TraceData, Track
+    from modtimeline.writers import write_trace
+
+    columns = SpanColumns()
+    columns.append(FORWARD_TRACK, 0, 10, 0, FORWARD, 0, 0)
+    columns.append(BACKWARD_TRACK, 20, 40, 0, BACKWARD, 0, 0, flags=APPROXIMATE)
+    data = TraceData(0, 0, ["M"], [Track(FORWARD_TRACK, "forward"), Track(BACKWARD_TRACK, "backward")], columns,
+                     metadata={"tool": "modtimeline"})
+    path = tmp_path / f"t{suffix}"
+    write_trace(data, path)
+    spans = {s.phase: s for s in read_trace(path).spans}
+    assert spans["backward"].approximate and not spans["forward"].approximate

@@ -292,6 +292,9 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         row = ModuleDiff(*key, UNCHANGED, base_median, candidate_median, delta,
                          candidate_median / base_median if base_median else float("inf"),
                          self_delta, delta - self_delta, 1.0, 1.0, len(a), len(b))
+        approximate = sum(s.approximate for s in a) + sum(s.approximate for s in b)
+        if approximate:
+            row.notes.append(f"{approximate} call(s) with an approximate backward end (an upper bound)")
         if len(a) < config.min_samples or len(b) < config.min_samples:
             row.verdict = INCONCLUSIVE
             row.notes.append(f"too few steps ({len(a)} vs {len(b)}; need {config.min_samples})")

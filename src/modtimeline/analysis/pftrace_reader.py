@@ -33,8 +33,9 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     categories: dict[int, dict[int, str]] = {}
     arg_names: dict[int, dict[int, str]] = {}
     clock: dict[int, int] = {}
-    open_spans: dict[int, list[tuple[int, str, str, int]]] = {}  # track uuid -> stack
-    spans: list[tuple[int, str, str, int, int, int]] = []  # (track uuid, name, category, step, begin, end)
+    open_spans: dict[int, list[tuple[int, str, str, int, bool]]] = {}  # track uuid -> stack
+    # (track uuid, name, category, step, begin, end, approximate)
+    spans: list[tuple[int, str, str, int, int, int, bool]] = []
 
     for packet in proto.packet:
         sequence = packet.trusted_packet_sequence_id
@@ -69,27 +70,32 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             category = (categories.get(sequence, {}).get(event.category_iids[0], "") if event.category_iids
                         else ",".join(event.categories))
             step = -1
+            approximate = False
             for annotation in event.debug_annotations:
-                if arg_names.get(sequence, {}).get(annotation.name_iid, annotation.name) == "step":
+                arg = arg_names.get(sequence, {}).get(annotation.name_iid, annotation.name)
+                if arg == "step":
                     step = checked_int(path, annotation.int_value, "slice step")
+                elif arg == "approximate":
+                    approximate = bool(annotation.bool_value)
             open_spans.setdefault(track, []).append((time, checked_name(path, name, "slice name", limits),
-                                                     checked_name(path, category, "slice category", limits), step))
+                                                     checked_name(path, category, "slice category", limits), step,
+                                                     approximate))
         elif event.type == TrackEvent.TYPE_SLICE_END:
             stack = open_spans.get(track)
             if not stack:
                 raise TraceFormatError(f"{path}: a slice ends that never began (damaged trace)")
-            begin, name, category, step = stack.pop()
-            spans.append((track, name, category, step, begin, time))
+            begin, name, category, step, approximate = stack.pop()
+            spans.append((track, name, category, step, begin, time, approximate))
 
     if metadata is None:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata)")
     result: list[Span] = []
     step_ns: dict[int, int] = {}
-    for track, name, category, step, begin, end in spans:
+    for track, name, category, step, begin, end, approximate in spans:
         pid, tid, track_name = tracks.get(track, (0, track, ""))
         if category == "step":
             step_ns[step] = end - begin
             continue
         device = "cuda" if track_name.startswith(GPU_TRACK_PREFIX) else "cpu"
-        result.append(Span(name, category, device, (pid, tid), step, begin, end))
+        result.append(Span(name, category, device, (pid, tid), step, begin, end, approximate))
     return Trace(path, metadata, result, step_ns)

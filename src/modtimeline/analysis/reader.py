@@ -51,6 +51,7 @@ class Sample:
     inclusive_ns: int = 0
     self_ns: int = 0
     calls: int = 0
+    approximate: int = 0  # calls whose span's end is only a bound (args.approximate)
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class Span:
     step: int
     begin_ns: int
     end_ns: int
+    approximate: bool = False  # the span's end is only a bound (args.approximate)
 
 
 @dataclass
@@ -222,7 +224,7 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             if category == "step":
                 step_ns[step] = end - begin
             else:  # device is filled in below, once thread names are known
-                spans.append(Span(name, category, "", track, step, begin, end))
+                spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True))
         elif phase == "M" and event.get("name") == "thread_name":
             track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
             args = event.get("args")
@@ -274,12 +276,13 @@ def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
             key = (span.name, span.phase, span.device, span.step)
             total = totals.get(key)
             if total is None:
-                totals[key] = [span.end_ns - span.begin_ns, max(self_ns, 0), 1]
+                totals[key] = [span.end_ns - span.begin_ns, max(self_ns, 0), 1, int(span.approximate)]
             else:
                 total[0] += span.end_ns - span.begin_ns
                 total[1] += max(self_ns, 0)  # (a parent widened over a child's late hook)
                 total[2] += 1
+                total[3] += span.approximate
     result: dict[Key, dict[int, Sample]] = defaultdict(dict)
-    for (name, phase, device, step), (inclusive, self_ns, calls) in totals.items():
-        result[(name, phase, device)][step] = Sample(inclusive, self_ns, calls)
+    for (name, phase, device, step), (inclusive, self_ns, calls, approximate) in totals.items():
+        result[(name, phase, device)][step] = Sample(inclusive, self_ns, calls, approximate)
     return dict(result)

@@ -80,7 +80,7 @@ def _summary_table(summary: Summary, indent: bool) -> tuple[list[str], list[list
     levels = tree_levels([r.fqn for r in summary.rows]) if indent else [0] * len(summary.rows)
     rows = []
     for r, level in zip(summary.rows, levels):
-        name = "  " * level + plain(r.fqn)
+        name = "  " * level + plain(r.fqn) + (" *" if r.approximate_calls else "")
         cells = [name, f"{r.calls:g}", _ms(r.total_us["forward"]), _ms(r.self_us["forward"]),
                  _ms(r.total_us["backward"]), _ms(r.self_us["backward"]), _ms(r.total_us["recompute"])]
         if summary.has_gpu:
@@ -97,17 +97,26 @@ def _summary_header(summary: Summary) -> str:
             "times are mean ms per step (self = minus nested modules)")
 
 
+_APPROXIMATE_NOTE = ("* approximate: the backward end of some calls of this module could not be bounded by "
+                     "their own work; their time is an upper bound")
+
+
+def _approximate_note(summary: Summary) -> list[str]:
+    return [_APPROXIMATE_NOTE] if any(r.approximate_calls for r in summary.rows) else []
+
+
 def render_summary_text(summary: Summary, tree: bool = True) -> str:
     headers, rows, right = _summary_table(summary, indent=tree)
-    return _summary_header(summary) + "\n\n" + text_table(headers, rows, right)
+    return "\n".join([_summary_header(summary), "", text_table(headers, rows, right), *_approximate_note(summary)])
 
 
 def render_summary_markdown(summary: Summary, tree: bool = True) -> str:
     headers, rows, right = _summary_table(summary, indent=False)
     levels = tree_levels([r.fqn for r in summary.rows]) if tree else [0] * len(summary.rows)
     for row, module, level in zip(rows, summary.rows, levels):
-        row[0] = "&nbsp;&nbsp;" * level + markdown_code(module.fqn)
-    return f"**modtimeline summary**: {_summary_header(summary)}\n\n" + markdown_table(headers, rows, right)
+        row[0] = "&nbsp;&nbsp;" * level + markdown_code(module.fqn) + (" \\*" if module.approximate_calls else "")
+    notes = "".join(f"\n\n\\{note}" for note in _approximate_note(summary))
+    return f"**modtimeline summary**: {_summary_header(summary)}\n\n" + markdown_table(headers, rows, right) + notes
 
 
 # -------------------------------------------------------------------------- diff

@@ -31,6 +31,7 @@ class ModuleRow:
     self_us: dict[str, float] = field(default_factory=dict)  # phase -> self
     gpu_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive on GPU tracks
     share_of_step: float | None = None  # (forward + backward) / step time (recompute lies inside backward)
+    approximate_calls: int = 0  # calls whose backward end is only a bound (README: approximate)
 
     @property
     def cpu_total_us(self) -> float:
@@ -75,6 +76,7 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
     selfs: dict[tuple[str, str, str], list[float]] = {}
     calls: dict[str, list[int]] = {}
     first_seen: dict[str, int] = {}
+    approximate: dict[str, int] = {}
     steps = 0
     step_times: list[int] = []
     for trace in traces:
@@ -85,6 +87,7 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
             if span.phase == "forward" and span.device == "cpu":
                 first_seen.setdefault(span.name, span.begin_ns)
         for key, per_step in samples(trace, warmup).items():
+            approximate[key[0]] = approximate.get(key[0], 0) + sum(s.approximate for s in per_step.values())
             totals.setdefault(key, []).append(sum(s.inclusive_ns for s in per_step.values()))
             selfs.setdefault(key, []).append(sum(s.self_ns for s in per_step.values()))
             if key[1] == "forward" and key[2] == "cpu":
@@ -104,6 +107,7 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
         else:
             row.gpu_us[phase] = row.gpu_us.get(phase, 0.0) + per_step_us
     for row in rows.values():
+        row.approximate_calls = approximate.get(row.fqn, 0)
         for phase in PHASES:
             row.total_us.setdefault(phase, 0.0)
             row.self_us.setdefault(phase, 0.0)
