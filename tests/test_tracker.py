@@ -258,3 +258,33 @@ def test_hooks_on_a_reused_leaf_input_fire_once():
             model(x).sum().backward()
     assert len(post_bw) == 5  # one per step, not 1 + 2 + ... + 5
     assert not x._backward_hooks
+
+
+def test_keyword_argument_inputs_end_the_backward_of_their_call():
+    # torch's trackers see positional inputs only; here a call made with keywords ends
+    # when its input's gradient is ready, not with the whole backward pass.
+    class Inner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, *, hidden: torch.Tensor) -> torch.Tensor:
+            return self.fc(hidden)
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = torch.nn.Linear(4, 4)
+            self.inner = Inner()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(hidden=self.first(x))
+
+    events = []
+    tracker = ModuleTracker()
+    tracker.register_user_hooks(pre_bw_hook=lambda m, g: events.append(("pre", tracker.get_known_fqn(m))),
+                                post_bw_hook=lambda m, g: events.append(("post", tracker.get_known_fqn(m))))
+    model = Outer()
+    with tracker:
+        model(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert events.index(("post", "Outer.inner")) < events.index(("pre", "Outer.first"))

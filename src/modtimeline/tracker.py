@@ -22,8 +22,9 @@ hook, one firing, which runs the *ends* before the *begins*, so sibling backward
 never overlap. Multi-input calls keep torch's "all gradients" semantics through
 ``register_multi_grad_hook``. Inputs and outputs are scanned by ``tensors.grad_tensors``
 (tuples, lists, dicts, dataclasses), names come from ``registry.ModuleRegistry`` (as for
-the Recorder), and nothing is formatted per call. As torch's trackers do, it sees
-positional inputs only, and every thread's modules.
+the Recorder), and nothing is formatted per call. Unlike torch's trackers, a call made
+with keyword arguments ends when their gradients are ready (torch's end with the whole
+backward); like them, it sees every thread's modules.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class ModuleTracker:
         self._entered = True
         self._global_handles = [
             register_module_forward_pre_hook(invisible_to_dynamo(self._pre_forward)),
-            register_module_forward_hook(invisible_to_dynamo(self._post_forward), always_call=True),
+            register_module_forward_hook(invisible_to_dynamo(self._post_forward), with_kwargs=True, always_call=True),
         ]
         return self
 
@@ -271,7 +272,10 @@ class ModuleTracker:
                 self._keep(register_multi_grad_hook(inputs, partial(self._post_backward, call, index)))
         self._fw_stack.append((call, index, pending))
 
-    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _post_forward(self, module: torch.nn.Module, args: Any, *rest: Any) -> None:
+        # (module, args, kwargs, output); torch leaves kwargs out when the forward raised.
+        kwargs = rest[0] if len(rest) == 2 else None
+        output = rest[-1]
         stack = self._fw_stack
         if not stack:
             return  # the module's forward began before the tracker was entered
@@ -292,6 +296,16 @@ class ModuleTracker:
             if pending is not None:
                 pending.live = False  # no backward will run through this call
             return
+        if pending is not None and kwargs:
+            # Torch's trackers see positional inputs only: a call made with keyword
+            # arguments (`self_attn(hidden_states=...)`) would end with the whole backward.
+            inputs = grad_tensors(kwargs)
+            if inputs:
+                pending.live = False
+                if len(inputs) == 1 and inputs[0].grad_fn is not None:
+                    self._node_hook(inputs[0].grad_fn).ends.append((call, index))
+                else:
+                    self._keep(register_multi_grad_hook(inputs, partial(self._post_backward, call, index)))
         any_mode = len(outputs) > 1
         for tensor in outputs:
             node = tensor.grad_fn
