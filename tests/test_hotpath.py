@@ -176,3 +176,10 @@ def test_compiled_autograd_gets_the_python_path(monkeypatch, tmp_path):
     assert not Timeline(tmp_path / "t.json").recorder.native
     flag.compiled_autograd_enabled = False
     assert Timeline(tmp_path / "t.json").recorder.native
+
+
+def test_sequence_number_fallback_agrees_with_torchs():
+    # Older torch has no _get_sequence_nr: a throwaway node must give the same answer.
+    from modtimeline.recorder import _next_sequence_nr, _peek_by_a_node
+
+    assert _peek_by_a_node() == _next_sequence_nr()

@@ -56,7 +56,15 @@ _graph_task_id = torch._C._current_graph_task_id
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
 _Tensor = torch.Tensor
 _thread_id = threading.get_ident
-_next_sequence_nr = torch._C._autograd._get_sequence_nr
+
+
+def _peek_by_a_node() -> int:
+    # (for a torch without _get_sequence_nr: a throwaway node takes the next number)
+    return int(torch.empty(0, requires_grad=True).view(0).grad_fn._sequence_nr()) + 1
+
+
+# The sequence number the next autograd node made on this thread gets.
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_node)
 
 # The nodes one call visits at most to find where its autograd work ends (as _hotpath.cpp).
 SUBGRAPH_BUDGET = 1 << 17
