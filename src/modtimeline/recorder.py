@@ -60,7 +60,8 @@ _thread_id = threading.get_ident
 
 def _peek_by_a_node() -> int:
     # (for a torch without _get_sequence_nr: a throwaway node takes the next number)
-    return int(torch.empty(0, requires_grad=True).view(0).grad_fn._sequence_nr()) + 1
+    node: Any = torch.empty(0, requires_grad=True).view(0).grad_fn
+    return int(node._sequence_nr()) + 1
 
 
 # The sequence number the next autograd node made on this thread gets.
