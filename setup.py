@@ -14,6 +14,10 @@ pure-Python code does the same work, slower.
 from setuptools import Extension, setup
 
 
+# The event layout both C++ parts include (the C++ copy of buffer.py's constants).
+LAYOUT_HEADER = "src/modtimeline/_layout.h"
+
+
 def hotpath_extension() -> list[Extension]:
     try:
         import torch
@@ -25,6 +29,7 @@ def hotpath_extension() -> list[Extension]:
         Extension(
             "modtimeline._hotpath",
             ["src/modtimeline/_hotpath.cpp"],
+            depends=[LAYOUT_HEADER],
             include_dirs=include_paths(),
             library_dirs=library_paths(),
             libraries=["c10", "torch", "torch_cpu", "torch_python"],
@@ -40,7 +45,7 @@ def hotpath_extension() -> list[Extension]:
 setup(
     ext_modules=[
         Extension("modtimeline.writers._chrome_rows", ["src/modtimeline/writers/_chrome_rows.c"], optional=True),
-        Extension("modtimeline._resolve_cpu", ["src/modtimeline/_resolve_cpu.cpp"], language="c++",
+        Extension("modtimeline._resolve_cpu", ["src/modtimeline/_resolve_cpu.cpp"], depends=[LAYOUT_HEADER], language="c++",
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
         *hotpath_extension(),
     ]

@@ -27,6 +27,8 @@
 
 #include <ATen/SequenceNumber.h>
 #include <c10/core/GradMode.h>
+
+#include "_layout.h"
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -46,32 +48,11 @@
 
 namespace {
 
-// The event layout; buffer.py holds the same numbers and checks them against LAYOUT at
-// import (recorder.py), so the two cannot drift apart silently.
-constexpr int64_t KIND_BITS = 4;
-constexpr int64_t MODULE_BITS = 20;
-constexpr int64_t CALL_SHIFT = KIND_BITS + MODULE_BITS;
-constexpr int64_t LINK_BEGIN = 1;
-constexpr int64_t LINK_SHIFT = MODULE_BITS + 1;
-enum Kind : int64_t {
-  FORWARD_BEGIN = 0,
-  FORWARD_END = 1,
-  NODE_DONE = 2,
-  RECOMPUTE_BEGIN = 4,
-  RECOMPUTE_END = 5,
-  STEP_BEGIN = 6,
-  STEP_END = 7,
-  GRADIENT_READY = 8,
-  BACKWARD_DONE = 9,
-};
+using namespace modtimeline_layout;  // the event layout (_layout.h)
 
 inline bool is_begin(int64_t kind) {
   return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
 }
-
-// An autograd node pointer: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node>
-// in newer.
-using NodePtr = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
 
 inline int64_t now_ns() {
   struct timespec ts;
@@ -295,10 +276,6 @@ inline int64_t link_code(int64_t call, int64_t index, bool begins) {
   return call << LINK_SHIFT | index << 1 | (begins ? LINK_BEGIN : 0);
 }
 
-// The nodes one call visits at most to find where its autograd work ends; past it, the
-// span's end is left unbounded (resolve flags it approximate).
-constexpr size_t SUBGRAPH_BUDGET = 1 << 17;
-
 // Link one call's backward: the autograd nodes its forward created are those with a
 // sequence number in [first, last) (numbers are per thread, and the forward ran on this
 // one). Its backward begins when the first of its output nodes in that range is about to
@@ -312,27 +289,26 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
     uint64_t number = node->sequence_nr();
     return number >= first && number < last;
   };
-  // Most calls make a handful of nodes: `seen` is a plain vector, searched linearly,
-  // until it grows; then a hash set takes over.
+  // Every node met is queued once. Most calls make a handful of nodes: the queue itself
+  // is searched for them until it grows past a few dozen; then a hash set takes over.
+  constexpr size_t LINEAR_SEARCH = 32;
   std::vector<torch::autograd::Node*> queue, sinks;
-  std::unordered_set<torch::autograd::Node*> seen_set;
-  auto first_sight = [&queue, &seen_set](torch::autograd::Node* node) {
-    if (queue.size() < 32) {
-      if (std::find(queue.begin(), queue.end(), node) != queue.end()) return false;
-      if (queue.size() == 31) seen_set.insert(queue.begin(), queue.end());
-    } else if (!seen_set.insert(node).second) {
-      return false;
+  std::unordered_set<torch::autograd::Node*> seen;
+  auto first_sight = [&queue, &seen](torch::autograd::Node* node) {
+    if (queue.size() < LINEAR_SEARCH) {
+      if (std::find(queue.begin(), queue.end(), node) != queue.end()) return;
+    } else {
+      if (seen.empty()) seen.insert(queue.begin(), queue.end());
+      if (!seen.insert(node).second) return;
     }
-    if (queue.size() >= 31) seen_set.insert(node);
     queue.push_back(node);
-    return true;
   };
   for (auto* node : outputs) {
     if (inside(node)) first_sight(node);
   }
   size_t begins = queue.size();
   for (size_t head = 0; head < queue.size(); ++head) {
-    if (queue.size() > SUBGRAPH_BUDGET) {
+    if (queue.size() > static_cast<size_t>(SUBGRAPH_BUDGET)) {
       sinks.clear();
       break;
     }
@@ -806,14 +782,7 @@ PyMODINIT_FUNC PyInit__hotpath() {
     Py_DECREF(module);
     return nullptr;
   }
-  using L = long long;
-  PyObject* layout = Py_BuildValue(
-      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS), "MODULE_BITS", L(MODULE_BITS),
-      "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT), "FORWARD_BEGIN", L(FORWARD_BEGIN), "FORWARD_END",
-      L(FORWARD_END), "NODE_DONE", L(NODE_DONE), "RECOMPUTE_BEGIN", L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN",
-      L(STEP_BEGIN), "GRADIENT_READY", L(GRADIENT_READY), "BACKWARD_DONE", L(BACKWARD_DONE));
-  int added = layout == nullptr ? -1 : PyModule_AddObjectRef(module, "LAYOUT", layout);
-  Py_XDECREF(layout);
+  int added = add_layout(module, event_layout());
   if (added < 0) {
     Py_DECREF(module);
     return nullptr;

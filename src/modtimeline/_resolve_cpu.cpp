@@ -14,6 +14,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_layout.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,13 +26,9 @@
 
 namespace {
 
-// buffer.py's event layout and resolve.py's span constants (checked at import).
-constexpr int64_t KIND_BITS = 4, MODULE_BITS = 20, KIND_MASK = (1 << KIND_BITS) - 1, CALL_SHIFT = KIND_BITS + MODULE_BITS;
-constexpr int64_t MODULE_MASK = (1 << MODULE_BITS) - 1, LINK_BEGIN = 1, LINK_SHIFT = MODULE_BITS + 1;
-enum : int64_t {
-  FORWARD_BEGIN = 0, FORWARD_END = 1, NODE_DONE = 2, RECOMPUTE_BEGIN = 4, RECOMPUTE_END = 5,
-  STEP_BEGIN = 6, STEP_END = 7, GRADIENT_READY = 8, BACKWARD_DONE = 9,
-};
+using namespace modtimeline_layout;  // the event layout (_layout.h)
+
+// format.py's span constants (exported beside the layout and checked at import).
 enum : int8_t { FORWARD, BACKWARD, RECOMPUTE, STEP };
 constexpr int8_t INCOMPLETE = 1, APPROXIMATE = 2, FLOW_NONE = 0, FLOW_OUT = 1, FLOW_IN = 2;
 constexpr int64_t NO_LAG = INT64_MIN;
@@ -399,17 +397,19 @@ PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__resolve_cpu() {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  PyObject* layout = event_layout();
   using L = long long;
-  PyObject* layout = Py_BuildValue(
-      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS),
-      "MODULE_BITS", L(MODULE_BITS), "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT), "FORWARD_BEGIN",
-      L(FORWARD_BEGIN), "FORWARD_END", L(FORWARD_END), "NODE_DONE", L(NODE_DONE), "RECOMPUTE_BEGIN",
-      L(RECOMPUTE_BEGIN), "RECOMPUTE_END", L(RECOMPUTE_END), "STEP_BEGIN", L(STEP_BEGIN), "GRADIENT_READY",
-      L(GRADIENT_READY), "BACKWARD_DONE", L(BACKWARD_DONE), "INCOMPLETE", L(INCOMPLETE), "APPROXIMATE",
-      L(APPROXIMATE), "FLOW_OUT", L(FLOW_OUT), "FLOW_IN", L(FLOW_IN), "STEPS_TRACK", L(STEPS_TRACK),
-      "FORWARD_TRACK", L(FORWARD_TRACK), "BACKWARD_TRACK", L(BACKWARD_TRACK));
-  int added = layout == nullptr ? -1 : PyModule_AddObjectRef(module, "LAYOUT", layout);
-  Py_XDECREF(layout);
+  const struct { const char* name; long long value; } spans[] = {
+      {"INCOMPLETE", L(INCOMPLETE)},   {"APPROXIMATE", L(APPROXIMATE)},     {"FLOW_OUT", L(FLOW_OUT)},
+      {"FLOW_IN", L(FLOW_IN)},         {"STEPS_TRACK", L(STEPS_TRACK)},     {"FORWARD_TRACK", L(FORWARD_TRACK)},
+      {"BACKWARD_TRACK", L(BACKWARD_TRACK)},
+  };
+  for (const auto& constant : spans) {
+    PyObject* value = layout == nullptr ? nullptr : PyLong_FromLongLong(constant.value);
+    if (value == nullptr || PyDict_SetItemString(layout, constant.name, value) < 0) Py_CLEAR(layout);
+    Py_XDECREF(value);
+  }
+  int added = add_layout(module, layout);
   if (added < 0) {
     Py_DECREF(module);
     return nullptr;

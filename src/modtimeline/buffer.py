@@ -20,8 +20,9 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-# Event kinds (the low KIND_BITS bits of a code). _hotpath.cpp holds the same numbers and
-# exports them as LAYOUT; recorder.py refuses a compiled hot path whose LAYOUT differs.
+# Event kinds (the low KIND_BITS bits of a code). _layout.h holds the same numbers for the
+# compiled parts, which export them as LAYOUT; a compiled part whose LAYOUT differs from
+# the one below is refused (recorder.py, resolve.py).
 FORWARD_BEGIN = 0
 FORWARD_END = 1
 NODE_DONE = 2  # an autograd node has run; "call" holds the node's id
@@ -40,13 +41,18 @@ MODULE_MASK = (1 << MODULE_BITS) - 1
 MAX_MODULES = 1 << MODULE_BITS
 
 # A node link (EventBuffer.link_node/link_code): which call, and whether the node *begins* the
-# call's backward (one of its outputs' nodes: GRADIENT_READY) or may *end* it (a node of the
-# call that leads out of it: NODE_DONE).
+# call's backward (one of its outputs' nodes: GRADIENT_READY) or may *end* it (a sink of the
+# call's nodes, none of whose edges stays among them: NODE_DONE).
 LINK_BEGIN = 1
 LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
 
+# The nodes one call's walk visits at most to find where its autograd work ends; past it,
+# the call's end is left unbounded (resolve flags the span approximate).
+SUBGRAPH_BUDGET = 1 << 17
+
 LAYOUT = {
     "KIND_BITS": KIND_BITS, "MODULE_BITS": MODULE_BITS, "LINK_BEGIN": LINK_BEGIN, "LINK_SHIFT": LINK_SHIFT,
+    "SUBGRAPH_BUDGET": SUBGRAPH_BUDGET,
     "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "NODE_DONE": NODE_DONE,
     "RECOMPUTE_BEGIN": RECOMPUTE_BEGIN,
     "RECOMPUTE_END": RECOMPUTE_END, "STEP_BEGIN": STEP_BEGIN, "GRADIENT_READY": GRADIENT_READY,

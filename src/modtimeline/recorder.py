@@ -5,7 +5,8 @@ Three parts, each with one job:
 * the **forward hooks** (global ``nn.Module`` pre/post hooks): one timestamp and one
   packed integer per forward boundary; at the end of a call, a *link* from the call to
   the autograd nodes its forward created (sequence numbers in the call's range): its
-  output nodes *begin* its backward, its nodes that lead out of the call may *end* it;
+  output nodes *begin* its backward, its sinks (nodes none of whose edges stays among
+  them) may *end* it;
 * the **node marks**: a pre-hook (the node is about to run) and a post-hook (it has
   run) per linked autograd node, one event each however many calls share the node;
 * the **module registry** (``registry.ModuleRegistry``): FQN and index of each module.
@@ -43,6 +44,7 @@ from .buffer import (
     LINK_SHIFT,
     RECOMPUTE_BEGIN,
     RECOMPUTE_END,
+    SUBGRAPH_BUDGET,
     EventBuffer,
     NativeEventBuffer,
 )
@@ -66,9 +68,6 @@ def _peek_by_a_node() -> int:
 
 # The sequence number the next autograd node made on this thread gets.
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_node)
-
-# The nodes one call visits at most to find where its autograd work ends (as _hotpath.cpp).
-SUBGRAPH_BUDGET = 1 << 17
 
 def native_hotpath() -> Any | None:
     """The compiled hot path module, or None (not built, disabled by the environment, or
@@ -276,22 +275,16 @@ class PythonForwardHooks:
         stack.append(_Frame(call, index, recompute, _next_sequence_nr()))
 
     def post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if _thread_id() != self._owner:
-            stack = self._other_stacks.get(_thread_id())
-            if not stack or not self._registry.is_module(stack[-1].index, module):
-                return
-            frame = stack.pop()
-            if not stack:
-                del self._other_stacks[_thread_id()]
-            self._buffer.record(RECOMPUTE_END, frame.call, frame.index)
-            self._link_output(output, frame)
-            return
-        stack = self._stack
+        thread = _thread_id()
+        stack = self._stack if thread == self._owner else self._other_stacks.get(thread)
         if not stack or not self._registry.is_module(stack[-1].index, module):
             # The forward began before the hooks were on, or a pre-hook of ours never ran
-            # for this module (another pre-hook raised): close nobody else's span.
+            # for this module (another pre-hook raised, or another thread's forward that
+            # is not ours): close nobody else's span.
             return
         frame = stack.pop()
+        if not stack and thread != self._owner:
+            del self._other_stacks[thread]
         if frame.recompute:
             # (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
             self._buffer.record(RECOMPUTE_END, frame.call, frame.index)
@@ -375,15 +368,12 @@ class Recorder:
         self.end_step()
 
     def end_step(self) -> None:
-        """The step's backward has run: every node mark placed so far goes stale."""
+        """The step's backward has run, or the buffer was cleared (node ids start again):
+        every node mark placed so far goes stale."""
         if self._store is not None:
             self._store.retire_marks()
         elif self._marks is not None:
             self._marks.retire()
-
-    def forget_nodes(self) -> None:
-        """The buffer was cleared: node ids start again, so no old mark may be reused."""
-        self.end_step()
 
     # ------------------------------------------------------- RecorderCallbacks
     def learn(self, module: torch.nn.Module) -> int | None:

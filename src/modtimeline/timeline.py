@@ -257,7 +257,7 @@ class Timeline:
 
     def _start_window(self) -> None:
         self.buffer.clear()
-        self.recorder.forget_nodes()
+        self.recorder.end_step()  # node ids start again with the cleared buffer
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
