@@ -25,8 +25,8 @@ def _demo(args: argparse.Namespace) -> int:
     path = run_demo(args.output, steps=args.steps, device=args.device)
     size = path.stat().st_size
     emit(f"wrote {path} ({size / 1024:.0f} KiB): {args.steps} training steps of a small transformer\n"
-         "open it: drag the file onto https://ui.perfetto.dev (or `modtimeline summary "
-         f"{path}` for a per-module table)")
+         f"open it: `modtimeline open {path}` (or drag the file onto https://ui.perfetto.dev); "
+         f"`modtimeline summary {path}` for a per-module table")
     return EXIT_OK
 
 
