@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import DeviceError, ModTimelineError, TraceFileError, TraceFormatError  # noqa: E402
+from .errors import DeviceError, ModTimelineError, RankSyncError, TraceFileError, TraceFormatError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 
 from typing import Any  # noqa: E402
@@ -31,6 +31,7 @@ __all__ = [
     "DeviceError",
     "ModTimelineError",
     "ModuleTracker",
+    "RankSyncError",
     "Schedule",
     "Timeline",
     "TraceFileError",

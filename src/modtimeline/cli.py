@@ -1,4 +1,4 @@
-"""Command line: ``modtimeline demo | summary | diff | open | info``.
+"""Command line: ``modtimeline demo | summary | diff | merge | open | info``.
 
 User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
 code 2, never a traceback.

@@ -15,3 +15,7 @@ class TraceFormatError(ModTimelineError):
 
 class DeviceError(ModTimelineError):
     """The requested device cannot be traced (for example ``device="cuda"`` without CUDA)."""
+
+
+class RankSyncError(ModTimelineError):
+    """The ranks of a job did not meet (to compare clocks) within the timeout."""

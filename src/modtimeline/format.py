@@ -44,6 +44,25 @@ FORWARD_TRACK = 2
 BACKWARD_TRACK = 10  # lanes: 10, 11, ...
 GPU_TRACK_BASE = 100
 
+# .pftrace track uuids: process ``slot`` (0 in a rank's own file, its place in a merged
+# file) owns uuids [slot * PFTRACE_UUIDS_PER_PROCESS, ...): its process track and, from
+# PFTRACE_TRACK_UUID_BASE on, one track per tid.
+PFTRACE_UUIDS_PER_PROCESS = 1 << 24
+PFTRACE_TRACK_UUID_BASE = 1000
+
+
+def pftrace_process_uuid(slot: int) -> int:
+    return 1 + slot * PFTRACE_UUIDS_PER_PROCESS
+
+
+def pftrace_track_uuid(slot: int, tid: int) -> int:
+    return PFTRACE_TRACK_UUID_BASE + tid + slot * PFTRACE_UUIDS_PER_PROCESS
+
+
+def pftrace_track_tid(uuid: int) -> int:
+    return uuid % PFTRACE_UUIDS_PER_PROCESS - PFTRACE_TRACK_UUID_BASE
+
+
 GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"
 
 
@@ -70,6 +89,17 @@ class SpanColumns:
 
     def __len__(self) -> int:
         return len(self.begin)
+
+    def in_nesting_order(self) -> SpanColumns:
+        """The rows by track, then begin ascending, end descending (writers need each
+        track's spans in nesting order)."""
+        track, begin, end = self.track, self.begin, self.end
+        order = sorted(range(len(begin)), key=lambda row: (track[row], begin[row], -end[row]))
+        out = SpanColumns()
+        for column in ("track", "begin", "end", "name", "category", "call", "step", "flags", "flow", "lag"):
+            values = getattr(self, column)
+            setattr(out, column, array(values.typecode, [values[row] for row in order]))
+        return out
 
     def append(self, track: int, begin: int, end: int, name: int, category: int, call: int,
                step: int, flags: int = 0, flow: int = FLOW_NONE, lag: int = NO_LAG) -> None:

@@ -23,12 +23,13 @@ import torch
 from . import __version__
 from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .clock import CudaBackend, DeviceBackend, DeviceClock
-from .errors import DeviceError, ModTimelineError
+from .errors import DeviceError, ModTimelineError, RankSyncError
 from .gc_pause import paused_gc
 from .format import TOOL, TraceData
 from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
+from .ranks import ClockSample, RankClock, distributed_world
 from .recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
@@ -44,13 +45,6 @@ def _local_rank() -> int:
         return 0
 
 
-def _rank_and_world() -> tuple[int, int]:
-    dist = getattr(torch, "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    return 0, 1
-
-
 def _with_infix(path: Path, infix: str) -> Path:
     """``run.json.gz`` + ``000`` -> ``run.000.json.gz``."""
     name = path.name
@@ -63,7 +57,7 @@ def _with_infix(path: Path, infix: str) -> Path:
 def _rank_path(path: str | os.PathLike[str]) -> Path:
     """One file per rank: ``{rank}`` in the path is replaced by the global rank; without
     it, a job of several ranks writes ``out.rank<N>.json`` so ranks never share a file."""
-    rank, world = _rank_and_world()
+    rank, world = distributed_world()
     text = os.fspath(path)
     if "{rank}" in text:
         return Path(text.replace("{rank}", str(rank)))
@@ -95,7 +89,10 @@ class Timeline:
     ``device_backend`` replaces the CUDA event backend (tests pass a ``FakeBackend``).
     Under ``torch.distributed`` (create the Timeline after ``init_process_group``) each
     rank writes its own file: ``{rank}`` in ``path`` becomes the rank, and without it a
-    job of several ranks writes ``out.rank<N>.json``.
+    job of several ranks writes ``out.rank<N>.json``. Every rank must then enter the
+    Timeline (and end each scheduled window) at the same point: there the ranks compare
+    clocks with rank 0 (for ``modtimeline merge``) and share one run id; a rank that does not
+    arrive within ``rank_timeout_s`` seconds makes the others raise ``RankSyncError``.
     """
 
     def __init__(
@@ -109,6 +106,7 @@ class Timeline:
         memory: bool = False,
         handle_signals: bool = True,
         device_backend: DeviceBackend | None = None,
+        rank_timeout_s: float = 60.0,
     ) -> None:
         self.path = check_writable(_rank_path(path))
         self.format = format_for(self.path, format)
@@ -138,11 +136,19 @@ class Timeline:
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
         self._writing = False
         self._deferred_signal: int | None = None
+        # Several ranks: clock samples against rank 0 (at entry and at every write).
+        self._rank_clock = RankClock(rank_timeout_s) if distributed_world()[1] > 1 else None
+        self._clock_samples: list[ClockSample] = []
+        self._clock_sync_problem: str | None = None
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Timeline:
         if self._entered:
             raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
+        if self._rank_clock is not None:
+            # Before any hook: a rank that cannot meet the others records nothing.
+            self._run_id = self._rank_clock.share_run_id(self._run_id)
+            self._clock_samples = [self._rank_clock.sample()]
         self._entered = True
         self.recorder.own_thread()  # the thread that enters records (see README: threads)
         self._start_window()
@@ -261,6 +267,8 @@ class Timeline:
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
+        # A new window's first clock sample is the one its predecessor was written with.
+        self._clock_samples = self._clock_samples[-1:]
 
     def _discard_window(self) -> None:
         if self._clock is not None:
@@ -286,7 +294,7 @@ class Timeline:
             "torch": torch.__version__,
             "base_wall_time_ns": self._base_wall_ns,
             "run_id": self._run_id,
-            "world_size": _rank_and_world()[1],
+            "world_size": distributed_world()[1],
             "local_rank": _local_rank(),
             "hostname": socket.gethostname(),
             "clock": "perf_counter_ns",
@@ -294,6 +302,10 @@ class Timeline:
             "events_dropped": self.buffer.dropped,
             "device": "cuda" if marks is not None else "cpu",
         }
+        if self._clock_samples:
+            metadata["clock_sync"] = {"reference_rank": 0, "samples": [c.to_json() for c in self._clock_samples]}
+        if self._clock_sync_problem is not None:
+            metadata["clock_sync_problem"] = self._clock_sync_problem
         if isinstance(exception, BaseException):
             metadata["exception"] = f"{type(exception).__name__}: {exception}"
         elif exception is not None:
@@ -305,7 +317,7 @@ class Timeline:
             self.recorder.module_names,
             close_ns,
             links=(link_node, link_code),
-            rank=_rank_and_world()[0],
+            rank=distributed_world()[0],
             base_ns=self._base_ns,
             marks=marks,
             metadata=metadata,
@@ -314,7 +326,22 @@ class Timeline:
             compiled_modules=self.recorder.registry.compiled,
         )
 
+    def _sample_rank_clock(self) -> None:
+        """Compare clocks with rank 0 once more (every rank writes at the same point). A
+        rank that does not come loses the comparison, never the trace."""
+        if self._rank_clock is None:
+            return
+        try:
+            self._clock_samples.append(self._rank_clock.sample())
+        except RankSyncError as error:
+            self._rank_clock = None  # do not wait on a missing rank at every window
+            self._clock_sync_problem = str(error)
+            warnings.warn(f"modtimeline: {error}", RuntimeWarning, stacklevel=3)
+
     def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:
+        if exception is None:
+            # Not when a step raised or a signal came: the other ranks may never arrive.
+            self._sample_rank_clock()
         self._writing = True
         try:
             with paused_gc():

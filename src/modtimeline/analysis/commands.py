@@ -146,6 +146,20 @@ def _diff(args: argparse.Namespace) -> int:
     return EXIT_REGRESSION if any(m.verdict == REGRESSED for m in report.modules) else EXIT_OK
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    paths = trace_files(args.traces)
+    result = merge(paths, args.output, _limits(args), force=args.force)
+    lines = [f"merged {result.files} file(s) of {len(result.ranks)} rank(s) into {result.output}, on rank 0's clock:"]
+    for rank in result.ranks:
+        offset, error = rank["clock_offset_ns"], rank["clock_error_ns"]
+        bound = "error unknown (no clock samples: wall clocks used)" if error is None else f"± {error / 1000:.1f} µs"
+        lines.append(f"  rank {rank['rank']} ({rank['hostname']}): offset {offset / 1e6:+.3f} ms {bound}")
+    emit("\n".join(lines))
+    return EXIT_OK
+
+
 def add_analysis_commands(commands: Any) -> None:
     summary = commands.add_parser("summary", help="per-module table of a trace (or several)",
                                   description="Per-module time per step: forward, backward, recompute; total and self.")
@@ -185,6 +199,16 @@ def add_analysis_commands(commands: Any) -> None:
     compare.add_argument("--all", action="store_true", help="list unchanged modules too")
     _add_limits(compare)
     compare.set_defaults(run=_diff)
+
+    merging = commands.add_parser(
+        "merge", help="merge the rank files of one job into one trace on rank 0's clock",
+        description="One process per rank, every time on rank 0's clock (from the clock offsets each rank "
+                    "measured against rank 0), call and flow ids unique. Reads one file at a time.")
+    merging.add_argument("traces", nargs="+", help="rank trace files, or directories of them")
+    merging.add_argument("-o", "--output", required=True, help="merged file: .json, .json.gz or .pftrace")
+    merging.add_argument("--force", action="store_true", help="merge files of different runs (refused by default)")
+    _add_limits(merging)
+    merging.set_defaults(run=_merge)
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:

@@ -9,11 +9,11 @@ import math
 import os
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -21,6 +21,8 @@ from ..errors import TraceFileError, TraceFormatError
 from ..format import GPU_TRACK_PREFIX, TOOL, check_version
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
+
+T = TypeVar("T")
 
 PHASES = ("forward", "backward", "recompute")
 
@@ -105,19 +107,25 @@ def read_trace(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> Trace:
     trace (never another exception for what a file holds)."""
     path = Path(path)
     with paused_gc():
-        try:
-            return _read_trace(path, limits)
-        except (TraceFileError, TraceFormatError):
-            raise
-        except MemoryError:
-            raise TraceFormatError(f"{path}: too big to read in this process's memory") from None
-        except RecursionError:
-            raise TraceFormatError(f"{path}: nested too deeply") from None
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError, IndexError) as error:
-            raise TraceFormatError(f"{path}: malformed trace ({type(error).__name__}: {error})") from None
+        return guarded_read(path, lambda: _read_trace(path, limits))
 
 
-def _read_bytes(path: Path, limits: ReadLimits) -> bytes:
+def guarded_read(path: Path, read: Callable[[], T]) -> T:
+    """``read()``, with whatever a damaged file makes the parsing raise turned into a
+    ``TraceFormatError`` that names the file."""
+    try:
+        return read()
+    except (TraceFileError, TraceFormatError):
+        raise
+    except MemoryError:
+        raise TraceFormatError(f"{path}: too big to read in this process's memory") from None
+    except RecursionError:
+        raise TraceFormatError(f"{path}: nested too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError, IndexError) as error:
+        raise TraceFormatError(f"{path}: malformed trace ({type(error).__name__}: {error})") from None
+
+
+def read_bytes(path: Path, limits: ReadLimits) -> bytes:
     try:
         size = os.stat(path).st_size
         if size > limits.max_bytes:
@@ -144,7 +152,7 @@ def _read_bytes(path: Path, limits: ReadLimits) -> bytes:
 
 
 def _read_trace(path: Path, limits: ReadLimits) -> Trace:
-    raw = _read_bytes(path, limits)
+    raw = read_bytes(path, limits)
     if not raw:
         raise TraceFormatError(f"{path}: empty file")
     if raw.lstrip()[:1] == b"{":
@@ -173,7 +181,7 @@ def checked_int(path: Path, value: Any, what: str) -> int:
     return value
 
 
-def _checked_microseconds(path: Path, value: Any, what: str) -> float:
+def checked_microseconds(path: Path, value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or abs(value) > _MAX_MICROSECONDS:
         raise TraceFormatError(f"{path}: event {what} is not a usable time ({str(value)[:40]!r})")
@@ -210,8 +218,8 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
         phase = event.get("ph")
         if phase == "X":
             track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
-            begin = round(_checked_microseconds(path, event.get("ts"), "ts") * 1000)
-            duration = _checked_microseconds(path, event.get("dur"), "dur")
+            begin = round(checked_microseconds(path, event.get("ts"), "ts") * 1000)
+            duration = checked_microseconds(path, event.get("dur"), "dur")
             if duration < 0:
                 raise TraceFormatError(f"{path}: event dur is negative ({duration})")
             end = begin + round(duration * 1000)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     from ..format import TraceData
@@ -48,4 +49,36 @@ def write_trace(data: TraceData, path: str | Path, format: str | None = None) ->
                 write_chrome_json(data, cast(BinaryIO, gz))
         else:
             write_chrome_json(data, stream)
+        return stream.tell()
+
+
+def write_processes(path: str | Path, metadata: dict[str, Any], processes: Iterable[tuple[TraceData, str, int]],
+                    format: str | None = None) -> int:
+    """Write several processes (ranks) into one file, atomically, each as it comes:
+    ``processes`` yields (data on the file's time base ``metadata["base_ns"]``, process
+    name, flow id base). Returns the number of bytes written."""
+    from .atomic import atomic_output
+    from .chrome import ChromeWriter
+
+    fmt = format_for(path, format)
+    with atomic_output(path) as stream:
+        if fmt == "pftrace":
+            from .perfetto import PftraceWriter
+
+            writer = PftraceWriter(stream, metadata)
+            for data, name, flow_base in processes:
+                writer.add_process(data, name, flow_base)
+        elif fmt == "json.gz":
+            import gzip
+
+            with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
+                chrome = ChromeWriter(cast(BinaryIO, gz), metadata)
+                for data, name, flow_base in processes:
+                    chrome.add_process(data, name, flow_base)
+                chrome.close()
+        else:
+            chrome = ChromeWriter(stream, metadata)
+            for data, name, flow_base in processes:
+                chrome.add_process(data, name, flow_base)
+            chrome.close()
         return stream.tell()

@@ -80,9 +80,9 @@ enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 
 static PyObject *format_spans(PyObject *module, PyObject *args) {
     PyObject *track_o, *name_o, *category_o, *begin_o, *end_o, *step_o, *call_o, *flags_o, *flow_o, *lag_o;
     PyObject *make_head;
-    long long base;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLO", &track_o, &name_o, &category_o, &begin_o, &end_o, &step_o,
-                          &call_o, &flags_o, &flow_o, &lag_o, &base, &make_head))
+    long long base, flow_base;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLO", &track_o, &name_o, &category_o, &begin_o, &end_o, &step_o,
+                          &call_o, &flags_o, &flow_o, &lag_o, &base, &flow_base, &make_head))
         return NULL;
     Py_ssize_t rows = PyObject_Length(begin_o);
     if (rows < 0) return NULL;
@@ -144,7 +144,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         LITERAL(&out, "}");
         if (flow[i] == FLOW_OUT || flow[i] == FLOW_IN) {
             LITERAL(&out, ",\"bind_id\":");
-            put_int(&out, call[i]);
+            put_int(&out, call[i] + flow_base);
             if (flow[i] == FLOW_OUT)
                 LITERAL(&out, ",\"flow_out\":true");
             else
@@ -168,11 +168,21 @@ fail_views:
 
 static PyMethodDef methods[] = {
     {"format_spans", format_spans, METH_VARARGS,
-     "format_spans(track, name, category, begin, end, step, call, flags, flow, lag, base, make_head) -> bytes\n\n"
-     "Chrome 'X' events for every row of the span columns, joined by ',\\n'."},
+     "format_spans(track, name, category, begin, end, step, call, flags, flow, lag, base, flow_base, make_head) -> bytes\n\n"
+     "Chrome 'X' events for every row of the span columns, joined by ',\\n'; flow ids are call + flow_base."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_chrome_rows", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__chrome_rows(void) { return PyModule_Create(&definition); }
+/* Bumped when format_spans's arguments change: chrome.py refuses a stale build. */
+#define API_VERSION 2
+
+PyMODINIT_FUNC PyInit__chrome_rows(void) {
+    PyObject *module = PyModule_Create(&definition);
+    if (module && PyModule_AddIntConstant(module, "API", API_VERSION) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

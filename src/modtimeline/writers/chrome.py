@@ -21,12 +21,16 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from .._native import compiled
+from .._native import compiled, why_not
 from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
                       STEP, SpanColumns, TraceData)
 
 # The compiled row formatter (setup.py); without it, the Python path below.
 _chrome_rows = compiled("writers._chrome_rows")
+_CHROME_ROWS_API = 2  # the format_spans arguments this file passes (_chrome_rows.c API_VERSION)
+if _chrome_rows is not None and getattr(_chrome_rows, "API", None) != _CHROME_ROWS_API:
+    why_not["writers._chrome_rows"] = "built from another version of modtimeline (its arguments differ)"
+    _chrome_rows = None
 
 CHUNK_ROWS = 1 << 16
 
@@ -54,37 +58,59 @@ _TAILS = {(flow, flags): _tail(flow, flags) for flow in (0, FLOW_OUT, FLOW_IN) f
 
 
 def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:
-    spans = data.spans
-    pid = data.rank
-    base = data.base_ns
+    """One rank's trace."""
     metadata = dict(data.metadata)
-    metadata.update(format=CHROME_FORMAT, format_version=FORMAT_VERSION, base_ns=base, rank=pid)
-    stream.write(b'{"displayTimeUnit":"ns","metadata":')
-    stream.write(orjson.dumps(metadata))
-    stream.write(b',"traceEvents":[\n')
+    metadata.update(base_ns=data.base_ns, rank=data.rank)
+    writer = ChromeWriter(stream, metadata)
+    writer.add_process(data, f"rank {data.rank}")
+    writer.close()
 
-    meta_events: list[dict[str, object]] = [
-        {"ph": "M", "pid": pid, "tid": 0, "name": "process_name", "args": {"name": f"rank {pid}"}},
-        {"ph": "M", "pid": pid, "tid": 0, "name": "process_sort_index", "args": {"sort_index": pid}},
-    ]
-    for track in data.tracks:
-        meta_events.append({"ph": "M", "pid": pid, "tid": track.tid, "name": "thread_name", "args": {"name": track.name}})
-        meta_events.append({"ph": "M", "pid": pid, "tid": track.tid, "name": "thread_sort_index", "args": {"sort_index": track.tid}})
-    stream.write(b",\n".join(orjson.dumps(e) for e in meta_events))
 
-    templates: dict[tuple[int, int, int, int, int], bytes] = {}
-    for start in range(0, len(spans), CHUNK_ROWS):
-        if _chrome_rows is not None:
-            _write_span_chunk_compiled(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names)
-        else:
-            _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, pid, data.names, templates)
+class ChromeWriter:
+    """A Chrome JSON trace of one or more processes (ranks), written as each is added."""
 
-    for counter in data.counters:
-        for ts, value in zip(counter.times, counter.values):
+    def __init__(self, stream: BinaryIO, metadata: dict[str, Any]) -> None:
+        self._stream = stream
+        self._first = True
+        stream.write(b'{"displayTimeUnit":"ns","metadata":')
+        stream.write(orjson.dumps({**metadata, "format": CHROME_FORMAT, "format_version": FORMAT_VERSION}))
+        stream.write(b',"traceEvents":[\n')
+
+    def add_process(self, data: TraceData, name: str, flow_base: int = 0) -> None:
+        """Write ``data`` as process ``data.rank`` named ``name``, times relative to
+        ``data.base_ns``; flow ids are the calls plus ``flow_base``."""
+        stream = self._stream
+        spans = data.spans
+        pid = data.rank
+        base = data.base_ns
+        meta_events: list[dict[str, object]] = [
+            {"ph": "M", "pid": pid, "tid": 0, "name": "process_name", "args": {"name": name}},
+            {"ph": "M", "pid": pid, "tid": 0, "name": "process_sort_index", "args": {"sort_index": pid}},
+        ]
+        for track in data.tracks:
+            meta_events.append({"ph": "M", "pid": pid, "tid": track.tid, "name": "thread_name", "args": {"name": track.name}})
+            meta_events.append({"ph": "M", "pid": pid, "tid": track.tid, "name": "thread_sort_index",
+                                "args": {"sort_index": track.tid}})
+        if not self._first:
             stream.write(b",\n")
-            stream.write(orjson.dumps({"ph": "C", "pid": pid, "tid": counter.tid, "name": counter.name,
-                                       "ts": (ts - base) / 1000, "args": {"value": value}}))
-    stream.write(b"\n]}\n")
+        self._first = False
+        stream.write(b",\n".join(orjson.dumps(e) for e in meta_events))
+
+        templates: dict[tuple[int, int, int, int, int], bytes] = {}
+        for start in range(0, len(spans), CHUNK_ROWS):
+            if _chrome_rows is not None:
+                _write_span_chunk_compiled(stream, spans, start, start + CHUNK_ROWS, base, flow_base, pid, data.names)
+            else:
+                _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, flow_base, pid, data.names, templates)
+
+        for counter in data.counters:
+            for ts, value in zip(counter.times, counter.values):
+                stream.write(b",\n")
+                stream.write(orjson.dumps({"ph": "C", "pid": pid, "tid": counter.tid, "name": counter.name,
+                                           "ts": (ts - base) / 1000, "args": {"value": value}}))
+
+    def close(self) -> None:
+        self._stream.write(b"\n]}\n")
 
 
 def _head(pid: int, tid: int, name: str, category: int) -> bytes:
@@ -106,8 +132,8 @@ _module_head = lru_cache(maxsize=1 << 14)(_head)
 _module_template = lru_cache(maxsize=1 << 14)(_template)
 
 
-def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
-                               names: list[str]) -> None:
+def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, flow_base: int,
+                               pid: int, names: list[str]) -> None:
     """Rows ``start:stop`` by the C formatter: the same events, times as exact integer µs."""
 
     def head(tid: int, name: int, category: int) -> bytes:
@@ -117,11 +143,12 @@ def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int,
     stream.write(b",\n")
     stream.write(_chrome_rows.format_spans(  # type: ignore[union-attr]
         spans.track[rows], spans.name[rows], spans.category[rows], spans.begin[rows], spans.end[rows],
-        spans.step[rows], spans.call[rows], spans.flags[rows], spans.flow[rows], spans.lag[rows], base, head))
+        spans.step[rows], spans.call[rows], spans.flags[rows], spans.flow[rows], spans.lag[rows], base, flow_base,
+        head))
 
 
-def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, pid: int,
-                      names: list[str], templates: dict[tuple[int, int, int, int, int], bytes]) -> None:
+def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, flow_base: int,
+                      pid: int, names: list[str], templates: dict[tuple[int, int, int, int, int], bytes]) -> None:
     """Format rows ``start:stop``. Every per-row step runs in C (map/zip over builtins,
     ``bytes % tuple`` on a template per distinct track/name/category/flow/flag)."""
     begin = spans.begin[start:stop]
@@ -136,11 +163,12 @@ def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: in
     dur = _numbers(list(map(truediv, map(sub, end, begin), repeat(1000))))
     steps = _numbers(spans.step[start:stop].tolist())
     calls = _numbers(spans.call[start:stop].tolist())
+    binds = _numbers([call + flow_base for call in spans.call[start:stop]]) if flow_base else calls
     lags = spans.lag[start:stop]
     lag_parts: Iterable[bytes] = repeat(b"")
     if any(lag != NO_LAG for lag in lags):
         # GPU spans carry the CPU->GPU launch lag.
         lag_parts = [b',"launch_lag_us":%s' % orjson.dumps(lag / 1000) if lag != NO_LAG else b"" for lag in lags]
-    rows = map(bytes.__mod__, map(templates.__getitem__, keys), zip(ts, dur, steps, lag_parts, calls, calls))
+    rows = map(bytes.__mod__, map(templates.__getitem__, keys), zip(ts, dur, steps, lag_parts, calls, binds))
     stream.write(b",\n")
     stream.write(b",\n".join(rows))

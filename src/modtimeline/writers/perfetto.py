@@ -20,14 +20,15 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
 from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
-                      PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA, SpanColumns, TraceData)
+                      PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA, SpanColumns, TraceData,
+                      pftrace_process_uuid, pftrace_track_uuid)
 
 
 _CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
@@ -42,60 +43,77 @@ _FIRST_USER_CLOCK = PFTRACE_INCREMENTAL_CLOCK  # sequence-scoped clocks start he
 _ARG_NAMES = ARG_NAMES
 _STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE, _COMPILED = range(1, 7)
 
-_PROCESS_UUID = 1
-
-
-def _track_uuid(tid: int) -> int:
-    return 1000 + tid
-
 
 def write_pftrace(data: TraceData, stream: BinaryIO) -> None:
-    builder = StreamingTraceProtoBuilder(stream)
-    pid = data.rank
+    """One rank's trace."""
     metadata = dict(data.metadata)
-    metadata.update(format=PFTRACE_FORMAT, format_version=FORMAT_VERSION, base_ns=data.base_ns, rank=pid)
+    metadata.update(base_ns=data.base_ns, rank=data.rank)
+    writer = PftraceWriter(stream, metadata)
+    writer.add_process(data, f"rank {data.rank}")
 
-    # Sequence 1: metadata and track descriptors.
-    header = builder.create_packet()
-    header.trusted_packet_sequence_id = 1
-    header.sequence_flags = _CLEARED
-    entry = header.chrome_events.metadata.add()
-    entry.name = PFTRACE_METADATA
-    entry.json_value = orjson.dumps(metadata).decode()
-    builder.write_packet(header)
-    process = _descriptor_packet(_PROCESS_UUID)
-    process.track_descriptor.process.pid = pid
-    process.track_descriptor.process.process_name = f"rank {pid}"
-    builder.write_packet(process)
-    for track in data.tracks:
-        packet = _descriptor_packet(_track_uuid(track.tid), parent=_PROCESS_UUID)
-        packet.track_descriptor.thread.pid = pid
-        packet.track_descriptor.thread.tid = track.tid
-        packet.track_descriptor.thread.thread_name = track.name
-        builder.write_packet(packet)
-    for counter in data.counters:
-        packet = _descriptor_packet(_track_uuid(counter.tid), parent=_PROCESS_UUID)
-        packet.track_descriptor.name = counter.name
-        packet.track_descriptor.counter.SetInParent()
-        builder.write_packet(packet)
 
-    # One sequence per track; each starts with its clock, defaults and interned names.
-    spans = data.spans
-    by_track: dict[int, list[int]] = {}
-    for row, tid in enumerate(spans.track):
-        by_track.setdefault(tid, []).append(row)
-    streams = []
-    sequence = 2
-    for tid, rows in sorted(by_track.items()):
-        builder.write_packet(_sequence_start(sequence, _track_uuid(tid), data.names))
-        streams.append(_track_packets(spans, rows, sequence, data.base_ns))
-        sequence += 1
-    for counter in data.counters:
-        builder.write_packet(_sequence_start(sequence, _track_uuid(counter.tid), data.names))
-        streams.append(_counter_packets(counter.times, counter.values, sequence, data.base_ns))
-        sequence += 1
-    for _, packet in heapq.merge(*streams, key=lambda item: item[0]):
-        builder.write_packet(packet)
+class PftraceWriter:
+    """A .pftrace of one or more processes (ranks), written as each is added: the metadata
+    first, then per process its descriptors and one packet sequence per track."""
+
+    def __init__(self, stream: BinaryIO, metadata: dict[str, Any]) -> None:
+        self._builder = StreamingTraceProtoBuilder(stream)
+        self._slots = 0
+        self._next_sequence = 2
+        # Sequence 1: metadata and track descriptors.
+        header = self._builder.create_packet()
+        header.trusted_packet_sequence_id = 1
+        header.sequence_flags = _CLEARED
+        entry = header.chrome_events.metadata.add()
+        entry.name = PFTRACE_METADATA
+        entry.json_value = orjson.dumps({**metadata, "format": PFTRACE_FORMAT,
+                                         "format_version": FORMAT_VERSION}).decode()
+        self._builder.write_packet(header)
+
+    def add_process(self, data: TraceData, name: str, flow_base: int = 0) -> None:
+        """Write ``data`` as process ``data.rank`` named ``name``; flow ids are the calls
+        plus ``flow_base`` (distinct per process in a merged file)."""
+        builder = self._builder
+        slot = self._slots
+        self._slots += 1
+        process_uuid = pftrace_process_uuid(slot)
+        process = _descriptor_packet(process_uuid)
+        process.track_descriptor.process.pid = data.rank
+        process.track_descriptor.process.process_name = name
+        builder.write_packet(process)
+        for track in data.tracks:
+            packet = _descriptor_packet(pftrace_track_uuid(slot, track.tid), parent=process_uuid)
+            packet.track_descriptor.thread.pid = data.rank
+            packet.track_descriptor.thread.tid = track.tid
+            packet.track_descriptor.thread.thread_name = track.name
+            builder.write_packet(packet)
+        for counter in data.counters:
+            packet = _descriptor_packet(pftrace_track_uuid(slot, counter.tid), parent=process_uuid)
+            packet.track_descriptor.name = counter.name
+            packet.track_descriptor.counter.SetInParent()
+            builder.write_packet(packet)
+
+        # One sequence per track; each starts with its clock, defaults and interned names.
+        spans = data.spans
+        by_track: dict[int, list[int]] = {}
+        for row, tid in enumerate(spans.track):
+            by_track.setdefault(tid, []).append(row)
+        streams = []
+        for tid, rows in sorted(by_track.items()):
+            sequence = self._sequence()
+            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(slot, tid), data.names))
+            streams.append(_track_packets(spans, rows, sequence, data.base_ns, flow_base))
+        for counter in data.counters:
+            sequence = self._sequence()
+            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(slot, counter.tid), data.names))
+            streams.append(_counter_packets(counter.times, counter.values, sequence, data.base_ns))
+        for _, packet in heapq.merge(*streams, key=lambda item: item[0]):
+            builder.write_packet(packet)
+
+    def _sequence(self) -> int:
+        sequence = self._next_sequence
+        self._next_sequence += 1
+        return sequence
 
 
 def _descriptor_packet(uuid: int, parent: int | None = None) -> TracePacket:
@@ -157,8 +175,8 @@ def _nesting_events(spans: SpanColumns, rows: list[int]) -> Iterator[tuple[int, 
         yield end[closed], closed, False
 
 
-def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
-                   base_ns: int) -> Iterator[tuple[int, TracePacket]]:
+def _track_packets(spans: SpanColumns, rows: list[int], sequence: int, base_ns: int,
+                   flow_base: int) -> Iterator[tuple[int, TracePacket]]:
     previous = 0
     for time, row, is_begin in _nesting_events(spans, rows):
         packet = TracePacket()
@@ -191,9 +209,9 @@ def _track_packets(spans: SpanColumns, rows: list[int], sequence: int,
                 annotation.double_value = spans.lag[row] / 1000
             flow = spans.flow[row]
             if flow == FLOW_OUT:
-                event.flow_ids.append(spans.call[row] + 1)
+                event.flow_ids.append(flow_base + spans.call[row] + 1)
             elif flow == FLOW_IN:
-                event.terminating_flow_ids.append(spans.call[row] + 1)
+                event.terminating_flow_ids.append(flow_base + spans.call[row] + 1)
         else:
             event.type = _END
         yield time, packet
