@@ -140,3 +140,80 @@ def test_checkpoint_wrapper_names_are_the_wrapped_modules(tmp_path):
     train(model, str(tmp_path / "ckpt.json"), steps=2)
     names = _names(tmp_path / "ckpt.json")
     assert names == MODEL_NAMES | {f"Net.blocks.{i} (CheckpointWrapper)" for i in range(2)}
+
+
+# ---------------------------------------------------------------- one clock for the job
+SHIFT_NS = 200_000_000  # rank 1's clock runs 200 ms ahead of rank 0's
+
+
+def _shifted_clock_ddp(rank: int, world: int, folder: str) -> None:
+    if rank == 1:
+        # A host whose clock reads differently: every clock reading of this process
+        # (the pure-Python recorder reads time.perf_counter_ns) is 200 ms ahead.
+        os.environ["MODTIMELINE_PURE_PYTHON"] = "1"
+        real = time.perf_counter_ns
+        time.perf_counter_ns = lambda: real() + SHIFT_NS  # type: ignore[assignment]
+    model = nn.parallel.DistributedDataParallel(Net())
+    x = torch.randn(4, 8)
+    with Timeline(os.path.join(folder, "job-{rank}.json")) as timeline:
+        for _ in range(4):
+            with timeline.step():
+                dist.barrier()  # (the test's oracle: both ranks leave it together)
+                model(x).sum().backward()
+
+
+def _forward_begins(trace: dict) -> list[float]:
+    return sorted(e["ts"] for e in spans(trace) if e["name"] == "Net" and e["cat"] == "forward")
+
+
+def test_merge_puts_a_shifted_rank_on_rank_0s_clock_within_the_reported_bound(tmp_path, capsys):
+    spawn(_shifted_clock_ddp, 2, tmp_path)
+    rank0, rank1 = load(tmp_path / "job-0.json"), load(tmp_path / "job-1.json")
+    assert rank0["metadata"]["run_id"] == rank1["metadata"]["run_id"]  # one id for the job
+    samples = rank1["metadata"]["clock_sync"]["samples"]
+    assert len(samples) == 2  # at entry and at the write
+    for _, offset, error in samples:
+        # The true offset is -SHIFT_NS exactly (one host, one clock): the estimate is
+        # within the bound it states, and the bound is that of a round trip.
+        assert abs(offset + SHIFT_NS) <= error < 50_000_000
+    assert [s[1:] for s in rank0["metadata"]["clock_sync"]["samples"]] == [[0, 0], [0, 0]]
+
+    out = tmp_path / "job.json"
+    assert main(["merge", str(tmp_path / "job-0.json"), str(tmp_path / "job-1.json"), "-o", str(out)]) == 0
+    assert "rank 1" in capsys.readouterr().out
+    merged = load(out)
+    assert merged["metadata"]["merged"] is True
+    assert {e["pid"] for e in spans(merged)} == {0, 1}
+    names = {e["args"]["name"] for e in merged["traceEvents"] if e.get("name") == "process_name"}
+    assert names == {f"rank {r} · {rank0['metadata']['hostname']}" for r in (0, 1)}
+    by_rank = {r: sorted(e["ts"] for e in spans(merged) if e["pid"] == r and e["name"] == "Net"
+                         and e["cat"] == "forward") for r in (0, 1)}
+    # Each step's forward starts as both ranks leave the barrier: 200 ms apart in the
+    # ranks' own files, together (within scheduling noise) once merged.
+    raw_gaps = [b - a for a, b in zip(_forward_begins(rank0), _forward_begins(rank1))]
+    base_gap = (rank1["metadata"]["base_ns"] - rank0["metadata"]["base_ns"]) / 1000
+    assert all(abs(gap + base_gap - SHIFT_NS / 1000) < 50_000 for gap in raw_gaps)
+    assert all(abs(b - a) < 50_000 for a, b in zip(by_rank[0], by_rank[1]))  # µs
+    # flow ids stay unique across ranks
+    binds = [e["bind_id"] for e in spans(merged) if e.get("flow_out")]
+    assert len(binds) == len(set(binds)) > 0
+
+
+def _late_rank(rank: int, world: int, folder: str) -> None:
+    from modtimeline import RankSyncError
+
+    if rank == 1:
+        time.sleep(12)  # never enters its Timeline; stays up while rank 0 waits
+        return
+    started = time.monotonic()
+    with pytest.raises(RankSyncError, match="rank 0: could not .* within 3 s"):
+        with Timeline(os.path.join(folder, "t-{rank}.json"), rank_timeout_s=3):
+            pass
+    assert time.monotonic() - started < 10
+    open(os.path.join(folder, "raised"), "w").close()
+
+
+def test_a_rank_that_never_enters_makes_the_others_fail_clearly_not_hang(tmp_path):
+    spawn(_late_rank, 2, tmp_path)
+    assert (tmp_path / "raised").exists()
+    assert not list(tmp_path.glob("t-*.json"))

@@ -208,3 +208,31 @@ def test_modtimeline_open_serves_the_trace_to_the_offline_ui(ui, tmp_path):
         assert "stopped serving" in command.stdout.read()
     finally:
         command.kill()
+
+
+def test_merged_ranks_load_as_one_job_in_both_formats(ui, tmp_path):
+    """Two gloo ranks (one with its clock 200 ms ahead), merged: every span and flow of
+    both rank files, one process per rank, no import errors, .json and .pftrace alike."""
+    from modtimeline.cli import main
+
+    from .test_distributed import _shifted_clock_ddp, spawn
+    from .trace_checks import load, spans
+
+    spawn(_shifted_clock_ddp, 2, tmp_path)
+    ranks = [load(tmp_path / f"job-{rank}.json") for rank in (0, 1)]
+    span_count = sum(len(spans(r)) for r in ranks)
+    flow_count = sum(1 for r in ranks for e in spans(r) if e.get("flow_out"))
+    results = {}
+    for out in ("job.json", "job.pftrace"):
+        assert main(["merge", str(tmp_path / "job-0.json"), str(tmp_path / "job-1.json"), "-o", str(tmp_path / out)]) == 0
+        trace = ui.load(tmp_path / out)
+        try:
+            assert trace.problems() == [] and trace.page_errors == [], out
+            assert trace.query("select count(*) as n from slice")[0]["n"] == span_count
+            assert trace.query("select count(*) as n from flow")[0]["n"] == flow_count
+            processes = trace.query("select pid, name from process where name is not null order by pid")
+            assert [(p["pid"], p["name"].split(" · ")[0]) for p in processes] == [(0, "rank 0"), (1, "rank 1")]
+            results[out] = trace.query(SLICES)
+        finally:
+            trace.close()
+    assert results["job.pftrace"] == results["job.json"]
