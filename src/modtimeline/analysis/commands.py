@@ -15,6 +15,8 @@ from ..errors import ModTimelineError
 from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
 from .reader import DEFAULT_LIMITS, ReadLimits, Trace, read_trace, trace_files
 from .render import (
+    render_by_rank_markdown,
+    render_by_rank_text,
     render_diff_markdown,
     render_diff_text,
     render_summary_markdown,
@@ -97,6 +99,17 @@ def _read_all(paths: list[str], limits: ReadLimits) -> list[Trace]:
 
 def _summary(args: argparse.Namespace) -> int:
     traces = _read_all(args.traces, _limits(args))
+    if args.by_rank:
+        from .by_rank import by_rank
+
+        view = by_rank(traces, warmup=args.warmup, threshold=args.straggler_threshold, top=args.top)
+        if args.format == "json":
+            _emit_json(view.to_json())
+        elif args.format == "markdown":
+            emit(render_by_rank_markdown(view))
+        else:
+            emit(render_by_rank_text(view))
+        return EXIT_OK
     summary = summarize(traces, warmup=args.warmup, depth=args.depth, top=args.top, pool_runs=args.pool_runs)
     if args.format == "json":
         _emit_json(summary.to_json())
@@ -171,6 +184,11 @@ def add_analysis_commands(commands: Any) -> None:
                          help="leave out the first N steps of each trace (default 1, as diff)")
     summary.add_argument("--pool-runs", action="store_true",
                          help="average traces of different runs together (refused by default)")
+    summary.add_argument("--by-rank", action="store_true",
+                         help="the ranks of one run side by side: step time per rank, and per module the slowest "
+                              "rank and the spread (rank files or a merged file)")
+    summary.add_argument("--straggler-threshold", type=fraction, default=0.05,
+                         help="--by-rank flags a rank whose median step is this much above the median (default 0.05)")
     _add_limits(summary)
     summary.set_defaults(run=_summary)
 

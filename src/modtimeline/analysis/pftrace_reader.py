@@ -91,11 +91,13 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata)")
     result: list[Span] = []
     step_ns: dict[int, int] = {}
+    rank_step_ns: dict[int, dict[int, int]] = {}
     for track, name, category, step, begin, end, approximate in spans:
         pid, tid, track_name = tracks.get(track, (0, track, ""))
         if category == "step":
             step_ns[step] = end - begin
+            rank_step_ns.setdefault(pid, {})[step] = end - begin
             continue
         device = "cuda" if track_name.startswith(GPU_TRACK_PREFIX) else "cpu"
         result.append(Span(name, category, device, (pid, tid), step, begin, end, approximate))
-    return Trace(path, metadata, result, step_ns)
+    return Trace(path, metadata, result, step_ns, rank_step_ns)

@@ -76,6 +76,8 @@ class Trace:
     metadata: dict[str, Any]
     spans: list[Span]
     step_ns: dict[int, int] = field(default_factory=dict)  # step -> duration of its step span
+    # rank (pid) -> step -> duration: a merged trace holds every rank's steps
+    rank_step_ns: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def steps(self) -> list[int]:
         """Steps in order; a trace without marked steps is one step, numbered -1."""
@@ -212,6 +214,7 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     thread_names: dict[tuple[int, int], str] = {}
     spans: list[Span] = []
     step_ns: dict[int, int] = {}
+    rank_step_ns: dict[int, dict[int, int]] = {}
     for event in events:
         if not isinstance(event, dict):
             raise TraceFormatError(f"{path}: a trace event is {type(event).__name__}, not an object")
@@ -231,6 +234,7 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             name = checked_name(path, event.get("name"), "event name", limits)
             if category == "step":
                 step_ns[step] = end - begin
+                rank_step_ns.setdefault(track[0], {})[step] = end - begin
             else:  # device is filled in below, once thread names are known
                 spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True))
         elif phase == "M" and event.get("name") == "thread_name":
@@ -242,7 +246,7 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     device_of = {track: "cuda" if name.startswith(GPU_TRACK_PREFIX) else "cpu" for track, name in thread_names.items()}
     for span in spans:
         span.device = device_of.get(span.track, "cpu")
-    return Trace(path, metadata, spans, step_ns)
+    return Trace(path, metadata, spans, step_ns, rank_step_ns)
 
 
 def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .diff import IMPROVED, INCONCLUSIVE, REGRESSED, UNCHANGED, DiffReport, ModuleDiff
+from .by_rank import RankView
 from .summary import Summary, tree_levels
 
 _COLORS = {REGRESSED: "\033[31m", IMPROVED: "\033[32m", INCONCLUSIVE: "\033[33m", UNCHANGED: ""}
@@ -208,3 +209,33 @@ def _settings_line(report: DiffReport) -> str:
 def _markdown_text(text: str) -> str:
     """Our own message text, which may quote a module name: one line, no HTML, no markup."""
     return re.sub(r"([\\`*_{}\[\]<>#|!])", r"\\\1", plain(text))
+
+
+# ----------------------------------------------------------------------- by rank
+def _rank_tables(view: RankView, code: bool) -> tuple[str, tuple[list[str], list[list[str]], set[int]],
+                                                      tuple[list[str], list[list[str]], set[int]]]:
+    def name(text: str) -> str:
+        return markdown_code(text) if code else plain(text)
+
+    slow = [r.rank for r in view.ranks if r.slow]
+    head = (f"{len(view.ranks)} ranks; a rank is slow when its median step is more than {view.threshold:.0%} above "
+            f"the median over ranks: " + (", ".join(f"rank {r}" for r in slow) + " slow" if slow else "none is"))
+    rank_rows = [[str(r.rank), name(r.hostname), str(r.steps), "–" if r.step_us is None else f"{r.step_us / 1000:.3f}",
+                  "–" if r.gap is None else f"{r.gap:+.1%}", "slow" if r.slow else ""] for r in view.ranks]
+    ranks = (["rank", "host", "steps", "median step ms", "vs median", ""], rank_rows, {0, 2, 3, 4})
+    module_rows = [[name(m.fqn), m.phase, f"{m.median_us / 1000:.3f}", f"{m.max_us / 1000:.3f}", str(m.slowest_rank),
+                    f"{m.spread:.2f}x", "uneven" if m.uneven else ""] for m in view.modules]
+    modules = (["module", "phase", "median ms", "slowest ms", "slowest rank", "spread", ""], module_rows, {2, 3, 4, 5})
+    return head, ranks, modules
+
+
+def render_by_rank_text(view: RankView) -> str:
+    head, ranks, modules = _rank_tables(view, code=False)
+    return "\n".join([head, "", text_table(*ranks), "", "per module, ms per step on each rank (widest spread first):",
+                      "", text_table(*modules)])
+
+
+def render_by_rank_markdown(view: RankView) -> str:
+    head, ranks, modules = _rank_tables(view, code=True)
+    return "\n".join(["### modtimeline: ranks side by side", "", head, "", markdown_table(*ranks), "",
+                      "Per module, ms per step on each rank (widest spread first):", "", markdown_table(*modules)])

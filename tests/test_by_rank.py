@@ -1,0 +1,82 @@
+"""``modtimeline summary --by-rank``: the straggler view, from rank files and merged files."""
+
+from __future__ import annotations
+
+import orjson
+
+from modtimeline.cli import main
+
+from .synthetic import write as write_synthetic
+
+
+def _rank_files(folder, slow: dict[int, dict[int, float]], ranks: int = 4, run_ids=None):
+    """Rank files of one job (synthetic steps); ``slow[rank][module]`` slows a module down."""
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for rank in range(ranks):
+        path = write_synthetic(folder / f"t.rank{rank}.json", 5, 6, seed=rank, cv=0.01, slow=slow.get(rank))
+        document = orjson.loads(path.read_bytes())
+        document["metadata"].update(run_id=(run_ids or {}).get(rank, "job"), world_size=ranks, rank=rank,
+                                    hostname=f"node{rank // 2}",
+                                    clock_sync={"reference_rank": 0, "samples": [[0, 0, 100]]})
+        for event in document["traceEvents"]:
+            event["pid"] = rank
+        path.write_bytes(orjson.dumps(document))
+        paths.append(path)
+    return paths
+
+
+def _view(capsys, *args):
+    code = main(["summary", "--by-rank", "--format", "json", *map(str, args)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return orjson.loads(out.out)
+
+
+def test_a_slow_rank_is_flagged_with_its_slow_module(tmp_path, capsys):
+    # rank 2's module 3 takes 3x as long: its steps are ~40 % longer than the others'
+    _rank_files(tmp_path / "ranks", {2: {3: 3.0}})
+    view = _view(capsys, tmp_path / "ranks")
+    assert view["slow_ranks"] == [2]
+    assert [r["rank"] for r in view["ranks"]] == [0, 1, 2, 3]
+    assert [r["hostname"] for r in view["ranks"]] == ["node0", "node0", "node1", "node1"]
+    assert view["ranks"][2]["gap"] > 0.2 and all(abs(view["ranks"][r]["gap"]) < 0.05 for r in (0, 1, 3))
+    top = view["modules"][0]
+    assert (top["fqn"], top["slowest_rank"], top["uneven"]) == ("Model.layers.2", 2, True)
+    assert 2.5 < top["spread"] < 3.5
+    # the root is slower on rank 2 too, but diluted by its other children
+    root = next(m for m in view["modules"] if m["fqn"] == "Model" and m["phase"] == "forward")
+    assert root["slowest_rank"] == 2 and 1.2 < root["spread"] < 1.6
+
+
+def test_a_merged_file_gives_the_same_view_as_its_rank_files(tmp_path, capsys):
+    paths = _rank_files(tmp_path / "ranks", {1: {1: 2.0}})
+    assert main(["merge", str(tmp_path / "ranks"), "-o", str(tmp_path / "job.pftrace")]) == 0
+    capsys.readouterr()
+    from_files = _view(capsys, *paths)
+    merged = _view(capsys, tmp_path / "job.pftrace")
+    assert merged["slow_ranks"] == from_files["slow_ranks"] == [1]
+    for a, b in zip(merged["modules"], from_files["modules"]):
+        assert (a["fqn"], a["phase"], a["slowest_rank"]) == (b["fqn"], b["phase"], b["slowest_rank"])
+        assert abs(a["spread"] - b["spread"]) < 1e-6
+
+
+def test_table_and_markdown_name_the_slow_rank(tmp_path, capsys):
+    _rank_files(tmp_path / "ranks", {3: {2: 3.0}}, ranks=2 + 2)
+    assert main(["summary", "--by-rank", str(tmp_path / "ranks")]) == 0
+    text = capsys.readouterr().out
+    assert "rank 3 slow" in text and "slowest rank" in text
+    assert main(["summary", "--by-rank", "--format", "markdown", str(tmp_path / "ranks")]) == 0
+    assert "| 3 |" in capsys.readouterr().out.replace("  ", " ")
+
+
+def test_ranks_of_different_runs_are_never_compared(tmp_path, capsys):
+    _rank_files(tmp_path / "ranks", {}, ranks=2, run_ids={1: "another"})
+    assert main(["summary", "--by-rank", str(tmp_path / "ranks")]) == 2
+    assert "different runs" in capsys.readouterr().err
+
+
+def test_one_rank_is_not_a_comparison(tmp_path, capsys):
+    paths = _rank_files(tmp_path / "ranks", {}, ranks=2)
+    assert main(["summary", "--by-rank", str(paths[0])]) == 2
+    assert "two or more ranks" in capsys.readouterr().err
