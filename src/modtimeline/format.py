@@ -44,23 +44,23 @@ FORWARD_TRACK = 2
 BACKWARD_TRACK = 10  # lanes: 10, 11, ...
 GPU_TRACK_BASE = 100
 
-# .pftrace track uuids: process ``slot`` (0 in a rank's own file, its place in a merged
-# file) owns uuids [slot * PFTRACE_UUIDS_PER_PROCESS, ...): its process track and, from
-# PFTRACE_TRACK_UUID_BASE on, one track per tid.
-PFTRACE_UUIDS_PER_PROCESS = 1 << 24
+# .pftrace track uuids: rank r owns uuids [r * PFTRACE_UUIDS_PER_RANK, ...): its group
+# track and, from PFTRACE_TRACK_UUID_BASE on, one track per tid.
+PFTRACE_UUIDS_PER_RANK = 1 << 24
 PFTRACE_TRACK_UUID_BASE = 1000
 
 
-def pftrace_process_uuid(slot: int) -> int:
-    return 1 + slot * PFTRACE_UUIDS_PER_PROCESS
+def pftrace_process_uuid(rank: int) -> int:
+    return 1 + rank * PFTRACE_UUIDS_PER_RANK
 
 
-def pftrace_track_uuid(slot: int, tid: int) -> int:
-    return PFTRACE_TRACK_UUID_BASE + tid + slot * PFTRACE_UUIDS_PER_PROCESS
+def pftrace_track_uuid(rank: int, tid: int) -> int:
+    return PFTRACE_TRACK_UUID_BASE + tid + rank * PFTRACE_UUIDS_PER_RANK
 
 
-def pftrace_track_tid(uuid: int) -> int:
-    return uuid % PFTRACE_UUIDS_PER_PROCESS - PFTRACE_TRACK_UUID_BASE
+def pftrace_rank_and_tid(uuid: int) -> tuple[int, int]:
+    """(rank, tid) of a track uuid (the inverse of ``pftrace_track_uuid``)."""
+    return uuid // PFTRACE_UUIDS_PER_RANK, uuid % PFTRACE_UUIDS_PER_RANK - PFTRACE_TRACK_UUID_BASE
 
 
 GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"

@@ -17,7 +17,7 @@ import orjson
 
 from ..errors import TraceFileError, TraceFormatError
 from ..format import (APPROXIMATE, CATEGORIES, COMPILED, FLOW_IN, FLOW_NONE, FLOW_OUT, INCOMPLETE, NO_LAG,
-                      PFTRACE_METADATA, Counter, SpanColumns, Track, TraceData, pftrace_track_tid)
+                      PFTRACE_METADATA, Counter, SpanColumns, Track, TraceData)
 from ..gc_pause import paused_gc
 from .reader import (ReadLimits, checked_int, checked_metadata, checked_microseconds, checked_name, guarded_read,
                      read_bytes)
@@ -176,6 +176,8 @@ def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
+    from .pftrace_reader import track_identity
+
     try:
         proto = TraceProto.FromString(raw)
     except (DecodeError, RuntimeError, ValueError):
@@ -197,8 +199,7 @@ def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata first)")
     base_ns, processes = _processes(path, metadata)
 
-    process_of_uuid: dict[int, int] = {}  # process track uuid -> pid
-    threads: dict[int, tuple[_Process, int]] = {}  # thread track uuid -> (process, tid)
+    threads: dict[int, tuple[_Process, int]] = {}  # span track uuid -> (process, tid)
     counters: dict[int, Counter] = {}  # counter track uuid -> its column
     default_track: dict[int, int] = {}
     names: dict[int, dict[int, str]] = {}  # per sequence: interned event names
@@ -210,19 +211,16 @@ def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
     for packet in proto.packet:
         sequence = packet.trusted_packet_sequence_id
         if packet.HasField("track_descriptor"):
-            descriptor = packet.track_descriptor
-            if descriptor.HasField("process"):
-                process_of_uuid[descriptor.uuid] = descriptor.process.pid
-            elif descriptor.HasField("thread"):
-                process = _process(path, processes, descriptor.thread.pid)
-                threads[descriptor.uuid] = (process, descriptor.thread.tid)
-                process.tracks[descriptor.thread.tid] = checked_name(path, descriptor.thread.thread_name,
-                                                                     "track name", limits)
-            elif descriptor.HasField("counter"):
-                process = _process(path, processes, process_of_uuid.get(descriptor.parent_uuid))
-                tid = pftrace_track_tid(descriptor.uuid)
-                counters[descriptor.uuid] = process.counter(tid, checked_name(path, descriptor.name, "counter name",
-                                                                              limits))
+            identity = track_identity(packet.track_descriptor)
+            if identity is not None:
+                pid, tid, track_name, is_counter = identity
+                process = _process(path, processes, pid)
+                track_name = checked_name(path, track_name, "track name", limits)
+                if is_counter:
+                    counters[packet.track_descriptor.uuid] = process.counter(tid, track_name)
+                else:
+                    threads[packet.track_descriptor.uuid] = (process, tid)
+                    process.tracks[tid] = track_name
         if packet.HasField("clock_snapshot"):
             clock[sequence] = 0
         if packet.HasField("trace_packet_defaults"):

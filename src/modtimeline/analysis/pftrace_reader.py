@@ -8,12 +8,24 @@ from typing import Any
 import orjson
 from google.protobuf.message import DecodeError
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackDescriptor, TrackEvent
 
 from ..errors import TraceFormatError
-from ..format import GPU_TRACK_PREFIX, PFTRACE_METADATA
+from ..format import GPU_TRACK_PREFIX, PFTRACE_METADATA, pftrace_rank_and_tid
 from .reader import ReadLimits, Span, Trace, checked_int, checked_metadata, checked_name
 
+
+
+def track_identity(descriptor: TrackDescriptor) -> tuple[int, int, str, bool] | None:
+    """(rank, tid, name, is_counter) of a track we write: a named track under its rank's
+    group (uuid = rank and tid), or a thread track (as files of 0.1 have); None for a
+    rank's group track itself."""
+    if descriptor.HasField("thread"):
+        return descriptor.thread.pid, descriptor.thread.tid, descriptor.thread.thread_name, False
+    if not descriptor.parent_uuid:
+        return None
+    rank, tid = pftrace_rank_and_tid(descriptor.uuid)
+    return rank, tid, descriptor.name, descriptor.HasField("counter")
 
 
 def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
@@ -48,8 +60,9 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
                         raise TraceFormatError(f"{path}: damaged modtimeline metadata") from None
         if packet.HasField("track_descriptor"):
             descriptor = packet.track_descriptor
-            if descriptor.HasField("thread"):
-                tracks[descriptor.uuid] = (descriptor.thread.pid, descriptor.thread.tid, descriptor.thread.thread_name)
+            identity = track_identity(descriptor)
+            if identity is not None and not identity[3]:
+                tracks[descriptor.uuid] = identity[:3]
         if packet.HasField("clock_snapshot"):
             clock[sequence] = 0
         if packet.HasField("trace_packet_defaults"):

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import orjson
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TracePacket, TrackEvent
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TrackDescriptor, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
 from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
@@ -36,6 +36,7 @@ _NEEDS_STATE = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
 _BEGIN = TrackEvent.TYPE_SLICE_BEGIN
 _END = TrackEvent.TYPE_SLICE_END
 _COUNTER = TrackEvent.TYPE_COUNTER
+_EXPLICIT = TrackDescriptor.EXPLICIT  # children in sibling_order_rank order
 _BUILTIN_BOOTTIME = 6  # the trace's global clock
 _FIRST_USER_CLOCK = PFTRACE_INCREMENTAL_CLOCK  # sequence-scoped clocks start here
 
@@ -58,7 +59,6 @@ class PftraceWriter:
 
     def __init__(self, stream: BinaryIO, metadata: dict[str, Any]) -> None:
         self._builder = StreamingTraceProtoBuilder(stream)
-        self._slots = 0
         self._next_sequence = 2
         # Sequence 1: metadata and track descriptors.
         header = self._builder.create_packet()
@@ -71,25 +71,28 @@ class PftraceWriter:
         self._builder.write_packet(header)
 
     def add_process(self, data: TraceData, name: str, flow_base: int = 0) -> None:
-        """Write ``data`` as process ``data.rank`` named ``name``; flow ids are the calls
-        plus ``flow_base`` (distinct per process in a merged file)."""
+        """Write ``data`` as rank ``data.rank``'s group of tracks, named ``name``; flow ids
+        are the calls plus ``flow_base`` (distinct per file in a merged trace). A rank added
+        twice (two windows) fills the same tracks."""
         builder = self._builder
-        slot = self._slots
-        self._slots += 1
-        process_uuid = pftrace_process_uuid(slot)
-        process = _descriptor_packet(process_uuid)
-        process.track_descriptor.process.pid = data.rank
-        process.track_descriptor.process.process_name = name
-        builder.write_packet(process)
+        rank = data.rank
+        # Named tracks, not process and thread tracks: Perfetto shows pid 0 as its
+        # "System" process and labels thread tracks "forward 2" (name and tid).
+        root_uuid = pftrace_process_uuid(rank)
+        root = _descriptor_packet(root_uuid)
+        root.track_descriptor.name = name
+        root.track_descriptor.child_ordering = _EXPLICIT
+        root.track_descriptor.sibling_order_rank = rank
+        builder.write_packet(root)
         for track in data.tracks:
-            packet = _descriptor_packet(pftrace_track_uuid(slot, track.tid), parent=process_uuid)
-            packet.track_descriptor.thread.pid = data.rank
-            packet.track_descriptor.thread.tid = track.tid
-            packet.track_descriptor.thread.thread_name = track.name
+            packet = _descriptor_packet(pftrace_track_uuid(rank, track.tid), parent=root_uuid)
+            packet.track_descriptor.name = track.name
+            packet.track_descriptor.sibling_order_rank = track.tid
             builder.write_packet(packet)
         for counter in data.counters:
-            packet = _descriptor_packet(pftrace_track_uuid(slot, counter.tid), parent=process_uuid)
+            packet = _descriptor_packet(pftrace_track_uuid(rank, counter.tid), parent=root_uuid)
             packet.track_descriptor.name = counter.name
+            packet.track_descriptor.sibling_order_rank = counter.tid
             packet.track_descriptor.counter.SetInParent()
             builder.write_packet(packet)
 
@@ -101,11 +104,11 @@ class PftraceWriter:
         streams = []
         for tid, rows in sorted(by_track.items()):
             sequence = self._sequence()
-            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(slot, tid), data.names))
+            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(rank, tid), data.names))
             streams.append(_track_packets(spans, rows, sequence, data.base_ns, flow_base))
         for counter in data.counters:
             sequence = self._sequence()
-            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(slot, counter.tid), data.names))
+            builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(rank, counter.tid), data.names))
             streams.append(_counter_packets(counter.times, counter.values, sequence, data.base_ns))
         for _, packet in heapq.merge(*streams, key=lambda item: item[0]):
             builder.write_packet(packet)
