@@ -1,14 +1,15 @@
 """``modtimeline merge`` at job scale, and how well ranks' clocks are aligned.
 
 1. Merge time and peak memory: --ranks synthetic rank files (a 12-block transformer's
-   module tree, --steps steps each: about 20,000 spans and 2.7 MB of JSON per rank),
+   module tree, 148 modules, --steps steps each: 50 steps are 14,850 spans and 2.5 MB of
+   JSON per rank),
    merged into .json and .pftrace, each merge in a fresh process that reports its own
    peak RSS; the same for 8 ranks, to show memory does not grow with the job.
 2. Alignment: 2 and 4 gloo ranks on this machine, one with its clock shifted by 200 ms,
    enter and leave a Timeline --rounds times; per sample, the error bound the file states
    (half the tightest round trip) and the true error of the offset (the shift is known).
 
-    python benchmarks/merge.py [--ranks 64] [--steps 10] [--rounds 20] [--out benchmarks/results]
+    python benchmarks/merge.py [--ranks 64] [--steps 50] [--rounds 20] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def alignment_rows(rounds: int, work: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()

@@ -1,95 +1,269 @@
-"""Device clock resolution, driven on the CPU by the fake backend (same code as CUDA)."""
+"""Device clock, driven on the CPU through the strict fake backend (CUDA's rules: events
+bound to a device, float32 millisecond elapsed times between completed events, capture
+mode, synchronisations counted): the same code a GPU runs."""
 
+import random
 import time
 
 import pytest
 import torch
 
-from modtimeline import Timeline
+from modtimeline import Schedule, Timeline
+from modtimeline.buffer import BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, NODE_DONE
 from modtimeline.clock import DeviceClock, FakeBackend
 
 from .models import Tree, train_step
 from .trace_checks import assert_nested, load, spans, thread_names
 
+FW, FE, ND = FORWARD_BEGIN, FORWARD_END, NODE_DONE
 
-def test_known_event_times_map_to_host_clock():
+
+class ManualClock:
+    """A host clock that moves only when told: ``time.perf_counter_ns`` for the device
+    clock, and the fake's ``now`` and ``wait``."""
+
+    def __init__(self, monkeypatch, backend: FakeBackend, start: int = 10**12) -> None:
+        self.t = start
+        monkeypatch.setattr(time, "perf_counter_ns", lambda: self.t)
+        backend.now = lambda: self.t
+        backend.wait = self.wait_until
+
+    def wait_until(self, until_ns: int) -> None:
+        self.t = max(self.t, until_ns)
+
+    def advance(self, ns: int) -> None:
+        self.t += ns
+
+
+# ------------------------------------------------------------------ the fake's rules
+def test_the_fake_keeps_cudas_rules():
+    fake = FakeBackend(lag_ns=1_000_000)
+    on_one = fake.new_event(1)
+    with pytest.raises(RuntimeError, match="does not match recording stream's device 0"):
+        fake.record(on_one, 0)
+    a, b = fake.new_event(0), fake.new_event(0)
+    fake.record(a, 0)
+    fake.record(b, 0)
+    assert not fake.query(b)
+    with pytest.raises(RuntimeError, match="not ready"):
+        fake.elapsed_ms(a, b)  # without waiting: CUDA refuses too
+    fake.synchronize(0)
+    assert fake.query(b) and fake.synchronizations == 1
+    assert isinstance(fake.elapsed_ms(a, b), float)
+    fake.capture = True
+    captured = fake.new_event(0)
+    fake.record(captured, 0)
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        fake.query(captured)
+
+
+# ------------------------------------------------------------------ DeviceClock alone
+def _done(backend):
+    """When the fake's events completed, minus the launch latency every anchor has too."""
+    return [done - backend.lag_ns for _, done in backend.recorded]
+
+
+def test_marks_map_to_the_host_clock_exactly(monkeypatch):
     backend = FakeBackend(lag_ns=5_000)
+    manual = ManualClock(monkeypatch, backend)  # (no time passes between reading the clock and recording)
     clock = DeviceClock(backend)
-    before = time.perf_counter_ns()
-    clock.mark(0)
-    clock.mark(1)
+    clock.mark(0, FW, 1)
+    manual.advance(7_000)
+    clock.mark(1, FE, 1)
+    recorded = list(backend.recorded)
     marks = clock.resolve()
     assert list(marks.host_event) == [0, 1]
-    # exact: no drift, the device's own clock offset cancels, the fake's anchor is ideal
-    assert list(marks.time_ns) == [done for stream, done in backend.recorded]
-    assert marks.time_ns[0] >= before + 5_000
+    # every time is early by the anchor's launch latency (a constant), else exact
+    expected = [done - 5_000 for _, done in recorded[1:3]]  # (recorded[0]: the first reference)
+    assert all(abs(a - b) <= 2 for a, b in zip(marks.time_ns, expected)), (list(marks.time_ns), expected)
     assert marks.streams == [(0, 7)]
 
 
-def test_drift_error_is_bounded_by_one_window():
-    rate = 1 + 100e-6  # a GPU clock 100 ppm fast
-    backend = FakeBackend(lag_ns=0, rate=rate)
-    clock = DeviceClock(backend)
-    clock.mark(0)  # first sight of the device: anchors it
-    anchor_host_ns = clock._anchors[0][0]
-    time.sleep(0.05)
-    clock.mark(1)
-    marks = clock.resolve()
-    true_ns = backend.recorded[-1][1]
-    # error grows with the time since the anchor: exactly the drift over it
-    assert abs((marks.time_ns[1] - true_ns) - (rate - 1) * (true_ns - anchor_host_ns)) <= 1
-    assert marks.time_ns[1] - true_ns >= 4_000  # 100 ppm of >= 50 ms
-    # resolve() re-anchored: the next window starts accurate again
-    clock.mark(2)
-    again = clock.resolve()
-    new_anchor_ns = clock._anchors[0][0]
-    assert new_anchor_ns > anchor_host_ns
-    assert abs(again.time_ns[0] - backend.recorded[-1][1]) < 4_000
-
-
-def test_several_streams_and_pool_reuse():
+def test_no_synchronize_while_marking():
     backend = FakeBackend()
     clock = DeviceClock(backend)
-    for _ in range(3):  # three windows
-        for i in range(10):
-            backend.stream = (0, 7) if i % 2 else (0, 9)
-            clock.mark(i)
-        marks = clock.resolve()
-        assert sorted(set(marks.stream)) == [0, 1]
-        assert marks.streams == [(0, 9), (0, 7)]
-    # 10 events + 1 anchor, reused in every window
-    assert clock.events_created == 11
+    for i in range(100):
+        clock.mark(i, FW if i % 2 else ND, 1)
+    assert backend.synchronizations == 0
+    clock.begin_step()  # between steps: the new device is anchored here
+    syncs = backend.synchronizations
+    assert syncs > 0
+    for i in range(100, 200):
+        clock.mark(i, FW, 1)
+    assert backend.synchronizations == syncs
+
+
+def test_two_devices_in_one_window_and_across_windows(monkeypatch):
+    backend = FakeBackend(lag_ns=3_000)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend)
+    for window in range(3):
+        for step in range(4):
+            clock.begin_step()
+            for i in range(20):
+                backend.device = i % 2  # backward marks: each autograd device thread's device
+                clock.mark(100 * step + i, ND, 0)
+                manual.advance(1_000)
+            manual.advance(50_000)
+        marks = clock.resolve()  # the strict fake raises if an event crosses devices
+        assert sorted(marks.streams) == [(0, 7), (1, 7)]
+        assert len(marks.host_event) == 80
+        true = {}
+        for (device, _), done in backend.recorded:
+            true.setdefault(device, []).append(done - backend.lag_ns)
+        for ns, stream in zip(marks.time_ns, marks.stream):
+            assert ns in range(min(true[marks.streams[stream][0]]), max(true[marks.streams[stream][0]]) + 1)
     assert clock.pending() == 0
 
 
-def test_no_synchronize_while_recording():
+def test_a_module_on_device_1_is_marked_there_with_device_0_current(tmp_path):
+    backend = FakeBackend()
+    backend.device = 0
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    backend.place(model, 1)
+    path = tmp_path / "t.json"
+    with Timeline(path, device="cuda", device_backend=backend) as timeline:
+        for _ in range(2):
+            with timeline.step():
+                model(torch.randn(2, 4)).sum().backward()
+    trace = load(path)
+    names = thread_names(trace)
+    forward_gpu = {names[e["tid"]] for e in spans(trace) if e["cat"] == "forward" and names[e["tid"]].startswith("cuda")}
+    assert forward_gpu == {"cuda:1 stream 7"}  # ReLU (no parameters) follows its neighbours
+    assert_nested(trace)
+
+
+def test_spans_stay_exact_to_a_microsecond_after_an_hour(monkeypatch):
+    """One window of an hour, a step a second (jittered, so float32 rounds): the last
+    step's 19 µs span keeps its length and its place to 1 µs. Timed from one anchor, a
+    float32 millisecond count an hour long is only good to 244 µs."""
+    backend = FakeBackend(lag_ns=2_000, rate=1 + 30e-6)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend)
+    rng = random.Random(3)
+    clock.mark(0, FW, 1)
+    for _ in range(3600):
+        manual.advance(1_000_000_000 + rng.randrange(-999_999, 999_999))
+        clock.begin_step()
+    backend.work_ns = 19_000
+    clock.mark(1, FW, 1)
+    clock.mark(2, FE, 1)
+    begin_true, end_true = (done - backend.lag_ns for _, done in backend.recorded[-2:])
+    backend.work_ns = 0
+    manual.advance(1_000_000)
+    marks = clock.resolve()
+    begin, end = marks.time_ns[-2:]
+    assert abs((end - begin) - 19_000) <= 2 and end_true - begin_true == 19_000
+    assert abs(begin - begin_true) <= 1_000, begin - begin_true
+    one_anchor_ms = (begin_true - marks.time_ns[0]) / 1e6
+    import struct
+    assert abs(struct.unpack("f", struct.pack("f", one_anchor_ms))[0] - one_anchor_ms) * 1e6 > 1_000
+
+
+def test_drift_is_corrected_between_anchors(monkeypatch):
+    backend = FakeBackend(lag_ns=0, rate=1 + 100e-6)  # a GPU clock 100 ppm fast
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend)
+    clock.mark(0, FW, 1)
+    clock.begin_step()  # anchor 1
+    true = []
+    for i in range(1, 60):
+        manual.advance(1_000_000_000)  # a minute, in 1 s steps: 6 ms of drift by the end
+        clock.begin_step()
+        clock.mark(i, FW, 1)
+        true.append(backend.recorded[-1][1])
+    manual.advance(1_000)
+    marks = clock.resolve()  # anchor 2
+    errors = [abs(ns - t) for ns, t in zip(marks.time_ns[1:], true)]
+    assert max(errors) <= 1_000, max(errors)
+
+
+def test_marks_during_cuda_graph_capture_are_skipped_and_counted():
     backend = FakeBackend()
     clock = DeviceClock(backend)
-    clock.mark(0)  # first sight of the device anchors it (one synchronize)
-    syncs = backend.synchronizations
-    for i in range(1, 100):
-        clock.mark(i)
-    assert backend.synchronizations == syncs
+    clock.mark(0, FW, 1)
+    backend.capture = True
+    for i in range(1, 6):
+        clock.mark(i, FW, 1)
+    clock.begin_step()  # (a boundary inside a capture marks nothing either)
+    backend.capture = False
+    clock.mark(6, FE, 1)
+    marks = clock.resolve()  # would raise "invalid argument" on a captured event
+    assert list(marks.host_event) == [0, 6]
+    assert marks.skipped_in_capture == 5
+
+
+def test_the_pool_stays_bounded_over_ten_thousand_steps(monkeypatch):
+    backend = FakeBackend(lag_ns=10_000)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend)
+    for step in range(10_000):
+        clock.begin_step()
+        for i in range(20):
+            clock.mark(i, FW if i % 3 else BACKWARD_DONE, 1)
+            manual.advance(2_000)
+        manual.advance(100_000)  # the GPU catches up before the next step
+    assert clock.pending() < 40
+    assert backend.events_created < 1_000  # recycled, not one per mark (200,000 marks)
+    clock.discard()
+
+
+def test_a_gpu_that_never_catches_up_drops_marks_at_the_bound(monkeypatch):
+    backend = FakeBackend(lag_ns=10**15)  # nothing ever completes
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, max_events_per_device=500)
+    for step in range(10):
+        clock.begin_step() if step else None
+        for i in range(100):
+            clock.mark(i, FW, 1)
+        manual.advance(1_000)
+    # The first step boundary anchors the device (a synchronisation: those 100 complete);
+    # of the 900 marks after it, the pool holds 500 and drops the rest.
+    assert clock.pending() == 500 and clock.dropped == 400
+    assert backend.events_created < 700
+
+
+# ------------------------------------------------------------------ through a Timeline
+def _in_step_syncs(backend, timeline_ref):
+    in_step = []
+    original = backend.synchronize
+
+    def synchronize(device):
+        in_step.append(timeline_ref[0]._in_step)
+        original(device)
+
+    backend.synchronize = synchronize
+    return in_step
 
 
 def test_timeline_synchronizes_only_outside_steps(tmp_path):
     backend = FakeBackend()
     model = Tree()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    in_step = []
-    original = backend.synchronize
-
-    def synchronize(device):
-        in_step.append(timeline._in_step)
-        original(device)
-
-    backend.synchronize = synchronize
     timeline = Timeline(tmp_path / "t.json", device="cuda", device_backend=backend)
+    in_step = _in_step_syncs(backend, [timeline])
     with timeline:
         for _ in range(3):
             with timeline.step():
                 train_step(model, optimizer)
     assert in_step and not any(in_step)
+
+
+def test_warmup_steps_are_discarded_without_synchronising(tmp_path):
+    backend = FakeBackend()
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    timeline = Timeline(tmp_path / "t.json", device="cuda", device_backend=backend,
+                        schedule=Schedule(wait=0, warmup=3, active=2, repeat=1))
+    in_step = _in_step_syncs(backend, [timeline])
+    with timeline:
+        for _ in range(5):
+            with timeline.step():
+                train_step(model, optimizer)
+    assert not any(in_step)
+    # one device: anchored once at its first step boundary and once at the write (each
+    # anchor synchronises before and after its readings); the 3 warm-up steps add none
+    assert len(in_step) == 4
 
 
 def _gpu_timeline(tmp_path, backend, fail=False, memory=False):
@@ -109,6 +283,7 @@ def _gpu_timeline(tmp_path, backend, fail=False, memory=False):
 
 def test_gpu_spans_on_stream_tracks_nest_and_lag(tmp_path):
     backend = FakeBackend(lag_ns=30_000)
+    backend.work_ns = 50_000  # each mark queues behind the last: the GPU falls behind the host
     trace = _gpu_timeline(tmp_path, backend, memory=True)
     names = thread_names(trace)
     events = spans(trace)
@@ -116,12 +291,13 @@ def test_gpu_spans_on_stream_tracks_nest_and_lag(tmp_path):
     cpu = [e for e in events if names[e["tid"]] in ("forward", "backward")]
     assert len(gpu) == len(cpu)
     assert {e["cat"] for e in gpu} == {"forward", "backward", "recompute"}
-    for e in gpu:
-        assert e["args"]["launch_lag_us"] >= 30.0
+    lags = [e["args"]["launch_lag_us"] for e in gpu]
+    assert min(lags) >= 0 and max(lags) > 50  # the queue grows through the step
     assert_nested(trace)
     counters = [e for e in trace["traceEvents"] if e.get("ph") == "C"]
     assert counters and counters[0]["name"] == "cuda:0 memory allocated (bytes)"
     assert trace["metadata"]["device"] == "cuda"
+    assert trace["metadata"]["gpu_marks_skipped_in_capture"] == 0
 
 
 def test_module_spread_over_two_streams_gets_its_own_track(tmp_path):
@@ -142,6 +318,24 @@ def test_module_spread_over_two_streams_gets_its_own_track(tmp_path):
     assert ("cuda:0 stream 7", "Sequential.0") in by_track
     assert ("cuda:0 stream 13", "Sequential.1") in by_track
     assert_nested(trace)
+
+
+def test_a_capture_inside_a_timeline_warns_and_keeps_the_window(tmp_path):
+    backend = FakeBackend()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    path = tmp_path / "t.json"
+    with pytest.warns(RuntimeWarning, match="captured"):
+        with Timeline(path, device="cuda", device_backend=backend) as timeline:
+            with timeline.step():
+                backend.capture = True  # as torch.cuda.graph(...) would
+                model(torch.randn(2, 4))
+                backend.capture = False
+            with timeline.step():
+                model(torch.randn(2, 4))
+    trace = load(path)
+    assert trace["metadata"]["gpu_marks_skipped_in_capture"] == 6
+    names = thread_names(trace)
+    assert {e["args"]["step"] for e in spans(trace) if names[e["tid"]].startswith("cuda")} == {1}
 
 
 def test_exception_mid_step_with_device_clock(tmp_path):
@@ -170,6 +364,9 @@ class _StandInCuda:
         def record(self, stream=None):
             self.recorded_at = time.perf_counter_ns() + 10_000
 
+        def query(self):
+            return True
+
         def elapsed_time(self, end):
             return (end.recorded_at - self.recorded_at) / 1e6  # milliseconds, like CUDA
 
@@ -178,6 +375,9 @@ class _StandInCuda:
 
     def current_device(self):
         return 0
+
+    def is_current_stream_capturing(self):
+        return False
 
     def synchronize(self, device=None):
         self.synchronized.append(device)

@@ -104,27 +104,28 @@ struct Events : std::enable_shared_from_this<Events> {
     return append_locked(kind, call, module);
   }
 
-  // Tell on_recorded (the device clock) about event `index`. The caller holds the GIL.
-  bool notify_with_gil(int64_t index) {
+  // Tell on_recorded (the device clock) about event `index`, of `kind` and `module`
+  // (0 for node events). The caller holds the GIL.
+  bool notify_with_gil(int64_t index, int64_t kind, int64_t module) {
     PyObject* callback = on_recorded.load();
     if (index < 0 || callback == nullptr) return true;
-    PyObject* arg = PyLong_FromLongLong(index);
-    if (arg == nullptr) return false;
-    PyObject* result = PyObject_CallOneArg(callback, arg);
-    Py_DECREF(arg);
+    PyObject* result = PyObject_CallFunction(callback, "LLL", static_cast<long long>(index),
+                                             static_cast<long long>(kind), static_cast<long long>(module));
     Py_XDECREF(result);
     return result != nullptr;
   }
 
   // Store one event and tell on_recorded; the caller holds the GIL. False: it raised.
-  bool record(int64_t kind, int64_t call, int64_t module) { return notify_with_gil(append(kind, call, module)); }
+  bool record(int64_t kind, int64_t call, int64_t module) {
+    return notify_with_gil(append(kind, call, module), kind, module);
+  }
 
   // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
   // an error in it cannot propagate into autograd, so it is reported as unraisable.
-  void notify(int64_t index) {
+  void notify(int64_t index, int64_t kind) {
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
-    if (!notify_with_gil(index)) PyErr_WriteUnraisable(nullptr);
+    if (!notify_with_gil(index, kind, 0)) PyErr_WriteUnraisable(nullptr);
     PyGILState_Release(state);
   }
 
@@ -152,7 +153,7 @@ struct Events : std::enable_shared_from_this<Events> {
         if (auto events = self.lock()) events->backward_done(generation_now);
       });
     }
-    notify(index);
+    notify(index, kind);
   }
 
   void backward_done(uint64_t generation_then) {
@@ -163,7 +164,7 @@ struct Events : std::enable_shared_from_this<Events> {
       done_queued = false;
       index = append_locked(BACKWARD_DONE, 0, 0);
     }
-    notify(index);
+    notify(index, BACKWARD_DONE);
   }
 
   bool serves(int64_t task) {
@@ -465,7 +466,7 @@ PyGetSetDef store_getset[] = {
     {"capacity", store_get_capacity, nullptr, "events held at most", nullptr},
     {"dropped", store_get_dropped, nullptr, "events dropped since the last clear", nullptr},
     {"nodes", store_get_nodes, nullptr, "autograd nodes given an id since the last clear", nullptr},
-    {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with each stored event's index",
+    {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with (index, kind, module) of each stored event",
      nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };

@@ -113,8 +113,9 @@ class EventBuffer(_OverflowReport):
         self._hard_limit = capacity + max(4096, capacity // 16)
         self.dropped = 0
         self._clock = time.perf_counter_ns
-        # Called with the index of each stored event (device clocks mark it on the GPU).
-        self.on_recorded = None
+        # Called with (index, kind, module) of each stored event (device clocks mark it on
+        # the GPU); module is 0 for node events.
+        self.on_recorded: Callable[[int, int, int], None] | None = None
 
     def columns(self) -> tuple[array, array, array, array]:
         """(timestamps, codes, link_node, link_code)."""
@@ -130,7 +131,7 @@ class EventBuffer(_OverflowReport):
         self.timestamps.append(self._clock())
         codes.append(call << CALL_SHIFT | module << KIND_BITS | kind)
         if self.on_recorded is not None:
-            self.on_recorded(n)
+            self.on_recorded(n, kind, module)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -183,11 +184,11 @@ class NativeEventBuffer(_OverflowReport):
     dropped = _store_count("dropped")
 
     @property
-    def on_recorded(self) -> Callable[[int], None] | None:
+    def on_recorded(self) -> Callable[[int, int, int], None] | None:
         return self.store.on_recorded
 
     @on_recorded.setter
-    def on_recorded(self, callback: Callable[[int], None] | None) -> None:
+    def on_recorded(self, callback: Callable[[int, int, int], None] | None) -> None:
         self.store.on_recorded = callback
 
     def __len__(self) -> int:

@@ -1,43 +1,88 @@
-"""Device time on the host clock, without synchronising inside the traced step.
+"""Device time on the host clock, without synchronising inside a traced step.
 
-At every span boundary ``DeviceClock.mark`` records a timing-enabled event on the
-current stream (events come from a pool that is reused across windows). Nothing is
-read back until ``resolve``, at flush, which maps every event onto the host clock::
+At span boundaries ``DeviceClock.mark`` records a timing event on the stream the work
+went to: for a forward, the current stream of the module's own device (from its
+parameters; never simply "the current device", which is GPU 0 unless the user set it);
+in backward, autograd's thread for that device. Nothing is waited for inside a step.
 
-    host_ns = anchor_host_ns + elapsed_ns(anchor, event)
+How a device time becomes a host time:
 
-with one anchor per device, recorded right after reading the host clock while the
-device was idle. Every time of a window therefore shares one constant offset, the
-anchor's launch latency on an idle device (a few µs), which leaves durations and
-the order of spans exact. ``anchor`` re-anchors after each flush so clock drift (GPU clocks
-drift 10-100 ppm against the host) stays bounded by one window.
+* **References, chained.** Each device keeps a chain of *reference* events: one at every
+  step boundary (and one at least every ``REFERENCE_INTERVAL_NS`` between marks). A mark
+  is timed against the newest reference before it (``cudaEventElapsedTime`` is float32
+  milliseconds: a short interval keeps it exact to well under a µs), and each reference
+  against the one before; positions are summed in float64 nanoseconds, so precision
+  does not decay over an hour-long window as it would from one anchor.
+* **Anchors, outside steps.** An anchor pins a chain position to a host time: the
+  device is synchronised, the host clock read, an event recorded on the idle device,
+  several times, and the reading with the smallest launch delay kept. A device is
+  anchored at the first step boundary after it was first seen, and at every write; host
+  times are interpolated linearly between anchors, which corrects clock drift.
+* **Resolved as they complete.** At each step boundary the marks whose work has finished
+  (a non-blocking query) are resolved and their events go back to a per-device pool;
+  the pool is filled there too, outside the step, and has a bound: past it marks are
+  dropped (counted), never queued without limit.
+* **CUDA graphs.** While a stream is being captured nothing is marked (an event recorded
+  into a graph cannot be timed); the marks skipped are counted.
 
-The arithmetic, pooling and bookkeeping live in ``DeviceClock``; the few device
-primitives live in a ``DeviceBackend``: ``CudaBackend`` for real GPUs and
-``FakeBackend`` for CPU-only tests, which therefore drive exactly the same code.
+The arithmetic lives in ``DeviceClock``; the device primitives in a ``DeviceBackend``:
+``CudaBackend`` on real GPUs, ``FakeBackend`` on the CPU. The fake keeps CUDA's rules
+(an event belongs to the device it was first recorded on, elapsed times are float32
+milliseconds between completed events, capture, synchronisations counted), so the CPU
+tests drive exactly the code a GPU runs.
 """
 
 from __future__ import annotations
 
+import struct
+import threading
 import time
 from array import array
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .buffer import BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE, RECOMPUTE_BEGIN, RECOMPUTE_END
+
 StreamKey = tuple[int, int]  # (device index, stream id)
+
+REFERENCE_INTERVAL_NS = 500_000_000  # a new reference at least this often (host time) while marking
+ANCHOR_READINGS = 5  # (host clock, event) pairs per anchor; the tightest one is kept
+POOL_CHUNK = 256  # events created at once, outside steps
+MAX_EVENTS_PER_DEVICE = 1 << 17  # the pool's bound: marks past it are dropped and counted
+MEMORY_INTERVAL_NS = 1_000_000  # memory sampled at most once per ms (and at each step boundary)
+
+_FORWARD_KINDS = frozenset((FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END))
+_MARKED_KINDS = _FORWARD_KINDS | {GRADIENT_READY, NODE_DONE, BACKWARD_DONE}
 
 
 class DeviceBackend(Protocol):
     """The device primitives ``DeviceClock`` needs."""
 
-    def new_event(self) -> Any: ...
-    def current_stream(self) -> StreamKey: ...
-    def current_device(self) -> int: ...
-    def record(self, event: Any, stream: StreamKey) -> None: ...
-    def record_anchor(self, event: Any, device: int, host_ns: int) -> None: ...
+    def new_event(self, device: int) -> Any:
+        """A timing event that belongs to ``device`` (made outside steps)."""
+
+    def record(self, event: Any, device: int) -> StreamKey:
+        """Record ``event`` on ``device``'s current stream (of this thread); its key."""
+
+    def thread_device(self) -> int:
+        """The calling thread's current device (autograd's threads each have theirs)."""
+
+    def capturing(self) -> bool:
+        """Is the calling thread's current stream being captured into a CUDA graph?"""
+
+    def query(self, event: Any) -> bool:
+        """Has the event's work completed? (Never waits.)"""
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        """Milliseconds from ``start`` to ``end``, both completed (float32, as CUDA's)."""
+
     def synchronize(self, device: int) -> None: ...
-    def elapsed_ns(self, start: Any, end: Any) -> float: ...
     def memory_allocated(self, device: int) -> int: ...
+
+    def tensor_device(self, tensor: Any) -> int | None:
+        """The GPU ``tensor`` lives on; None for a tensor on the host."""
 
 
 @dataclass
@@ -48,89 +93,309 @@ class DeviceMarks:
     time_ns: array  # when the device reached it, on the host clock
     stream: array  # index into ``streams``
     streams: list[StreamKey]
-    memory: array  # bytes allocated on the event's device (empty when not sampled)
+    # allocated bytes, sampled on the host (the allocator's bookkeeping is host-side):
+    memory_time: array = field(default_factory=lambda: array("q"))  # host ns
+    memory_device: array = field(default_factory=lambda: array("q"))
+    memory_bytes: array = field(default_factory=lambda: array("q"))
+    skipped_in_capture: int = 0  # marks not made while a CUDA graph was being captured
+    dropped: int = 0  # marks not made because the pool was at its bound
+
+
+class _Reference:
+    __slots__ = ("event", "position", "users")
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.position: float | None = None  # device ns after the chain's first reference
+        self.users = 0  # marks waiting to be timed against it
+
+
+class _Device:
+    """One device's events: pool, reference chain, marks waiting for their work, anchors."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pool: list[Any] = []
+        self.created = 0
+        self.used_since_refill = 0
+        self.references: deque[_Reference] = deque()  # unreleased, oldest first
+        self.current: _Reference | None = None  # the newest reference (marks are timed against it)
+        self.tail: _Reference | None = None  # the newest resolved reference
+        self.current_host_ns = 0
+        self.waiting: dict[StreamKey, deque[tuple[Any, int, _Reference]]] = {}  # per stream: (event, host event, ref)
+        self.pending = 0
+        self.anchors: list[tuple[float, int]] = []  # (chain position, host ns), by position
+        self.needs_anchor = True
+        # resolved marks of the window, in chain positions until resolve() maps them
+        self.host_event = array("q")
+        self.position = array("d")
+        self.stream: list[StreamKey] = []
 
 
 class DeviceClock:
-    """Marks host events on the device and resolves them onto the host clock at flush."""
+    """Marks host events on the device and maps them onto the host clock."""
 
-    def __init__(self, backend: DeviceBackend, sample_memory: bool = False) -> None:
+    def __init__(self, backend: DeviceBackend, sample_memory: bool = False,
+                 module_device: Callable[[int], int | None] | None = None,
+                 max_events_per_device: int = MAX_EVENTS_PER_DEVICE) -> None:
         self.backend = backend
         self.sample_memory = sample_memory
-        self._pool: list[Any] = []
-        self._events: list[Any] = []
-        self._host_event = array("q")
-        self._stream = array("q")
-        self._memory = array("q")
-        self._streams: list[StreamKey] = []
-        self._stream_index: dict[StreamKey, int] = {}
-        self._anchors: dict[int, tuple[int, Any]] = {}  # device -> (host ns, anchor event)
-        self.events_created = 0
+        self.module_device = module_device or (lambda index: None)
+        self.max_events_per_device = max_events_per_device
+        self._devices: dict[int, _Device] = {}
+        self._module_devices: dict[int, int | None] = {}
+        self._forward_device: int | None = None  # of the last module whose device is known
+        self._memory_time = array("q")
+        self._memory_device = array("q")
+        self._memory_bytes = array("q")
+        self._last_memory_ns = 0
+        self.skipped_in_capture = 0
+        self.dropped = 0
+        self.synchronizations = 0  # ours: all at anchors and resolve, outside steps
+        # Marks come from the main thread and autograd's device threads at once.
+        self._lock = threading.Lock()
 
-    def _take_event(self) -> Any:
-        if self._pool:
-            return self._pool.pop()
-        self.events_created += 1
-        return self.backend.new_event()
+    # ------------------------------------------------------------------ hot path
+    def mark(self, host_event: int, kind: int, module: int) -> None:
+        """Record a device event for host event ``host_event`` (buffer.on_recorded)."""
+        if kind not in _MARKED_KINDS:
+            return
+        with self._lock:
+            self._mark(host_event, kind, module)
 
-    def anchor(self, device: int) -> None:
-        """Pin ``device``'s clock to the host clock: wait for it to go idle, read the
-        host clock, and record an event that runs at once."""
+    def _mark(self, host_event: int, kind: int, module: int) -> None:
         backend = self.backend
-        backend.synchronize(device)
-        event = self._take_event()
-        host_ns = time.perf_counter_ns()
-        backend.record_anchor(event, device, host_ns)
-        old = self._anchors.get(device)
-        if old is not None:
-            self._pool.append(old[1])
-        self._anchors[device] = (host_ns, event)
+        if backend.capturing():
+            self.skipped_in_capture += 1
+            return
+        if kind in _FORWARD_KINDS:
+            device = self._device_of_module(module)
+        else:
+            device = backend.thread_device()
+        state = self._devices.get(device)
+        if state is None:
+            state = self._devices[device] = _Device(device)
+        if state.pending >= self.max_events_per_device:
+            self.dropped += 1
+            return
+        now = time.perf_counter_ns()
+        if state.current is None or now - state.current_host_ns > REFERENCE_INTERVAL_NS:
+            self._add_reference(state, now)
+        event = self._take(state)
+        reference = state.current
+        assert reference is not None
+        stream = backend.record(event, device)
+        queue = state.waiting.get(stream)
+        if queue is None:
+            queue = state.waiting[stream] = deque()
+        queue.append((event, host_event, reference))
+        reference.users += 1
+        state.pending += 1
+        if self.sample_memory and now - self._last_memory_ns >= MEMORY_INTERVAL_NS:
+            self._last_memory_ns = now
+            self._sample_memory(now, device)
 
-    def mark(self, host_event: int) -> None:
-        """Record a device event for host event ``host_event`` on the current stream."""
+    def _device_of_module(self, module: int) -> int:
+        cache = self._module_devices
+        if module in cache:
+            device = cache[module]
+        else:
+            device = cache[module] = self.module_device(module)
+        if device is None:  # no parameters of its own on a GPU (an activation): its caller's
+            device = self._forward_device
+            if device is None:
+                device = self._forward_device = self.backend.thread_device()
+            return device
+        self._forward_device = device
+        return device
+
+    def _take(self, state: _Device) -> Any:
+        state.used_since_refill += 1
+        if state.pool:
+            return state.pool.pop()
+        state.created += 1  # (only before the first refill of a device: see begin_step)
+        return self.backend.new_event(state.index)
+
+    def _add_reference(self, state: _Device, now: int) -> None:
+        reference = _Reference(self._take(state))
+        self.backend.record(reference.event, state.index)
+        if state.current is None and state.tail is None:
+            reference.position = 0.0  # the chain's origin
+            state.tail = reference
+        state.references.append(reference)
+        state.current = reference
+        state.current_host_ns = now
+
+    def _sample_memory(self, host_ns: int, device: int) -> None:
+        self._memory_time.append(host_ns)
+        self._memory_device.append(device)
+        self._memory_bytes.append(self.backend.memory_allocated(device))
+
+    # ------------------------------------------------------------- step boundaries
+    def begin_step(self) -> None:
+        """Between steps: resolve what has completed, anchor devices seen for the first
+        time, refill pools, start a new reference on every device in use."""
+        if self.backend.capturing():
+            return
+        with self._lock:
+            now = time.perf_counter_ns()
+            for state in self._devices.values():
+                self._harvest(state)
+                if state.needs_anchor:
+                    self._anchor(state)
+                self._refill(state)
+                self._add_reference(state, now)
+                if self.sample_memory:
+                    self._sample_memory(now, state.index)
+
+    def _refill(self, state: _Device) -> None:
+        wanted = min(max(state.used_since_refill, POOL_CHUNK), self.max_events_per_device - state.pending)
         backend = self.backend
-        stream = backend.current_stream()
-        index = self._stream_index.get(stream)
-        if index is None:
-            index = self._stream_index[stream] = len(self._streams)
-            self._streams.append(stream)
-            if stream[0] not in self._anchors:
-                # A device not anchored when the clock started (another GPU): anchoring
-                # synchronises it, once, before any of its events.
-                self.anchor(stream[0])
-        event = self._take_event()
-        backend.record(event, stream)
-        self._events.append(event)
-        self._host_event.append(host_event)
-        self._stream.append(index)
-        if self.sample_memory:
-            self._memory.append(backend.memory_allocated(stream[0]))
+        while len(state.pool) < wanted and state.created < self.max_events_per_device + 2 * ANCHOR_READINGS:
+            state.pool.append(backend.new_event(state.index))
+            state.created += 1
+        state.used_since_refill = 0
 
+    def _harvest(self, state: _Device) -> None:
+        """Time every reference and mark whose work has completed (never waits)."""
+        backend = self.backend
+        references = state.references
+        tail = state.tail
+        assert tail is not None
+        for reference in references:
+            if reference.position is not None:
+                continue
+            if not backend.query(reference.event):
+                break
+            assert tail.position is not None
+            reference.position = tail.position + backend.elapsed_ms(tail.event, reference.event) * 1e6
+            tail = reference
+        state.tail = tail
+        for stream, queue in state.waiting.items():
+            while queue:
+                event, host_event, reference = queue[0]
+                if reference.position is None or not backend.query(event):
+                    break
+                queue.popleft()
+                state.host_event.append(host_event)
+                state.position.append(reference.position + backend.elapsed_ms(reference.event, event) * 1e6)
+                state.stream.append(stream)
+                state.pool.append(event)
+                state.pending -= 1
+                reference.users -= 1
+        # References no mark waits on, older than the tail, go back to the pool.
+        while references and references[0] is not tail and references[0] is not state.current \
+                and references[0].users == 0 and references[0].position is not None:
+            state.pool.append(references.popleft().event)
+
+    def _anchor(self, state: _Device) -> None:
+        """Pin the chain to the host clock (synchronises the device: outside steps only)."""
+        backend = self.backend
+        backend.synchronize(state.index)
+        self.synchronizations += 1
+        self._harvest(state)  # everything recorded so far has completed
+        readings = []
+        for _ in range(ANCHOR_READINGS):
+            event = self._take(state)
+            host_ns = time.perf_counter_ns()
+            backend.record(event, state.index)
+            readings.append((host_ns, event))
+        backend.synchronize(state.index)
+        self.synchronizations += 1
+        tail = state.tail
+        assert tail is not None and tail.position is not None
+        best: tuple[float, int] | None = None
+        for host_ns, event in readings:
+            position = tail.position + backend.elapsed_ms(tail.event, event) * 1e6
+            # The event ran a launch delay after host_ns; the smallest delay is the
+            # smallest position - host_ns.
+            if best is None or position - host_ns < best[0] - best[1]:
+                best = (position, host_ns)
+            state.pool.append(event)
+        assert best is not None
+        state.anchors.append(best)
+        state.needs_anchor = False
+
+    # ------------------------------------------------------------------- windows
     def resolve(self) -> DeviceMarks:
-        """Map every marked event to host ns, hand all events back to the pool, re-anchor.
+        """Every mark of the window on the host clock; outside steps (it synchronises).
+        The anchor taken here also starts the next window."""
+        with self._lock:
+            return self._resolve()
 
-        Called at flush, outside the traced steps: it synchronises each device once.
-        """
-        backend = self.backend
-        for device in self._anchors:
-            backend.synchronize(device)
-        times = array("q")
-        for event, stream_index in zip(self._events, self._stream):
-            device = self._streams[stream_index][0]
-            anchor_host_ns, anchor_event = self._anchors[device]
-            times.append(anchor_host_ns + round(backend.elapsed_ns(anchor_event, event)))
-        marks = DeviceMarks(self._host_event, times, self._stream, list(self._streams), self._memory)
-        self._pool.extend(self._events)
-        self._events = []
-        self._host_event = array("q")
-        self._stream = array("q")
-        self._memory = array("q")
-        for device in list(self._anchors):
-            self.anchor(device)
+    def _resolve(self) -> DeviceMarks:
+        host_event = array("q")
+        time_ns = array("q")
+        stream_index = array("q")
+        streams: list[StreamKey] = []
+        index_of: dict[StreamKey, int] = {}
+        for state in self._devices.values():
+            self._anchor(state)  # synchronises: everything marked has completed
+            to_host = _host_mapping(state.anchors)
+            for event, position, stream in zip(state.host_event, state.position, state.stream):
+                index = index_of.get(stream)
+                if index is None:
+                    index = index_of[stream] = len(streams)
+                    streams.append(stream)
+                host_event.append(event)
+                time_ns.append(to_host(position))
+                stream_index.append(index)
+            self._start_window(state)
+        marks = DeviceMarks(host_event, time_ns, stream_index, streams, self._memory_time, self._memory_device,
+                            self._memory_bytes, self.skipped_in_capture, self.dropped)
+        self._reset_counts()
         return marks
 
+    def discard(self) -> None:
+        """Forget the window's marks without synchronising (warm-up steps): their events
+        go back to the pools, the reference chains go on."""
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
+        for state in self._devices.values():
+            for queue in state.waiting.values():
+                for event, _, reference in queue:
+                    reference.users -= 1
+                    state.pool.append(event)
+                queue.clear()
+            state.pending = 0
+            self._harvest(state)
+            state.host_event = array("q")
+            state.position = array("d")
+            state.stream = []
+        self._reset_counts()
+
+    def _start_window(self, state: _Device) -> None:
+        state.host_event = array("q")
+        state.position = array("d")
+        state.stream = []
+        state.anchors = state.anchors[-1:]  # this window's end anchors the next one
+        self._module_devices.clear()  # (a model may have moved)
+
+    def _reset_counts(self) -> None:
+        self._memory_time = array("q")
+        self._memory_device = array("q")
+        self._memory_bytes = array("q")
+        self.skipped_in_capture = 0
+        self.dropped = 0
+
     def pending(self) -> int:
-        return len(self._events)
+        return sum(state.pending for state in self._devices.values())
+
+    def events_created(self) -> int:
+        return sum(state.created for state in self._devices.values())
+
+
+def _host_mapping(anchors: list[tuple[float, int]]) -> Callable[[float], int]:
+    """Chain position -> host ns: linear between consecutive anchors (the device clock's
+    drift against the host's), the nearest segment's line beyond them."""
+    if len(anchors) == 1:
+        position0, host0 = anchors[0]
+        return lambda position: host0 + round(position - position0)
+    (p0, h0), (p1, h1) = anchors[0], anchors[-1]
+    scale = (h1 - h0) / (p1 - p0) if p1 != p0 else 1.0
+    return lambda position: h0 + round((position - p0) * scale)
 
 
 class CudaBackend:
@@ -141,87 +406,160 @@ class CudaBackend:
 
         self._cuda = torch.cuda
 
-    def new_event(self) -> Any:
-        return self._cuda.Event(enable_timing=True)
+    def new_event(self, device: int) -> Any:
+        cuda = self._cuda
+        event = cuda.Event(enable_timing=True)
+        # CUDA events are made on their first record, on that stream's device: make it
+        # now (outside steps) and bind it to the device it will serve.
+        event.record(cuda.current_stream(device))
+        return event
 
-    def current_stream(self) -> StreamKey:
-        stream = self._cuda.current_stream()
-        return (stream.device.index or 0, stream.stream_id)
+    def record(self, event: Any, device: int) -> StreamKey:
+        stream = self._cuda.current_stream(device)
+        event.record(stream)
+        return (device, stream.stream_id)
 
-    def record(self, event: Any, stream: StreamKey) -> None:
-        event.record()  # on the current stream, which current_stream() just named
-
-    def record_anchor(self, event: Any, device: int, host_ns: int) -> None:
-        event.record(self._cuda.current_stream(device))
-
-    def current_device(self) -> int:
+    def thread_device(self) -> int:
         return self._cuda.current_device()
+
+    def capturing(self) -> bool:
+        return self._cuda.is_current_stream_capturing()
+
+    def query(self, event: Any) -> bool:
+        return bool(event.query())
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end))
 
     def synchronize(self, device: int) -> None:
         self._cuda.synchronize(device)
 
-    def elapsed_ns(self, start: Any, end: Any) -> float:
-        return start.elapsed_time(end) * 1e6
-
     def memory_allocated(self, device: int) -> int:
-        return self._cuda.memory_allocated(device)
+        return int(self._cuda.memory_allocated(device))
+
+    def tensor_device(self, tensor: Any) -> int | None:
+        device = tensor.device
+        return (device.index or 0) if device.type == "cuda" else None
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
 class FakeBackend:
-    """A scripted device for CPU-only tests.
+    """A device for CPU tests that keeps CUDA's rules.
 
-    The device clock runs at ``rate`` device-ns per host-ns (``1 + 50e-6`` is a GPU
-    drifting 50 ppm) plus ``offset_ns``. Each recorded event completes at
-    ``max(host now + lag_ns, previous completion on its stream) + work_ns(stream)``, so
-    tests know exactly when the "GPU" ran each event.
+    * An event belongs to the device it was made for; recording it on another device's
+      stream raises, as c10's CUDAEvent does.
+    * ``elapsed_ms`` needs both events completed (else "device not ready") and returns
+      float32 milliseconds, as ``cudaEventElapsedTime``; an event recorded during a
+      capture cannot be timed or queried ("invalid argument").
+    * Time: the device clock runs at ``rate`` device-ns per host-ns plus ``offset_ns``.
+      An event recorded on a stream completes at ``max(host now + lag_ns, that stream's
+      previous completion) + work_ns`` (``lag_ns``: the launch latency, which anchors have
+      too: every mapped time is ``lag_ns`` early, a constant). ``synchronize`` counts
+      itself and waits (on the host) until the device's last event completed.
+    * ``device`` is the calling thread's current device, ``streams[device]`` its current
+      stream id; ``capture`` turns capture mode on; ``place(module, device)`` puts a
+      module's (CPU) parameters "on" a device.
+    * ``now`` is the host clock it reads and ``wait(until_ns)`` how it waits for the
+      device; tests that move time by hand replace both (and ``time.perf_counter_ns``).
     """
 
     def __init__(self, lag_ns: int = 20_000, rate: float = 1.0, offset_ns: int = 123_456_789) -> None:
         self.lag_ns = lag_ns
         self.rate = rate
         self.offset_ns = offset_ns
-        self.stream: StreamKey = (0, 7)
+        self.device = 0
+        self.streams: dict[int, int] = {}  # device -> current stream id (default 7)
         self.work_ns = 0
+        self.capture = False
         self.synchronizations = 0
+        self.synchronized_devices: list[int] = []
+        self.events_created = 0
         self.allocated = 0
-        self._stream_tail: dict[StreamKey, int] = {}
-        self.recorded: list[tuple[StreamKey, int]] = []
+        self.now: Callable[[], int] = lambda: time.perf_counter_ns()
+        self.wait: Callable[[int], None] = _sleep_until
+        self._placed: dict[int, int] = {}  # id(tensor) -> device
+        self._tail: dict[StreamKey, int] = {}
+        self.recorded: list[tuple[StreamKey, int]] = []  # (stream, host ns it completes)
 
     class Event:
-        __slots__ = ("device_ns",)
+        __slots__ = ("device", "done_ns", "captured")
 
-        def __init__(self) -> None:
-            self.device_ns: float | None = None
+        def __init__(self, device: int) -> None:
+            self.device = device
+            self.done_ns: int | None = None
+            self.captured = False
 
-    def new_event(self) -> FakeBackend.Event:
-        return FakeBackend.Event()
+    @property
+    def stream(self) -> StreamKey:
+        return (self.device, self.streams.get(self.device, 7))
 
-    def current_device(self) -> int:
-        return self.stream[0]
+    @stream.setter
+    def stream(self, key: StreamKey) -> None:
+        self.device = key[0]
+        self.streams[key[0]] = key[1]
 
-    def current_stream(self) -> StreamKey:
-        return self.stream
+    def new_event(self, device: int) -> FakeBackend.Event:
+        self.events_created += 1
+        return FakeBackend.Event(device)
 
-    def host_to_device(self, host_ns: int) -> float:
-        return host_ns * self.rate + self.offset_ns
+    def thread_device(self) -> int:
+        return self.device
 
-    def record(self, event: FakeBackend.Event, stream: StreamKey) -> None:
-        now = time.perf_counter_ns()
-        done = max(now + self.lag_ns, self._stream_tail.get(stream, 0)) + self.work_ns
-        self._stream_tail[stream] = done
-        event.device_ns = self.host_to_device(done)
-        self.recorded.append((stream, done))
+    def capturing(self) -> bool:
+        return self.capture
 
-    def record_anchor(self, event: FakeBackend.Event, device: int, host_ns: int) -> None:
-        # An ideal idle device: the anchor completes the moment the host clock was read.
-        event.device_ns = self.host_to_device(host_ns)
+    def record(self, event: FakeBackend.Event, device: int) -> StreamKey:
+        if event.device != device:
+            raise RuntimeError(f"Event device {event.device} does not match recording stream's device {device}.")
+        key = (device, self.streams.get(device, 7))
+        if self.capture:
+            event.captured = True
+            return key
+        event.captured = False
+        done = max(self.now() + self.lag_ns, self._tail.get(key, 0)) + self.work_ns
+        self._tail[key] = done
+        event.done_ns = done
+        self.recorded.append((key, done))
+        return key
+
+    def _completed(self, event: FakeBackend.Event) -> bool:
+        if event.captured:
+            raise RuntimeError("CUDA error: invalid argument (an event recorded during stream capture)")
+        if event.done_ns is None:
+            raise RuntimeError("CUDA error: invalid resource handle (an event never recorded)")
+        return event.done_ns <= self.now()
+
+    def query(self, event: FakeBackend.Event) -> bool:
+        return self._completed(event)
+
+    def elapsed_ms(self, start: FakeBackend.Event, end: FakeBackend.Event) -> float:
+        if not (self._completed(start) and self._completed(end)):
+            raise RuntimeError("CUDA error: device not ready")
+        assert start.done_ns is not None and end.done_ns is not None
+        return _float32((end.done_ns - start.done_ns) * self.rate / 1e6)
 
     def synchronize(self, device: int) -> None:
         self.synchronizations += 1
-
-    def elapsed_ns(self, start: FakeBackend.Event, end: FakeBackend.Event) -> float:
-        assert start.device_ns is not None and end.device_ns is not None
-        return end.device_ns - start.device_ns
+        self.synchronized_devices.append(device)
+        # Wait for the device: on the host that is until its last event completed.
+        last = max((done for (d, _), done in self._tail.items() if d == device), default=0)
+        if self.now() < last:
+            self.wait(last)
 
     def memory_allocated(self, device: int) -> int:
         return self.allocated
+
+    def place(self, module: Any, device: int) -> None:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            self._placed[id(tensor)] = device
+
+    def tensor_device(self, tensor: Any) -> int | None:
+        return self._placed.get(id(tensor))
+
+
+def _sleep_until(until_ns: int) -> None:
+    while time.perf_counter_ns() < until_ns:
+        time.sleep(max(until_ns - time.perf_counter_ns(), 0) / 1e9)

@@ -225,7 +225,7 @@ def resolve(
     _emit_lanes(out, tracks, backward, BACKWARD_TRACK, "backward", flow_calls)
 
     counters: list[Counter] = []
-    if marks is not None and len(marks.host_event):
+    if marks is not None and (len(marks.host_event) or len(marks.memory_time)):
         _add_gpu_spans(out, tracks, counters, forward + backward, marks, parent_of, timestamps)
     _flag_compiled(out, compiled_modules)
     return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
@@ -403,12 +403,11 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
         _hull_backward(spans, parent_of)
         _emit_lanes(out, tracks, spans, tid, track_name[tid], set())
 
-    if len(marks.memory):
+    if len(marks.memory_time):
         by_device: dict[int, tuple[array, array]] = {}
-        for event, stream, value in zip(marks.host_event, marks.stream, marks.memory):
-            device = marks.streams[stream][0]
+        for ns, device, value in zip(marks.memory_time, marks.memory_device, marks.memory_bytes):
             times, values = by_device.setdefault(device, (array("q"), array("q")))
-            times.append(time_of[event])
+            times.append(ns)
             values.append(value)
         for n, (device, (times, values)) in enumerate(sorted(by_device.items())):
             counters.append(Counter(f"{GPU_TRACK_PREFIX}:{device} memory allocated (bytes)", GPU_TRACK_BASE - 10 + n, times, values))

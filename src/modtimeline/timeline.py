@@ -6,6 +6,7 @@ resolve -> writer -> file.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -210,9 +211,12 @@ class Timeline:
         number = self._step
         action = StepAction.RECORD if self.schedule is None else self.schedule.action(number)
         self._action = action
-        self._in_step = True
         if action is not StepAction.SKIP:
             self._maybe_start_device_clock()
+            if self._clock is not None:
+                self._clock.begin_step()  # still between steps: harvest, anchor new devices, refill
+        self._in_step = True
+        if action is not StepAction.SKIP:
             self._hooks(True)
             self.buffer.record(STEP_BEGIN, number, 0)
         else:
@@ -256,10 +260,20 @@ class Timeline:
             if self.device == "auto" and not in_use:
                 return
             backend = CudaBackend()
-        self._clock = DeviceClock(backend, sample_memory=self.memory)
-        # Anchor now, between steps: the only synchronisation outside a flush.
-        self._clock.anchor(backend.current_device())
+        # Nothing is synchronised here: a device is anchored at the first step boundary
+        # after it is first used, and at each write.
+        self._clock = DeviceClock(backend, sample_memory=self.memory, module_device=self._module_device)
         self.buffer.on_recorded = self._clock.mark
+
+    def _module_device(self, index: int) -> int | None:
+        """The GPU a module's forward runs on: that of its first parameter or buffer."""
+        module = self.recorder.registry.module(index)
+        if module is None:
+            return None
+        assert self._clock is not None
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            return self._clock.backend.tensor_device(tensor)
+        return None
 
     def _start_window(self) -> None:
         self.buffer.clear()
@@ -272,7 +286,7 @@ class Timeline:
 
     def _discard_window(self) -> None:
         if self._clock is not None:
-            self._clock.resolve()
+            self._clock.discard()  # (without synchronising)
         self._start_window()
 
     def _final_path(self) -> Path:
@@ -302,6 +316,16 @@ class Timeline:
             "events_dropped": self.buffer.dropped,
             "device": "cuda" if marks is not None else "cpu",
         }
+        if marks is not None:
+            metadata["gpu_marks_skipped_in_capture"] = marks.skipped_in_capture
+            metadata["gpu_marks_dropped"] = marks.dropped
+            if marks.skipped_in_capture:
+                warnings.warn(f"modtimeline: {marks.skipped_in_capture:,} GPU marks were skipped while a CUDA graph "
+                              "was being captured (an event recorded into a graph cannot be timed); the captured "
+                              "calls have CPU spans only", RuntimeWarning, stacklevel=3)
+            if marks.dropped:
+                warnings.warn(f"modtimeline: {marks.dropped:,} GPU marks were dropped: more device events were "
+                              "waiting for the GPU than the pool holds", RuntimeWarning, stacklevel=3)
         if self._clock_samples:
             metadata["clock_sync"] = {"reference_rank": 0, "samples": [c.to_json() for c in self._clock_samples]}
         if self._clock_sync_problem is not None:
