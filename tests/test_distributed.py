@@ -217,3 +217,36 @@ def test_a_rank_that_never_enters_makes_the_others_fail_clearly_not_hang(tmp_pat
     spawn(_late_rank, 2, tmp_path)
     assert (tmp_path / "raised").exists()
     assert not list(tmp_path.glob("t-*.json"))
+
+
+class Sleepy(nn.Module):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def _straggler(rank: int, world: int, folder: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), Sleepy(0.03 if rank == 2 else 0.0), nn.Linear(8, 1))
+    x = torch.randn(4, 8)
+    with Timeline(os.path.join(folder, "job.json")) as timeline:
+        for _ in range(5):
+            with timeline.step():
+                model(x).sum().backward()
+            dist.barrier()  # (between steps: the ranks start each step together)
+
+
+def test_four_ranks_merge_and_the_straggler_view_names_the_slow_rank(tmp_path, capsys):
+    spawn(_straggler, 4, tmp_path)
+    assert main(["merge", str(tmp_path), "-o", str(tmp_path / "merged.pftrace")]) == 0
+    capsys.readouterr()
+    for source in ([str(p) for p in sorted(tmp_path.glob("job.rank*.json"))], [str(tmp_path / "merged.pftrace")]):
+        assert main(["summary", "--by-rank", "--format", "json", *source]) == 0
+        view = orjson.loads(capsys.readouterr().out)
+        assert view["slow_ranks"] == [2]
+        assert [r["rank"] for r in view["ranks"]] == [0, 1, 2, 3]
+        sleepy = next(m for m in view["modules"] if m["fqn"] == "Sequential.1" and m["phase"] == "forward")
+        assert sleepy["slowest_rank"] == 2 and sleepy["uneven"]
