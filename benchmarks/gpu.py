@@ -4,8 +4,9 @@ against torch.profiler's kernel times.
 Steady state: each variant is one long-lived Timeline with a schedule (1 skipped step,
 1 warm-up step, --steps active steps, written once at the end), as a long run uses it;
 the variants take turns in shuffled rounds. Reported per variant: the median host time
-of an active step (the first active step apart: it pays the device's first anchor),
-its ratio to untraced steps, and the host µs added per module call. Variants:
+of an active step (the first active step apart: it pays the device's first anchor), and,
+taken within each round and then the median over rounds, its ratio to untraced steps
+and the host µs added per module call. Variants:
 untraced, ``device="cpu"`` (host spans only), ``device="cuda"`` (CUDA events at span
 boundaries) and ``device="cuda", memory=True``. The table says whether the compiled hot
 path was in use (the machine's torch and Python must match the build).
@@ -109,7 +110,7 @@ def steady_state(rounds: int, steps: int, fake: bool, folder: Path) -> dict[str,
         sync(device)
         made = variants(fake)
         first: dict[str, list[float]] = {v: [] for v in made}
-        rest: dict[str, list[float]] = {v: [] for v in made}
+        step: dict[str, list[float]] = {v: [] for v in made}  # per round: median active step
         for round_ in range(rounds):
             order = list(made)
             random.Random(round_).shuffle(order)
@@ -124,13 +125,16 @@ def steady_state(rounds: int, steps: int, fake: bool, folder: Path) -> dict[str,
                             model(x).sum().backward()
                         times.append(time.perf_counter() - start)
                 first[variant].append(times[2])
-                rest[variant].extend(times[3:])
+                step[variant].append(statistics.median(times[3:]))
         calls = count_calls(model, x)
-        base = statistics.median(rest["untraced"])
+        # Ratios and differences within each round (the machine's speed drifts between
+        # rounds), then their medians.
+        untraced = step["untraced"]
         results[name] = {"module_calls": calls, "variants": {
-            v: {"step_ms": statistics.median(rest[v]) * 1e3, "first_active_step_ms": statistics.median(first[v]) * 1e3,
-                "ratio": statistics.median(rest[v]) / base,
-                "added_us_per_call": (statistics.median(rest[v]) - base) / calls * 1e6} for v in made}}
+            v: {"step_ms": statistics.median(step[v]) * 1e3, "first_active_step_ms": statistics.median(first[v]) * 1e3,
+                "ratio": statistics.median(a / b for a, b in zip(step[v], untraced)),
+                "added_us_per_call": statistics.median((a - b) / calls * 1e6 for a, b in zip(step[v], untraced))}
+            for v in made}}
     return results
 
 
