@@ -63,6 +63,13 @@ def pftrace_rank_and_tid(uuid: int) -> tuple[int, int]:
     return uuid // PFTRACE_UUIDS_PER_RANK, uuid % PFTRACE_UUIDS_PER_RANK - PFTRACE_TRACK_UUID_BASE
 
 
+# Two torch.profiler ranges a Timeline opens at each step boundary: the first named by
+# the perf_counter_ns reading taken just before it opened, the second by the reading
+# taken just after the first closed. In the profiler's trace they bracket our clock
+# against the profiler's (``modtimeline merge --profiler``).
+PROFILER_CLOCK_MARK = "modtimeline.clock "
+PROFILER_CLOCK_MARK_AFTER = "modtimeline.clock-after "
+
 GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"
 
 

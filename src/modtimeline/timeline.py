@@ -26,7 +26,7 @@ from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError, RankSyncError
 from .gc_pause import paused_gc
-from .format import TOOL, TraceData
+from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
 from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
@@ -44,6 +44,30 @@ def _local_rank() -> int:
         return int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         return 0
+
+
+PROFILER_CLOCK_PAIRS = 3
+
+
+def _mark_profiler_clock() -> None:
+    """Pair our clock with torch.profiler's, if one is recording: a range named by our
+    clock's reading, which the profiler stamps with its own (``modtimeline merge
+    --profiler`` lines the two traces up by these). Between steps only."""
+    if not _profiler_enabled():
+        return
+    for _ in range(PROFILER_CLOCK_PAIRS):  # (the merge keeps the narrowest bracket)
+        before = time.perf_counter_ns()
+        with torch.profiler.record_function(f"{PROFILER_CLOCK_MARK}{before}"):
+            pass
+        after = time.perf_counter_ns()
+        with torch.profiler.record_function(f"{PROFILER_CLOCK_MARK_AFTER}{after}"):
+            pass
+
+
+def _profiler_enabled() -> bool:
+    # torch.autograd.profiler keeps this flag while a profile records (not a public
+    # name: without it, mark always; a range costs a few µs per step).
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
 
 
 def _with_infix(path: Path, infix: str) -> Path:
@@ -152,6 +176,7 @@ class Timeline:
             self._clock_samples = [self._rank_clock.sample()]
         self._entered = True
         self.recorder.own_thread()  # the thread that enters records (see README: threads)
+        _mark_profiler_clock()
         self._start_window()
         self._maybe_start_device_clock()
         if self.schedule is None:
@@ -215,6 +240,7 @@ class Timeline:
             self._maybe_start_device_clock()
             if self._clock is not None:
                 self._clock.begin_step()  # still between steps: harvest, anchor new devices, refill
+            _mark_profiler_clock()
         self._in_step = True
         if action is not StepAction.SKIP:
             self._hooks(True)
@@ -231,6 +257,7 @@ class Timeline:
         if action is StepAction.SKIP:
             return
         self.buffer.record(STEP_END, number, 0)
+        _mark_profiler_clock()
         # The step's backward has run: its autograd hooks are done with.
         self.recorder.end_step()
         if action is StepAction.WARMUP:
@@ -363,6 +390,7 @@ class Timeline:
             warnings.warn(f"modtimeline: {error}", RuntimeWarning, stacklevel=3)
 
     def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:
+        _mark_profiler_clock()
         if exception is None:
             # Not when a step raised or a signal came: the other ranks may never arrive.
             self._sample_rank_clock()

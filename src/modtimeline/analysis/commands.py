@@ -160,6 +160,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if args.profiler:
+        return _merge_profiler(args)
     from .merge import merge
 
     paths = trace_files(args.traces)
@@ -170,6 +172,25 @@ def _merge(args: argparse.Namespace) -> int:
         bound = "error unknown (no clock samples: wall clocks used)" if error is None else f"± {error / 1000:.1f} µs"
         lines.append(f"  rank {rank['rank']} ({rank['hostname']}): offset {offset / 1e6:+.3f} ms {bound}")
     emit("\n".join(lines))
+    return EXIT_OK
+
+
+def _merge_profiler(args: argparse.Namespace) -> int:
+    from .profiler import merge_profiler
+
+    paths = trace_files(args.traces)
+    if len(paths) != 1:
+        raise ModTimelineError("--profiler merges one trace (the rank that ran under that profiler) into the "
+                               f"profiler's trace; got {len(paths)}")
+    result = merge_profiler(args.profiler, paths[0], args.output, _limits(args))
+    clock = result.clock
+    if clock.error_ns is None:
+        how = "by wall clock (no clock markers in the profiler's trace: error unknown)"
+    else:
+        how = f"by {clock.markers} clock markers, within about {clock.error_ns / 1000:.1f} µs"
+    kernels = (f"; {result.kernels_attributed:,} of {result.kernels:,} GPU kernels attributed to modules"
+               if result.kernels else "")
+    emit(f"wrote {result.output}: the profiler's trace with {result.spans:,} module spans, lined up {how}{kernels}")
     return EXIT_OK
 
 
@@ -221,9 +242,14 @@ def add_analysis_commands(commands: Any) -> None:
     merging = commands.add_parser(
         "merge", help="merge the rank files of one job into one trace on rank 0's clock",
         description="One process per rank, every time on rank 0's clock (from the clock offsets each rank "
-                    "measured against rank 0), call and flow ids unique. Reads one file at a time.")
+                    "measured against rank 0), call and flow ids unique. Reads one file at a time. With "
+                    "--profiler KINETO.json TRACE: the profiler's trace with TRACE's module spans added as threads "
+                    "of its process, on its clock, and GPU kernels attributed to the modules that launched them.")
     merging.add_argument("traces", nargs="+", help="rank trace files, or directories of them")
     merging.add_argument("-o", "--output", required=True, help="merged file: .json, .json.gz or .pftrace")
+    merging.add_argument("--profiler", metavar="KINETO.json",
+                         help="instead: put one trace's module spans into this torch.profiler trace, on its clock "
+                              "(output .json or .json.gz)")
     merging.add_argument("--force", action="store_true", help="merge files of different runs (refused by default)")
     _add_limits(merging)
     merging.set_defaults(run=_merge)

@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import orjson
 
 from ..errors import TraceFileError, TraceFormatError
-from ..format import GPU_TRACK_PREFIX, TOOL, check_version
+from ..format import CATEGORIES, GPU_TRACK_PREFIX, TOOL, check_version
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
 
 T = TypeVar("T")
 
 PHASES = ("forward", "backward", "recompute")
+_OUR_CATEGORIES = frozenset(CATEGORIES)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,9 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             raise TraceFormatError(f"{path}: a trace event is {type(event).__name__}, not an object")
         phase = event.get("ph")
         if phase == "X":
+            category = checked_name(path, event.get("cat", ""), "event cat", limits)
+            if category not in _OUR_CATEGORIES:
+                continue  # another tool's (a torch.profiler trace we were merged into)
             track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
             begin = round(checked_microseconds(path, event.get("ts"), "ts") * 1000)
             duration = checked_microseconds(path, event.get("dur"), "dur")
@@ -230,7 +234,6 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             if not isinstance(args, dict):
                 raise TraceFormatError(f"{path}: event args is {type(args).__name__}, not an object")
             step = checked_int(path, args.get("step", -1), "event args.step")
-            category = checked_name(path, event.get("cat", ""), "event cat", limits)
             name = checked_name(path, event.get("name"), "event name", limits)
             if category == "step":
                 step_ns[step] = end - begin
@@ -238,6 +241,8 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
             else:  # device is filled in below, once thread names are known
                 spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True))
         elif phase == "M" and event.get("name") == "thread_name":
+            if not isinstance(event.get("pid"), int) or not isinstance(event.get("tid"), int):
+                continue  # another tool's process names its pid (torch.profiler's "Spans")
             track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
             args = event.get("args")
             if not isinstance(args, dict):

@@ -76,14 +76,23 @@ class ChromeWriter:
         stream.write(orjson.dumps({**metadata, "format": CHROME_FORMAT, "format_version": FORMAT_VERSION}))
         stream.write(b',"traceEvents":[\n')
 
-    def add_process(self, data: TraceData, name: str, flow_base: int = 0) -> None:
-        """Write ``data`` as process ``data.rank`` named ``name``, times relative to
-        ``data.base_ns``; flow ids are the calls plus ``flow_base``."""
+    def add_events(self, events: Iterable[bytes]) -> None:
+        """Events already in JSON (another tool's, kept as they are)."""
+        for event in events:
+            if not self._first:
+                self._stream.write(b",\n")
+            self._first = False
+            self._stream.write(event)
+
+    def add_process(self, data: TraceData, name: str | None, flow_base: int = 0) -> None:
+        """Write ``data`` as process ``data.rank`` named ``name`` (None: a process another
+        tool named), times relative to ``data.base_ns``; flow ids are the calls plus
+        ``flow_base``."""
         stream = self._stream
         spans = data.spans
         pid = data.rank
         base = data.base_ns
-        meta_events: list[dict[str, object]] = [
+        meta_events: list[dict[str, object]] = [] if name is None else [
             {"ph": "M", "pid": pid, "tid": 0, "name": "process_name", "args": {"name": name}},
             {"ph": "M", "pid": pid, "tid": 0, "name": "process_sort_index", "args": {"sort_index": pid}},
         ]
@@ -109,8 +118,12 @@ class ChromeWriter:
                 stream.write(orjson.dumps({"ph": "C", "pid": pid, "tid": counter.tid, "name": counter.name,
                                            "ts": (ts - base) / 1000, "args": {"value": value}}))
 
-    def close(self) -> None:
-        self._stream.write(b"\n]}\n")
+    def close(self, extra: dict[str, Any] | None = None) -> None:
+        """End the file; ``extra``: more top-level keys (another tool's)."""
+        self._stream.write(b"\n]")
+        for key, value in (extra or {}).items():
+            self._stream.write(b"," + orjson.dumps(key) + b":" + orjson.dumps(value))
+        self._stream.write(b"}\n")
 
 
 def _head(pid: int, tid: int, name: str, category: int) -> bytes:
