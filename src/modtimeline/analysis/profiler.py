@@ -202,8 +202,8 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
         if not isinstance(event, dict) or event.get("ph") != "X":
             continue
         category = event.get("cat")
-        args = event.get("args") if isinstance(event.get("args"), dict) else {}
-        correlation = args.get("correlation")
+        args = event.get("args")
+        correlation = args.get("correlation") if isinstance(args, dict) else None
         if correlation is None:
             continue
         if category in ("cuda_runtime", "cuda_driver"):
@@ -237,7 +237,7 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
             covering[n].extend(r for r in stack if spans.end[r] >= launch)
     attributed = 0
     kernel_tracks: dict[tuple[Any, Any], int] = {}
-    rows_out: list[tuple[int, int, int, int, int, int, int]] = []
+    rows_out: list[tuple[int, int, int, int, int, int, int, int]] = []
     for n, rows in covering.items():
         if not rows:
             continue
