@@ -164,3 +164,44 @@ def test_kernels_are_attributed_to_the_modules_that_launched_them(tmp_path, caps
     # exact kernel time per module, parents include their children's kernels
     assert gpu == {("Net.a", "forward"): 50_000, ("Net.b", "forward"): 70_000, ("Net", "forward"): 120_000,
                    ("Net", "backward"): 25_000}
+
+
+def test_a_profiler_passed_to_the_timeline_exports_with_the_spans_in(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import shutil
+
+    from modtimeline import profiler_export
+
+    real_merge = profiler_export.merge_profiler
+
+    def keep_raw_then_merge(path, trace, output, limits):  # (a trace exports once: keep the raw one)
+        shutil.copy(path, tmp_path / "raw.json")
+        return real_merge(path, trace, output, limits)
+
+    monkeypatch.setattr(profiler_export, "merge_profiler", keep_raw_then_merge)
+    torch.manual_seed(0)
+    model, step = llama()
+    step().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with Timeline(tmp_path / "t.json", profiler=profiler) as timeline:
+            for _ in range(2):
+                with timeline.step():
+                    step().backward()
+    profiler.export_chrome_trace(str(tmp_path / "auto.json"))
+    assert main(["merge", "--profiler", str(tmp_path / "raw.json"), str(tmp_path / "t.json"),
+                 "-o", str(tmp_path / "explicit.json")]) == 0
+    auto, explicit = (orjson.loads((tmp_path / name).read_bytes()) for name in ("auto.json", "explicit.json"))
+    assert auto["traceEvents"] == explicit["traceEvents"]
+    assert _spans(auto, "forward") and auto["metadata"]["tool"] == "modtimeline"
+
+
+def test_export_before_the_trace_is_written_is_merged_when_it_is(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with Timeline(tmp_path / "t.json", profiler=profiler) as timeline:
+        with profiler:
+            with timeline.step():
+                model(torch.randn(2, 4)).sum().backward()
+        profiler.export_chrome_trace(str(tmp_path / "k.json"))  # before the Timeline writes
+        assert not _spans(orjson.loads((tmp_path / "k.json").read_bytes()), "forward")
+    assert _spans(orjson.loads((tmp_path / "k.json").read_bytes()), "forward")

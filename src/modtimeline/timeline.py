@@ -31,6 +31,7 @@ from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
 from .ranks import ClockSample, RankClock, distributed_world
+from .profiler_export import ProfilerExport
 from .recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
@@ -118,6 +119,9 @@ class Timeline:
     Timeline (and end each scheduled window) at the same point: there the ranks compare
     clocks with rank 0 (for ``modtimeline merge``) and share one run id; a rank that does not
     arrive within ``rank_timeout_s`` seconds makes the others raise ``RankSyncError``.
+    ``profiler``: a ``torch.profiler.profile`` recording around the Timeline; its exported
+    trace (``export_chrome_trace``, also through ``on_trace_ready`` handlers) gets the
+    module spans, on its clock (as ``modtimeline merge --profiler`` does).
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class Timeline:
         handle_signals: bool = True,
         device_backend: DeviceBackend | None = None,
         rank_timeout_s: float = 60.0,
+        profiler: Any = None,
     ) -> None:
         self.path = check_writable(_rank_path(path))
         self.format = format_for(self.path, format)
@@ -165,6 +170,8 @@ class Timeline:
         self._rank_clock = RankClock(rank_timeout_s) if distributed_world()[1] > 1 else None
         self._clock_samples: list[ClockSample] = []
         self._clock_sync_problem: str | None = None
+        # With a torch.profiler.profile: its exported trace gets our spans by itself.
+        self._profiler_export = ProfilerExport(profiler) if profiler is not None else None
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Timeline:
@@ -404,6 +411,8 @@ class Timeline:
         self.recorder.raised_calls.clear()
         self._raised_steps.clear()
         self.written.append(path)
+        if self._profiler_export is not None:
+            self._profiler_export.trace_written(path)
         deferred, self._deferred_signal = self._deferred_signal, None
         if deferred is not None and self._guard is not None:
             self._guard.deliver(deferred)

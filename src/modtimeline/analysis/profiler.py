@@ -34,7 +34,7 @@ from ..errors import TraceFormatError
 from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
                       TraceData)
 from .load import load_trace
-from .reader import ReadLimits, read_bytes
+from .reader import ReadLimits, guarded_read, read_bytes
 
 TID_BASE = 1 << 28  # our tracks' thread ids in the profiler's process: clear of real tids
 FLOW_BASE = 1 << 40  # our flow ids: clear of Kineto's
@@ -125,7 +125,13 @@ def fit_clock(brackets: list[Bracket]) -> ClockFit:
 
 def merge_profiler(profiler_path: str | Path, trace_path: str | Path, output: str | Path, limits: ReadLimits) -> \
         ProfilerMergeResult:
-    profiler_path, output = Path(profiler_path), Path(output)
+    """Write ``output``: the profiler's trace with ``trace_path``'s spans in it (``output``
+    may be ``profiler_path``: it is replaced atomically)."""
+    profiler_path = Path(profiler_path)
+    return guarded_read(profiler_path, lambda: _merge_profiler(profiler_path, Path(trace_path), Path(output), limits))
+
+
+def _merge_profiler(profiler_path: Path, trace_path: Path, output: Path, limits: ReadLimits) -> ProfilerMergeResult:
     raw = read_bytes(profiler_path, limits)
     try:
         document = orjson.loads(raw)
