@@ -104,28 +104,29 @@ struct Events : std::enable_shared_from_this<Events> {
     return append_locked(kind, call, module);
   }
 
-  // Tell on_recorded (the device clock) about event `index`, of `kind` and `module`
-  // (0 for node events). The caller holds the GIL.
-  bool notify_with_gil(int64_t index, int64_t kind, int64_t module) {
+  // Tell on_recorded (the device clock, NVTX) about event `index`: (index, kind, module,
+  // call); node events have module 0 and the node's id as call. The caller holds the GIL.
+  bool notify_with_gil(int64_t index, int64_t kind, int64_t module, int64_t call) {
     PyObject* callback = on_recorded.load();
     if (index < 0 || callback == nullptr) return true;
-    PyObject* result = PyObject_CallFunction(callback, "LLL", static_cast<long long>(index),
-                                             static_cast<long long>(kind), static_cast<long long>(module));
+    PyObject* result = PyObject_CallFunction(callback, "LLLL", static_cast<long long>(index),
+                                             static_cast<long long>(kind), static_cast<long long>(module),
+                                             static_cast<long long>(call));
     Py_XDECREF(result);
     return result != nullptr;
   }
 
   // Store one event and tell on_recorded; the caller holds the GIL. False: it raised.
   bool record(int64_t kind, int64_t call, int64_t module) {
-    return notify_with_gil(append(kind, call, module), kind, module);
+    return notify_with_gil(append(kind, call, module), kind, module, call);
   }
 
   // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
   // an error in it cannot propagate into autograd, so it is reported as unraisable.
-  void notify(int64_t index, int64_t kind) {
+  void notify(int64_t index, int64_t kind, int64_t call) {
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
-    if (!notify_with_gil(index, kind, 0)) PyErr_WriteUnraisable(nullptr);
+    if (!notify_with_gil(index, kind, 0, call)) PyErr_WriteUnraisable(nullptr);
     PyGILState_Release(state);
   }
 
@@ -153,7 +154,7 @@ struct Events : std::enable_shared_from_this<Events> {
         if (auto events = self.lock()) events->backward_done(generation_now);
       });
     }
-    notify(index, kind);
+    notify(index, kind, static_cast<int64_t>(mark & 0xffffffffu));
   }
 
   void backward_done(uint64_t generation_then) {
@@ -164,7 +165,7 @@ struct Events : std::enable_shared_from_this<Events> {
       done_queued = false;
       index = append_locked(BACKWARD_DONE, 0, 0);
     }
-    notify(index, BACKWARD_DONE);
+    notify(index, BACKWARD_DONE, 0);
   }
 
   bool serves(int64_t task) {
@@ -395,6 +396,22 @@ PyObject* store_columns(PyObject* self, PyObject*) {
                        bytes_of(events.link_code));
 }
 
+// links(start) -> (link_node, link_code) from link `start` on, as bytes of native int64.
+PyObject* store_links(PyObject* self, PyObject* arg) {
+  Py_ssize_t start = PyLong_AsSsize_t(arg);
+  if (start == -1 && PyErr_Occurred()) return nullptr;
+  Events& events = events_of(self);
+  std::lock_guard<std::mutex> guard(events.mutex);
+  size_t from = std::min(static_cast<size_t>(std::max<Py_ssize_t>(start, 0)), events.link_node.size());
+  size_t count = events.link_node.size() - from;
+  return Py_BuildValue(
+      "(NN)",
+      PyBytes_FromStringAndSize(reinterpret_cast<const char*>(events.link_node.data() + from),
+                                static_cast<Py_ssize_t>(count * sizeof(int64_t))),
+      PyBytes_FromStringAndSize(reinterpret_cast<const char*>(events.link_code.data() + from),
+                                static_cast<Py_ssize_t>(count * sizeof(int64_t))));
+}
+
 PyObject* store_clear(PyObject* self, PyObject*) {
   events_of(self).clear();
   Py_RETURN_NONE;
@@ -455,6 +472,7 @@ PyMethodDef store_methods[] = {
     {"record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_record)), METH_FASTCALL,
      "record(kind, call, module): store one event stamped now"},
     {"columns", store_columns, METH_NOARGS, "(timestamps, codes, link_node, link_code) as int64 bytes"},
+    {"links", store_links, METH_O, "links(start): (link_node, link_code) from link start on, as int64 bytes"},
     {"clear", store_clear, METH_NOARGS, "drop every event and link; node marks already placed go stale"},
     {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the step is over)"},
     {"bytes_used", store_bytes_used, METH_NOARGS, "bytes allocated for events and links"},
@@ -466,7 +484,7 @@ PyGetSetDef store_getset[] = {
     {"capacity", store_get_capacity, nullptr, "events held at most", nullptr},
     {"dropped", store_get_dropped, nullptr, "events dropped since the last clear", nullptr},
     {"nodes", store_get_nodes, nullptr, "autograd nodes given an id since the last clear", nullptr},
-    {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with (index, kind, module) of each stored event",
+    {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with (index, kind, module, call) of each stored event",
      nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };

@@ -113,9 +113,9 @@ class EventBuffer(_OverflowReport):
         self._hard_limit = capacity + max(4096, capacity // 16)
         self.dropped = 0
         self._clock = time.perf_counter_ns
-        # Called with (index, kind, module) of each stored event (device clocks mark it on
-        # the GPU); module is 0 for node events.
-        self.on_recorded: Callable[[int, int, int], None] | None = None
+        # Called with (index, kind, module, call) of each stored event (device clocks mark
+        # it on the GPU, NVTX opens and closes ranges); node events: module 0, call = node id.
+        self.on_recorded: Callable[[int, int, int, int], None] | None = None
 
     def columns(self) -> tuple[array, array, array, array]:
         """(timestamps, codes, link_node, link_code)."""
@@ -131,7 +131,7 @@ class EventBuffer(_OverflowReport):
         self.timestamps.append(self._clock())
         codes.append(call << CALL_SHIFT | module << KIND_BITS | kind)
         if self.on_recorded is not None:
-            self.on_recorded(n, kind, module)
+            self.on_recorded(n, kind, module, call)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -139,6 +139,10 @@ class EventBuffer(_OverflowReport):
     def bytes_used(self) -> int:
         """Bytes held by the events and node links (allocated slots, not just used ones)."""
         return sum(sys.getsizeof(column) for column in (self.timestamps, self.codes, self.link_node, self.link_code))
+
+    def links(self, start: int) -> tuple[array, array]:
+        """(link_node, link_code) from link ``start`` on."""
+        return self.link_node[start:], self.link_code[start:]
 
     def clear(self) -> None:
         self.timestamps = array("q")
@@ -184,15 +188,23 @@ class NativeEventBuffer(_OverflowReport):
     dropped = _store_count("dropped")
 
     @property
-    def on_recorded(self) -> Callable[[int, int, int], None] | None:
+    def on_recorded(self) -> Callable[[int, int, int, int], None] | None:
         return self.store.on_recorded
 
     @on_recorded.setter
-    def on_recorded(self, callback: Callable[[int, int, int], None] | None) -> None:
+    def on_recorded(self, callback: Callable[[int, int, int, int], None] | None) -> None:
         self.store.on_recorded = callback
 
     def __len__(self) -> int:
         return len(self.store)
+
+    def links(self, start: int) -> tuple[array, array]:
+        """(link_node, link_code) from link ``start`` on, copied out."""
+        node, code = array("q"), array("q")
+        data = self.store.links(start)
+        node.frombytes(data[0])
+        code.frombytes(data[1])
+        return node, code
 
     def bytes_used(self) -> int:
         return int(self.store.bytes_used())

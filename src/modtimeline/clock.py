@@ -156,7 +156,7 @@ class DeviceClock:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ hot path
-    def mark(self, host_event: int, kind: int, module: int) -> None:
+    def mark(self, host_event: int, kind: int, module: int, call: int = 0) -> None:
         """Record a device event for host event ``host_event`` (buffer.on_recorded)."""
         if kind not in _MARKED_KINDS:
             return

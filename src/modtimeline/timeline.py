@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -31,6 +31,7 @@ from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
 from .ranks import ClockSample, RankClock, distributed_world
+from .nvtx import NvtxApi, NvtxRanges, chained, torch_nvtx
 from .profiler_export import ProfilerExport
 from .recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
@@ -119,6 +120,8 @@ class Timeline:
     Timeline (and end each scheduled window) at the same point: there the ranks compare
     clocks with rank 0 (for ``modtimeline merge``) and share one run id; a rank that does not
     arrive within ``rank_timeout_s`` seconds makes the others raise ``RankSyncError``.
+    ``nvtx=True``: NVTX ranges per module call (forward, backward, recompute) for Nsight
+    Systems, opened and closed as the calls run.
     ``profiler``: a ``torch.profiler.profile`` recording around the Timeline; its exported
     trace (``export_chrome_trace``, also through ``on_trace_ready`` handlers) gets the
     module spans, on its clock (as ``modtimeline merge --profiler`` does).
@@ -137,6 +140,7 @@ class Timeline:
         device_backend: DeviceBackend | None = None,
         rank_timeout_s: float = 60.0,
         profiler: Any = None,
+        nvtx: bool | NvtxApi = False,
     ) -> None:
         self.path = check_writable(_rank_path(path))
         self.format = format_for(self.path, format)
@@ -172,6 +176,11 @@ class Timeline:
         self._clock_sync_problem: str | None = None
         # With a torch.profiler.profile: its exported trace gets our spans by itself.
         self._profiler_export = ProfilerExport(profiler) if profiler is not None else None
+        self._nvtx: NvtxRanges | None = None
+        if nvtx is not False:
+            api = torch_nvtx() if nvtx is True else nvtx
+            self._nvtx = NvtxRanges(cast(NvtxApi, api), self.recorder.module_names, self.buffer)
+            self._wire_events()
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> Timeline:
@@ -217,6 +226,8 @@ class Timeline:
                 # Never replace the user's exception with ours.
                 warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
         self.recorder.__exit__(None, None, None)
+        if self._nvtx is not None:
+            self._nvtx.close()
 
     # -------------------------------------------------------------------- steps
     @contextmanager
@@ -297,7 +308,12 @@ class Timeline:
         # Nothing is synchronised here: a device is anchored at the first step boundary
         # after it is first used, and at each write.
         self._clock = DeviceClock(backend, sample_memory=self.memory, module_device=self._module_device)
-        self.buffer.on_recorded = self._clock.mark
+        self._wire_events()
+
+    def _wire_events(self) -> None:
+        """Each recorded event goes to the device clock and to NVTX, as they are on."""
+        self.buffer.on_recorded = chained(self._clock.mark if self._clock is not None else None,
+                                          self._nvtx.on_event if self._nvtx is not None else None)
 
     def _module_device(self, index: int) -> int | None:
         """The GPU a module's forward runs on: that of its first parameter or buffer."""
@@ -310,6 +326,8 @@ class Timeline:
         return None
 
     def _start_window(self) -> None:
+        if self._nvtx is not None:
+            self._nvtx.reset()
         self.buffer.clear()
         self.recorder.end_step()  # node ids start again with the cleared buffer
         self._window_steps = []
