@@ -29,20 +29,19 @@ def _rows(data: TraceData) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def recorded():
+def recorded(tmp_path_factory):
     """A real trace with everything a file can hold: GPU spans with launch lags, a memory
     counter, recompute, flows, an incomplete span."""
     torch.manual_seed(0)
     model = Tree()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    timeline = Timeline("unused.json", device="cuda", device_backend=FakeBackend(lag_ns=40_000), memory=True)
-    with timeline:
+    path = tmp_path_factory.mktemp("recorded") / "t.json"
+    with Timeline(path, device="cuda", device_backend=FakeBackend(lag_ns=40_000), memory=True) as timeline:
         for _ in range(2):
             with timeline.step():
                 train_step(model, optimizer)
-        data = timeline.trace_data()
-        timeline.recorder.__exit__(None, None, None)
-        timeline._entered = False  # (nothing more to write)
+        with timeline.step():
+            data = timeline.trace_data()  # (while a step is open: its spans are incomplete)
     return data
 
 
