@@ -170,15 +170,15 @@ def test_a_profiler_passed_to_the_timeline_exports_with_the_spans_in(tmp_path, m
     pytest.importorskip("transformers")
     import shutil
 
-    from modtimeline import profiler_export
+    from modtimeline.analysis import profiler as profiler_merge
 
-    real_merge = profiler_export.merge_profiler
+    real_merge = profiler_merge.merge_profiler
 
     def keep_raw_then_merge(path, trace, output, limits):  # (a trace exports once: keep the raw one)
         shutil.copy(path, tmp_path / "raw.json")
         return real_merge(path, trace, output, limits)
 
-    monkeypatch.setattr(profiler_export, "merge_profiler", keep_raw_then_merge)
+    monkeypatch.setattr(profiler_merge, "merge_profiler", keep_raw_then_merge)
     torch.manual_seed(0)
     model, step = llama()
     step().backward()
@@ -188,6 +188,7 @@ def test_a_profiler_passed_to_the_timeline_exports_with_the_spans_in(tmp_path, m
                 with timeline.step():
                     step().backward()
     profiler.export_chrome_trace(str(tmp_path / "auto.json"))
+    monkeypatch.undo()
     assert main(["merge", "--profiler", str(tmp_path / "raw.json"), str(tmp_path / "t.json"),
                  "-o", str(tmp_path / "explicit.json")]) == 0
     auto, explicit = (orjson.loads((tmp_path / name).read_bytes()) for name in ("auto.json", "explicit.json"))

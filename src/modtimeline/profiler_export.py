@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .analysis.profiler import merge_profiler
-from .analysis.reader import DEFAULT_LIMITS
 from .errors import ModTimelineError
 
 
@@ -43,6 +41,9 @@ class ProfilerExport:
             self._merge(path)
 
     def _merge(self, path: Path) -> None:
+        from .analysis.profiler import merge_profiler  # (file to file: loaded when needed)
+        from .analysis.reader import DEFAULT_LIMITS
+
         assert self.trace is not None
         try:
             merge_profiler(path, self.trace, path, DEFAULT_LIMITS)
