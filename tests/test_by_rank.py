@@ -80,3 +80,21 @@ def test_one_rank_is_not_a_comparison(tmp_path, capsys):
     paths = _rank_files(tmp_path / "ranks", {}, ranks=2)
     assert main(["summary", "--by-rank", str(paths[0])]) == 2
     assert "two or more ranks" in capsys.readouterr().err
+
+
+def test_summary_and_diff_of_a_merged_file_count_each_ranks_steps(tmp_path, capsys):
+    """Four identical ranks merged: the per-module times per step are one rank's, not the
+    four summed (each rank's step is one sample)."""
+    paths = _rank_files(tmp_path / "ranks", {})
+    assert main(["merge", str(tmp_path / "ranks"), "-o", str(tmp_path / "job.json")]) == 0
+    capsys.readouterr()
+    assert main(["summary", "--format", "json", "--pool-runs", str(paths[0])]) == 0
+    one = orjson.loads(capsys.readouterr().out)
+    assert main(["summary", "--format", "json", str(tmp_path / "job.json")]) == 0
+    merged = orjson.loads(capsys.readouterr().out)
+    assert merged["steps"] == 4 * one["steps"]
+    for a, b in zip(one["modules"], merged["modules"]):
+        assert a["fqn"] == b["fqn"] and abs(a["total_us"]["forward"] - b["total_us"]["forward"]) < 0.1 * a["total_us"]["forward"]
+        assert a["calls"] == b["calls"]
+    # and diff of the merged file against its own rank 0 finds nothing changed
+    assert main(["diff", "--json", str(paths[0]), str(tmp_path / "job.json")]) == 0

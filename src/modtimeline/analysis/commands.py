@@ -13,7 +13,7 @@ import orjson
 
 from ..errors import ModTimelineError
 from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
-from .reader import DEFAULT_LIMITS, ReadLimits, Trace, read_trace, trace_files
+from .reader import DEFAULT_LIMITS, ReadLimits, Trace, per_rank, read_trace, trace_files
 from .render import (
     render_by_rank_markdown,
     render_by_rank_text,
@@ -94,7 +94,8 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 
 def _read_all(paths: list[str], limits: ReadLimits) -> list[Trace]:
-    return [read_trace(path, limits) for path in trace_files(paths)]
+    """Every trace named, a merged one as its ranks."""
+    return [rank for path in trace_files(paths) for rank in per_rank(read_trace(path, limits))]
 
 
 def _summary(args: argparse.Namespace) -> int:

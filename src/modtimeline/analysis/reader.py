@@ -85,6 +85,19 @@ class Trace:
         return sorted({span.step for span in self.spans} | set(self.step_ns))
 
 
+def per_rank(trace: Trace) -> list[Trace]:
+    """A merged trace as one trace per rank (as if its rank files had been read), so that
+    summary and diff count each rank's step as one sample, never several ranks' as one."""
+    ranks = sorted({span.track[0] for span in trace.spans})
+    if len(ranks) < 2:
+        return [trace]
+    by_rank: dict[int, list[Span]] = {rank: [] for rank in ranks}
+    for span in trace.spans:
+        by_rank[span.track[0]].append(span)
+    return [Trace(trace.path, {**trace.metadata, "rank": rank}, by_rank[rank], dict(trace.rank_step_ns.get(rank, {})),
+                  {rank: dict(trace.rank_step_ns.get(rank, {}))}) for rank in ranks]
+
+
 def trace_files(paths: Sequence[str | Path]) -> list[Path]:
     """The trace files named by ``paths``; a directory stands for the traces inside it."""
     files: list[Path] = []
