@@ -1,6 +1,7 @@
 """Only the optional compiled parts live here; everything else is in pyproject.toml.
 
 * ``modtimeline.writers._chrome_rows`` (C) formats Chrome trace rows ~10x faster.
+* ``modtimeline.writers._pftrace_rows`` (C) encodes the .pftrace span packets.
 * ``modtimeline._resolve_cpu`` (C++, no torch) pairs host-only events into spans.
 * ``modtimeline._hotpath`` (C++ against torch's headers) is the Recorder's hot path:
   forward hooks and C++ autograd node pre-hooks. It needs torch at build time, so it is
@@ -45,6 +46,7 @@ def hotpath_extension() -> list[Extension]:
 setup(
     ext_modules=[
         Extension("modtimeline.writers._chrome_rows", ["src/modtimeline/writers/_chrome_rows.c"], optional=True),
+        Extension("modtimeline.writers._pftrace_rows", ["src/modtimeline/writers/_pftrace_rows.c"], optional=True),
         Extension("modtimeline._resolve_cpu", ["src/modtimeline/_resolve_cpu.cpp"], depends=[LAYOUT_HEADER], language="c++",
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
         *hotpath_extension(),

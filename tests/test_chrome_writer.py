@@ -1,6 +1,8 @@
-"""The Chrome JSON writer: compiled and pure-Python rows give the same events."""
+"""The writers' compiled and pure-Python halves: Chrome JSON rows give the same events,
+.pftrace span packets the same bytes (and decode to the spans)."""
 
 import io
+from array import array
 import random
 
 import orjson
@@ -50,3 +52,87 @@ def test_times_keep_every_nanosecond():
         assert round(event["dur"] * 1000) == data.spans.end[row] - data.spans.begin[row]
         lag = data.spans.lag[row]
         assert event["args"].get("launch_lag_us") == (None if lag == NO_LAG else lag / 1000)
+
+
+# ---------------------------------------------------------------- .pftrace packets
+def _nested_trace(rows: int = 3000) -> TraceData:
+    """Random spans that nest on each track (the writers' contract), with every flag,
+    flow kind and lag, negative steps and large calls."""
+    rng = random.Random(11)
+    spans = SpanColumns()
+    for track in (1, 2, 10, 11, 100):
+        t = 0
+        stack: list[int] = []
+        for _ in range(rows // 5):
+            t += rng.randrange(0, 5000)
+            while stack and (rng.random() < 0.4 or spans.end[stack[-1]] <= t):
+                closed = stack.pop()
+                t = max(t, spans.end[closed])
+            end = t + rng.randrange(0, 10**6)
+            if stack:
+                end = min(end, spans.end[stack[-1]])
+            spans.append(track, t, end, rng.randrange(4), rng.choice((FORWARD, BACKWARD, RECOMPUTE)),
+                         rng.randrange(0, 1 << 40), rng.randrange(-1, 50), rng.randrange(8),
+                         rng.choice((0, FLOW_OUT, FLOW_IN)), rng.choice((NO_LAG, -2500, 0, 1234567)))
+            stack.append(len(spans) - 1)
+    return TraceData(0, 0, ["Model", "Model.a", "Model.b", "Model.c"], [], spans.in_nesting_order())
+
+
+def test_pftrace_packet_twins_write_the_same_bytes():
+    from modtimeline.writers import pftrace_rows
+
+    if pftrace_rows._pftrace_rows is None:
+        pytest.skip("the compiled encoder is not built here")
+    data = _nested_trace()
+    spans = data.spans
+    by_track: dict[int, array] = {}
+    for row, tid in enumerate(spans.track):
+        by_track.setdefault(tid, array("q")).append(row)
+    track_rows = [rows for _, rows in sorted(by_track.items())]
+    arguments = (spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags, spans.flow,
+                 spans.lag, track_rows, list(range(2, 2 + len(track_rows))), data.base_ns, 1 << 40)
+    compiled = pftrace_rows._pftrace_rows.encode_spans(*arguments)
+    assert compiled == pftrace_rows.encode_spans_python(*arguments)
+    assert len(compiled) > 20 * len(spans)
+
+
+def test_pftrace_packets_decode_field_by_field():
+    """Decoded by the perfetto package's own protos: every span's begin and end, in time
+    order per sequence, with its name, category, args and flow."""
+    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
+
+    from modtimeline.format import ARG_NAMES
+    from modtimeline.writers.pftrace_rows import encode_spans
+
+    data = _nested_trace(500)
+    spans = data.spans
+    by_track: dict[int, array] = {}
+    for row, tid in enumerate(spans.track):
+        by_track.setdefault(tid, array("q")).append(row)
+    tids = sorted(by_track)
+    encoded = encode_spans(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags,
+                           spans.flow, spans.lag, [by_track[t] for t in tids], [2 + k for k in range(len(tids))],
+                           data.base_ns, 7)
+    clock: dict[int, int] = {}
+    open_spans: dict[int, list] = {}
+    found = []
+    for packet in Trace.FromString(encoded).packet:
+        sequence = packet.trusted_packet_sequence_id
+        clock[sequence] = clock.get(sequence, 0) + packet.timestamp
+        event = packet.track_event
+        if event.type == TrackEvent.TYPE_SLICE_BEGIN:
+            args = {ARG_NAMES[a.name_iid - 1]: (a.int_value if a.HasField("int_value") else a.bool_value
+                    if a.HasField("bool_value") else a.double_value) for a in event.debug_annotations}
+            open_spans.setdefault(sequence, []).append((clock[sequence], event.name_iid - 1, event.category_iids[0] - 1,
+                                                        args, list(event.flow_ids), list(event.terminating_flow_ids)))
+        else:
+            begin, name, category, args, out, into = open_spans[sequence].pop()
+            found.append((tids[sequence - 2], begin + data.base_ns, clock[sequence] + data.base_ns, name, category,
+                          args["call"], args["step"], out, into))
+    expected = []
+    for row in range(len(spans)):
+        flow = [7 + spans.call[row] + 1]
+        expected.append((spans.track[row], spans.begin[row], spans.end[row], spans.name[row], spans.category[row],
+                         spans.call[row], spans.step[row], flow if spans.flow[row] == FLOW_OUT else [],
+                         flow if spans.flow[row] == FLOW_IN else []))
+    assert sorted(found) == sorted(expected)

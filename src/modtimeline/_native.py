@@ -1,6 +1,7 @@
 """The optional compiled parts (setup.py), each with a pure-Python twin that does the
-same work: ``_hotpath`` (recording), ``_resolve_cpu`` (host-only resolve) and
-``writers._chrome_rows`` (JSON rows). ``MODTIMELINE_PURE_PYTHON=1`` turns them all off.
+same work: ``_hotpath`` (recording), ``_resolve_cpu`` (host-only resolve),
+``writers._chrome_rows`` (JSON rows) and ``writers._pftrace_rows`` (.pftrace packets).
+``MODTIMELINE_PURE_PYTHON=1`` turns them all off.
 
 A part that is missing or fails to import (built for another torch: an ABI break) is
 a silent slowdown unless someone says so: ``why_not`` keeps the reason, ``modtimeline
@@ -14,7 +15,7 @@ import os
 import warnings
 from types import ModuleType
 
-PARTS = ("_hotpath", "_resolve_cpu", "writers._chrome_rows")
+PARTS = ("_hotpath", "_resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows")
 BUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps modtimeline"
 
 # Why a part is not in use: part -> reason.

@@ -1,4 +1,6 @@
-"""Perfetto protobuf (``.pftrace``) writer, through the perfetto package's streaming builder.
+"""Perfetto protobuf (``.pftrace``) writer: descriptors and each sequence's first packet
+through the perfetto package's builder, the span packets encoded straight from the
+columns (``pftrace_rows.py``, compiled in ``_pftrace_rows.c``).
 
 Same tracks, spans, flows and counters as the Chrome JSON, several times smaller:
 
@@ -9,7 +11,8 @@ Same tracks, spans, flows and counters as the Chrome JSON, several times smaller
   ``SEQ_INCREMENTAL_STATE_CLEARED`` on each sequence's first packet and
   ``SEQ_NEEDS_INCREMENTAL_STATE`` after);
 * per track, BEGIN/END events come from a stack walk over the spans (already in nesting
-  order), so at one timestamp children close before parents and ends come before begins.
+  order), so at one timestamp children close before parents and ends come before begins;
+  the tracks' events are merged by time; counters follow.
 
 Timestamps are nanoseconds relative to ``metadata.base_ns``, exactly the JSON's
 microseconds, so both formats hold identical spans.
@@ -26,23 +29,20 @@ import orjson
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import ClockSnapshot, TrackDescriptor, TracePacket, TrackEvent
 from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
-from ..format import (APPROXIMATE, ARG_NAMES, CATEGORIES, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
-                      PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA, SpanColumns, TraceData,
-                      pftrace_process_uuid, pftrace_track_uuid)
+from ..format import (ARG_NAMES, CATEGORIES, FORMAT_VERSION, PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA,
+                      TraceData, pftrace_process_uuid, pftrace_track_uuid)
+from .pftrace_rows import encode_spans
 
 
 _CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
 _NEEDS_STATE = TracePacket.SEQ_NEEDS_INCREMENTAL_STATE
-_BEGIN = TrackEvent.TYPE_SLICE_BEGIN
-_END = TrackEvent.TYPE_SLICE_END
 _COUNTER = TrackEvent.TYPE_COUNTER
 _EXPLICIT = TrackDescriptor.EXPLICIT  # children in sibling_order_rank order
 _BUILTIN_BOOTTIME = 6  # the trace's global clock
 _FIRST_USER_CLOCK = PFTRACE_INCREMENTAL_CLOCK  # sequence-scoped clocks start here
 
-# Interned debug annotation names.
+# Interned debug annotation names: ARG_NAMES from iid 1 (pftrace_rows.py encodes them).
 _ARG_NAMES = ARG_NAMES
-_STEP, _CALL, _INCOMPLETE, _LAG, _APPROXIMATE, _COMPILED = range(1, 7)
 
 
 def write_pftrace(data: TraceData, stream: BinaryIO) -> None:
@@ -59,6 +59,7 @@ class PftraceWriter:
 
     def __init__(self, stream: BinaryIO, metadata: dict[str, Any]) -> None:
         self._builder = StreamingTraceProtoBuilder(stream)
+        self._stream = stream  # (span packets come encoded: written as they are)
         self._next_sequence = 2
         # Sequence 1: metadata and track descriptors.
         header = self._builder.create_packet()
@@ -98,14 +99,23 @@ class PftraceWriter:
 
         # One sequence per track; each starts with its clock, defaults and interned names.
         spans = data.spans
-        by_track: dict[int, list[int]] = {}
+        by_track: dict[int, array] = {}
         for row, tid in enumerate(spans.track):
-            by_track.setdefault(tid, []).append(row)
-        streams = []
+            rows = by_track.get(tid)
+            if rows is None:
+                rows = by_track[tid] = array("q")
+            rows.append(row)
+        track_rows, sequences = [], []
         for tid, rows in sorted(by_track.items()):
             sequence = self._sequence()
             builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(rank, tid), data.names))
-            streams.append(_track_packets(spans, rows, sequence, data.base_ns, flow_base))
+            track_rows.append(rows)
+            sequences.append(sequence)
+        # Every span's begin and end packet, merged by time (pftrace_rows.py says how).
+        self._stream.write(encode_spans(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
+                                        spans.flags, spans.flow, spans.lag, track_rows, sequences, data.base_ns,
+                                        flow_base))
+        streams = []
         for counter in data.counters:
             sequence = self._sequence()
             builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(rank, counter.tid), data.names))
@@ -159,71 +169,6 @@ def _sequence_start(sequence: int, track_uuid: int, names: list[str]) -> TracePa
         entry.iid = iid
         entry.name = name
     return packet
-
-
-def _nesting_events(spans: SpanColumns, rows: list[int]) -> Iterator[tuple[int, int, bool]]:
-    """(time, row, is_begin) for one track's spans, given in nesting order (a lane's
-    spans nest; lanes are separate tracks): ends of finished spans before each begin."""
-    stack: list[int] = []
-    begin, end = spans.begin, spans.end
-    for row in rows:
-        start = begin[row]
-        while stack and end[stack[-1]] <= start:
-            closed = stack.pop()
-            yield end[closed], closed, False
-        yield start, row, True
-        stack.append(row)
-    while stack:
-        closed = stack.pop()
-        yield end[closed], closed, False
-
-
-def _track_packets(spans: SpanColumns, rows: list[int], sequence: int, base_ns: int,
-                   flow_base: int) -> Iterator[tuple[int, TracePacket]]:
-    previous = 0
-    for time, row, is_begin in _nesting_events(spans, rows):
-        packet = TracePacket()
-        packet.trusted_packet_sequence_id = sequence
-        packet.sequence_flags = _NEEDS_STATE
-        packet.timestamp = time - base_ns - previous
-        previous = time - base_ns
-        event = packet.track_event
-        if is_begin:
-            event.type = _BEGIN
-            event.name_iid = spans.name[row] + 1
-            event.category_iids.append(spans.category[row] + 1)
-            _annotate(event, _STEP, spans.step[row])
-            _annotate(event, _CALL, spans.call[row])
-            if spans.flags[row] & INCOMPLETE:
-                annotation = event.debug_annotations.add()
-                annotation.name_iid = _INCOMPLETE
-                annotation.bool_value = True
-            if spans.flags[row] & APPROXIMATE:
-                annotation = event.debug_annotations.add()
-                annotation.name_iid = _APPROXIMATE
-                annotation.bool_value = True
-            if spans.flags[row] & COMPILED:
-                annotation = event.debug_annotations.add()
-                annotation.name_iid = _COMPILED
-                annotation.bool_value = True
-            if spans.lag[row] != NO_LAG:
-                annotation = event.debug_annotations.add()
-                annotation.name_iid = _LAG
-                annotation.double_value = spans.lag[row] / 1000
-            flow = spans.flow[row]
-            if flow == FLOW_OUT:
-                event.flow_ids.append(flow_base + spans.call[row] + 1)
-            elif flow == FLOW_IN:
-                event.terminating_flow_ids.append(flow_base + spans.call[row] + 1)
-        else:
-            event.type = _END
-        yield time, packet
-
-
-def _annotate(event: TrackEvent, name_iid: int, value: int) -> None:
-    annotation = event.debug_annotations.add()
-    annotation.name_iid = name_iid
-    annotation.int_value = value
 
 
 def _counter_packets(times: array, values: array, sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:

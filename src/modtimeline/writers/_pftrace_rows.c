@@ -1,0 +1,319 @@
+/* Perfetto TrackEvent packets for span columns, encoded straight from the columns.
+ *
+ * The optional compiled half of writers/pftrace_rows.py, which holds the same encoding in
+ * Python and says what every byte is: per track, a nesting walk turns spans into
+ * SLICE_BEGIN/SLICE_END events; the tracks' events are merged by time (ties: the track
+ * listed first); each event becomes one length-delimited TracePacket (field 1 of Trace)
+ * with an incremental timestamp on its track's packet sequence. Both halves write the
+ * same bytes (a test compares them).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Bumped when encode_spans's arguments or output change: pftrace_rows.py refuses a
+ * stale build. */
+#define API_VERSION 1
+
+enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 };              /* format.py */
+enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6 }; /* interned */
+enum { SEQ_NEEDS_INCREMENTAL_STATE = 2, TYPE_SLICE_BEGIN = 1, TYPE_SLICE_END = 2 };
+
+typedef struct {
+    uint8_t *data;
+    size_t size, capacity;
+} Output;
+
+static int reserve(Output *out, size_t more) {
+    if (out->size + more <= out->capacity) return 0;
+    size_t capacity = out->capacity ? out->capacity : 1 << 16;
+    while (capacity < out->size + more) capacity *= 2;
+    uint8_t *data = PyMem_Realloc(out->data, capacity);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->data = data;
+    out->capacity = capacity;
+    return 0;
+}
+
+static size_t put_varint(uint8_t *at, uint64_t value) {
+    size_t n = 0;
+    while (value >= 0x80) {
+        at[n++] = (uint8_t)(value | 0x80);
+        value >>= 7;
+    }
+    at[n++] = (uint8_t)value;
+    return n;
+}
+
+static size_t varint_size(uint64_t value) {
+    size_t n = 1;
+    while (value >= 0x80) {
+        value >>= 7;
+        n++;
+    }
+    return n;
+}
+
+/* One debug annotation {name_iid, int_value} into `at`; returns bytes written. */
+static size_t put_int_arg(uint8_t *at, int name, int64_t value) {
+    size_t body = 2 + 1 + varint_size((uint64_t)value);
+    size_t n = 0;
+    at[n++] = 0x22; /* TrackEvent.debug_annotations (4), length-delimited */
+    n += put_varint(at + n, body);
+    at[n++] = 0x08; /* DebugAnnotation.name_iid (1) */
+    at[n++] = (uint8_t)name;
+    at[n++] = 0x20; /* int_value (4) */
+    n += put_varint(at + n, (uint64_t)value);
+    return n;
+}
+
+static size_t put_bool_arg(uint8_t *at, int name) {
+    /* 0x22 len=4 { name_iid, bool_value (2) = 1 } */
+    at[0] = 0x22;
+    at[1] = 4;
+    at[2] = 0x08;
+    at[3] = (uint8_t)name;
+    at[4] = 0x10;
+    at[5] = 1;
+    return 6;
+}
+
+static size_t put_double_arg(uint8_t *at, int name, double value) {
+    /* 0x22 len=11 { name_iid, double_value (5, fixed64) } */
+    at[0] = 0x22;
+    at[1] = 11;
+    at[2] = 0x08;
+    at[3] = (uint8_t)name;
+    at[4] = 0x29;
+    memcpy(at + 5, &value, 8); /* little-endian machines only (x86-64, arm64) */
+    return 13;
+}
+
+static size_t put_fixed64_field(uint8_t *at, unsigned field, uint64_t value) {
+    size_t n = put_varint(at, ((uint64_t)field << 3) | 1);
+    memcpy(at + n, &value, 8);
+    return n + 8;
+}
+
+typedef struct {
+    const int64_t *begin, *end, *name, *call, *step, *lag;
+    const int8_t *category, *flags, *flow;
+    int64_t base, flow_base;
+} Columns;
+
+/* The TrackEvent of one event into `event`; returns its length. */
+static size_t encode_track_event(uint8_t *event, const Columns *c, int64_t row, int begins) {
+    size_t n = 0;
+    if (!begins) {
+        event[n++] = 0x48; /* type (9) */
+        event[n++] = TYPE_SLICE_END;
+        return n;
+    }
+    event[n++] = 0x18; /* category_iids (3) */
+    n += put_varint(event + n, (uint64_t)(c->category[row] + 1));
+    n += put_int_arg(event + n, ARG_STEP, c->step[row]);
+    n += put_int_arg(event + n, ARG_CALL, c->call[row]);
+    if (c->flags[row] & INCOMPLETE) n += put_bool_arg(event + n, ARG_INCOMPLETE);
+    if (c->flags[row] & APPROXIMATE) n += put_bool_arg(event + n, ARG_APPROXIMATE);
+    if (c->flags[row] & COMPILED) n += put_bool_arg(event + n, ARG_COMPILED);
+    if (c->lag[row] != INT64_MIN) n += put_double_arg(event + n, ARG_LAG, (double)c->lag[row] / 1000.0);
+    event[n++] = 0x48;
+    event[n++] = TYPE_SLICE_BEGIN;
+    event[n++] = 0x50; /* name_iid (10) */
+    n += put_varint(event + n, (uint64_t)(c->name[row] + 1));
+    if (c->flow[row] == FLOW_OUT) n += put_fixed64_field(event + n, 47, (uint64_t)(c->flow_base + c->call[row] + 1));
+    if (c->flow[row] == FLOW_IN) n += put_fixed64_field(event + n, 48, (uint64_t)(c->flow_base + c->call[row] + 1));
+    return n;
+}
+
+/* One packet: Trace.packet (1) { timestamp (8), trusted_packet_sequence_id (10),
+ * track_event (11), sequence_flags (13) }. */
+static int put_packet(Output *out, uint64_t delta, uint64_t sequence, const uint8_t *event, size_t event_size) {
+    size_t body = 1 + varint_size(delta) + 1 + varint_size(sequence) + 1 + varint_size(event_size) + event_size + 2;
+    if (reserve(out, body + 11) < 0) return -1;
+    uint8_t *at = out->data + out->size;
+    size_t n = 0;
+    at[n++] = 0x0A;
+    n += put_varint(at + n, body);
+    at[n++] = 0x40;
+    n += put_varint(at + n, delta);
+    at[n++] = 0x50;
+    n += put_varint(at + n, sequence);
+    at[n++] = 0x5A;
+    n += put_varint(at + n, event_size);
+    memcpy(at + n, event, event_size);
+    n += event_size;
+    at[n++] = 0x68;
+    at[n++] = SEQ_NEEDS_INCREMENTAL_STATE;
+    out->size += n;
+    return 0;
+}
+
+typedef struct {
+    const int64_t *rows;
+    Py_ssize_t count, next; /* next row to begin */
+    int64_t *stack;         /* open rows */
+    Py_ssize_t depth;
+    uint64_t sequence;
+    int64_t previous; /* last timestamp written on this sequence, relative to base */
+    Py_buffer view;
+} Track;
+
+/* The track's next event: (time, row, begins); 0 when it has none left. */
+static int peek(const Track *t, const Columns *c, int64_t *time, int64_t *row, int *begins) {
+    if (t->next < t->count) {
+        int64_t candidate = t->rows[t->next];
+        int64_t start = c->begin[candidate];
+        if (t->depth && c->end[t->stack[t->depth - 1]] <= start) {
+            *row = t->stack[t->depth - 1];
+            *time = c->end[*row];
+            *begins = 0;
+            return 1;
+        }
+        *row = candidate;
+        *time = start;
+        *begins = 1;
+        return 1;
+    }
+    if (t->depth) {
+        *row = t->stack[t->depth - 1];
+        *time = c->end[*row];
+        *begins = 0;
+        return 1;
+    }
+    return 0;
+}
+
+static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_ssize_t rows, const char *name) {
+    if (PyObject_GetBuffer(object, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (view->format == NULL || strcmp(view->format, format) != 0 || (rows >= 0 && view->len / view->itemsize != rows)) {
+        PyErr_Format(PyExc_TypeError, "column %s: expected %zd items of array format '%s'", name, rows, format);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *encode_spans(PyObject *module, PyObject *args) {
+    PyObject *objects[9], *track_rows, *sequences;
+    long long base, flow_base;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOLL", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &track_rows, &sequences, &base,
+                          &flow_base))
+        return NULL;
+    Py_ssize_t rows = PyObject_Length(objects[0]);
+    if (rows < 0) return NULL;
+    const char *formats[9] = {"q", "q", "q", "b", "q", "q", "b", "b", "q"};
+    const char *names[9] = {"begin", "end", "name", "category", "call", "step", "flags", "flow", "lag"};
+    Py_buffer v[9];
+    int got = 0;
+    PyObject *result = NULL;
+    Track *tracks = NULL;
+    Py_ssize_t track_count = 0, tracks_ready = 0;
+    Output out = {0};
+    for (; got < 9; got++)
+        if (get_column(objects[got], &v[got], formats[got], rows, names[got]) < 0) goto done;
+    Columns c = {v[0].buf, v[1].buf, v[2].buf, v[4].buf, v[5].buf, v[8].buf, v[3].buf, v[6].buf, v[7].buf, base,
+                 flow_base};
+
+    track_count = PySequence_Length(track_rows);
+    if (track_count < 0 || PySequence_Length(sequences) != track_count) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one sequence id per track");
+        goto done;
+    }
+    tracks = PyMem_Calloc((size_t)(track_count ? track_count : 1), sizeof(Track));
+    if (tracks == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; tracks_ready < track_count; tracks_ready++) {
+        Track *t = &tracks[tracks_ready];
+        PyObject *item = PySequence_GetItem(track_rows, tracks_ready);
+        if (item == NULL) goto done;
+        int failed = get_column(item, &t->view, "q", -1, "track rows");
+        Py_DECREF(item);
+        if (failed < 0) goto done;
+        t->rows = t->view.buf;
+        t->count = t->view.len / (Py_ssize_t)sizeof(int64_t);
+        for (Py_ssize_t i = 0; i < t->count; i++) {
+            if (t->rows[i] < 0 || t->rows[i] >= rows) {
+                PyBuffer_Release(&t->view);
+                PyErr_SetString(PyExc_IndexError, "a track row is not a row of the columns");
+                goto done;
+            }
+        }
+        t->stack = PyMem_Malloc((size_t)(t->count ? t->count : 1) * sizeof(int64_t));
+        PyObject *sequence = PySequence_GetItem(sequences, tracks_ready);
+        t->sequence = sequence ? PyLong_AsUnsignedLongLong(sequence) : 0;
+        Py_XDECREF(sequence);
+        if (t->stack == NULL || PyErr_Occurred()) {
+            PyBuffer_Release(&t->view);
+            PyMem_Free(t->stack);
+            if (!PyErr_Occurred()) PyErr_NoMemory();
+            goto done;
+        }
+    }
+
+    uint8_t event[256];
+    for (;;) {
+        /* the earliest next event of all tracks; ties go to the track listed first */
+        Py_ssize_t best = -1;
+        int64_t best_time = 0, best_row = 0;
+        int best_begins = 0;
+        for (Py_ssize_t k = 0; k < track_count; k++) {
+            int64_t time, row;
+            int begins;
+            if (peek(&tracks[k], &c, &time, &row, &begins) && (best < 0 || time < best_time)) {
+                best = k;
+                best_time = time;
+                best_row = row;
+                best_begins = begins;
+            }
+        }
+        if (best < 0) break;
+        Track *t = &tracks[best];
+        if (best_begins) {
+            t->stack[t->depth++] = best_row;
+            t->next++;
+        } else {
+            t->depth--;
+        }
+        int64_t relative = best_time - base;
+        size_t size = encode_track_event(event, &c, best_row, best_begins);
+        if (put_packet(&out, (uint64_t)(relative - t->previous), t->sequence, event, size) < 0) goto done;
+        t->previous = relative;
+    }
+    result = PyBytes_FromStringAndSize((const char *)(out.data ? out.data : (uint8_t *)""), (Py_ssize_t)out.size);
+
+done:
+    PyMem_Free(out.data);
+    for (Py_ssize_t k = 0; k < tracks_ready; k++) {
+        PyBuffer_Release(&tracks[k].view);
+        PyMem_Free(tracks[k].stack);
+    }
+    PyMem_Free(tracks);
+    for (int k = 0; k < got; k++) PyBuffer_Release(&v[k]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_spans", encode_spans, METH_VARARGS,
+     "encode_spans(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, base, flow_base)"
+     " -> bytes\n\nThe SLICE_BEGIN/SLICE_END TracePackets of every span, merged by time (see pftrace_rows.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_pftrace_rows", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__pftrace_rows(void) {
+    PyObject *module = PyModule_Create(&definition);
+    if (module && PyModule_AddIntConstant(module, "API", API_VERSION) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
