@@ -47,7 +47,8 @@ case "$action" in
     # The pure-Python twins of the compiled parts, on the tests that record and resolve.
     MODTIMELINE_PURE_PYTHON=1 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider \
       tests/test_hotpath.py tests/test_resolve.py tests/test_timeline.py tests/test_real_models.py \
-      tests/test_threads.py tests/test_schedule.py tests/test_chrome_writer.py tests/test_compile.py ;;
+      tests/test_threads.py tests/test_schedule.py tests/test_chrome_writer.py tests/test_compile.py \
+      tests/test_clock.py tests/test_nvtx.py tests/test_merge.py ;;
   "") echo "set up in $venv" ;;
   *) echo "usage: bash tools/setup.sh [demo|test]" >&2; exit 2 ;;
 esac

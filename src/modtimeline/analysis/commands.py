@@ -209,7 +209,7 @@ def add_analysis_commands(commands: Any) -> None:
     summary.add_argument("--by-rank", action="store_true",
                          help="the ranks of one run side by side: step time per rank, and per module the slowest "
                               "rank and the spread (rank files or a merged file)")
-    summary.add_argument("--straggler-threshold", type=fraction, default=0.05,
+    summary.add_argument("--straggler-threshold", type=non_negative, default=0.05,
                          help="--by-rank flags a rank whose median step is this much above the median (default 0.05)")
     _add_limits(summary)
     summary.set_defaults(run=_summary)
