@@ -151,3 +151,24 @@ def test_wall_clock_fallback_lines_ranks_up_by_their_wall_clocks(tmp_path):
     merged = read_trace(tmp_path / "m.json")
     assert _forward(merged, 1).begin_ns - _forward(merged, 0).begin_ns == 2_000_000
     assert merged.metadata["ranks"][1]["clock_error_ns"] is None
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"\x1f\x8b\x08garbage", b"{not json", b'{"traceEvents": 5}', b'[1, 2]',
+    b'{"traceEvents": [{"ph": "X", "pid": "a"}], "metadata": {"tool": "modtimeline", "rank": 1, "base_ns": 0}}',
+    b'{"traceEvents": [{"ph": "X", "pid": 1, "tid": 2, "ts": "x", "dur": 1, "name": "n", "cat": "forward"}],'
+    b' "metadata": {"tool": "modtimeline", "rank": 1, "base_ns": 0, "clock_sync": {"samples": [[1, 2]]}}}',
+    b"\x0a\x05hello",
+])
+def test_damaged_inputs_end_in_one_clear_line(tmp_path, capsys, content):
+    _rank_file(tmp_path / "r0.json", 0, 10**9, [[10**9, 0, 0]])
+    (tmp_path / "bad.json").write_bytes(content)
+    for argv in (["merge", str(tmp_path / "r0.json"), str(tmp_path / "bad.json"), "-o", str(tmp_path / "m.json")],
+                 ["merge", "--profiler", str(tmp_path / "bad.json"), str(tmp_path / "r0.json"), "-o",
+                  str(tmp_path / "p.json")],
+                 ["merge", "--profiler", str(tmp_path / "r0.json"), str(tmp_path / "bad.json"), "-o",
+                  str(tmp_path / "p.json")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("modtimeline: error:") and "Traceback" not in err
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.json").exists()

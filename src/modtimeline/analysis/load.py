@@ -320,7 +320,12 @@ def _peek_metadata(path: Path, limits: ReadLimits) -> dict[str, Any] | None:
             break
     if at + length > len(head):
         return None
-    packet = TracePacket.FromString(head[at: at + length])
+    from google.protobuf.message import DecodeError
+
+    try:
+        packet = TracePacket.FromString(head[at: at + length])
+    except DecodeError:
+        return None  # damaged: the full read says how
     for entry in packet.chrome_events.metadata:
         if entry.name == PFTRACE_METADATA:
             return checked_metadata(path, orjson.loads(entry.json_value))
