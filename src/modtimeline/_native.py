@@ -11,16 +11,53 @@ info`` prints it, and a Timeline warns once when its hot path is not compiled.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
+from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 
 PARTS = ("_hotpath", "_resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows")
-BUILD_COMMAND = "pip install --no-build-isolation --force-reinstall --no-deps modtimeline"
+BUILD_COMMAND = "modtimeline build"
 
 # Why a part is not in use: part -> reason.
 why_not: dict[str, str] = {}
+# Parts loaded from `modtimeline build`'s cache rather than the install: part -> file.
+from_cache: dict[str, Path] = {}
 _warned = False
+
+
+def cache_dir() -> Path:
+    """Where ``modtimeline build`` puts the compiled parts: one folder per modtimeline,
+    torch and Python version (``MODTIMELINE_CACHE``, else ``$XDG_CACHE_HOME`` or
+    ``~/.cache``, + ``/modtimeline``)."""
+    from . import __version__
+
+    root = os.environ.get("MODTIMELINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "modtimeline")
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "none"
+    return Path(root) / f"{__version__}-torch{torch_version}-{sys.implementation.cache_tag}"
+
+
+def _from_cache(name: str) -> ModuleType | None:
+    """``modtimeline.<name>`` as ``modtimeline build`` compiled it, if it did."""
+    folder = cache_dir().joinpath(*name.split(".")[:-1])
+    found = sorted(folder.glob(f"{name.rsplit('.', 1)[-1]}.*.so")) if folder.is_dir() else []
+    if not found:
+        return None
+    spec = importlib.util.spec_from_file_location(f"modtimeline.{name}", found[0])
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # ImportError: built for something else
+    sys.modules[f"modtimeline.{name}"] = module
+    from_cache[name] = found[0]
+    return module
 
 
 def pure_python() -> bool:
@@ -39,7 +76,14 @@ def compiled(name: str) -> ModuleType | None:
             why_not[name] = "not built (the install had no C++ compiler, or could not see torch)"
         else:  # built, but for another torch or Python (an ABI break)
             why_not[name] = f"fails to import: {error}"
-        return None
+        try:
+            cached = _from_cache(name)
+        except ImportError as cache_error:
+            why_not[name] += f"; the one `modtimeline build` made fails to import too: {cache_error}"
+            return None
+        if cached is None:
+            return None
+        module = cached
     why_not.pop(name, None)
     return module
 
@@ -51,5 +95,5 @@ def warn_once_if_slow(name: str) -> None:
         return
     _warned = True
     warnings.warn(f"modtimeline: the compiled {name} is not in use ({why_not[name]}); recording runs on the "
-                  f"pure-Python path, about 2x the cost per module call. `modtimeline info` says more; rebuild "
-                  f"for the installed torch with: {BUILD_COMMAND}", RuntimeWarning, stacklevel=3)
+                  f"pure-Python path, about 2x the cost per module call. `modtimeline info` says more; build it "
+                  f"for the installed torch (about a minute, once) with: {BUILD_COMMAND}", RuntimeWarning, stacklevel=3)

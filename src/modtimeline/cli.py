@@ -1,4 +1,4 @@
-"""Command line: ``modtimeline demo | summary | diff | merge | open | info``.
+"""Command line: ``modtimeline demo | summary | diff | merge | open | info | build``.
 
 User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
 code 2, never a traceback.
@@ -37,6 +37,15 @@ def _open(args: argparse.Namespace) -> int:
                       say=emit)
 
 
+def _build(args: argparse.Namespace) -> int:
+    from .native_build import build
+
+    written = build(say=emit)
+    emit("built for the installed torch:\n" + "\n".join(f"  {path}" for path in written)
+         + "\n`modtimeline info` shows which parts are in use")
+    return EXIT_OK
+
+
 def _info(args: argparse.Namespace) -> int:
     """What a bug report needs: versions, and which compiled parts are in use (and why not)."""
     import platform
@@ -68,7 +77,8 @@ def _info(args: argparse.Namespace) -> int:
         if part not in _native.why_not:
             _native.compiled(part)
         reason = _native.why_not.get(part)
-        lines.append(f"  {part}: " + ("in use" if reason is None else f"not in use: {reason}"))
+        where = f" (built by `modtimeline build`: {_native.from_cache[part]})" if part in _native.from_cache else ""
+        lines.append(f"  {part}: " + (f"in use{where}" if reason is None else f"not in use: {reason}"))
     emit("\n".join(lines))
     return EXIT_OK
 
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="versions and compiled parts in use (for bug reports)")
     info.set_defaults(run=_info)
+
+    building = commands.add_parser("build", help="compile the fast paths for the torch installed now (about a minute)",
+                                   description="Compile the optional C/C++ parts (the recording hot path above all) "
+                                               "against the installed torch, into a cache folder that modtimeline "
+                                               "loads them from when the install has none that import.")
+    building.set_defaults(run=_build)
     return parser
 
 

@@ -1,0 +1,49 @@
+"""The compiled parts and how they are built: one definition for ``setup.py`` (at install)
+and ``modtimeline build`` (after it, for the torch installed now). Imports setuptools and
+torch only when asked for the extensions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The event layout both C++ parts include (the C++ copy of buffer.py's constants).
+LAYOUT_HEADER = "_layout.h"
+
+
+def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
+    """setuptools ``Extension``s of every compiled part whose needs are met here; sources
+    under ``package_dir`` (given to setuptools as ``prefix`` + the file's path in the
+    package). The hot path needs torch's headers: without torch it is left out."""
+    from setuptools import Extension
+
+    def source(name: str) -> str:
+        return f"{prefix}{name}"
+
+    header = source(LAYOUT_HEADER)
+    parts = [
+        Extension("modtimeline.writers._chrome_rows", [source("writers/_chrome_rows.c")], optional=True),
+        Extension("modtimeline.writers._pftrace_rows", [source("writers/_pftrace_rows.c")], optional=True),
+        Extension("modtimeline._resolve_cpu", [source("_resolve_cpu.cpp")], depends=[header], language="c++",
+                  extra_compile_args=["-std=c++17", "-O2"], optional=True),
+    ]
+    try:
+        import torch
+        from torch.utils.cpp_extension import include_paths, library_paths
+    except ImportError:
+        return parts
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    parts.append(Extension(
+        "modtimeline._hotpath",
+        [source("_hotpath.cpp")],
+        depends=[header],
+        include_dirs=include_paths(),
+        library_dirs=library_paths(),
+        libraries=["c10", "torch", "torch_cpu", "torch_python"],
+        extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
+                            "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+        extra_link_args=[f"-Wl,-rpath,{path}" for path in library_paths()],
+        language="c++",
+        optional=True,
+    ))
+    return parts

@@ -1,0 +1,55 @@
+"""``modtimeline build``: compile the optional parts for the torch and Python installed now,
+into ``_native.cache_dir()``, where they are found when the install has none that
+import (an isolated ``pip install``, which cannot see torch, or a torch upgraded since).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ._extension import extensions
+from ._native import cache_dir
+from .errors import ModTimelineError
+
+
+def build(say: Callable[[str], None]) -> list[Path]:
+    """Build every part whose needs are met; the files written."""
+    try:
+        from setuptools.dist import Distribution
+    except ImportError:
+        raise ModTimelineError("building needs setuptools: pip install setuptools") from None
+    package = Path(__file__).parent
+    missing = [name for name in ("_hotpath.cpp", "_layout.h") if not (package / name).exists()]
+    if missing:
+        raise ModTimelineError(f"this install of modtimeline has no sources to build from ({', '.join(missing)}); "
+                               "reinstall it")
+    parts = extensions(package, prefix=f"{package}/")
+    if not any(part.name == "modtimeline._hotpath" for part in parts):
+        raise ModTimelineError("torch is not importable here: the hot path is built against the installed torch")
+    target = cache_dir()
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as work:
+        for part in parts:
+            part.optional = False  # a failure says why
+            say(f"building {part.name} ...")
+            distribution = Distribution({"name": "modtimeline-build", "ext_modules": [part]})
+            command = distribution.get_command_obj("build_ext")
+            command.build_lib = str(Path(work) / "lib")
+            command.build_temp = str(Path(work) / "temp")
+            try:
+                distribution.run_command("build_ext")
+            except Exception as error:  # setuptools' CompileError, LinkError, a missing compiler
+                raise ModTimelineError(f"could not build {part.name}: {error}. A C++ compiler is needed "
+                                       "(Debian/Ubuntu: apt-get install g++)") from None
+        built = Path(work) / "lib" / "modtimeline"
+        for file in sorted(built.rglob("*.so")):
+            destination = target / file.relative_to(built)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            temporary = destination.with_name(destination.name + ".tmp")
+            shutil.copyfile(file, temporary)
+            temporary.replace(destination)  # (a running process keeps the file it loaded)
+            written.append(destination)
+    return written
