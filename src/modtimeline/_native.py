@@ -73,7 +73,8 @@ def compiled(name: str) -> ModuleType | None:
         module = importlib.import_module(f"modtimeline.{name}")
     except ImportError as error:
         if isinstance(error, ModuleNotFoundError) and error.name == f"modtimeline.{name}":
-            why_not[name] = "not built (the install had no C++ compiler, or could not see torch)"
+            why_not[name] = (f"not built (the install had no C++ compiler, or could not see torch): "
+                             f"`{BUILD_COMMAND}` builds it")
         else:  # built, but for another torch or Python (an ABI break)
             why_not[name] = f"fails to import: {error}"
         try:
