@@ -206,10 +206,15 @@ def _late_rank(rank: int, world: int, folder: str) -> None:
         time.sleep(12)  # never enters its Timeline; stays up while rank 0 waits
         return
     started = time.monotonic()
-    with pytest.raises(RankSyncError, match="rank 0: could not .* within 3 s"):
+    with pytest.raises(RankSyncError, match="rank 0: could not .* within 3 s.*align_ranks=False"):
         with Timeline(os.path.join(folder, "t-{rank}.json"), rank_timeout_s=3):
             pass
     assert time.monotonic() - started < 10
+    # Tracing rank 0 alone is fine when said so: no waiting, no clock samples.
+    started = time.monotonic()
+    with Timeline(os.path.join(folder, "alone-{rank}.json"), align_ranks=False, rank_timeout_s=3):
+        nn.Linear(2, 2)(torch.randn(1, 2)).sum().backward()
+    assert time.monotonic() - started < 3
     open(os.path.join(folder, "raised"), "w").close()
 
 
@@ -217,6 +222,8 @@ def test_a_rank_that_never_enters_makes_the_others_fail_clearly_not_hang(tmp_pat
     spawn(_late_rank, 2, tmp_path)
     assert (tmp_path / "raised").exists()
     assert not list(tmp_path.glob("t-*.json"))
+    alone = load(tmp_path / "alone-0.json")
+    assert "clock_sync" not in alone["metadata"] and alone["metadata"]["world_size"] == 2
 
 
 class Sleepy(nn.Module):

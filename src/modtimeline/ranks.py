@@ -88,7 +88,7 @@ class RankClock:
             f"rank {self.rank}: could not {what} to align clocks with the other ranks within "
             f"{self.timeout_s:g} s ({str(error).splitlines()[0][:200]}). Every rank of the job must enter "
             "its Timeline (and leave it, or end a scheduled window) at the same point; pass "
-            "rank_timeout_s= to wait longer")
+            "rank_timeout_s= to wait longer, or align_ranks=False to trace some ranks only")
 
     def share_run_id(self, run_id: str) -> str:
         """Rank 0's run id, for every rank (one id names all files of one job)."""

@@ -120,6 +120,8 @@ class Timeline:
     Timeline (and end each scheduled window) at the same point: there the ranks compare
     clocks with rank 0 (for ``modtimeline merge``) and share one run id; a rank that does not
     arrive within ``rank_timeout_s`` seconds makes the others raise ``RankSyncError``.
+    ``align_ranks=False``: a Timeline on some ranks only (rank 0 alone, say): no clock
+    comparison, no waiting; ``merge`` then lines such files up by their wall clocks.
     ``nvtx=True``: NVTX ranges per module call (forward, backward, recompute) for Nsight
     Systems, opened and closed as the calls run.
     ``profiler``: a ``torch.profiler.profile`` recording around the Timeline; its exported
@@ -139,6 +141,7 @@ class Timeline:
         handle_signals: bool = True,
         device_backend: DeviceBackend | None = None,
         rank_timeout_s: float = 60.0,
+        align_ranks: bool = True,
         profiler: Any = None,
         nvtx: bool | NvtxApi = False,
     ) -> None:
@@ -171,7 +174,7 @@ class Timeline:
         self._writing = False
         self._deferred_signal: int | None = None
         # Several ranks: clock samples against rank 0 (at entry and at every write).
-        self._rank_clock = RankClock(rank_timeout_s) if distributed_world()[1] > 1 else None
+        self._rank_clock = RankClock(rank_timeout_s) if align_ranks and distributed_world()[1] > 1 else None
         self._clock_samples: list[ClockSample] = []
         self._clock_sync_problem: str | None = None
         # With a torch.profiler.profile: its exported trace gets our spans by itself.
