@@ -58,7 +58,7 @@ def test_a_missing_hot_path_is_said_once(monkeypatch, tmp_path):
     monkeypatch.setattr(recorder, "compiled", lambda name: None)
     monkeypatch.setitem(_native.why_not, "_hotpath", "not built (test)")
     monkeypatch.setattr(_native, "_warned", False)
-    with pytest.warns(RuntimeWarning, match="not built \\(test\\).*--no-build-isolation"):
+    with pytest.warns(RuntimeWarning, match="not built \\(test\\).*with: modtimeline build"):
         Timeline(tmp_path / "a.json")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
