@@ -78,22 +78,43 @@ def _nested_trace(rows: int = 3000) -> TraceData:
     return TraceData(0, 0, ["Model", "Model.a", "Model.b", "Model.c"], [], spans.in_nesting_order())
 
 
-def test_pftrace_packet_twins_write_the_same_bytes():
+def _track_rows(spans: SpanColumns) -> list[array]:
+    by_track: dict[int, array] = {}
+    for row, tid in enumerate(spans.track):
+        by_track.setdefault(tid, array("q")).append(row)
+    return [rows for _, rows in sorted(by_track.items())]
+
+
+def _packets(encode, data: TraceData, chunk_bytes: int) -> list[bytes]:
+    from modtimeline.writers.pftrace_rows import new_states
+
+    spans = data.spans
+    track_rows = _track_rows(spans)
+    states = new_states(track_rows)
+    chunks = []
+    while True:
+        chunk = encode(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags,
+                       spans.flow, spans.lag, track_rows, list(range(2, 2 + len(track_rows))), states, data.base_ns,
+                       1 << 40, chunk_bytes)
+        if not chunk:
+            return chunks
+        chunks.append(chunk)
+
+
+def test_pftrace_packet_twins_write_the_same_bytes_in_any_chunks():
     from modtimeline.writers import pftrace_rows
 
     if pftrace_rows._pftrace_rows is None:
         pytest.skip("the compiled encoder is not built here")
     data = _nested_trace()
-    spans = data.spans
-    by_track: dict[int, array] = {}
-    for row, tid in enumerate(spans.track):
-        by_track.setdefault(tid, array("q")).append(row)
-    track_rows = [rows for _, rows in sorted(by_track.items())]
-    arguments = (spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags, spans.flow,
-                 spans.lag, track_rows, list(range(2, 2 + len(track_rows))), data.base_ns, 1 << 40)
-    compiled = pftrace_rows._pftrace_rows.encode_spans(*arguments)
-    assert compiled == pftrace_rows.encode_spans_python(*arguments)
-    assert len(compiled) > 20 * len(spans)
+    whole = _packets(pftrace_rows._pftrace_rows.encode_spans, data, 1 << 30)
+    assert len(whole) == 1 and len(whole[0]) > 20 * len(data.spans)
+    assert _packets(pftrace_rows.encode_spans_python, data, 1 << 30) == whole
+    for chunk_bytes in (1, 997, 64 << 10):  # resumed walks give the same stream, chunk by chunk
+        compiled = _packets(pftrace_rows._pftrace_rows.encode_spans, data, chunk_bytes)
+        assert b"".join(compiled) == whole[0]
+        assert all(len(chunk) < chunk_bytes + 200 for chunk in compiled)
+        assert _packets(pftrace_rows.encode_spans_python, data, chunk_bytes) == compiled
 
 
 def test_pftrace_packets_decode_field_by_field():
@@ -102,17 +123,14 @@ def test_pftrace_packets_decode_field_by_field():
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
 
     from modtimeline.format import ARG_NAMES
-    from modtimeline.writers.pftrace_rows import encode_spans
+    from modtimeline.writers.pftrace_rows import span_packets
 
     data = _nested_trace(500)
     spans = data.spans
-    by_track: dict[int, array] = {}
-    for row, tid in enumerate(spans.track):
-        by_track.setdefault(tid, array("q")).append(row)
-    tids = sorted(by_track)
-    encoded = encode_spans(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags,
-                           spans.flow, spans.lag, [by_track[t] for t in tids], [2 + k for k in range(len(tids))],
-                           data.base_ns, 7)
+    tids = sorted(set(spans.track))
+    encoded = b"".join(span_packets(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
+                                    spans.flags, spans.flow, spans.lag, _track_rows(spans),
+                                    [2 + k for k in range(len(tids))], data.base_ns, 7, chunk_bytes=4096))
     clock: dict[int, int] = {}
     open_spans: dict[int, list] = {}
     found = []

@@ -14,7 +14,7 @@
 
 /* Bumped when encode_spans's arguments or output change: pftrace_rows.py refuses a
  * stale build. */
-#define API_VERSION 1
+#define API_VERSION 2
 
 enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 };              /* format.py */
 enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6 }; /* interned */
@@ -153,14 +153,19 @@ static int put_packet(Output *out, uint64_t delta, uint64_t sequence, const uint
     return 0;
 }
 
+/* A track's walk, resumable: its state lives in a caller's array('q') of
+ * [next row to begin, depth, last timestamp written (relative to base), stack...]. */
+enum { STATE_NEXT, STATE_DEPTH, STATE_PREVIOUS, STATE_STACK };
+
 typedef struct {
     const int64_t *rows;
     Py_ssize_t count, next; /* next row to begin */
-    int64_t *stack;         /* open rows */
+    int64_t *stack;         /* open rows (in the state array) */
     Py_ssize_t depth;
     uint64_t sequence;
     int64_t previous; /* last timestamp written on this sequence, relative to base */
-    Py_buffer view;
+    int64_t *state;
+    Py_buffer view, state_view;
 } Track;
 
 /* The track's next event: (time, row, begins); 0 when it has none left. */
@@ -199,11 +204,12 @@ static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_
 }
 
 static PyObject *encode_spans(PyObject *module, PyObject *args) {
-    PyObject *objects[9], *track_rows, *sequences;
+    PyObject *objects[9], *track_rows, *sequences, *states;
     long long base, flow_base;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOLL", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
-                          &objects[5], &objects[6], &objects[7], &objects[8], &track_rows, &sequences, &base,
-                          &flow_base))
+    Py_ssize_t max_bytes;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOLLn", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &track_rows, &sequences, &states, &base,
+                          &flow_base, &max_bytes))
         return NULL;
     Py_ssize_t rows = PyObject_Length(objects[0]);
     if (rows < 0) return NULL;
@@ -221,8 +227,8 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
                  flow_base};
 
     track_count = PySequence_Length(track_rows);
-    if (track_count < 0 || PySequence_Length(sequences) != track_count) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one sequence id per track");
+    if (track_count < 0 || PySequence_Length(sequences) != track_count || PySequence_Length(states) != track_count) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one sequence id and one state per track");
         goto done;
     }
     tracks = PyMem_Calloc((size_t)(track_count ? track_count : 1), sizeof(Track));
@@ -239,21 +245,37 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         if (failed < 0) goto done;
         t->rows = t->view.buf;
         t->count = t->view.len / (Py_ssize_t)sizeof(int64_t);
-        for (Py_ssize_t i = 0; i < t->count; i++) {
-            if (t->rows[i] < 0 || t->rows[i] >= rows) {
-                PyBuffer_Release(&t->view);
-                PyErr_SetString(PyExc_IndexError, "a track row is not a row of the columns");
-                goto done;
-            }
-        }
-        t->stack = PyMem_Malloc((size_t)(t->count ? t->count : 1) * sizeof(int64_t));
         PyObject *sequence = PySequence_GetItem(sequences, tracks_ready);
         t->sequence = sequence ? PyLong_AsUnsignedLongLong(sequence) : 0;
         Py_XDECREF(sequence);
-        if (t->stack == NULL || PyErr_Occurred()) {
+        PyObject *state = PySequence_GetItem(states, tracks_ready);
+        int no_state = state == NULL || PyErr_Occurred() ||
+                       PyObject_GetBuffer(state, &t->state_view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0;
+        Py_XDECREF(state);
+        if (no_state) {
             PyBuffer_Release(&t->view);
-            PyMem_Free(t->stack);
-            if (!PyErr_Occurred()) PyErr_NoMemory();
+            goto done;
+        }
+        if (t->state_view.format == NULL || strcmp(t->state_view.format, "q") != 0 ||
+            t->state_view.len / (Py_ssize_t)sizeof(int64_t) != STATE_STACK + t->count) {
+            PyBuffer_Release(&t->view);
+            PyBuffer_Release(&t->state_view);
+            PyErr_SetString(PyExc_ValueError, "a track's state is an array('q') of 3 + its rows");
+            goto done;
+        }
+        t->state = t->state_view.buf;
+        t->next = (Py_ssize_t)t->state[STATE_NEXT];
+        t->depth = (Py_ssize_t)t->state[STATE_DEPTH];
+        t->previous = t->state[STATE_PREVIOUS];
+        t->stack = t->state + STATE_STACK;
+        int bad = t->next < 0 || t->next > t->count || t->depth < 0 || t->depth > t->next;
+        /* rows still to begin, and the open ones: every one a row of the columns */
+        for (Py_ssize_t i = bad ? t->count : t->next; i < t->count && !bad; i++) bad = t->rows[i] < 0 || t->rows[i] >= rows;
+        for (Py_ssize_t i = 0; i < t->depth && !bad; i++) bad = t->stack[i] < 0 || t->stack[i] >= rows;
+        if (bad) {
+            PyBuffer_Release(&t->view);
+            PyBuffer_Release(&t->state_view);
+            PyErr_SetString(PyExc_ValueError, "a track's rows or state are not rows of the columns");
             goto done;
         }
     }
@@ -286,14 +308,19 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         size_t size = encode_track_event(event, &c, best_row, best_begins);
         if (put_packet(&out, (uint64_t)(relative - t->previous), t->sequence, event, size) < 0) goto done;
         t->previous = relative;
+        if ((Py_ssize_t)out.size >= max_bytes) break; /* the rest in the next call */
     }
     result = PyBytes_FromStringAndSize((const char *)(out.data ? out.data : (uint8_t *)""), (Py_ssize_t)out.size);
 
 done:
     PyMem_Free(out.data);
     for (Py_ssize_t k = 0; k < tracks_ready; k++) {
-        PyBuffer_Release(&tracks[k].view);
-        PyMem_Free(tracks[k].stack);
+        Track *t = &tracks[k];
+        t->state[STATE_NEXT] = t->next;
+        t->state[STATE_DEPTH] = t->depth;
+        t->state[STATE_PREVIOUS] = t->previous;
+        PyBuffer_Release(&t->view);
+        PyBuffer_Release(&t->state_view);
     }
     PyMem_Free(tracks);
     for (int k = 0; k < got; k++) PyBuffer_Release(&v[k]);
@@ -302,8 +329,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"encode_spans", encode_spans, METH_VARARGS,
-     "encode_spans(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, base, flow_base)"
-     " -> bytes\n\nThe SLICE_BEGIN/SLICE_END TracePackets of every span, merged by time (see pftrace_rows.py)."},
+     "encode_spans(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, states, base,"
+     " flow_base, max_bytes) -> bytes\n\nThe next SLICE_BEGIN/SLICE_END TracePackets of the spans, merged by time,"
+     " until about max_bytes (see pftrace_rows.py); b'' when all are written."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,5 +6,5 @@ from collections.abc import Sequence
 API: int
 
 def encode_spans(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
-                 flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int], base: int,
-                 flow_base: int) -> bytes: ...
+                 flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int],
+                 states: Sequence[array], base: int, flow_base: int, max_bytes: int) -> bytes: ...

@@ -31,7 +31,7 @@ from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
 
 from ..format import (ARG_NAMES, CATEGORIES, FORMAT_VERSION, PFTRACE_FORMAT, PFTRACE_INCREMENTAL_CLOCK, PFTRACE_METADATA,
                       TraceData, pftrace_process_uuid, pftrace_track_uuid)
-from .pftrace_rows import encode_spans
+from .pftrace_rows import span_packets
 
 
 _CLEARED = TracePacket.SEQ_INCREMENTAL_STATE_CLEARED
@@ -111,10 +111,11 @@ class PftraceWriter:
             builder.write_packet(_sequence_start(sequence, pftrace_track_uuid(rank, tid), data.names))
             track_rows.append(rows)
             sequences.append(sequence)
-        # Every span's begin and end packet, merged by time (pftrace_rows.py says how).
-        self._stream.write(encode_spans(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
-                                        spans.flags, spans.flow, spans.lag, track_rows, sequences, data.base_ns,
-                                        flow_base))
+        # Every span's begin and end packet, merged by time, a chunk at a time
+        # (pftrace_rows.py says how).
+        for chunk in span_packets(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
+                                  spans.flags, spans.flow, spans.lag, track_rows, sequences, data.base_ns, flow_base):
+            self._stream.write(chunk)
         streams = []
         for counter in data.counters:
             sequence = self._sequence()

@@ -6,6 +6,9 @@ is the reference and the fallback. The encoding, per event:
 * per track, a nesting walk over its spans (given in nesting order): before each span
   begins, the spans that ended by then close, innermost first;
 * the tracks' events merged by time, ties going to the track listed first;
+* written in chunks of about ``CHUNK_BYTES``: each call resumes every track's walk where
+  the last one stopped (its state is an array the caller keeps), so the writer never
+  holds more than a chunk of packets, however long the trace;
 * each event is one ``Trace.packet`` (field 1), length-delimited::
 
       TracePacket { timestamp (8): ns since the previous packet of its sequence,
@@ -23,7 +26,6 @@ Names, categories and argument names are the iids the sequence's first packet in
 
 from __future__ import annotations
 
-import heapq
 import struct
 from array import array
 from collections.abc import Iterator, Sequence
@@ -32,7 +34,7 @@ from .._native import compiled, why_not
 from ..format import APPROXIMATE, COMPILED, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG
 
 _pftrace_rows = compiled("writers._pftrace_rows")
-_API = 1  # the encode_spans this file calls (_pftrace_rows.c API_VERSION)
+_API = 2  # the encode_spans this file calls (_pftrace_rows.c API_VERSION)
 if _pftrace_rows is not None and getattr(_pftrace_rows, "API", None) != _API:
     why_not["writers._pftrace_rows"] = "built from another version of modtimeline (its arguments differ)"
     _pftrace_rows = None
@@ -92,41 +94,73 @@ def _packet(delta: int, sequence: int, event: bytes) -> bytes:
     return b"\x0a" + varint(len(body)) + body
 
 
-def _nesting_events(begin: array, end: array, rows: array) -> Iterator[tuple[int, int, bool]]:
-    """(time, row, begins) of one track, its spans in nesting order."""
-    stack: list[int] = []
-    for row in rows:
-        start = begin[row]
-        while stack and end[stack[-1]] <= start:
-            closed = stack.pop()
-            yield end[closed], closed, False
-        yield start, row, True
-        stack.append(row)
-    while stack:
-        closed = stack.pop()
-        yield end[closed], closed, False
+# A track's walk, resumable: an array('q') of [next row to begin, depth, last timestamp
+# written (relative to base), the open rows...] (the compiled twin updates it in place).
+_NEXT, _DEPTH, _PREVIOUS, _STACK = range(4)
+CHUNK_BYTES = 4 << 20  # packets per call: the writer's memory stays bounded by this
+
+
+def new_states(track_rows: Sequence[array]) -> list[array]:
+    return [array("q", bytes(8 * (_STACK + len(rows)))) for rows in track_rows]
+
+
+def _peek(rows: array, state: array, begin: array, end: array) -> tuple[int, int, bool] | None:
+    """The track's next event: (time, row, begins), or None when it has none left."""
+    depth = state[_DEPTH]
+    top = state[_STACK + depth - 1] if depth else -1
+    if state[_NEXT] < len(rows):
+        candidate = rows[state[_NEXT]]
+        if depth and end[top] <= begin[candidate]:
+            return end[top], top, False
+        return begin[candidate], candidate, True
+    if depth:
+        return end[top], top, False
+    return None
 
 
 def encode_spans_python(begin: array, end: array, name: array, category: array, call: array, step: array,
                         flags: array, flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int],
-                        base: int, flow_base: int) -> bytes:
-    """What ``_pftrace_rows.encode_spans`` does, in Python (the same bytes)."""
-    out = []
-    previous = [0] * len(track_rows)
-    merged = heapq.merge(*([(time, k, row, begins) for time, row, begins in _nesting_events(begin, end, rows)]
-                           for k, rows in enumerate(track_rows)), key=lambda item: item[0])
-    for time, k, row, begins in merged:
-        event = _begin_event(category[row], step[row], call[row], flags[row], lag[row], name[row], flow[row],
-                             flow_base) if begins else _END_EVENT
+                        states: Sequence[array], base: int, flow_base: int, max_bytes: int) -> bytes:
+    """What ``_pftrace_rows.encode_spans`` does, in Python (the same bytes, the same states)."""
+    out: list[bytes] = []
+    size = 0
+    while size < max_bytes:
+        best: tuple[int, int, bool] | None = None
+        best_track = -1
+        for k, rows in enumerate(track_rows):  # the earliest next event; ties: the track listed first
+            event = _peek(rows, states[k], begin, end)
+            if event is not None and (best is None or event[0] < best[0]):
+                best, best_track = event, k
+        if best is None:
+            break
+        time, row, begins = best
+        state = states[best_track]
+        if begins:
+            state[_STACK + state[_DEPTH]] = row
+            state[_DEPTH] += 1
+            state[_NEXT] += 1
+        else:
+            state[_DEPTH] -= 1
+        encoded = _begin_event(category[row], step[row], call[row], flags[row], lag[row], name[row], flow[row],
+                               flow_base) if begins else _END_EVENT
         relative = time - base
-        out.append(_packet(relative - previous[k], sequences[k], event))
-        previous[k] = relative
+        packet = _packet(relative - state[_PREVIOUS], sequences[best_track], encoded)
+        state[_PREVIOUS] = relative
+        out.append(packet)
+        size += len(packet)
     return b"".join(out)
 
 
-def encode_spans(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
+def span_packets(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
                  flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int], base: int,
-                 flow_base: int) -> bytes:
-    """Every span's begin and end packet, merged by time; compiled where it is built."""
+                 flow_base: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Every span's begin and end packet, merged by time, in chunks of about
+    ``chunk_bytes``; compiled where it is built."""
     encode = _pftrace_rows.encode_spans if _pftrace_rows is not None else encode_spans_python
-    return encode(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, base, flow_base)
+    states = new_states(track_rows)
+    while True:
+        chunk = encode(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, states, base,
+                       flow_base, chunk_bytes)
+        if not chunk:
+            return
+        yield chunk
