@@ -29,21 +29,19 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
     ]
     try:
         import torch
-        from torch.utils.cpp_extension import include_paths, library_paths
+        from torch.utils.cpp_extension import CppExtension, library_paths
     except ImportError:
         return parts
+    # torch's own definition (its headers, libraries and language); the C++ standard, the
+    # ABI macro and the run path are ours, as torch's BuildExtension would set them.
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    parts.append(Extension(
+    parts.append(CppExtension(
         "modtimeline._hotpath",
         [source("_hotpath.cpp")],
         depends=[header],
-        include_dirs=include_paths(),
-        library_dirs=library_paths(),
-        libraries=["c10", "torch", "torch_cpu", "torch_python"],
         extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
                             "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         extra_link_args=[f"-Wl,-rpath,{path}" for path in library_paths()],
-        language="c++",
         optional=True,
     ))
     return parts
