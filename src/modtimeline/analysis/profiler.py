@@ -23,10 +23,9 @@ stream, a ``cuda:N stream S (kernels)`` track with one span per (module, kernel)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import orjson
 
@@ -269,32 +268,14 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
 
 
 def _write(output: Path, metadata: dict[str, Any], events: list[Any], ours: TraceData, extra: dict[str, Any]) -> None:
-    from ..writers import format_for
-    from ..writers.atomic import atomic_output
+    from ..writers import format_for, trace_output
+    from ..writers.chrome import ChromeWriter
 
     fmt = format_for(output)
     if fmt == "pftrace":
         raise TraceFormatError("a profiler merge writes .json or .json.gz (the profiler's own events are JSON)")
-    with atomic_output(output) as stream:
-        if fmt == "json.gz":
-            import gzip
-
-            with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
-                _write_chrome(cast(BinaryIO, gz), metadata, events, ours, extra)
-        else:
-            _write_chrome(stream, metadata, events, ours, extra)
-
-
-def _write_chrome(stream: BinaryIO, metadata: dict[str, Any], events: list[Any], ours: TraceData,
-                  extra: dict[str, Any]) -> None:
-    from ..writers.chrome import ChromeWriter
-
-    writer = ChromeWriter(stream, metadata)
-    writer.add_events(_dumped(events))
-    writer.add_process(ours, None, FLOW_BASE)
-    writer.close(extra)
-
-
-def _dumped(events: list[Any]) -> Iterator[bytes]:
-    for event in events:
-        yield orjson.dumps(event)
+    with trace_output(output, fmt) as stream:
+        writer = ChromeWriter(stream, metadata)
+        writer.add_events(orjson.dumps(event) for event in events)
+        writer.add_process(ours, None, FLOW_BASE)
+        writer.close(extra)

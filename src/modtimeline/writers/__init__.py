@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
@@ -31,25 +33,39 @@ def format_for(path: str | Path, format: str | None = None) -> str:
     return "json"
 
 
+@contextmanager
+def trace_output(path: str | Path, fmt: str) -> Iterator[BinaryIO]:
+    """The stream to write a trace to: a file that replaces ``path`` atomically when the
+    block ends (for ``json.gz``, compressing into it)."""
+    from .atomic import atomic_output
+
+    with atomic_output(path) as file:
+        if fmt == "json.gz":
+            import gzip
+
+            with gzip.GzipFile(fileobj=file, mode="wb", compresslevel=6, mtime=0) as gz:
+                yield cast(BinaryIO, gz)
+        else:
+            yield file
+
+
+def _size(path: str | Path) -> int:
+    return os.stat(os.path.expanduser(os.fspath(path))).st_size
+
+
 def write_trace(data: TraceData, path: str | Path, format: str | None = None) -> int:
     """Write ``data`` atomically to ``path``; returns the number of bytes written."""
-    from .atomic import atomic_output
     from .chrome import write_chrome_json
 
     fmt = format_for(path, format)
-    with atomic_output(path) as stream:
+    with trace_output(path, fmt) as stream:
         if fmt == "pftrace":
             from .perfetto import write_pftrace  # protobuf classes load only when needed
 
             write_pftrace(data, stream)
-        elif fmt == "json.gz":
-            import gzip
-
-            with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
-                write_chrome_json(data, cast(BinaryIO, gz))
         else:
             write_chrome_json(data, stream)
-        return stream.tell()
+    return _size(path)
 
 
 def write_processes(path: str | Path, metadata: dict[str, Any], processes: Iterable[tuple[TraceData, str, int]],
@@ -57,28 +73,19 @@ def write_processes(path: str | Path, metadata: dict[str, Any], processes: Itera
     """Write several processes (ranks) into one file, atomically, each as it comes:
     ``processes`` yields (data on the file's time base ``metadata["base_ns"]``, process
     name, flow id base). Returns the number of bytes written."""
-    from .atomic import atomic_output
     from .chrome import ChromeWriter
 
     fmt = format_for(path, format)
-    with atomic_output(path) as stream:
+    with trace_output(path, fmt) as stream:
         if fmt == "pftrace":
             from .perfetto import PftraceWriter
 
             writer = PftraceWriter(stream, metadata)
             for data, name, flow_base in processes:
                 writer.add_process(data, name, flow_base)
-        elif fmt == "json.gz":
-            import gzip
-
-            with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=6, mtime=0) as gz:
-                chrome = ChromeWriter(cast(BinaryIO, gz), metadata)
-                for data, name, flow_base in processes:
-                    chrome.add_process(data, name, flow_base)
-                chrome.close()
         else:
             chrome = ChromeWriter(stream, metadata)
             for data, name, flow_base in processes:
                 chrome.add_process(data, name, flow_base)
             chrome.close()
-        return stream.tell()
+    return _size(path)
