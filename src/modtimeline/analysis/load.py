@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 from ..errors import TraceFileError, TraceFormatError
 from ..format import (APPROXIMATE, CATEGORIES, COMPILED, FLOW_IN, FLOW_NONE, FLOW_OUT, INCOMPLETE, NO_LAG,
-                      PFTRACE_METADATA, Counter, SpanColumns, Track, TraceData)
+                      Counter, SpanColumns, Track, TraceData)
 from ..gc_pause import paused_gc
-from .reader import (ReadLimits, checked_int, checked_metadata, checked_microseconds, checked_name, guarded_read,
-                     read_bytes)
+from .reader import (ReadLimits, checked_int, checked_metadata, checked_microseconds, checked_name, chrome_document,
+                     guarded_read, read_bytes)
 
 _CATEGORY_INDEX = {name: index for index, name in enumerate(CATEGORIES)}
 
@@ -124,18 +123,8 @@ def _process(path: Path, processes: dict[int, _Process], pid: Any) -> _Process:
 
 
 def _load_chrome(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}); truncated?") from None
-    if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
-        raise TraceFormatError(f"{path}: not a Chrome trace (no traceEvents list)")
-    metadata = checked_metadata(path, document.get("metadata"))
+    metadata, events = chrome_document(path, raw, limits)
     base_ns, processes = _processes(path, metadata)
-    events = document["traceEvents"]
-    if len(events) > limits.max_events:
-        raise TraceFormatError(f"{path}: {len(events):,} events is over the {limits.max_events:,} limit "
-                               "(--max-events raises it)")
     for event in events:
         if not isinstance(event, dict):
             raise TraceFormatError(f"{path}: a trace event is {type(event).__name__}, not an object")
@@ -172,44 +161,22 @@ def _load_chrome(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
 
 
 def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
-    from google.protobuf.message import DecodeError
-    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
 
-    from .pftrace_reader import track_identity
+    from .pftrace_reader import SequenceState, packet_metadata, pftrace_packets, track_identity
 
-    try:
-        proto = TraceProto.FromString(raw)
-    except (DecodeError, RuntimeError, ValueError):
-        raise TraceFormatError(f"{path}: neither JSON nor a Perfetto protobuf trace (or truncated)") from None
-    if len(proto.packet) > limits.max_events:
-        raise TraceFormatError(f"{path}: {len(proto.packet):,} packets is over the {limits.max_events:,} limit "
-                               "(--max-events raises it)")
-    metadata: dict[str, Any] | None = None
-    for packet in proto.packet:
-        if packet.HasField("chrome_events"):
-            for entry in packet.chrome_events.metadata:
-                if entry.name == PFTRACE_METADATA:
-                    try:
-                        metadata = checked_metadata(path, orjson.loads(entry.json_value))
-                    except orjson.JSONDecodeError:
-                        raise TraceFormatError(f"{path}: damaged modtimeline metadata") from None
-            break
+    packets = pftrace_packets(path, raw, limits)
+    metadata = packet_metadata(path, packets[0]) if len(packets) else None
     if metadata is None:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata first)")
     base_ns, processes = _processes(path, metadata)
 
     threads: dict[int, tuple[_Process, int]] = {}  # span track uuid -> (process, tid)
     counters: dict[int, Counter] = {}  # counter track uuid -> its column
-    default_track: dict[int, int] = {}
-    names: dict[int, dict[int, str]] = {}  # per sequence: interned event names
-    category_names: dict[int, dict[int, str]] = {}
-    arg_names: dict[int, dict[int, str]] = {}
-    clock: dict[int, int] = {}
+    state = SequenceState()
     # track uuid -> open slices: [begin, name, category, call, step, flags, flow, lag]
     open_spans: dict[int, list[list[Any]]] = {}
-    for packet in proto.packet:
-        sequence = packet.trusted_packet_sequence_id
+    for packet in packets:
         if packet.HasField("track_descriptor"):
             identity = track_identity(packet.track_descriptor)
             if identity is not None:
@@ -221,21 +188,11 @@ def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
                 else:
                     threads[packet.track_descriptor.uuid] = (process, tid)
                     process.tracks[tid] = track_name
-        if packet.HasField("clock_snapshot"):
-            clock[sequence] = 0
-        if packet.HasField("trace_packet_defaults"):
-            default_track[sequence] = packet.trace_packet_defaults.track_event_defaults.track_uuid
-        if packet.HasField("interned_data"):
-            interned = packet.interned_data
-            names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_names)
-            arg_names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.debug_annotation_names)
-            category_names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_categories)
+        state.absorb(packet)
         if not packet.HasField("track_event"):
             continue
         event = packet.track_event
-        time = clock.get(sequence, 0) + packet.timestamp
-        clock[sequence] = time
-        track = event.track_uuid or default_track.get(sequence, 0)
+        time, track = state.place(packet)
         if event.type == TrackEvent.TYPE_COUNTER:
             counter = counters.get(track)
             if counter is None:
@@ -243,14 +200,7 @@ def _load_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> LoadedTrace:
             counter.times.append(base_ns + time)
             counter.values.append(checked_int(path, event.counter_value, "counter value"))
         elif event.type == TrackEvent.TYPE_SLICE_BEGIN:
-            name = event.name or names.get(sequence, {}).get(event.name_iid, "")
-            category = (category_names.get(sequence, {}).get(event.category_iids[0], "") if event.category_iids
-                        else ",".join(event.categories))
-            args: dict[str, Any] = {}
-            for annotation in event.debug_annotations:
-                arg = arg_names.get(sequence, {}).get(annotation.name_iid, annotation.name)
-                kind = annotation.WhichOneof("value")
-                args[arg] = getattr(annotation, kind) if kind else None
+            name, category, args = state.begin(packet)
             flow = FLOW_OUT if event.flow_ids else FLOW_IN if event.terminating_flow_ids else FLOW_NONE
             lag = args.get("launch_lag_us")
             open_spans.setdefault(track, []).append([
@@ -322,11 +272,10 @@ def _peek_metadata(path: Path, limits: ReadLimits) -> dict[str, Any] | None:
         return None
     from google.protobuf.message import DecodeError
 
+    from .pftrace_reader import packet_metadata
+
     try:
         packet = TracePacket.FromString(head[at: at + length])
     except DecodeError:
         return None  # damaged: the full read says how
-    for entry in packet.chrome_events.metadata:
-        if entry.name == PFTRACE_METADATA:
-            return checked_metadata(path, orjson.loads(entry.json_value))
-    return None
+    return packet_metadata(path, packet)

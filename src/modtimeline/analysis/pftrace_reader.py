@@ -1,19 +1,21 @@
-"""Read the ``.pftrace`` files modtimeline writes back into spans (see writers/perfetto.py)."""
+"""Read the ``.pftrace`` files modtimeline writes back into spans (see writers/perfetto.py);
+the packet-level decoding (packets, metadata, each sequence's incremental state, track
+identities) is shared with ``load.py``, which reads them back whole."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from google.protobuf.message import DecodeError
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackDescriptor, TrackEvent
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackDescriptor, TrackEvent, TracePacket
 
 from ..errors import TraceFormatError
 from ..format import GPU_TRACK_PREFIX, PFTRACE_METADATA, pftrace_rank_and_tid
 from .reader import ReadLimits, Span, Trace, checked_int, checked_metadata, checked_name
-
 
 
 def track_identity(descriptor: TrackDescriptor) -> tuple[int, int, str, bool] | None:
@@ -28,7 +30,8 @@ def track_identity(descriptor: TrackDescriptor) -> tuple[int, int, str, bool] | 
     return rank, tid, descriptor.name, descriptor.HasField("counter")
 
 
-def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
+def pftrace_packets(path: Path, raw: bytes, limits: ReadLimits) -> Sequence[TracePacket]:
+    """The packets of a Perfetto protobuf trace, within the event limit."""
     try:
         proto = TraceProto.FromString(raw)
     except (DecodeError, RuntimeError, ValueError):
@@ -36,64 +39,98 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     if len(proto.packet) > limits.max_events:
         raise TraceFormatError(f"{path}: {len(proto.packet):,} packets is over the {limits.max_events:,} limit "
                                "(--max-events raises it)")
+    return proto.packet
 
+
+def packet_metadata(path: Path, packet: TracePacket) -> dict[str, Any] | None:
+    """The modtimeline metadata a packet holds (the first one of our files), if any."""
+    if not packet.HasField("chrome_events"):
+        return None
+    for entry in packet.chrome_events.metadata:
+        if entry.name == PFTRACE_METADATA:
+            try:
+                return checked_metadata(path, orjson.loads(entry.json_value))
+            except orjson.JSONDecodeError:
+                raise TraceFormatError(f"{path}: damaged modtimeline metadata") from None
+    return None
+
+
+class SequenceState:
+    """What the packets of each sequence mean by what came before them: a running
+    (incremental) clock, a default track, interned names, categories and argument names."""
+
+    def __init__(self) -> None:
+        self._clock: dict[int, int] = {}
+        self._track: dict[int, int] = {}
+        self._names: dict[int, dict[int, str]] = {}
+        self._categories: dict[int, dict[int, str]] = {}
+        self._args: dict[int, dict[int, str]] = {}
+
+    def absorb(self, packet: TracePacket) -> None:
+        """Take in a packet's clock snapshot, defaults and interned data."""
+        sequence = packet.trusted_packet_sequence_id
+        if packet.HasField("clock_snapshot"):
+            self._clock[sequence] = 0
+        if packet.HasField("trace_packet_defaults"):
+            self._track[sequence] = packet.trace_packet_defaults.track_event_defaults.track_uuid
+        if packet.HasField("interned_data"):
+            interned = packet.interned_data
+            self._names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_names)
+            self._categories.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_categories)
+            self._args.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.debug_annotation_names)
+
+    def place(self, packet: TracePacket) -> tuple[int, int]:
+        """(time, track uuid) of a track event packet; its sequence's clock runs on by the
+        packet's delta."""
+        sequence = packet.trusted_packet_sequence_id
+        time = self._clock.get(sequence, 0) + packet.timestamp
+        self._clock[sequence] = time
+        return time, packet.track_event.track_uuid or self._track.get(sequence, 0)
+
+    def begin(self, packet: TracePacket) -> tuple[str, str, dict[str, Any]]:
+        """(name, category, arguments by name) of a slice's begin event."""
+        sequence = packet.trusted_packet_sequence_id
+        event = packet.track_event
+        name = event.name or self._names.get(sequence, {}).get(event.name_iid, "")
+        if event.category_iids:
+            category = self._categories.get(sequence, {}).get(event.category_iids[0], "")
+        else:
+            category = ",".join(event.categories)
+        names = self._args.get(sequence, {})
+        args: dict[str, Any] = {}
+        for annotation in event.debug_annotations:
+            kind = annotation.WhichOneof("value")
+            args[names.get(annotation.name_iid, annotation.name)] = getattr(annotation, kind) if kind else None
+        return name, category, args
+
+
+def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     metadata: dict[str, Any] | None = None
     tracks: dict[int, tuple[int, int, str]] = {}  # uuid -> (pid, tid, name)
-    # Per packet sequence: default track, interned strings, running clock.
-    default_track: dict[int, int] = {}
-    names: dict[int, dict[int, str]] = {}
-    categories: dict[int, dict[int, str]] = {}
-    arg_names: dict[int, dict[int, str]] = {}
-    clock: dict[int, int] = {}
+    state = SequenceState()
     open_spans: dict[int, list[tuple[int, str, str, int, bool]]] = {}  # track uuid -> stack
     # (track uuid, name, category, step, begin, end, approximate)
     spans: list[tuple[int, str, str, int, int, int, bool]] = []
 
-    for packet in proto.packet:
-        sequence = packet.trusted_packet_sequence_id
-        if packet.HasField("chrome_events"):
-            for entry in packet.chrome_events.metadata:
-                if entry.name == PFTRACE_METADATA:
-                    try:
-                        metadata = checked_metadata(path, orjson.loads(entry.json_value))
-                    except orjson.JSONDecodeError:
-                        raise TraceFormatError(f"{path}: damaged modtimeline metadata") from None
+    for packet in pftrace_packets(path, raw, limits):
+        metadata = packet_metadata(path, packet) or metadata
         if packet.HasField("track_descriptor"):
             descriptor = packet.track_descriptor
             identity = track_identity(descriptor)
             if identity is not None and not identity[3]:
                 tracks[descriptor.uuid] = identity[:3]
-        if packet.HasField("clock_snapshot"):
-            clock[sequence] = 0
-        if packet.HasField("trace_packet_defaults"):
-            default_track[sequence] = packet.trace_packet_defaults.track_event_defaults.track_uuid
-        if packet.HasField("interned_data"):
-            interned = packet.interned_data
-            names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_names)
-            categories.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.event_categories)
-            arg_names.setdefault(sequence, {}).update((e.iid, e.name) for e in interned.debug_annotation_names)
+        state.absorb(packet)
         if not packet.HasField("track_event"):
             continue
-        event = packet.track_event
-        time = clock.get(sequence, 0) + packet.timestamp
-        clock[sequence] = time
-        track = event.track_uuid or default_track.get(sequence, 0)
-        if event.type == TrackEvent.TYPE_SLICE_BEGIN:
-            name = event.name or names.get(sequence, {}).get(event.name_iid, "")
-            category = (categories.get(sequence, {}).get(event.category_iids[0], "") if event.category_iids
-                        else ",".join(event.categories))
-            step = -1
-            approximate = False
-            for annotation in event.debug_annotations:
-                arg = arg_names.get(sequence, {}).get(annotation.name_iid, annotation.name)
-                if arg == "step":
-                    step = checked_int(path, annotation.int_value, "slice step")
-                elif arg == "approximate":
-                    approximate = bool(annotation.bool_value)
+        time, track = state.place(packet)
+        kind = packet.track_event.type
+        if kind == TrackEvent.TYPE_SLICE_BEGIN:
+            name, category, args = state.begin(packet)
+            step = checked_int(path, args.get("step", -1), "slice step")
             open_spans.setdefault(track, []).append((time, checked_name(path, name, "slice name", limits),
                                                      checked_name(path, category, "slice category", limits), step,
-                                                     approximate))
-        elif event.type == TrackEvent.TYPE_SLICE_END:
+                                                     args.get("approximate") is True))
+        elif kind == TrackEvent.TYPE_SLICE_END:
             stack = open_spans.get(track)
             if not stack:
                 raise TraceFormatError(f"{path}: a slice ends that never began (damaged trace)")

@@ -213,7 +213,8 @@ def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
     return metadata
 
 
-def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
+def chrome_document(path: Path, raw: bytes, limits: ReadLimits) -> tuple[dict[str, Any], list[Any]]:
+    """(metadata, trace events) of a modtimeline Chrome trace, checked."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -225,6 +226,11 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     if len(events) > limits.max_events:
         raise TraceFormatError(f"{path}: {len(events):,} events is over the {limits.max_events:,} limit "
                                "(--max-events raises it)")
+    return metadata, events
+
+
+def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
+    metadata, events = chrome_document(path, raw, limits)
     thread_names: dict[tuple[int, int], str] = {}
     spans: list[Span] = []
     step_ns: dict[int, int] = {}
