@@ -9,6 +9,8 @@ from typing import Any
 
 # The event layout both C++ parts include (the C++ copy of buffer.py's constants).
 LAYOUT_HEADER = "_layout.h"
+# What both compiled writers share (an output buffer, column views).
+WRITERS_HEADER = "writers/_columns.h"
 
 
 def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
@@ -22,8 +24,10 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
 
     header = source(LAYOUT_HEADER)
     parts = [
-        Extension("modtimeline.writers._chrome_rows", [source("writers/_chrome_rows.c")], optional=True),
-        Extension("modtimeline.writers._pftrace_rows", [source("writers/_pftrace_rows.c")], optional=True),
+        Extension("modtimeline.writers._chrome_rows", [source("writers/_chrome_rows.c")],
+                  depends=[source(WRITERS_HEADER)], optional=True),
+        Extension("modtimeline.writers._pftrace_rows", [source("writers/_pftrace_rows.c")],
+                  depends=[source(WRITERS_HEADER)], optional=True),
         Extension("modtimeline._resolve_cpu", [source("_resolve_cpu.cpp")], depends=[header], language="c++",
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
     ]

@@ -22,7 +22,7 @@ def build(say: Callable[[str], None]) -> list[Path]:
     except ImportError:
         raise ModTimelineError("building needs setuptools: pip install setuptools") from None
     package = Path(__file__).parent
-    missing = [name for name in ("_hotpath.cpp", "_layout.h") if not (package / name).exists()]
+    missing = [name for name in ("_hotpath.cpp", "_layout.h", "writers/_columns.h") if not (package / name).exists()]
     if missing:
         raise ModTimelineError(f"this install of modtimeline has no sources to build from ({', '.join(missing)}); "
                                "reinstall it")

@@ -6,30 +6,7 @@
  * float ever rounds a nanosecond. The text that repeats per (track, name, category),
  * the event's "head", comes from a Python callback, once per distinct key.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef struct {
-    char *data;
-    size_t size;
-    size_t capacity;
-} Output;
-
-static int output_reserve(Output *out, size_t more) {
-    if (out->size + more <= out->capacity) return 0;
-    size_t capacity = out->capacity ? out->capacity : 1 << 16;
-    while (capacity < out->size + more) capacity *= 2;
-    char *data = PyMem_Realloc(out->data, capacity);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    out->data = data;
-    out->capacity = capacity;
-    return 0;
-}
+#include "_columns.h"
 
 /* Callers reserve space first; these only copy. */
 static void put(Output *out, const char *text, size_t length) {
@@ -64,16 +41,6 @@ static void put_micros(Output *out, int64_t ns) {
 }
 
 #define LITERAL(out, text) put(out, text, sizeof(text) - 1)
-
-static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_ssize_t rows, const char *name) {
-    if (PyObject_GetBuffer(object, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return -1;
-    if (view->format == NULL || strcmp(view->format, format) != 0 || view->len / view->itemsize != rows) {
-        PyErr_Format(PyExc_TypeError, "column %s: expected %zd items of array format '%s'", name, rows, format);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
 
 enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 }; /* format.py */
 

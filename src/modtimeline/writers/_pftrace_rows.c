@@ -7,10 +7,7 @@
  * with an incremental timestamp on its track's packet sequence. Both halves write the
  * same bytes (a test compares them).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
+#include "_columns.h"
 
 /* Bumped when encode_spans's arguments or output change: pftrace_rows.py refuses a
  * stale build. */
@@ -19,25 +16,6 @@
 enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 };              /* format.py */
 enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6 }; /* interned */
 enum { SEQ_NEEDS_INCREMENTAL_STATE = 2, TYPE_SLICE_BEGIN = 1, TYPE_SLICE_END = 2 };
-
-typedef struct {
-    uint8_t *data;
-    size_t size, capacity;
-} Output;
-
-static int reserve(Output *out, size_t more) {
-    if (out->size + more <= out->capacity) return 0;
-    size_t capacity = out->capacity ? out->capacity : 1 << 16;
-    while (capacity < out->size + more) capacity *= 2;
-    uint8_t *data = PyMem_Realloc(out->data, capacity);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    out->data = data;
-    out->capacity = capacity;
-    return 0;
-}
 
 static size_t put_varint(uint8_t *at, uint64_t value) {
     size_t n = 0;
@@ -134,8 +112,8 @@ static size_t encode_track_event(uint8_t *event, const Columns *c, int64_t row, 
  * track_event (11), sequence_flags (13) }. */
 static int put_packet(Output *out, uint64_t delta, uint64_t sequence, const uint8_t *event, size_t event_size) {
     size_t body = 1 + varint_size(delta) + 1 + varint_size(sequence) + 1 + varint_size(event_size) + event_size + 2;
-    if (reserve(out, body + 11) < 0) return -1;
-    uint8_t *at = out->data + out->size;
+    if (output_reserve(out, body + 11) < 0) return -1;
+    uint8_t *at = (uint8_t *)out->data + out->size;
     size_t n = 0;
     at[n++] = 0x0A;
     n += put_varint(at + n, body);
@@ -189,16 +167,6 @@ static int peek(const Track *t, const Columns *c, int64_t *time, int64_t *row, i
         *time = c->end[*row];
         *begins = 0;
         return 1;
-    }
-    return 0;
-}
-
-static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_ssize_t rows, const char *name) {
-    if (PyObject_GetBuffer(object, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return -1;
-    if (view->format == NULL || strcmp(view->format, format) != 0 || (rows >= 0 && view->len / view->itemsize != rows)) {
-        PyErr_Format(PyExc_TypeError, "column %s: expected %zd items of array format '%s'", name, rows, format);
-        PyBuffer_Release(view);
-        return -1;
     }
     return 0;
 }
@@ -310,7 +278,7 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         t->previous = relative;
         if ((Py_ssize_t)out.size >= max_bytes) break; /* the rest in the next call */
     }
-    result = PyBytes_FromStringAndSize((const char *)(out.data ? out.data : (uint8_t *)""), (Py_ssize_t)out.size);
+    result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.size);
 
 done:
     PyMem_Free(out.data);
