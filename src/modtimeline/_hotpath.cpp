@@ -750,6 +750,33 @@ PyObject* hooks_own_thread(PyObject* obj, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// adopt(refs): know the module of refs[i] (a weak reference) as index i, for every one
+// still alive: a new recorder takes over the indices of the one before it (registry.py,
+// ModuleRegistry.continued) instead of learning each module again in Python.
+PyObject* hooks_adopt(PyObject* obj, PyObject* refs) {
+  auto* self = reinterpret_cast<HooksObject*>(obj);
+  PyObject* fast = PySequence_Fast(refs, "adopt() takes a sequence of weak references");
+  if (fast == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    PyObject* ref = PySequence_Fast_GET_ITEM(fast, i);
+    if (!PyWeakref_CheckRef(ref)) {
+      Py_DECREF(fast);
+      PyErr_SetString(PyExc_TypeError, "adopt() takes a sequence of weak references");
+      return nullptr;
+    }
+    PyObject* module = PyWeakref_GetObject(ref);  // borrowed; None once dead
+    if (module == Py_None || self->modules->count(module)) continue;
+    PyObject* own = PyWeakref_NewRef(module, nullptr);
+    if (own == nullptr) {
+      Py_DECREF(fast);
+      return nullptr;
+    }
+    self->modules->emplace(module, KnownModule{i, own});
+  }
+  Py_DECREF(fast);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef hooks_methods[] = {
     {"pre_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hooks_pre_forward)), METH_FASTCALL,
      "global forward pre-hook"},
@@ -757,6 +784,7 @@ PyMethodDef hooks_methods[] = {
      METH_FASTCALL, "global forward hook (always called, with kwargs)"},
     {"reset", hooks_reset, METH_NOARGS, "forget open forwards"},
     {"own_thread", hooks_own_thread, METH_NOARGS, "record the calling thread's forwards from now on"},
+    {"adopt", hooks_adopt, METH_O, "adopt(refs): know the module of refs[i] as index i (those alive)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -314,6 +314,9 @@ class PythonForwardHooks:
 
 # --------------------------------------------------------------------- Recorder
 
+# The registry of the recorder that ended last (module names and weak references only).
+_last_registry: ModuleRegistry | None = None
+
 
 class Recorder:
     """Records the module calls of the thread that owns it while it is entered.
@@ -322,7 +325,9 @@ class Recorder:
 
     def __init__(self, buffer: EventBuffer | NativeEventBuffer) -> None:
         self.buffer = buffer
-        self.registry = ModuleRegistry()
+        # The module indices of the recorder that ended last: a model traced by one
+        # Timeline after another is not learned again (~1 µs a module, in Python).
+        self.registry = _last_registry.continued() if _last_registry is not None else ModuleRegistry()
         # Calls whose forward ended by raising (their forward hook ran with no output).
         self.raised_calls: set[int] = set()
         self._global_handles: list[Any] = []
@@ -333,6 +338,11 @@ class Recorder:
             self._store = buffer.store
             hotpath = sys.modules[type(self._store).__module__]  # the store's own extension module
             self._forward = hotpath.ForwardHooks(self._store, self)
+            adopt = getattr(self._forward, "adopt", None)  # (absent from a hot path built before it)
+            if adopt is not None:
+                adopt(self.registry.refs)
+            else:
+                self.registry = ModuleRegistry()
         else:
             self._marks = PythonNodeMarks(buffer)
             self._forward = PythonForwardHooks(buffer, self._marks, self)
@@ -361,11 +371,13 @@ class Recorder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        global _last_registry
         for handle in self._global_handles:
             handle.remove()
         self._global_handles = []
         self._forward.reset()
         self.end_step()
+        _last_registry = self.registry
 
     def end_step(self) -> None:
         """The step's backward has run, or the buffer was cleared (node ids start again):

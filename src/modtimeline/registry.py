@@ -17,20 +17,54 @@ from .buffer import MAX_MODULES
 
 __all__ = ["ModuleRegistry", "fqn_of", "is_compiler_graph"]
 
-# FQN and root of every module named so far, for the whole process.
-_FQN_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.ref[torch.nn.Module]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+class _Named:
+    """What the process knows of one module: its FQN, its root, a weak reference to it."""
+
+    __slots__ = ("ref", "fqn", "root", "is_compiled_wrapper")
+
+    def __init__(self, module: torch.nn.Module, fqn: str, root: weakref.ref[torch.nn.Module] | None) -> None:
+        key = id(module)
+        self.ref: weakref.ref[torch.nn.Module] = weakref.ref(module, lambda ref: _forget(key, ref))
+        self.fqn = fqn
+        self.root = root if root is not None else self.ref
+        self.is_compiled_wrapper = type(module).__name__ in _NAMELESS_WRAPPERS
+
+
+# Every module named so far, for the whole process, by id(). (Not a WeakKeyDictionary:
+# its lookup makes a weak reference per call, ~1 µs, and a Timeline looks up every
+# module of the model once more.)
+_NAMED: dict[int, _Named] = {}
+
+
+def _forget(key: int, ref: weakref.ref[torch.nn.Module]) -> None:
+    """A named module died: drop its entry, unless its address was reused by a module
+    named since (then the entry is the new module's)."""
+    entry = _NAMED.get(key)
+    if entry is not None and entry.ref is ref:
+        del _NAMED[key]
+
+
+def _named(module: torch.nn.Module) -> _Named | None:
+    entry = _NAMED.get(id(module))
+    return entry if entry is not None and entry.ref() is module else None
+
+
+def named(module: torch.nn.Module) -> _Named:
+    """What the process knows of ``module``, naming it (and the tree under it) on first
+    sight: an unnamed module becomes a root named by the class of the model it stands for
+    (a wrapper by the model it wraps)."""
+    entry = _named(module)
+    if entry is None:
+        _name_tree(module, _class_name(_unwrapped(module)), None)
+        entry = _NAMED[id(module)]
+    return entry
 
 
 def fqn_of(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
-    """(FQN, root) of ``module``; an unnamed module becomes a root named by the class of
-    the model it stands for (a wrapper by the model it wraps)."""
-    entry = _FQN_CACHE.get(module)
-    if entry is None:
-        _name_tree(module, _class_name(_unwrapped(module)), weakref.ref(module))
-        entry = _FQN_CACHE[module]
-    return entry
+    """(FQN, root) of ``module``, naming it on first sight (see ``named``)."""
+    entry = named(module)
+    return entry.fqn, entry.root
 
 
 # Wrappers whose child holds the user's model under a name the user never wrote: the
@@ -83,20 +117,23 @@ def _graph_module_class() -> type:
 
 def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]] | None:
     """(FQN, root) if ``module`` was named already, else None (names nothing)."""
-    return _FQN_CACHE.get(module)
+    entry = _named(module)
+    return None if entry is None else (entry.fqn, entry.root)
 
 
-def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module]) -> None:
+def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module] | None) -> None:
+    """Name ``module`` and the unnamed modules under it; ``root``: None for the root."""
     wrapper = type(module).__name__
     wrapped = _WRAPPER_CHILDREN.get(wrapper)
     if wrapped is not None and isinstance(getattr(module, wrapped, None), torch.nn.Module):
-        _FQN_CACHE[module] = (name if wrapper in _NAMELESS_WRAPPERS else f"{name} ({wrapper})", root)
+        fqn = name if wrapper in _NAMELESS_WRAPPERS else f"{name} ({wrapper})"
     else:
         wrapped = None
-        _FQN_CACHE[module] = (name, root)
+        fqn = name
+    entry = _NAMED[id(module)] = _Named(module, fqn, root)
     for child_name, child in module.named_children():
-        if child not in _FQN_CACHE:
-            _name_tree(child, name if child_name == wrapped else f"{name}.{child_name}", root)
+        if _named(child) is None:
+            _name_tree(child, name if child_name == wrapped else f"{name}.{child_name}", entry.root)
 
 
 class ModuleRegistry:
@@ -116,6 +153,25 @@ class ModuleRegistry:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def refs(self) -> list[weakref.ref[torch.nn.Module]]:
+        """A weak reference to each module, by index."""
+        return self._refs
+
+    def continued(self) -> ModuleRegistry:
+        """A new registry that knows this one's modules by the same indices, for the next
+        recorder (a Timeline made per step would otherwise learn every module again); an
+        empty one once most of them died, so the indices never pile up over models."""
+        successor = ModuleRegistry()
+        alive = sum(ref() is not None for ref in self._refs)
+        if alive * 2 >= len(self._refs):
+            successor.names = self.names.copy()
+            successor._refs = self._refs.copy()
+            successor._index_by_id = self._index_by_id.copy()
+            successor.roots = self.roots.copy()
+            successor.compiled = self.compiled.copy()
+        return successor
 
     def lookup(self, module: torch.nn.Module) -> int | None:
         """The index of ``module`` if it has one, else None."""
@@ -137,14 +193,14 @@ class ModuleRegistry:
             return index
         if len(self.names) >= MAX_MODULES:
             raise ModTimelineError(f"more than {MAX_MODULES:,} distinct modules; modtimeline cannot track them")
-        name, root = fqn_of(module)
-        if root() is module:
+        entry = named(module)
+        if entry.root is entry.ref:  # (a root's entry holds one reference as both)
             self.roots.add(id(module))
         index = len(self.names)
-        if type(module).__name__ in _NAMELESS_WRAPPERS:
+        if entry.is_compiled_wrapper:
             self.compiled.add(index)
-        self.names.append(name)
-        self._refs.append(weakref.ref(module))
+        self.names.append(entry.fqn)
+        self._refs.append(entry.ref)
         self._index_by_id[id(module)] = index
         return index
 

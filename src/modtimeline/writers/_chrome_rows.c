@@ -3,8 +3,8 @@
  * The optional compiled half of writers/chrome.py (which keeps a pure-Python path
  * for machines without a compiler): one C loop writes every "ph":"X" event of a chunk,
  * with times as exact integer microseconds and three decimals (ns / 1000), so no
- * float ever rounds a nanosecond. The text that repeats per (track, name, category),
- * the event's "head", comes from a Python callback, once per distinct key.
+ * float ever rounds a nanosecond. Names come already JSON-escaped (one bytes object per
+ * name index), categories as plain bytes: no Python runs per row.
  */
 #include "_columns.h"
 
@@ -44,12 +44,27 @@ static void put_micros(Output *out, int64_t ns) {
 
 enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 }; /* format.py */
 
+/* The bytes at `index` of list `list` (a name or a category), or NULL with an error. */
+static PyObject *item_bytes(PyObject *list, int64_t index, const char *what) {
+    if (index < 0 || index >= PyList_GET_SIZE(list)) {
+        PyErr_Format(PyExc_ValueError, "%s index %lld out of range", what, (long long)index);
+        return NULL;
+    }
+    PyObject *item = PyList_GET_ITEM(list, index);
+    if (!PyBytes_Check(item)) {
+        PyErr_Format(PyExc_TypeError, "%s %lld must be bytes", what, (long long)index);
+        return NULL;
+    }
+    return item;
+}
+
 static PyObject *format_spans(PyObject *module, PyObject *args) {
     PyObject *track_o, *name_o, *category_o, *begin_o, *end_o, *step_o, *call_o, *flags_o, *flow_o, *lag_o;
-    PyObject *make_head;
-    long long base, flow_base;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLO", &track_o, &name_o, &category_o, &begin_o, &end_o, &step_o,
-                          &call_o, &flags_o, &flow_o, &lag_o, &base, &flow_base, &make_head))
+    PyObject *names_json, *categories;
+    long long base, flow_base, pid;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOLLLO!O!", &track_o, &name_o, &category_o, &begin_o, &end_o, &step_o,
+                          &call_o, &flags_o, &flow_o, &lag_o, &base, &flow_base, &pid, &PyList_Type, &names_json,
+                          &PyList_Type, &categories))
         return NULL;
     Py_ssize_t rows = PyObject_Length(begin_o);
     if (rows < 0) return NULL;
@@ -66,34 +81,25 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
     const int64_t *call = v[6].buf, *lag = v[9].buf;
     const int8_t *category = v[2].buf, *flags = v[7].buf, *flow = v[8].buf;
 
-    PyObject *heads = PyDict_New(); /* (track, name, category) packed in one int -> head bytes */
-    if (heads == NULL) goto fail_views;
     Output out = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < rows; i++) {
-        PyObject *key = PyLong_FromLongLong(((long long)track[i] << 40) ^ ((long long)name[i] << 8) ^ category[i]);
-        if (key == NULL) goto fail;
-        PyObject *head = PyDict_GetItemWithError(heads, key); /* borrowed */
-        if (head == NULL) {
-            if (PyErr_Occurred()) {
-                Py_DECREF(key);
-                goto fail;
-            }
-            head = PyObject_CallFunction(make_head, "LLi", (long long)track[i], (long long)name[i], (int)category[i]);
-            if (head == NULL || !PyBytes_Check(head) || PyDict_SetItem(heads, key, head) < 0) {
-                if (head != NULL && !PyBytes_Check(head))
-                    PyErr_SetString(PyExc_TypeError, "make_head must return bytes");
-                Py_XDECREF(head);
-                Py_DECREF(key);
-                goto fail;
-            }
-            Py_DECREF(head); /* the dict holds it */
-        }
-        Py_DECREF(key);
-        Py_ssize_t head_length = PyBytes_GET_SIZE(head);
-        /* head + 6 numbers of at most 22 characters + the fixed text around them */
-        if (output_reserve(&out, (size_t)head_length + 6 * 24 + 160) < 0) goto fail;
+        PyObject *name_json = item_bytes(names_json, name[i], "name");
+        PyObject *category_text = name_json ? item_bytes(categories, category[i], "category") : NULL;
+        if (category_text == NULL) goto fail;
+        size_t name_length = (size_t)PyBytes_GET_SIZE(name_json), category_length = (size_t)PyBytes_GET_SIZE(category_text);
+        /* the name and category + 8 numbers of at most 22 characters + the fixed text around them */
+        if (output_reserve(&out, name_length + category_length + 8 * 24 + 200) < 0) goto fail;
         if (i) LITERAL(&out, ",\n");
-        put(&out, PyBytes_AS_STRING(head), (size_t)head_length);
+        /* (the same text as chrome._head) */
+        LITERAL(&out, "{\"ph\":\"X\",\"pid\":");
+        put_int(&out, pid);
+        LITERAL(&out, ",\"tid\":");
+        put_int(&out, track[i]);
+        LITERAL(&out, ",\"name\":");
+        put(&out, PyBytes_AS_STRING(name_json), name_length);
+        LITERAL(&out, ",\"cat\":\"");
+        put(&out, PyBytes_AS_STRING(category_text), category_length);
+        LITERAL(&out, "\",\"ts\":");
         put_micros(&out, begin[i] - base);
         LITERAL(&out, ",\"dur\":");
         put_micros(&out, end[i] - begin[i]);
@@ -121,13 +127,11 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
     }
     PyObject *result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.size);
     PyMem_Free(out.data);
-    Py_DECREF(heads);
     for (int k = 0; k < 10; k++) PyBuffer_Release(&v[k]);
     return result;
 
 fail:
     PyMem_Free(out.data);
-    Py_DECREF(heads);
 fail_views:
     for (int k = 0; k < got; k++) PyBuffer_Release(&v[k]);
     return NULL;
@@ -135,7 +139,8 @@ fail_views:
 
 static PyMethodDef methods[] = {
     {"format_spans", format_spans, METH_VARARGS,
-     "format_spans(track, name, category, begin, end, step, call, flags, flow, lag, base, flow_base, make_head) -> bytes\n\n"
+     "format_spans(track, name, category, begin, end, step, call, flags, flow, lag, base, flow_base, pid, names_json, "
+     "categories) -> bytes\n\n"
      "Chrome 'X' events for every row of the span columns, joined by ',\\n'; flow ids are call + flow_base."},
     {NULL, NULL, 0, NULL},
 };
@@ -143,7 +148,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_chrome_rows", NULL, -1, methods};
 
 /* Bumped when format_spans's arguments change: chrome.py refuses a stale build. */
-#define API_VERSION 2
+#define API_VERSION 3
 
 PyMODINIT_FUNC PyInit__chrome_rows(void) {
     PyObject *module = PyModule_Create(&definition);

@@ -65,6 +65,9 @@ def remove_leftovers(folder: str, name: str) -> list[str]:
     return removed
 
 
+_swept: set[str] = set()  # the files whose folder was swept of leftovers by this process
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """Write to a temporary file beside ``path`` and rename it over ``path`` on success.
@@ -74,7 +77,11 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     ``path`` is untouched; a directory at ``path`` is never moved or replaced."""
     target = os.path.expanduser(os.fspath(path))
     folder, name = os.path.split(target)
-    remove_leftovers(folder, name)
+    if target not in _swept:
+        # Once per file and process: a folder of many traces is not listed at every write,
+        # and what a process killed later leaves is swept by the next process that writes.
+        remove_leftovers(folder, name)
+        _swept.add(target)
     # Unique within the process by the counter, across processes by the pid; O_EXCL
     # refuses anything already there. Mode 0o644 less the umask, as for any new file.
     while True:

@@ -27,7 +27,7 @@ from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FLOW_IN,
 
 # The compiled row formatter (setup.py); without it, the Python path below.
 _chrome_rows = compiled("writers._chrome_rows")
-_CHROME_ROWS_API = 2  # the format_spans arguments this file passes (_chrome_rows.c API_VERSION)
+_CHROME_ROWS_API = 3  # the format_spans arguments this file passes (_chrome_rows.c API_VERSION)
 if _chrome_rows is not None and getattr(_chrome_rows, "API", None) != _CHROME_ROWS_API:
     why_not["writers._chrome_rows"] = "built from another version of modtimeline (its arguments differ)"
     _chrome_rows = None
@@ -106,9 +106,10 @@ class ChromeWriter:
         stream.write(b",\n".join(orjson.dumps(e) for e in meta_events))
 
         templates: dict[tuple[int, int, int, int, int], bytes] = {}
+        names_json = list(map(orjson.dumps, data.names)) if _chrome_rows is not None else []
         for start in range(0, len(spans), CHUNK_ROWS):
             if _chrome_rows is not None:
-                _write_span_chunk_compiled(stream, spans, start, start + CHUNK_ROWS, base, flow_base, pid, data.names)
+                _write_span_chunk_compiled(stream, spans, start, start + CHUNK_ROWS, base, flow_base, pid, names_json)
             else:
                 _write_span_chunk(stream, spans, start, start + CHUNK_ROWS, base, flow_base, pid, data.names, templates)
 
@@ -139,25 +140,24 @@ def _template(pid: int, tid: int, name: str, category: int, flow: int, flags: in
             + b'%b,"dur":%b,"args":{"step":%b%b,"call":' + _TAILS[flow, flags])
 
 
-# Module spans come back in every window (and Timeline) of a long run: their heads and
-# templates are kept. (Step spans' are not: "step N" is a new name every step.)
-_module_head = lru_cache(maxsize=1 << 14)(_head)
+# Module spans come back in every window (and Timeline) of a long run: their templates
+# are kept. (Step spans' are not: "step N" is a new name every step.)
 _module_template = lru_cache(maxsize=1 << 14)(_template)
 
 
+_CATEGORY_BYTES = [category.encode() for category in CATEGORIES]
+
+
 def _write_span_chunk_compiled(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, flow_base: int,
-                               pid: int, names: list[str]) -> None:
-    """Rows ``start:stop`` by the C formatter: the same events, times as exact integer µs."""
-
-    def head(tid: int, name: int, category: int) -> bytes:
-        return (_head if category == STEP else _module_head)(pid, tid, names[name], category)
-
+                               pid: int, names_json: list[bytes]) -> None:
+    """Rows ``start:stop`` by the C formatter: the same events (heads as ``_head`` writes
+    them), times as exact integer µs."""
     rows = slice(start, stop)
     stream.write(b",\n")
     stream.write(_chrome_rows.format_spans(  # type: ignore[union-attr]
         spans.track[rows], spans.name[rows], spans.category[rows], spans.begin[rows], spans.end[rows],
         spans.step[rows], spans.call[rows], spans.flags[rows], spans.flow[rows], spans.lag[rows], base, flow_base,
-        head))
+        pid, names_json, _CATEGORY_BYTES))
 
 
 def _write_span_chunk(stream: BinaryIO, spans: SpanColumns, start: int, stop: int, base: int, flow_base: int,
