@@ -4,8 +4,9 @@ For --spans sizes (default 1 M, 2.5 M and 5 M spans of a 148-module model, step 
 step), each in a fresh process: build the span columns, then write them. The columns are
 the trace, held either way; what the write adds is measured twice: the growth of the
 process's peak RSS over the write, and the peak of the write's own allocations
-(tracemalloc, a second write). The packets are encoded a chunk at a time, so only the
-per-track row lists (8 bytes a span) grow with the trace.
+(tracemalloc, a second write). The packets are encoded and compressed a chunk at a time,
+and each track's walk holds only its open spans, so nothing the write holds grows with
+the trace.
 
     python benchmarks/big_trace.py [--spans 1000000 2500000 5000000] [--ui] [--out benchmarks/results]
 """

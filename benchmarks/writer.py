@@ -8,7 +8,8 @@ then, for .json, .json.gz and .pftrace, times resolve + write and write alone
 * buffered events/s: events in the recording buffer turned into a file per second
   (resolve + write), the figure the issue's ">= 2 million events/s" asks about;
 * spans/s: trace events (one per span) written per second, write alone;
-* bytes per span on disk, and bytes per buffered event in memory.
+* bytes per span on disk, and bytes per buffered event in memory;
+* read back: the file read into spans as ``summary`` and ``diff`` read it.
 
     python benchmarks/writer.py [--steps 1000] [--reps 5] [--out benchmarks/results]
 """
@@ -32,6 +33,7 @@ from modtimeline.gc_pause import paused_gc  # noqa: E402
 from modtimeline import resolve as resolve_module  # noqa: E402
 from modtimeline.resolve import resolve  # noqa: E402
 from modtimeline.writers import write_trace  # noqa: E402
+from modtimeline.analysis.reader import read_trace  # noqa: E402
 
 
 class LanguageModel(torch.nn.Module):
@@ -114,12 +116,19 @@ def main() -> int:
                 times.append(time.perf_counter() - start)
             write_s = statistics.median(times)
             size = path.stat().st_size
+            # Read back as summary and diff read it (file -> spans).
+            read_times = []
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                read_trace(path)
+                read_times.append(time.perf_counter() - start)
             results["formats"][suffix] = {
                 "write_s": write_s,
                 "spans_per_s": spans / write_s,
                 "buffered_events_per_s": events / (write_s + results["resolve_s"]),
                 "bytes_per_span": size / spans,
                 "file_bytes": size,
+                "read_s": statistics.median(read_times),
             }
     json_size = results["formats"][".json"]["file_bytes"]
     lines = [
@@ -130,14 +139,17 @@ def main() -> int:
         f", pure-Python resolve {results['python_resolve_s'] * 1e3:.0f} ms "
         f"({events / results['python_resolve_s'] / 1e6:.2f} M events/s). Medians of {args.reps}.",
         "",
-        "| format | write (ms) | spans/s (write) | buffered events/s (resolve + write) | bytes/span on disk | size vs .json |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| format | write (ms) | spans/s (write) | buffered events/s (resolve + write) | bytes/span on disk | size vs .json "
+        "| read back (ms) | read vs .json |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    json_read = results["formats"][".json"]["read_s"]
     for suffix, row in results["formats"].items():
         ratio = json_size / row["file_bytes"]
         lines.append(f"| {suffix} | {row['write_s'] * 1e3:.0f} | {row['spans_per_s'] / 1e6:.2f} M | "
                      f"{row['buffered_events_per_s'] / 1e6:.2f} M | {row['bytes_per_span']:.1f} | "
-                     f"{'1×' if suffix == '.json' else f'{ratio:.1f}× smaller'} |")
+                     f"{'1×' if suffix == '.json' else f'{ratio:.1f}× smaller'} | {row['read_s'] * 1e3:.0f} | "
+                     f"{row['read_s'] / json_read:.2f}× |")
     save("writer", results, "\n".join(lines), args.out)
     return 0
 

@@ -78,27 +78,37 @@ def _nested_trace(rows: int = 3000) -> TraceData:
     return TraceData(0, 0, ["Model", "Model.a", "Model.b", "Model.c"], [], spans.in_nesting_order())
 
 
-def _track_rows(spans: SpanColumns) -> list[array]:
-    by_track: dict[int, array] = {}
-    for row, tid in enumerate(spans.track):
-        by_track.setdefault(tid, array("q")).append(row)
-    return [rows for _, rows in sorted(by_track.items())]
+def _interleaved(data: TraceData) -> TraceData:
+    """The same spans with the tracks' rows interleaved by time (as a trace read back from
+    a file may hold them); each track's rows keep their nesting order."""
+    spans = data.spans
+    order = sorted(range(len(spans)), key=lambda row: (spans.begin[row], -spans.end[row]))
+    mixed = SpanColumns()
+    for row in order:
+        mixed.append(*(getattr(spans, column)[row] for column in _COLUMNS))
+    return TraceData(data.rank, data.base_ns, data.names, data.tracks, mixed)
 
 
-def _packets(encode, data: TraceData, chunk_bytes: int) -> list[bytes]:
-    from modtimeline.writers.pftrace_rows import new_states
+_COLUMNS = ("track", "begin", "end", "name", "category", "call", "step", "flags", "flow", "lag")
+
+
+def _packets(encode, data: TraceData, chunk_bytes: int, stack: int = 32) -> list[bytes]:
+    """The chunks ``encode`` writes, driven as span_packets drives it (stacks grown when full)."""
+    from modtimeline.writers.pftrace_rows import grow_full_stacks, new_state, track_runs
 
     spans = data.spans
-    track_rows = _track_rows(spans)
-    states = new_states(track_rows)
+    tids, runs, order = track_runs(spans.track)
+    states = [new_state(runs[2 * k], stack) for k in range(len(tids))]
     chunks = []
     while True:
         chunk = encode(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step, spans.flags,
-                       spans.flow, spans.lag, track_rows, list(range(2, 2 + len(track_rows))), states, data.base_ns,
+                       spans.flow, spans.lag, order, runs, list(range(2, 2 + len(tids))), states, data.base_ns,
                        1 << 40, chunk_bytes)
-        if not chunk:
+        grew = grow_full_stacks(states)
+        if chunk:
+            chunks.append(chunk)
+        elif not grew:
             return chunks
-        chunks.append(chunk)
 
 
 def test_pftrace_packet_twins_write_the_same_bytes_in_any_chunks():
@@ -107,14 +117,38 @@ def test_pftrace_packet_twins_write_the_same_bytes_in_any_chunks():
     if pftrace_rows._pftrace_rows is None:
         pytest.skip("the compiled encoder is not built here")
     data = _nested_trace()
-    whole = _packets(pftrace_rows._pftrace_rows.encode_spans, data, 1 << 30)
-    assert len(whole) == 1 and len(whole[0]) > 20 * len(data.spans)
-    assert _packets(pftrace_rows.encode_spans_python, data, 1 << 30) == whole
-    for chunk_bytes in (1, 997, 64 << 10):  # resumed walks give the same stream, chunk by chunk
-        compiled = _packets(pftrace_rows._pftrace_rows.encode_spans, data, chunk_bytes)
-        assert b"".join(compiled) == whole[0]
-        assert all(len(chunk) < chunk_bytes + 200 for chunk in compiled)
-        assert _packets(pftrace_rows.encode_spans_python, data, chunk_bytes) == compiled
+    mixed = _interleaved(data)
+    assert pftrace_rows.track_runs(data.spans.track)[2] is None  # each track together: nothing per row
+    assert pftrace_rows.track_runs(mixed.spans.track)[2] is not None  # tracks interleaved: rows sorted
+    streams = []
+    for trace in (data, mixed):
+        whole = _packets(pftrace_rows._pftrace_rows.encode_spans, trace, 1 << 30)
+        streams.append(whole[0])
+        assert len(whole) == 1 and len(whole[0]) > 20 * len(trace.spans)
+        assert _packets(pftrace_rows.encode_spans_python, trace, 1 << 30) == whole
+        for chunk_bytes in (1, 997, 64 << 10):  # resumed walks give the same stream, chunk by chunk
+            compiled = _packets(pftrace_rows._pftrace_rows.encode_spans, trace, chunk_bytes)
+            assert b"".join(compiled) == whole[0]
+            assert all(len(chunk) < chunk_bytes + 200 for chunk in compiled)
+            assert _packets(pftrace_rows.encode_spans_python, trace, chunk_bytes) == compiled
+        # Stacks that start with room for one open span and grow as the walk goes deeper.
+        small = _packets(pftrace_rows._pftrace_rows.encode_spans, trace, 1 << 30, stack=1)
+        assert b"".join(small) == whole[0] and len(small) > 1
+        assert _packets(pftrace_rows.encode_spans_python, trace, 1 << 30, stack=1) == small
+    assert streams[0] == streams[1]  # the same spans: the same packets, however the rows lie
+
+
+def test_pftrace_track_runs_twins_agree():
+    from array import array
+
+    from modtimeline.writers import pftrace_rows
+
+    if pftrace_rows._pftrace_rows is None:
+        pytest.skip("the compiled encoder is not built here")
+    for track in ([], [3], [1, 1, 2, 2, 2, 0], [1, 2, 1], [5, 5, 4, 4, 5]):
+        column = array("q", track)
+        assert pftrace_rows._pftrace_rows.track_runs(column) == pftrace_rows._track_runs_python(column)
+    assert pftrace_rows._track_runs_python(array("q", [1, 1, 2, 2, 2, 0])) == [(0, 5, 6), (1, 0, 2), (2, 2, 5)]
 
 
 def test_pftrace_packets_decode_field_by_field():
@@ -123,13 +157,13 @@ def test_pftrace_packets_decode_field_by_field():
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
 
     from modtimeline.format import ARG_NAMES
-    from modtimeline.writers.pftrace_rows import span_packets
+    from modtimeline.writers.pftrace_rows import span_packets, track_runs
 
     data = _nested_trace(500)
     spans = data.spans
-    tids = sorted(set(spans.track))
+    tids, runs, order = track_runs(spans.track)
     encoded = b"".join(span_packets(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
-                                    spans.flags, spans.flow, spans.lag, _track_rows(spans),
+                                    spans.flags, spans.flow, spans.lag, order, runs,
                                     [2 + k for k in range(len(tids))], data.base_ns, 7, chunk_bytes=4096))
     clock: dict[int, int] = {}
     open_spans: dict[int, list] = {}

@@ -126,6 +126,26 @@ def test_a_gzip_bomb_is_refused_within_the_limit(tmp_path, capsys):
     assert "inflates to more than the 8 MiB limit" in err
 
 
+def test_a_compressed_packets_bomb_and_damage_are_refused(tmp_path, capsys):
+    """A .pftrace span chunk is zlib inside a packet: it must not expand past the limit
+    either, and damaged compressed bytes are one error line."""
+    import zlib
+
+    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
+
+    for body, message in ((zlib.compress(b"\0" * (64 << 20), 9), "once expanded"),
+                          (b"not zlib at all", "damaged compressed packets")):
+        proto = TraceProto()
+        proto.packet.add().compressed_packets = body
+        path = tmp_path / "bomb.pftrace"
+        path.write_bytes(proto.SerializeToString())
+        assert path.stat().st_size < 1 << 20
+        assert main(["summary", str(path), "--max-trace-mb", "8"]) == 2
+        err = capsys.readouterr().err
+        _one_error_line(err, path)
+        assert message in err
+
+
 def test_too_many_events_is_refused_and_the_flag_raises_the_bound(valid, tmp_path, capsys):
     path = tmp_path / "t.json"
     path.write_bytes(orjson.dumps(valid))

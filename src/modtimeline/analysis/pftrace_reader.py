@@ -4,8 +4,9 @@ identities) is shared with ``load.py``, which reads them back whole."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -31,15 +32,44 @@ def track_identity(descriptor: TrackDescriptor) -> tuple[int, int, str, bool] | 
 
 
 def pftrace_packets(path: Path, raw: bytes, limits: ReadLimits) -> Sequence[TracePacket]:
-    """The packets of a Perfetto protobuf trace, within the event limit."""
+    """The packets of a Perfetto protobuf trace, within the limits; compressed packets
+    (``compressed_packets``, as our writer and Perfetto's service write) expanded in place."""
     try:
         proto = TraceProto.FromString(raw)
     except (DecodeError, RuntimeError, ValueError):
         raise TraceFormatError(f"{path}: neither JSON nor a Perfetto protobuf trace (or truncated)") from None
-    if len(proto.packet) > limits.max_events:
-        raise TraceFormatError(f"{path}: {len(proto.packet):,} packets is over the {limits.max_events:,} limit "
+    packets: Sequence[TracePacket] = proto.packet
+    if any(packet.HasField("compressed_packets") for packet in packets):
+        packets = _expanded(path, packets, limits, len(raw))
+    if len(packets) > limits.max_events:
+        raise TraceFormatError(f"{path}: {len(packets):,} packets is over the {limits.max_events:,} limit "
                                "(--max-events raises it)")
-    return proto.packet
+    return packets
+
+
+def _expanded(path: Path, packets: Sequence[TracePacket], limits: ReadLimits, size: int) -> list[TracePacket]:
+    out: list[TracePacket] = []
+    for packet in packets:
+        if not packet.HasField("compressed_packets"):
+            out.append(packet)
+            continue
+        # Bounded: a small file must not expand past the size limit (a zlib bomb).
+        inflater = zlib.decompressobj()
+        try:
+            body = inflater.decompress(packet.compressed_packets, limits.max_bytes - size + 1)
+        except zlib.error:
+            raise TraceFormatError(f"{path}: damaged compressed packets") from None
+        size += len(body)
+        if size > limits.max_bytes or inflater.unconsumed_tail:
+            raise TraceFormatError(f"{path}: over the {limits.max_bytes >> 20:,} MB limit once expanded "
+                                   "(--max-trace-mb raises it)")
+        try:
+            out.extend(TraceProto.FromString(body).packet)
+        except (DecodeError, RuntimeError, ValueError):
+            raise TraceFormatError(f"{path}: damaged compressed packets") from None
+        if len(out) > limits.max_events:
+            break  # (the caller says so)
+    return out
 
 
 def packet_metadata(path: Path, packet: TracePacket) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@
 
 /* Bumped when encode_spans's arguments or output change: pftrace_rows.py refuses a
  * stale build. */
-#define API_VERSION 2
+#define API_VERSION 3
 
 enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 };              /* format.py */
 enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6 }; /* interned */
@@ -132,24 +132,27 @@ static int put_packet(Output *out, uint64_t delta, uint64_t sequence, const uint
 }
 
 /* A track's walk, resumable: its state lives in a caller's array('q') of
- * [next row to begin, depth, last timestamp written (relative to base), stack...]. */
+ * [next position to begin, depth, last timestamp written (relative to base), stack...];
+ * the stack holds what the array has room for (pftrace_rows.py grows it). */
 enum { STATE_NEXT, STATE_DEPTH, STATE_PREVIOUS, STATE_STACK };
 
 typedef struct {
-    const int64_t *rows;
-    Py_ssize_t count, next; /* next row to begin */
-    int64_t *stack;         /* open rows (in the state array) */
-    Py_ssize_t depth;
+    Py_ssize_t next, stop; /* next position to begin; the end of the run */
+    int64_t *stack;        /* open rows (in the state array) */
+    Py_ssize_t depth, capacity;
     uint64_t sequence;
     int64_t previous; /* last timestamp written on this sequence, relative to base */
     int64_t *state;
-    Py_buffer view, state_view;
+    Py_buffer state_view;
 } Track;
 
+/* The row at position `at` of a run: order[at], or `at` itself without an order. */
+static inline int64_t row_at(const int64_t *order, Py_ssize_t at) { return order ? order[at] : (int64_t)at; }
+
 /* The track's next event: (time, row, begins); 0 when it has none left. */
-static int peek(const Track *t, const Columns *c, int64_t *time, int64_t *row, int *begins) {
-    if (t->next < t->count) {
-        int64_t candidate = t->rows[t->next];
+static int peek(const Track *t, const Columns *c, const int64_t *order, int64_t *time, int64_t *row, int *begins) {
+    if (t->next < t->stop) {
+        int64_t candidate = row_at(order, t->next);
         int64_t start = c->begin[candidate];
         if (t->depth && c->end[t->stack[t->depth - 1]] <= start) {
             *row = t->stack[t->depth - 1];
@@ -172,19 +175,19 @@ static int peek(const Track *t, const Columns *c, int64_t *time, int64_t *row, i
 }
 
 static PyObject *encode_spans(PyObject *module, PyObject *args) {
-    PyObject *objects[9], *track_rows, *sequences, *states;
+    PyObject *objects[9], *order_o, *runs_o, *sequences, *states;
     long long base, flow_base;
     Py_ssize_t max_bytes;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOLLn", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
-                          &objects[5], &objects[6], &objects[7], &objects[8], &track_rows, &sequences, &states, &base,
-                          &flow_base, &max_bytes))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOLLn", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
+                          &objects[5], &objects[6], &objects[7], &objects[8], &order_o, &runs_o, &sequences, &states,
+                          &base, &flow_base, &max_bytes))
         return NULL;
     Py_ssize_t rows = PyObject_Length(objects[0]);
     if (rows < 0) return NULL;
     const char *formats[9] = {"q", "q", "q", "b", "q", "q", "b", "b", "q"};
     const char *names[9] = {"begin", "end", "name", "category", "call", "step", "flags", "flow", "lag"};
-    Py_buffer v[9];
-    int got = 0;
+    Py_buffer v[9], order_view = {0}, runs_view = {0};
+    int got = 0, have_order = 0, have_runs = 0;
     PyObject *result = NULL;
     Track *tracks = NULL;
     Py_ssize_t track_count = 0, tracks_ready = 0;
@@ -193,10 +196,25 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         if (get_column(objects[got], &v[got], formats[got], rows, names[got]) < 0) goto done;
     Columns c = {v[0].buf, v[1].buf, v[2].buf, v[4].buf, v[5].buf, v[8].buf, v[3].buf, v[6].buf, v[7].buf, base,
                  flow_base};
-
-    track_count = PySequence_Length(track_rows);
-    if (track_count < 0 || PySequence_Length(sequences) != track_count || PySequence_Length(states) != track_count) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one sequence id and one state per track");
+    const int64_t *order = NULL;
+    Py_ssize_t positions = rows; /* positions a run may span */
+    if (order_o != Py_None) {
+        if (get_column(order_o, &order_view, "q", -1, "order") < 0) goto done;
+        have_order = 1;
+        order = order_view.buf;
+        positions = order_view.len / (Py_ssize_t)sizeof(int64_t);
+        for (Py_ssize_t i = 0; i < positions; i++)
+            if (order[i] < 0 || order[i] >= rows) {
+                PyErr_SetString(PyExc_ValueError, "order holds a row that is not a row of the columns");
+                goto done;
+            }
+    }
+    if (get_column(runs_o, &runs_view, "q", -1, "runs") < 0) goto done;
+    have_runs = 1;
+    const int64_t *runs = runs_view.buf;
+    track_count = runs_view.len / (Py_ssize_t)(2 * sizeof(int64_t));
+    if (PySequence_Length(sequences) != track_count || PySequence_Length(states) != track_count) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "one sequence id and one state per run");
         goto done;
     }
     tracks = PyMem_Calloc((size_t)(track_count ? track_count : 1), sizeof(Track));
@@ -206,13 +224,6 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
     }
     for (; tracks_ready < track_count; tracks_ready++) {
         Track *t = &tracks[tracks_ready];
-        PyObject *item = PySequence_GetItem(track_rows, tracks_ready);
-        if (item == NULL) goto done;
-        int failed = get_column(item, &t->view, "q", -1, "track rows");
-        Py_DECREF(item);
-        if (failed < 0) goto done;
-        t->rows = t->view.buf;
-        t->count = t->view.len / (Py_ssize_t)sizeof(int64_t);
         PyObject *sequence = PySequence_GetItem(sequences, tracks_ready);
         t->sequence = sequence ? PyLong_AsUnsignedLongLong(sequence) : 0;
         Py_XDECREF(sequence);
@@ -220,30 +231,27 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         int no_state = state == NULL || PyErr_Occurred() ||
                        PyObject_GetBuffer(state, &t->state_view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0;
         Py_XDECREF(state);
-        if (no_state) {
-            PyBuffer_Release(&t->view);
-            goto done;
-        }
-        if (t->state_view.format == NULL || strcmp(t->state_view.format, "q") != 0 ||
-            t->state_view.len / (Py_ssize_t)sizeof(int64_t) != STATE_STACK + t->count) {
-            PyBuffer_Release(&t->view);
+        if (no_state) goto done;
+        Py_ssize_t length = t->state_view.len / (Py_ssize_t)sizeof(int64_t);
+        if (t->state_view.format == NULL || strcmp(t->state_view.format, "q") != 0 || length < STATE_STACK) {
             PyBuffer_Release(&t->state_view);
-            PyErr_SetString(PyExc_ValueError, "a track's state is an array('q') of 3 + its rows");
+            PyErr_SetString(PyExc_ValueError, "a run's state is an array('q') of 3 + room for its stack");
             goto done;
         }
         t->state = t->state_view.buf;
         t->next = (Py_ssize_t)t->state[STATE_NEXT];
+        t->stop = (Py_ssize_t)runs[2 * tracks_ready + 1];
         t->depth = (Py_ssize_t)t->state[STATE_DEPTH];
+        t->capacity = length - STATE_STACK;
         t->previous = t->state[STATE_PREVIOUS];
         t->stack = t->state + STATE_STACK;
-        int bad = t->next < 0 || t->next > t->count || t->depth < 0 || t->depth > t->next;
-        /* rows still to begin, and the open ones: every one a row of the columns */
-        for (Py_ssize_t i = bad ? t->count : t->next; i < t->count && !bad; i++) bad = t->rows[i] < 0 || t->rows[i] >= rows;
+        Py_ssize_t start = (Py_ssize_t)runs[2 * tracks_ready];
+        int bad = start < 0 || t->stop < start || t->stop > positions || t->next < start || t->next > t->stop ||
+                  t->depth < 0 || t->depth > t->capacity || t->depth > t->next - start;
         for (Py_ssize_t i = 0; i < t->depth && !bad; i++) bad = t->stack[i] < 0 || t->stack[i] >= rows;
         if (bad) {
-            PyBuffer_Release(&t->view);
             PyBuffer_Release(&t->state_view);
-            PyErr_SetString(PyExc_ValueError, "a track's rows or state are not rows of the columns");
+            PyErr_SetString(PyExc_ValueError, "a run or its state does not fit the columns");
             goto done;
         }
     }
@@ -257,7 +265,7 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         for (Py_ssize_t k = 0; k < track_count; k++) {
             int64_t time, row;
             int begins;
-            if (peek(&tracks[k], &c, &time, &row, &begins) && (best < 0 || time < best_time)) {
+            if (peek(&tracks[k], &c, order, &time, &row, &begins) && (best < 0 || time < best_time)) {
                 best = k;
                 best_time = time;
                 best_row = row;
@@ -267,6 +275,7 @@ static PyObject *encode_spans(PyObject *module, PyObject *args) {
         if (best < 0) break;
         Track *t = &tracks[best];
         if (best_begins) {
+            if (t->depth == t->capacity) break; /* the stack is full: the caller grows it */
             t->stack[t->depth++] = best_row;
             t->next++;
         } else {
@@ -287,19 +296,68 @@ done:
         t->state[STATE_NEXT] = t->next;
         t->state[STATE_DEPTH] = t->depth;
         t->state[STATE_PREVIOUS] = t->previous;
-        PyBuffer_Release(&t->view);
         PyBuffer_Release(&t->state_view);
     }
     PyMem_Free(tracks);
+    if (have_order) PyBuffer_Release(&order_view);
+    if (have_runs) PyBuffer_Release(&runs_view);
     for (int k = 0; k < got; k++) PyBuffer_Release(&v[k]);
     return result;
 }
 
+/* track_runs(track): [(tid, start, stop)] sorted by tid when each track's rows are one
+ * run of consecutive rows, else None (pftrace_rows.track_runs). */
+static PyObject *track_runs(PyObject *module, PyObject *track_o) {
+    Py_buffer view;
+    if (get_column(track_o, &view, "q", -1, "track") < 0) return NULL;
+    const int64_t *track = view.buf;
+    Py_ssize_t rows = view.len / (Py_ssize_t)sizeof(int64_t);
+    PyObject *found = PyList_New(0);
+    PyObject *seen = PySet_New(NULL);
+    if (found == NULL || seen == NULL) goto fail;
+    for (Py_ssize_t start = 0, stop; start < rows; start = stop) {
+        for (stop = start + 1; stop < rows && track[stop] == track[start]; stop++) {
+        }
+        PyObject *tid = PyLong_FromLongLong(track[start]);
+        if (tid == NULL) goto fail;
+        int repeated = PySet_Contains(seen, tid);
+        if (repeated != 0 || PySet_Add(seen, tid) < 0) {
+            Py_DECREF(tid);
+            if (repeated < 0 || PyErr_Occurred()) goto fail;
+            Py_DECREF(found);
+            Py_DECREF(seen);
+            PyBuffer_Release(&view);
+            Py_RETURN_NONE;
+        }
+        PyObject *run = Py_BuildValue("(Nnn)", tid, start, stop);
+        if (run == NULL || PyList_Append(found, run) < 0) {
+            Py_XDECREF(run);
+            goto fail;
+        }
+        Py_DECREF(run);
+    }
+    Py_DECREF(seen);
+    PyBuffer_Release(&view);
+    if (PyList_Sort(found) < 0) {
+        Py_DECREF(found);
+        return NULL;
+    }
+    return found;
+
+fail:
+    Py_XDECREF(found);
+    Py_XDECREF(seen);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode_spans", encode_spans, METH_VARARGS,
-     "encode_spans(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, states, base,"
+     "encode_spans(begin, end, name, category, call, step, flags, flow, lag, order, runs, sequences, states, base,"
      " flow_base, max_bytes) -> bytes\n\nThe next SLICE_BEGIN/SLICE_END TracePackets of the spans, merged by time,"
-     " until about max_bytes (see pftrace_rows.py); b'' when all are written."},
+     " until about max_bytes or a full stack (see pftrace_rows.py); b'' when all are written."},
+    {"track_runs", track_runs, METH_O,
+     "track_runs(track) -> [(tid, start, stop)] sorted, or None when a track's rows are not one run"},
     {NULL, NULL, 0, NULL},
 };
 

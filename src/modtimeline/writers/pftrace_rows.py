@@ -3,8 +3,9 @@
 The compiled twin (``_pftrace_rows.c``) writes the same bytes about 30x faster; this file
 is the reference and the fallback. The encoding, per event:
 
-* per track, a nesting walk over its spans (given in nesting order): before each span
-  begins, the spans that ended by then close, innermost first;
+* per track, a nesting walk over its spans (one run of rows in nesting order, see
+  ``track_runs``): before each span begins, the spans that ended by then close,
+  innermost first;
 * the tracks' events merged by time, ties going to the track listed first;
 * written in chunks of about ``CHUNK_BYTES``: each call resumes every track's walk where
   the last one stopped (its state is an array the caller keeps), so the writer never
@@ -27,14 +28,16 @@ Names, categories and argument names are the iids the sequence's first packet in
 from __future__ import annotations
 
 import struct
+import zlib
 from array import array
 from collections.abc import Iterator, Sequence
+from itertools import groupby
 
 from .._native import compiled, why_not
 from ..format import APPROXIMATE, COMPILED, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG
 
 _pftrace_rows = compiled("writers._pftrace_rows")
-_API = 2  # the encode_spans this file calls (_pftrace_rows.c API_VERSION)
+_API = 3  # the encode_spans this file calls (_pftrace_rows.c API_VERSION)
 if _pftrace_rows is not None and getattr(_pftrace_rows, "API", None) != _API:
     why_not["writers._pftrace_rows"] = "built from another version of modtimeline (its arguments differ)"
     _pftrace_rows = None
@@ -88,28 +91,90 @@ def _begin_event(category: int, step: int, call: int, flags: int, lag: int, name
     return event
 
 
+# zlib level 1: about as small as the default level on these packets, several times faster.
+COMPRESSION_LEVEL = 1
+
+
+def compressed_packets(packets: bytes) -> bytes:
+    """``packets`` (a run of encoded ``Trace.packet`` fields) as one packet holding them
+    zlib-compressed: ``Trace.packet (1) { TracePacket.compressed_packets (50) }``, which
+    trace processors expand in place, in order."""
+    body = zlib.compress(packets, COMPRESSION_LEVEL)
+    inner = varint(50 << 3 | 2) + varint(len(body)) + body
+    return b"\x0a" + varint(len(inner)) + inner
+
+
 def _packet(delta: int, sequence: int, event: bytes) -> bytes:
     body = (b"\x40" + varint(delta) + b"\x50" + varint(sequence) + b"\x5a" + varint(len(event)) + event
             + b"\x68" + bytes((_SEQ_NEEDS_INCREMENTAL_STATE,)))
     return b"\x0a" + varint(len(body)) + body
 
 
-# A track's walk, resumable: an array('q') of [next row to begin, depth, last timestamp
-# written (relative to base), the open rows...] (the compiled twin updates it in place).
+# A track's walk, resumable: an array('q') of [next position to begin, depth, last
+# timestamp written (relative to base), the open rows...] (the compiled twin updates it in
+# place). The stack holds as many rows as the array has room for: a walk that would go
+# deeper stops its chunk there, and ``span_packets`` grows the stack and goes on, so the
+# writer holds room for the nesting depth, not for every row.
 _NEXT, _DEPTH, _PREVIOUS, _STACK = range(4)
 CHUNK_BYTES = 4 << 20  # packets per call: the writer's memory stays bounded by this
+_FIRST_STACK = 32
 
 
-def new_states(track_rows: Sequence[array]) -> list[array]:
-    return [array("q", bytes(8 * (_STACK + len(rows)))) for rows in track_rows]
+def new_state(start: int, stack: int = _FIRST_STACK) -> array:
+    """A walk that begins at position ``start`` of its run, with room for ``stack`` open rows."""
+    state = array("q", bytes(8 * (_STACK + stack)))
+    state[_NEXT] = start
+    return state
 
 
-def _peek(rows: array, state: array, begin: array, end: array) -> tuple[int, int, bool] | None:
-    """The track's next event: (time, row, begins), or None when it has none left."""
+def grow_full_stacks(states: Sequence[array]) -> bool:
+    """Double the stack of every walk whose stack is full; whether any grew."""
+    grew = False
+    for state in states:
+        if state[_DEPTH] == len(state) - _STACK:
+            state.frombytes(bytes(8 * max(len(state) - _STACK, 1)))
+            grew = True
+    return grew
+
+
+def track_runs(track: array) -> tuple[list[int], array, array | None]:
+    """Each track's rows as one run: (tids, runs, order), the rows of ``tids[k]`` being
+    ``order[runs[2k]:runs[2k+1]]`` (``order`` None: the rows themselves, in which case
+    nothing per row is held). Resolve writes each track's spans together; a trace read
+    back from a file may not, and then ``order`` sorts them (stable: nesting order kept)."""
+    found = _pftrace_rows.track_runs(track) if _pftrace_rows is not None else _track_runs_python(track)
+    order = None
+    if found is None:  # a track in more than one run
+        order = array("q", sorted(range(len(track)), key=track.__getitem__))
+        found = _track_runs_python(array("q", map(track.__getitem__, order)))
+        assert found is not None
+    tids = [tid for tid, _, _ in found]
+    runs = array("q")
+    for _, start, stop in found:
+        runs.extend((start, stop))
+    return tids, runs, order
+
+
+def _track_runs_python(track: array) -> list[tuple[int, int, int]] | None:
+    found: list[tuple[int, int, int]] = []
+    seen: set[int] = set()
+    start = 0
+    for tid, group in groupby(track):
+        if tid in seen:
+            return None
+        seen.add(tid)
+        stop = start + sum(1 for _ in group)
+        found.append((tid, start, stop))
+        start = stop
+    return sorted(found)
+
+
+def _peek(state: array, stop: int, order: array | None, begin: array, end: array) -> tuple[int, int, bool] | None:
+    """The walk's next event: (time, row, begins), or None when it has none left."""
     depth = state[_DEPTH]
     top = state[_STACK + depth - 1] if depth else -1
-    if state[_NEXT] < len(rows):
-        candidate = rows[state[_NEXT]]
+    if state[_NEXT] < stop:
+        candidate = order[state[_NEXT]] if order is not None else state[_NEXT]
         if depth and end[top] <= begin[candidate]:
             return end[top], top, False
         return begin[candidate], candidate, True
@@ -119,16 +184,17 @@ def _peek(rows: array, state: array, begin: array, end: array) -> tuple[int, int
 
 
 def encode_spans_python(begin: array, end: array, name: array, category: array, call: array, step: array,
-                        flags: array, flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int],
-                        states: Sequence[array], base: int, flow_base: int, max_bytes: int) -> bytes:
+                        flags: array, flow: array, lag: array, order: array | None, runs: array,
+                        sequences: Sequence[int], states: Sequence[array], base: int, flow_base: int,
+                        max_bytes: int) -> bytes:
     """What ``_pftrace_rows.encode_spans`` does, in Python (the same bytes, the same states)."""
     out: list[bytes] = []
     size = 0
     while size < max_bytes:
         best: tuple[int, int, bool] | None = None
         best_track = -1
-        for k, rows in enumerate(track_rows):  # the earliest next event; ties: the track listed first
-            event = _peek(rows, states[k], begin, end)
+        for k, state in enumerate(states):  # the earliest next event; ties: the track listed first
+            event = _peek(state, runs[2 * k + 1], order, begin, end)
             if event is not None and (best is None or event[0] < best[0]):
                 best, best_track = event, k
         if best is None:
@@ -136,6 +202,8 @@ def encode_spans_python(begin: array, end: array, name: array, category: array, 
         time, row, begins = best
         state = states[best_track]
         if begins:
+            if state[_DEPTH] == len(state) - _STACK:
+                break  # the stack is full: span_packets grows it
             state[_STACK + state[_DEPTH]] = row
             state[_DEPTH] += 1
             state[_NEXT] += 1
@@ -152,15 +220,17 @@ def encode_spans_python(begin: array, end: array, name: array, category: array, 
 
 
 def span_packets(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
-                 flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int], base: int,
+                 flow: array, lag: array, order: array | None, runs: array, sequences: Sequence[int], base: int,
                  flow_base: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Every span's begin and end packet, merged by time, in chunks of about
-    ``chunk_bytes``; compiled where it is built."""
+    ``chunk_bytes``; compiled where it is built. The tracks are ``track_runs``'s."""
     encode = _pftrace_rows.encode_spans if _pftrace_rows is not None else encode_spans_python
-    states = new_states(track_rows)
+    states = [new_state(runs[2 * k]) for k in range(len(runs) // 2)]
     while True:
-        chunk = encode(begin, end, name, category, call, step, flags, flow, lag, track_rows, sequences, states, base,
+        chunk = encode(begin, end, name, category, call, step, flags, flow, lag, order, runs, sequences, states, base,
                        flow_base, chunk_bytes)
-        if not chunk:
+        grew = grow_full_stacks(states)
+        if chunk:
+            yield chunk
+        elif not grew:
             return
-        yield chunk
