@@ -4,10 +4,10 @@
 * ``modtimeline.writers._pftrace_rows`` (C) encodes the .pftrace span packets.
 * ``modtimeline._resolve_cpu`` (C++, no torch) pairs host-only events into spans.
 * ``modtimeline._hotpath`` (C++ against torch's headers) is the Recorder's hot path:
-  forward hooks and C++ autograd node pre-hooks. It needs torch at build time, so it is
-  built only when torch is importable (``pip install --no-build-isolation``, as
-  tools/setup.sh does) and matches that torch's ABI; ``modtimeline build`` builds it
-  later for the torch installed then.
+  forward hooks and C++ autograd node pre-hooks. It needs torch at build time: the torch
+  this interpreter imports, or, in pip's isolated build, the torch of the environment
+  being installed into (``_extension.py`` finds it); without either it is left out, and
+  ``modtimeline build`` builds it later for the torch installed then.
 
 All are optional: where one cannot be built, the install goes on without it and the
 pure-Python code does the same work, slower. Their definitions are in

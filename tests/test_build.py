@@ -46,3 +46,39 @@ def test_build_makes_an_install_without_compiled_parts_fast(tmp_path):
     assert recorded.returncode == 0, recorded.stderr
     assert recorded.stdout.strip() == "NativeEventBuffer"
     assert (tmp_path / "t.json").stat().st_size > 0
+
+
+_ISOLATED_BUILD = """
+import importlib.util, sys, sysconfig
+site = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+sys.path[:] = [path for path in sys.path if path not in site] + [sys.argv[2]]  # as pip's isolation leaves it
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise SystemExit("torch is still importable: not isolated")
+spec = importlib.util.spec_from_file_location("_extension", sys.argv[1] + "/_extension.py")
+extension = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(extension)
+print(" ".join(part.name for part in extension.extensions(sys.argv[1])))
+"""
+
+
+def test_an_isolated_build_finds_the_torch_it_installs_beside(tmp_path):
+    """A plain ``pip install`` builds in an environment of its own, without torch, run by
+    the target environment's interpreter: the hot path is still defined, against the
+    target's torch (the one it will run with)."""
+    import setuptools
+    import sysconfig
+
+    overlay = tmp_path / "overlay"  # the build environment: setuptools only
+    overlay.mkdir()
+    (overlay / "setuptools").symlink_to(Path(setuptools.__file__).parent)
+    site = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    if not any((Path(folder) / "torch").is_dir() for folder in site):
+        pytest.skip("torch is not installed in this interpreter's site-packages")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    built = _run(env, "-c", _ISOLATED_BUILD, str(SOURCE), str(overlay))
+    assert built.returncode == 0, built.stderr
+    assert "modtimeline._hotpath" in built.stdout.split(), built.stdout

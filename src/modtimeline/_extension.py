@@ -4,6 +4,8 @@ torch only when asked for the extensions."""
 
 from __future__ import annotations
 
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,7 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
     ]
     try:
-        import torch
-        from torch.utils.cpp_extension import CppExtension, library_paths
+        torch, CppExtension, library_paths = _torch_for_the_build()
     except ImportError:
         return parts
     # torch's own definition (its headers, libraries and language); the C++ standard, the
@@ -49,3 +50,24 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
         optional=True,
     ))
     return parts
+
+
+def _torch_for_the_build() -> tuple[Any, Any, Any]:
+    """torch, and its ``CppExtension`` and ``library_paths``: the torch this interpreter
+    imports, else the torch of the environment being installed into. A plain ``pip
+    install`` builds in an isolated environment without torch, but in a subprocess of the
+    target environment's interpreter, whose site-packages still say where its torch is:
+    the hot path is built against that torch, the one it will run with. Raises ImportError
+    where there is none."""
+    try:
+        import torch
+    except ImportError:
+        # Searched after the build environment's own packages (setuptools stays theirs).
+        targets = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+        for folder in sorted(targets):
+            if (Path(folder) / "torch" / "__init__.py").is_file() and folder not in sys.path:
+                sys.path.append(folder)
+        import torch
+    from torch.utils.cpp_extension import CppExtension, library_paths
+
+    return torch, CppExtension, library_paths

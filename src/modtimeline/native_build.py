@@ -1,6 +1,6 @@
 """``modtimeline build``: compile the optional parts for the torch and Python installed now,
 into ``_native.cache_dir()``, where they are found when the install has none that
-import (an isolated ``pip install``, which cannot see torch, or a torch upgraded since).
+import (modtimeline installed before torch, or a torch upgraded since).
 """
 
 from __future__ import annotations
