@@ -229,3 +229,46 @@ def test_temporary_file_skips_a_leftover_and_respects_umask(tmp_path, monkeypatc
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o640
     assert leftover.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "out.json"]
+
+
+def test_a_timeline_after_another_learns_no_module_again(tmp_path, monkeypatch):
+    """A Timeline per step (a common pattern) takes over the module indices of the one
+    before it: no module is learned twice, and each trace still names every span right."""
+    from modtimeline.recorder import Recorder
+
+    learned: list[str] = []
+    learn = Recorder.learn
+
+    def counting(self, module):
+        learned.append(type(module).__name__)
+        return learn(self, module)
+
+    monkeypatch.setattr(Recorder, "learn", counting)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    other = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    names = []
+    for k, traced in enumerate((model, model, other, model)):
+        with Timeline(tmp_path / f"{k}.json"):
+            traced(torch.randn(2, 4)).sum().backward()
+        names.append(sorted({s["name"] for s in spans(load(tmp_path / f"{k}.json"))}))
+    assert learned == ["Sequential", "Linear", "ReLU", "Linear", "Sequential", "Linear"]  # each once
+    assert names[0] == names[1] == names[3] == ["Sequential", "Sequential.0", "Sequential.1", "Sequential.2"]
+    assert names[2] == ["Sequential", "Sequential.0"]
+
+
+def test_module_indices_start_afresh_once_most_modules_died(tmp_path):
+    """The indices taken over never pile up: models come and go (a sweep in one process),
+    and a dead module's address reused by a new module is that new module."""
+    import gc
+
+    sizes = []
+    for k in range(5):
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])
+        with Timeline(tmp_path / f"{k}.json") as timeline:
+            model(torch.randn(2, 4)).sum().backward()
+        sizes.append(len(timeline.recorder.module_names))
+        assert sorted({s["name"] for s in spans(load(tmp_path / f"{k}.json"))}) == sorted(
+            ["Sequential"] + [f"Sequential.{i}" for i in range(20)])
+        del model, timeline
+        gc.collect()
+    assert max(sizes) <= 2 * 21, sizes
