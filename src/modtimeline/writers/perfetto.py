@@ -142,8 +142,8 @@ def _descriptor_packet(uuid: int, parent: int | None = None) -> TracePacket:
 
 
 # Uncompressed bytes per compressed chunk: small enough that several compress at once,
-# big enough that zlib finds the repeats (a chunk holds ~19,000 spans).
-_CHUNK_BYTES = 1 << 20
+# big enough that zlib finds the repeats (a chunk holds ~9,500 spans).
+_CHUNK_BYTES = 512 << 10
 _COMPRESSING_THREADS = min(4, os.cpu_count() or 1)
 
 
