@@ -97,7 +97,7 @@ class _nothing:
         return False
 
 
-CASES = [(m, b, f, h) for m in MODELS for b in ("eager", "aot_eager") for f in (True, False)
+CASES = [(m, b, f, h) for m in MODELS for b in ("eager", "aot_eager", "inductor") for f in (True, False)
          for h in ("whole", "in-place", "per-block")]
 
 
@@ -121,14 +121,19 @@ def test_compile_is_unchanged_by_an_active_timeline(model_name, backend, fullgra
         assert all(e["args"].get("compiled") for e in spans(trace) if e["name"] == root)
 
 
-def test_compiled_before_the_timeline_with_inductor(tmp_path):
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_before_the_timeline(backend, tmp_path):
     torch.manual_seed(0)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
     model = MLP()
-    compiled = torch.compile(model)  # inductor
+    compiled = torch.compile(model, backend=backend)
     x = torch.randn(4, 16)
     compiled(x).sum().backward()  # compiled before the Timeline exists
     with Timeline(tmp_path / "t.json"):
         compiled(x).sum().backward()
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not compiled again under the Timeline
     names = {e["name"] for e in spans(load(tmp_path / "t.json"))}
     assert names == {"MLP"}
 
@@ -140,3 +145,45 @@ def test_module_tracker_is_invisible_to_dynamo_too():
     with ModuleTracker():
         torch.compile(model, backend="aot_eager", fullgraph=True)(torch.randn(4, 16)).sum().backward()
     assert not dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("switched_on", ["inside", "before"])
+def test_compiled_autograd_never_breaks_the_backward(switched_on, tmp_path):
+    """Compiled autograd asks every node hook to describe itself; the compiled marks cannot
+    (torch's default raised out of the user's backward). Now: the backward runs, gradients
+    are unchanged, forward spans are complete, its graphs are not spans, and the file says
+    what is missing (compiled marks) or flags what could not be bounded (Python marks)."""
+    import warnings
+
+    from torch._dynamo import compiled_autograd
+
+    def run(traced: bool) -> list:
+        torch.manual_seed(0)
+        dynamo.reset()
+        model = MLP()
+        x = torch.randn(4, 16)
+        timeline = Timeline(tmp_path / "t.json") if traced else _nothing()
+        enable = compiled_autograd._enable(torch.compile(backend="aot_eager"))
+        outer, inner = (timeline, enable) if switched_on == "inside" else (enable, timeline)
+        with outer, inner:
+            for _ in range(2):
+                model(x).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    expected = run(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run(True)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b)
+    trace = load(tmp_path / "t.json")
+    forward = [e for e in spans(trace) if e["cat"] == "forward"]
+    assert sorted({e["name"] for e in forward}) == ["MLP", "MLP.act", "MLP.fc1", "MLP.fc2", "MLP.out"]
+    assert len(forward) == 10
+    assert all(e["cat"] in ("forward", "backward") for e in spans(trace))  # no graph as a span
+    backward = [e for e in spans(trace) if e["cat"] == "backward"]
+    if "backward_not_recorded" in trace["metadata"]:
+        assert not backward
+        assert any("compiled autograd" in str(w.message) for w in caught)
+    else:
+        assert all(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward)

@@ -191,6 +191,47 @@ def test_llama_trace_loads_and_backward_is_no_deeper_than_forward(ui, tmp_path):
         trace.close()
 
 
+def test_compiled_models_traces_load_without_errors(ui, tmp_path):
+    """torch.compile'd modules (whole model and per block, aot_eager) in both formats: no
+    import errors, the compiled calls by the user's names, flagged compiled."""
+    import torch
+
+    from modtimeline import Timeline
+
+    from .test_compile import MODELS
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    whole_cls, whole_shape = MODELS["mlp"]
+    blocks_cls, blocks_shape = MODELS["transformer"]
+    whole = torch.compile(whole_cls(), backend="aot_eager", fullgraph=True)
+    per_block = blocks_cls()
+    for i, block in enumerate(per_block.blocks):
+        per_block.blocks[i] = torch.compile(block, backend="aot_eager")
+    inputs = (torch.randn(*whole_shape), torch.randn(*blocks_shape))
+    for path in (tmp_path / "compiled.json", tmp_path / "compiled.pftrace"):
+        with Timeline(path) as timeline:
+            for _ in range(2):
+                with timeline.step():
+                    whole(inputs[0]).sum().backward()
+                    per_block(inputs[1]).sum().backward()
+        trace = ui.load(path)
+        try:
+            assert trace.problems() == [] and trace.page_errors == []
+            rows = trace.query("select name, category as cat, count(*) as n, "
+                               "sum(coalesce(extract_arg(arg_set_id, 'args.compiled'), extract_arg(arg_set_id, 'debug.compiled'))) "
+                               "as compiled from slice "
+                               "where category in ('forward', 'backward') group by 1, 2 order by 1, 2")
+            found = {(r["name"], r["cat"]): (r["n"], r["compiled"]) for r in rows}
+            assert found[("MLP", "forward")] == (2, 2) and found[("MLP", "backward")] == (2, 2)
+            for block in ("Transformer.blocks.0", "Transformer.blocks.1"):
+                assert found[(block, "forward")] == (2, 2) and found[(block, "backward")] == (2, 2)
+            assert found[("Transformer", "forward")] == (2, None) and found[("Transformer.head", "forward")][0] == 2
+            assert not any("_orig_mod" in name or "GraphModule" in name or "lambda" in name for name, _ in found)
+        finally:
+            trace.close()
+
+
 def test_modtimeline_open_serves_the_trace_to_the_offline_ui(ui, tmp_path):
     import subprocess
     import sys

@@ -84,6 +84,9 @@ struct Events : std::enable_shared_from_this<Events> {
   // inside one of them on another thread is activation-checkpoint recompute of ours.
   std::vector<int64_t> tasks;
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
+  // Compiled autograd met our marks (it asks every node hook to describe itself): that
+  // backward runs as a compiled graph without them, so its spans go unrecorded.
+  std::atomic<bool> compiled_autograd_seen{false};
 
   uint32_t current() const { return static_cast<uint32_t>(generation); }
 
@@ -214,6 +217,13 @@ struct NodeMark : torch::autograd::FunctionPreHook {
     return grads;
   }
 
+  // Compiled autograd asks each hook to describe itself for its graph; only Python hooks
+  // can (the default raises, out of the user's backward). A mark describes nothing, is
+  // left out of the compiled backward, and says it was.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {
+    events->compiled_autograd_seen.store(true, std::memory_order_relaxed);
+  }
+
   std::shared_ptr<Events> events;
   std::atomic<uint64_t> state;  // pack_mark(generation, node id)
 };
@@ -225,6 +235,10 @@ struct NodeDoneMark : torch::autograd::FunctionPostHook {
                                             const torch::autograd::variable_list&) override {
     events->node_event(NODE_DONE, state.load(std::memory_order_acquire));
     return grad_inputs;
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs&) const override {  // (as NodeMark's)
+    events->compiled_autograd_seen.store(true, std::memory_order_relaxed);
   }
 
   std::shared_ptr<Events> events;
@@ -450,6 +464,10 @@ PyObject* store_get_nodes(PyObject* self, void*) {
   return PyLong_FromLongLong(events.nodes);
 }
 
+PyObject* store_get_compiled_autograd_seen(PyObject* self, void*) {
+  return PyBool_FromLong(events_of(self).compiled_autograd_seen.load(std::memory_order_relaxed));
+}
+
 PyObject* store_get_on_recorded(PyObject* self, void*) {
   PyObject* callback = events_of(self).on_recorded.load();
   if (callback == nullptr) Py_RETURN_NONE;
@@ -484,6 +502,8 @@ PyGetSetDef store_getset[] = {
     {"capacity", store_get_capacity, nullptr, "events held at most", nullptr},
     {"dropped", store_get_dropped, nullptr, "events dropped since the last clear", nullptr},
     {"nodes", store_get_nodes, nullptr, "autograd nodes given an id since the last clear", nullptr},
+    {"compiled_autograd_seen", store_get_compiled_autograd_seen, nullptr,
+     "whether compiled autograd ran a backward past our marks (they record nothing there)", nullptr},
     {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with (index, kind, module, call) of each stored event",
      nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},

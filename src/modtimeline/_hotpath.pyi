@@ -9,6 +9,7 @@ class Store:
     capacity: int
     dropped: int
     nodes: int
+    compiled_autograd_seen: bool
     on_recorded: Callable[[int, int, int, int], None] | None  # (index, kind, module, call)
     def __init__(self, capacity: int) -> None: ...
     def record(self, kind: int, call: int, module: int) -> None: ...

@@ -8,6 +8,8 @@ throughout: naming a model never keeps it alive.
 
 from __future__ import annotations
 
+import re
+import sys
 import weakref
 
 import torch
@@ -101,18 +103,34 @@ def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     return _unwrapped(inner) if isinstance(inner, torch.nn.Module) else module
 
 
+# Where torch.compile's graphs are called from (the frames above a graph's call).
+_COMPILER_PACKAGES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
+_FRAMES_SEARCHED = 64
+_COMPILED_AUTOGRAD_GRAPH = re.compile(r"CompiledAutograd\d+")
+
+
 def is_compiler_graph(module: torch.nn.Module) -> bool:
-    """A graph torch.compile made and runs (aot_eager's forward and backward graphs): an
-    ``fx.GraphModule`` of the default class name that belongs to no model. Its work is
-    the compiled module's, which is recorded under the user's name."""
-    return type(module).__name__ == "GraphModule" and known_fqn(module) is None \
-        and isinstance(module, _graph_module_class())
-
-
-def _graph_module_class() -> type:
-    from torch.fx import GraphModule  # (imported on first need: torch.fx is not small)
-
-    return GraphModule
+    """A graph torch.compile made and runs: aot_eager's forward and backward graphs,
+    compiled autograd's backward graph (``CompiledAutograd0``, itself run compiled),
+    Dynamo's graphs (named after the compiled function, ``<lambda>``). That is an ``fx.GraphModule`` that
+    belongs to no model and is called from torch's compiler; its work is the compiled
+    module's (recorded under the user's name) or the backward's. A user's own fx-traced
+    model is called from the user's code: recorded as any model. (Asked once per module:
+    the answer is kept.)"""
+    fx = sys.modules.get("torch.fx")
+    graph = _unwrapped(module)  # (compiled autograd runs its graph torch.compile'd)
+    if fx is None or not isinstance(graph, fx.GraphModule) or known_fqn(module) is not None:
+        return False
+    if _COMPILED_AUTOGRAD_GRAPH.fullmatch(type(graph).__name__):
+        return True  # (called by autograd's engine: no compiler frame above it)
+    frame = sys._getframe(1)
+    for _ in range(_FRAMES_SEARCHED):
+        if frame is None:
+            break
+        if str(frame.f_globals.get("__name__", "")).startswith(_COMPILER_PACKAGES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]] | None:

@@ -91,6 +91,11 @@ def _rank_path(path: str | os.PathLike[str]) -> Path:
     return _with_infix(Path(text), f"rank{rank}") if world > 1 else Path(text)
 
 
+_COMPILED_AUTOGRAD = ("compiled autograd ran a backward pass: it runs as one compiled graph, without the marks "
+                      "backward spans come from, so those passes have no backward spans (forward spans are "
+                      "complete). A Timeline made while compiled autograd is on records backward in Python.")
+
+
 class Timeline:
     """Record when each module's forward, backward and recompute ran, and write a trace.
 
@@ -172,6 +177,7 @@ class Timeline:
         # One id for every file of this run (its windows; under torchrun, every rank's).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
         self._writing = False
+        self._said_compiled_autograd = False
         self._deferred_signal: int | None = None
         # Several ranks: clock samples against rank 0 (at entry and at every write).
         self._rank_clock = RankClock(rank_timeout_s) if align_ranks and distributed_world()[1] > 1 else None
@@ -381,6 +387,12 @@ class Timeline:
             if marks.dropped:
                 warnings.warn(f"modtimeline: {marks.dropped:,} GPU marks were dropped: more device events were "
                               "waiting for the GPU than the pool holds", RuntimeWarning, stacklevel=3)
+        store = getattr(self.buffer, "store", None)
+        if store is not None and getattr(store, "compiled_autograd_seen", False):
+            metadata["backward_not_recorded"] = _COMPILED_AUTOGRAD
+            if not self._said_compiled_autograd:
+                self._said_compiled_autograd = True
+                warnings.warn(f"modtimeline: {_COMPILED_AUTOGRAD}", RuntimeWarning, stacklevel=3)
         if self._clock_samples:
             metadata["clock_sync"] = {"reference_rank": 0, "samples": [c.to_json() for c in self._clock_samples]}
         if self._clock_sync_problem is not None:
