@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import weakref
+from types import FrameType
 
 import torch
 
@@ -123,7 +124,7 @@ def is_compiler_graph(module: torch.nn.Module) -> bool:
         return False
     if _COMPILED_AUTOGRAD_GRAPH.fullmatch(type(graph).__name__):
         return True  # (called by autograd's engine: no compiler frame above it)
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(_FRAMES_SEARCHED):
         if frame is None:
             break
