@@ -113,11 +113,11 @@ _COMPILED_AUTOGRAD_GRAPH = re.compile(r"CompiledAutograd\d+")
 def is_compiler_graph(module: torch.nn.Module) -> bool:
     """A graph torch.compile made and runs: aot_eager's forward and backward graphs,
     compiled autograd's backward graph (``CompiledAutograd0``, itself run compiled),
-    Dynamo's graphs (named after the compiled function, ``<lambda>``). That is an ``fx.GraphModule`` that
-    belongs to no model and is called from torch's compiler; its work is the compiled
-    module's (recorded under the user's name) or the backward's. A user's own fx-traced
-    model is called from the user's code: recorded as any model. (Asked once per module:
-    the answer is kept.)"""
+    Dynamo's graphs (named after the compiled function, ``<lambda>``). That is an
+    ``fx.GraphModule`` that belongs to no model and is called from torch's compiler; its
+    work is the compiled module's (recorded under the user's name) or the backward's. A
+    user's own fx-traced model is called from the user's code: recorded as any model.
+    (The compiled hot path asks once per module and keeps the answer.)"""
     fx = sys.modules.get("torch.fx")
     graph = _unwrapped(module)  # (compiled autograd runs its graph torch.compile'd)
     if fx is None or not isinstance(graph, fx.GraphModule) or known_fqn(module) is not None:
