@@ -187,3 +187,115 @@ def test_compiled_autograd_never_breaks_the_backward(switched_on, tmp_path):
         assert any("compiled autograd" in str(w.message) for w in caught)
     else:
         assert all(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward)
+
+
+def _detail_step(backend: str, model_name: str, how: str, context) -> tuple[int, list, nn.Module]:
+    """Two steps of a compiled model (whole or per block) in ``context``."""
+    torch.manual_seed(0)
+    cls, shape = MODELS[model_name]
+    model = cls()
+    x = torch.randn(*shape)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    if how == "whole":
+        run = torch.compile(model, backend=backend, fullgraph=True)
+    else:
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = torch.compile(block, backend=backend, fullgraph=True)
+        run = model
+    with context() as timeline:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with timeline.step() if isinstance(timeline, Timeline) else _nothing():
+                run(x).sum().backward()
+    return sum(dynamo.utils.counters["graph_break"].values()), [p.grad.clone() for p in model.parameters()], model
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_detail_spans_every_submodule_call(backend, tmp_path):
+    """compiled_detail=True: forward and backward spans for every submodule call inside
+    a compiled MLP, nested in the compiled call's spans, named by FQN, flagged compiled;
+    the graph-break count and the gradients unchanged."""
+    breaks, grads, _ = _detail_step(backend, "mlp", "whole", _nothing)
+    path = tmp_path / "t.json"
+    traced_breaks, traced_grads, _ = _detail_step(backend, "mlp", "whole",
+                                                  lambda: Timeline(path, compiled_detail=True))
+    assert traced_breaks == breaks == 0
+    for a, b in zip(grads, traced_grads):
+        torch.testing.assert_close(a, b)
+    trace = load(path)
+    assert_nested(trace)
+    found = [e for e in spans(trace) if e["cat"] in ("forward", "backward")]
+    children = ("MLP.fc1", "MLP.act", "MLP.fc2", "MLP.out")
+    for name in ("MLP", *children):
+        for cat in ("forward", "backward"):
+            calls = [e for e in found if e["name"] == name and e["cat"] == cat]
+            assert len(calls) == 2, (name, cat, len(calls))  # one per step
+            assert all(e["args"].get("compiled") for e in calls)
+    for step in (0, 1):
+        def span(name: str, cat: str) -> dict:
+            return next(e for e in found if e["name"] == name and e["cat"] == cat and e["args"]["step"] == step)
+
+        for cat in ("forward", "backward"):
+            outer = span("MLP", cat)
+            for name in children:
+                inner = span(name, cat)
+                assert outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + 1e-3
+        forward_order = sorted(children, key=lambda name: span(name, "forward")["ts"])
+        assert forward_order == list(children)  # the order the compiled code ran them in
+        backward_order = sorted(children, key=lambda name: span(name, "backward")["ts"])
+        assert backward_order == list(reversed(children))
+        # Bounded where the gradients were seen; the first layer's inputs need none, so
+        # its end is its parent's, flagged.
+        assert all(not span(name, "backward")["args"].get("approximate") for name in children[1:])
+        assert span("MLP.fc1", "backward")["args"].get("approximate")
+
+
+def test_compiled_detail_inside_per_block_compile(tmp_path):
+    """Blocks compiled one by one (aot_eager): each block's submodules get spans, under
+    the block's FQN; eager modules around them are recorded as always."""
+    path = tmp_path / "t.json"
+    _detail_step("aot_eager", "transformer", "per-block", lambda: Timeline(path, compiled_detail=True))
+    trace = load(path)
+    assert_nested(trace)
+    names = {(e["name"], e["cat"]) for e in spans(trace)}
+    for block in ("Transformer.blocks.0", "Transformer.blocks.1"):
+        for child in ("norm", "attn", "mlp", "mlp.0", "mlp.1", "mlp.2"):
+            assert (f"{block}.{child}", "forward") in names
+            assert (f"{block}.{child}", "backward") in names
+    assert ("Transformer.head", "backward") in names
+
+
+def test_compiled_detail_leaves_inductor_regions_whole_and_says_so(tmp_path):
+    """Leaf functions do not compile under inductor (torch 2.13): the detail stays out of
+    inductor regions, with a warning, and the compile and the gradients are unharmed."""
+    _, grads, _ = _detail_step("inductor", "mlp", "whole", _nothing)
+    path = tmp_path / "t.json"
+    with pytest.warns(RuntimeWarning, match="compiles with inductor"):
+        _, traced_grads, _ = _detail_step("inductor", "mlp", "whole", lambda: Timeline(path, compiled_detail=True))
+    for a, b in zip(grads, traced_grads):
+        torch.testing.assert_close(a, b)
+    assert {e["name"] for e in spans(load(path)) if e["cat"] != "step"} == {"MLP"}
+
+
+@pytest.mark.parametrize("detail", [False, True])
+def test_timeline_after_timeline_compiles_nothing_again(detail, tmp_path):
+    """Dynamo guards on torch's global hook dictionaries. Hooks registered anew for each
+    Timeline (new keys) made a model compiled inside one Timeline compile again in every
+    later one, and run eagerly after eight: ours sit under fixed keys."""
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model = torch.compile(MLP(), backend="aot_eager")
+    x = torch.randn(4, 16)
+    for k in range(12):
+        with Timeline(tmp_path / f"{k}.json", compiled_detail=detail):
+            model(x).sum().backward()
+        if not detail:  # (a graph compiled with no hooks at all is reused under the detail's: README)
+            model(x).sum().backward()  # between Timelines: no hooks at all
+        with ModuleTracker():
+            model(x).sum().backward()
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # with ours, without, with the tracker's
+    last = [e for e in spans(load(tmp_path / "11.json")) if e["cat"] == "forward"]
+    expected = {"MLP", "MLP.fc1", "MLP.act", "MLP.fc2", "MLP.out"} if detail else {"MLP"}
+    assert {e["name"] for e in last} == expected
+    assert all(e["args"].get("compiled") for e in last)  # still compiled, never eager

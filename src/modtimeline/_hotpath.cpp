@@ -426,6 +426,21 @@ PyObject* store_links(PyObject* self, PyObject* arg) {
                                 static_cast<Py_ssize_t>(count * sizeof(int64_t))));
 }
 
+// synthetic_node(link) -> node id: a node id of no autograd node, with one link, for
+// marks placed from Python (compiled_detail.py: the module boundaries inside compiled
+// regions); -1 when the buffer is full (that call's backward goes unrecorded).
+PyObject* store_synthetic_node(PyObject* self, PyObject* arg) {
+  int64_t link = PyLong_AsLongLong(arg);
+  if (link == -1 && PyErr_Occurred()) return nullptr;
+  Events& events = events_of(self);
+  std::lock_guard<std::mutex> guard(events.mutex);
+  if (static_cast<int64_t>(events.codes.size()) >= events.capacity) return PyLong_FromLong(-1);
+  int64_t node = events.nodes++;
+  events.link_node.push_back(node);
+  events.link_code.push_back(link);
+  return PyLong_FromLongLong(node);
+}
+
 PyObject* store_clear(PyObject* self, PyObject*) {
   events_of(self).clear();
   Py_RETURN_NONE;
@@ -491,6 +506,7 @@ PyMethodDef store_methods[] = {
      "record(kind, call, module): store one event stamped now"},
     {"columns", store_columns, METH_NOARGS, "(timestamps, codes, link_node, link_code) as int64 bytes"},
     {"links", store_links, METH_O, "links(start): (link_node, link_code) from link start on, as int64 bytes"},
+    {"synthetic_node", store_synthetic_node, METH_O, "synthetic_node(link) -> a new node id linked to `link` (-1: full)"},
     {"clear", store_clear, METH_NOARGS, "drop every event and link; node marks already placed go stale"},
     {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the step is over)"},
     {"bytes_used", store_bytes_used, METH_NOARGS, "bytes allocated for events and links"},

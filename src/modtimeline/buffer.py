@@ -136,6 +136,17 @@ class EventBuffer(_OverflowReport):
     def __len__(self) -> int:
         return len(self.codes)
 
+    def synthetic_node(self, link: int) -> int:
+        """A node id of no autograd node, linked to ``link``, for marks placed from
+        Python (compiled_detail.py); -1 when the buffer is full."""
+        if len(self.codes) >= self.capacity:
+            return -1
+        node = self.nodes
+        self.nodes += 1
+        self.link_node.append(node)
+        self.link_code.append(link)
+        return node
+
     def bytes_used(self) -> int:
         """Bytes held by the events and node links (allocated slots, not just used ones)."""
         return sum(sys.getsizeof(column) for column in (self.timestamps, self.codes, self.link_node, self.link_code))
@@ -197,6 +208,9 @@ class NativeEventBuffer(_OverflowReport):
 
     def __len__(self) -> int:
         return len(self.store)
+
+    def synthetic_node(self, link: int) -> int:
+        return int(self.store.synthetic_node(link))
 
     def links(self, start: int) -> tuple[array, array]:
         """(link_node, link_code) from link ``start`` on, copied out."""

@@ -1,30 +1,128 @@
-"""Global module hooks that ``torch.compile`` does not see.
+"""Global module hooks that ``torch.compile`` neither sees nor compiles again for.
 
 Dynamo traces ``nn.Module.__call__`` and, with it, every global forward hook. Traced,
-our hooks either break the graph (a compiled hook is a C function Dynamo cannot trace)
-or fail (Dynamo tracing the module registry's dictionaries). Wrapped here, a hook first
-asks ``torch.compiler.is_compiling()``: while Dynamo traces, that is a constant True,
-the hook returns at once and leaves nothing in the graph; when the compiled code (or
-eager code) runs, it is False and the hook records as usual.
+our hooks would either break the graph (a compiled hook is a C function Dynamo cannot
+trace) or fail (Dynamo tracing the module registry's dictionaries). So the hooks torch
+calls are two functions of this module that first ask ``torch.compiler.is_compiling()``:
+while Dynamo traces, that is a constant True and they return at once, leaving nothing in
+the graph; when the compiled code (or eager code) runs, it is False and they call the
+hooks of every recorder and tracker now active.
+
+Dynamo also *guards* on torch's global hook dictionaries: their keys and the hooks in
+them. A hook registered the usual way gets a new key each time (torch's handles count up
+from 0), so every Timeline that starts (or every scheduled window) would make each
+compiled model compile again at its next call, and after eight times run it eagerly.
+Ours always sit under the same keys, as the same functions: a model compiled with them
+in place runs the same graph in every Timeline, and one compiled without them the same
+graph between Timelines.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.modules import module as _torch_module
 
-__all__ = ["invisible_to_dynamo"]
+__all__ = ["install", "uninstall", "put_traced", "take_traced"]
 
 _is_compiling = torch.compiler.is_compiling
 
+# Our keys in torch's global hook dictionaries. Negative: torch's own handles count up
+# from 0, so no hook registered through torch's API ever takes one.
+_KEY = -0x6D74_0001
+_KEY_WITH_KWARGS = -0x6D74_0002
 
-def invisible_to_dynamo(hook: Callable[..., Any]) -> Callable[..., Any]:
-    def guarded(*args: Any) -> Any:
-        if _is_compiling():
-            return None
-        return hook(*args)
+PreHook = Callable[[torch.nn.Module, Any], Any]
+PostHook = Callable[..., Any]
 
-    guarded.__name__ = getattr(hook, "__name__", "hook")
-    return guarded
+_lock = threading.Lock()
+_owners: dict[int, tuple[PreHook, PostHook, bool]] = {}  # id(owner) -> (pre, post, post takes kwargs)
+# What the two functions below call, rebuilt when an owner comes or goes (a tuple: the
+# hot path iterates it without a lock).
+_pre_hooks: tuple[PreHook, ...] = ()
+_post_hooks: tuple[PostHook, ...] = ()
+_post_hooks_with_kwargs: tuple[PostHook, ...] = ()
+
+
+def _pre_forward(module: torch.nn.Module, args: Any) -> None:
+    if _is_compiling():
+        return None
+    for hook in _pre_hooks:
+        hook(module, args)
+    return None
+
+
+def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if _is_compiling():
+        return None
+    for hook in _post_hooks:
+        hook(module, args, output)
+    return None
+
+
+def _post_forward_with_kwargs(module: torch.nn.Module, args: Any, *rest: Any) -> None:
+    # (kwargs, output); torch leaves kwargs out when it calls it for a forward that raised
+    if _is_compiling():
+        return None
+    for hook in _post_hooks_with_kwargs:
+        hook(module, args, *rest)
+    return None
+
+
+def install(owner: object, pre: PreHook, post: PostHook, *, post_with_kwargs: bool = False) -> None:
+    """Call ``pre(module, args)`` before and ``post(module, args, [kwargs,] output)`` after
+    every module's forward (also when it raised: then ``output`` is None, and torch
+    passes no kwargs even to a ``post_with_kwargs`` hook), outside compilation, until
+    ``uninstall(owner)``."""
+    with _lock:
+        _owners[id(owner)] = (pre, post, post_with_kwargs)
+        _rebuild()
+
+
+def uninstall(owner: object) -> None:
+    with _lock:
+        _owners.pop(id(owner), None)
+        _rebuild()
+
+
+def _rebuild() -> None:
+    global _pre_hooks, _post_hooks, _post_hooks_with_kwargs
+    hooks = list(_owners.values())
+    _pre_hooks = tuple(pre for pre, _, _ in hooks)
+    _post_hooks = tuple(post for _, post, kwargs in hooks if not kwargs)
+    _post_hooks_with_kwargs = tuple(post for _, post, kwargs in hooks if kwargs)
+    _place(_KEY, _pre_forward if _pre_hooks else None, _post_forward if _post_hooks else None, False)
+    _place(_KEY_WITH_KWARGS, None, _post_forward_with_kwargs if _post_hooks_with_kwargs else None, True)
+
+
+def _place(key: int, pre: PreHook | None, post: PostHook | None, with_kwargs: bool) -> None:
+    """Put (or, given None, take away) hooks under ``key`` in torch's dictionaries."""
+    pres, posts = _torch_module._global_forward_pre_hooks, _torch_module._global_forward_hooks
+    if pre is None:
+        pres.pop(key, None)
+    elif pres.get(key) is not pre:
+        pres[key] = pre
+    if post is None:
+        posts.pop(key, None)
+        _torch_module._global_forward_hooks_always_called.pop(key, None)
+        _torch_module._global_forward_hooks_with_kwargs.pop(key, None)
+    elif posts.get(key) is not post:
+        posts[key] = post
+        _torch_module._global_forward_hooks_always_called[key] = True
+        if with_kwargs:
+            _torch_module._global_forward_hooks_with_kwargs[key] = True
+
+
+def put_traced(key: int, pre: PreHook, post: PostHook) -> None:
+    """Hooks that Dynamo *should* trace (compiled_detail.py), under a fixed key of their
+    own, for the same reason as above. ``post`` takes (module, args, output)."""
+    with _lock:
+        _place(key, pre, post, False)
+
+
+def take_traced(key: int) -> None:
+    with _lock:
+        _place(key, None, None, False)

@@ -31,7 +31,6 @@ import threading
 from typing import Any, Protocol
 
 import torch
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from .buffer import (
     BACKWARD_DONE,
@@ -49,7 +48,7 @@ from .buffer import (
     NativeEventBuffer,
 )
 from ._native import compiled, warn_once_if_slow, why_not
-from .compile_guard import invisible_to_dynamo
+from . import compile_guard
 from .errors import ModTimelineError
 from .registry import ModuleRegistry, is_compiler_graph
 from .tensors import grad_tensors
@@ -330,7 +329,7 @@ class Recorder:
         self.registry = _last_registry.continued() if _last_registry is not None else ModuleRegistry()
         # Calls whose forward ended by raising (their forward hook ran with no output).
         self.raised_calls: set[int] = set()
-        self._global_handles: list[Any] = []
+        self._hooked = False
         self._store: Any = None
         self._marks: PythonNodeMarks | None = None
         self._forward: Any
@@ -362,19 +361,16 @@ class Recorder:
         self._forward.own_thread()
 
     def __enter__(self) -> Recorder:
-        if self._global_handles:
+        if self._hooked:
             raise ModTimelineError("this Recorder is already active")
-        self._global_handles = [
-            register_module_forward_pre_hook(invisible_to_dynamo(self._forward.pre_forward)),
-            register_module_forward_hook(invisible_to_dynamo(self._forward.post_forward), always_call=True),
-        ]
+        compile_guard.install(self, self._forward.pre_forward, self._forward.post_forward)
+        self._hooked = True
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         global _last_registry
-        for handle in self._global_handles:
-            handle.remove()
-        self._global_handles = []
+        compile_guard.uninstall(self)
+        self._hooked = False
         self._forward.reset()
         self.end_step()
         _last_registry = self.registry

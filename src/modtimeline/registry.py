@@ -120,8 +120,11 @@ def is_compiler_graph(module: torch.nn.Module) -> bool:
     (The compiled hot path asks once per module and keeps the answer.)"""
     fx = sys.modules.get("torch.fx")
     graph = _unwrapped(module)  # (compiled autograd runs its graph torch.compile'd)
-    if fx is None or not isinstance(graph, fx.GraphModule) or known_fqn(module) is not None:
+    if fx is None or not isinstance(graph, fx.GraphModule):
         return False
+    entry = _named(module)
+    if entry is not None and entry.root is not entry.ref:
+        return False  # a part of a model (named under its root)
     if _COMPILED_AUTOGRAD_GRAPH.fullmatch(type(graph).__name__):
         return True  # (called by autograd's engine: no compiler frame above it)
     frame: FrameType | None = sys._getframe(1)

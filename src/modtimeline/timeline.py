@@ -31,6 +31,7 @@ from .resolve import resolve
 from .schedule import Schedule, StepAction
 from .signals import TerminationGuard
 from .ranks import ClockSample, RankClock, distributed_world
+from .compiled_detail import CompiledDetail
 from .nvtx import NvtxApi, NvtxRanges, chained, torch_nvtx
 from .profiler_export import ProfilerExport
 from .recorder import Recorder, new_buffer
@@ -132,6 +133,9 @@ class Timeline:
     ``profiler``: a ``torch.profiler.profile`` recording around the Timeline; its exported
     trace (``export_chrome_trace``, also through ``on_trace_ready`` handlers) gets the
     module spans, on its clock (as ``modtimeline merge --profiler`` does).
+    ``compiled_detail=True``: spans for the submodules inside ``torch.compile``'d regions
+    too (an opaque call at each of their boundaries in the compiled graph; see
+    compiled_detail.py and the README's "torch.compile" for what it shows and costs).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class Timeline:
         align_ranks: bool = True,
         profiler: Any = None,
         nvtx: bool | NvtxApi = False,
+        compiled_detail: bool = False,
     ) -> None:
         self.path = check_writable(_rank_path(path))
         self.format = format_for(self.path, format)
@@ -162,6 +167,7 @@ class Timeline:
         self._backend = device_backend
         self.buffer = new_buffer(capacity)
         self.recorder = Recorder(self.buffer)
+        self._detail = CompiledDetail(self.buffer, self.recorder.registry) if compiled_detail else None
         self._clock: DeviceClock | None = None
         self._step = 0
         self._action = StepAction.RECORD
@@ -301,7 +307,11 @@ class Timeline:
     def _hooks(self, on: bool) -> None:
         if on and not self._hooks_on:
             self.recorder.__enter__()
+            if self._detail is not None:
+                self._detail.__enter__()
         elif not on and self._hooks_on:
+            if self._detail is not None:
+                self._detail.__exit__(None, None, None)
             self.recorder.__exit__(None, None, None)
         self._hooks_on = on
 
@@ -339,6 +349,8 @@ class Timeline:
             self._nvtx.reset()
         self.buffer.clear()
         self.recorder.end_step()  # node ids start again with the cleared buffer
+        if self._detail is not None:
+            self._detail.retire()
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from .compile_guard import invisible_to_dynamo
+
+from . import compile_guard
 from .errors import ModTimelineError
 from .registry import ModuleRegistry
 from .tensors import grad_tensors
@@ -136,7 +136,6 @@ class ModuleTracker:
         self._handles: list[Any] = []
         self._prune_at = 4096  # prune dead handles when this many are held (doubles)
         self._generation = 0  # bumped when hooks are removed: older node records are stale
-        self._global_handles: list[Any] = []
         self._entered = False
         self._user_pre_fw_hook: Callable[..., Any] | None = None
         self._user_post_fw_hook: Callable[..., Any] | None = None
@@ -194,16 +193,11 @@ class ModuleTracker:
         if self._entered:
             raise ModTimelineError("this ModuleTracker is already active; it cannot be entered twice")
         self._entered = True
-        self._global_handles = [
-            register_module_forward_pre_hook(invisible_to_dynamo(self._pre_forward)),
-            register_module_forward_hook(invisible_to_dynamo(self._post_forward), with_kwargs=True, always_call=True),
-        ]
+        compile_guard.install(self, self._pre_forward, self._post_forward, post_with_kwargs=True)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for handle in self._global_handles:
-            handle.remove()
-        self._global_handles = []
+        compile_guard.uninstall(self)
         self.remove_grad_hooks()
         self._fw_stack.clear()
         self._any_mode_task.clear()

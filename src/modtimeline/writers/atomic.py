@@ -66,6 +66,7 @@ def remove_leftovers(folder: str, name: str) -> list[str]:
 
 
 _swept: set[str] = set()  # the files whose folder was swept of leftovers by this process
+_SWEPT_KEPT = 64
 
 
 @contextlib.contextmanager
@@ -80,7 +81,10 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     if target not in _swept:
         # Once per file and process: a folder of many traces is not listed at every write,
         # and what a process killed later leaves is swept by the next process that writes.
+        # (Bounded: a long scheduled run writes a new file per window.)
         remove_leftovers(folder, name)
+        if len(_swept) >= _SWEPT_KEPT:
+            _swept.clear()
         _swept.add(target)
     # Unique within the process by the counter, across processes by the pid; O_EXCL
     # refuses anything already there. Mode 0o644 less the umask, as for any new file.
