@@ -50,6 +50,7 @@ __all__ = ["CompiledDetail", "SUPPORTED_BACKENDS"]
 _active: CompiledDetail | None = None
 # Boundaries by id(module); Dynamo traces the lookup (a constant per module).
 _BOUNDARIES: dict[int, _Boundary] = {}
+_prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers whose boundaries exist
 # The backends whose graphs take the leaves (inductor fails on them in torch 2.13).
 SUPPORTED_BACKENDS = ("eager", "aot_eager")
 _said_unsupported: set[str | None] = set()
@@ -145,7 +146,7 @@ def _prepare(wrapper: torch.nn.Module) -> None:
     call is the wrapper's own span), before Dynamo traces it; only for the backends the
     leaves compile under (else the user's compile would fail: never)."""
     root = getattr(wrapper, "_orig_mod", None)
-    if not isinstance(root, torch.nn.Module):
+    if not isinstance(root, torch.nn.Module) or wrapper in _prepared:
         return
     backend = _backend_name(wrapper)
     if backend not in SUPPORTED_BACKENDS:
@@ -156,12 +157,15 @@ def _prepare(wrapper: torch.nn.Module) -> None:
                           "and shows as one span (leaf functions do not compile under inductor in torch 2.13)",
                           RuntimeWarning, stacklevel=4)
         return
+    for key in [key for key, boundary in _BOUNDARIES.items() if boundary.ref() is None]:
+        del _BOUNDARIES[key]  # (modules that died: the dict does not grow over models)
     for module in root.modules():
         if module is root:
             continue
         boundary = _BOUNDARIES.get(id(module))
         if boundary is None or boundary.ref() is not module:
             _BOUNDARIES[id(module)] = _Boundary(module)
+    _prepared.add(wrapper)
 
 
 def _pre_forward(module: torch.nn.Module, args: Any) -> Any:
