@@ -299,3 +299,29 @@ def test_timeline_after_timeline_compiles_nothing_again(detail, tmp_path):
     expected = {"MLP", "MLP.fc1", "MLP.act", "MLP.fc2", "MLP.out"} if detail else {"MLP"}
     assert {e["name"] for e in last} == expected
     assert all(e["args"].get("compiled") for e in last)  # still compiled, never eager
+
+
+def test_compiled_detail_keeps_no_leaves_for_dead_modules_or_inductor(tmp_path):
+    """Leaves belong to live modules only (a new module at a dead one's address must not
+    get them into its graph), and a model compiled for the detail under aot_eager and then
+    again under inductor compiles without them."""
+    import gc
+
+    from modtimeline import compiled_detail
+
+    dynamo.reset()
+    model = MLP()
+    x = torch.randn(4, 16)
+    with Timeline(tmp_path / "a.json", compiled_detail=True):
+        torch.compile(model, backend="aot_eager")(x).sum().backward()
+    assert {id(m) for m in model.modules()} - {id(model)} <= set(compiled_detail._BOUNDARIES)
+    with pytest.warns(RuntimeWarning, match="inductor"), Timeline(tmp_path / "b.json", compiled_detail=True):
+        torch.compile(model)(x).sum().backward()  # would fail inductor's compile with the leaves in
+    assert not {id(m) for m in model.modules()} & set(compiled_detail._BOUNDARIES)
+    other = MLP()
+    with Timeline(tmp_path / "c.json", compiled_detail=True):
+        torch.compile(other, backend="aot_eager")(x).sum().backward()
+    held = len(compiled_detail._BOUNDARIES)
+    del other
+    gc.collect()
+    assert len(compiled_detail._BOUNDARIES) == held - 4

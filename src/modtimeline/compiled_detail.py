@@ -53,7 +53,7 @@ _BOUNDARIES: dict[int, _Boundary] = {}
 _prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers whose boundaries exist
 # The backends whose graphs take the leaves (inductor fails on them in torch 2.13).
 SUPPORTED_BACKENDS = ("eager", "aot_eager")
-_said_unsupported: set[str | None] = set()
+_said_unsupported: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers told of, once each
 # The key of the detail's hooks in torch's global hook dictionaries (see compile_guard).
 _HOOK_KEY = -0x6D74_0010
 # Call numbers of detail spans: far above the hooks' own, which count from 0.
@@ -67,11 +67,20 @@ class _Boundary:
     """One submodule's two leaves and what waits on them."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.ref = weakref.ref(module)
+        key = id(module)
+        # Dropped from _BOUNDARIES when the module dies: a new module at its address must
+        # not find this one's leaves (they would go into its graph unasked).
+        self.ref = weakref.ref(module, lambda ref: _forget(key, ref))
         self.open: deque[tuple[int, int, int]] = deque(maxlen=_PENDING)  # (epoch, call, index)
         self.pending_begin: deque[tuple[int, int]] = deque(maxlen=_PENDING)  # (epoch, node)
         self.pending_end: deque[tuple[int, int]] = deque(maxlen=_PENDING)
         self.enter, self.exit = _leaves(self)
+
+
+def _forget(key: int, ref: weakref.ref[torch.nn.Module]) -> None:
+    boundary = _BOUNDARIES.get(key)
+    if boundary is not None and boundary.ref is ref:
+        del _BOUNDARIES[key]
 
 
 def _leaves(boundary: _Boundary) -> tuple[Any, Any]:
@@ -150,15 +159,17 @@ def _prepare(wrapper: torch.nn.Module) -> None:
         return
     backend = _backend_name(wrapper)
     if backend not in SUPPORTED_BACKENDS:
-        if backend not in _said_unsupported:
-            _said_unsupported.add(backend)
+        for module in root.modules():  # (leaves made for another compile of them: not here)
+            boundary = _BOUNDARIES.get(id(module))
+            if boundary is not None and boundary.ref() is module:
+                del _BOUNDARIES[id(module)]
+        if wrapper not in _said_unsupported:
+            _said_unsupported.add(wrapper)
             warnings.warn(f"modtimeline: compiled_detail shows the modules inside regions compiled with "
                           f"{', '.join(SUPPORTED_BACKENDS)}; this one compiles with {backend or 'an unknown backend'} "
                           "and shows as one span (leaf functions do not compile under inductor in torch 2.13)",
                           RuntimeWarning, stacklevel=4)
         return
-    for key in [key for key, boundary in _BOUNDARIES.items() if boundary.ref() is None]:
-        del _BOUNDARIES[key]  # (modules that died: the dict does not grow over models)
     for module in root.modules():
         if module is root:
             continue
