@@ -85,6 +85,9 @@ def packet_metadata(path: Path, packet: TracePacket) -> dict[str, Any] | None:
     return None
 
 
+_NOTHING: dict[int, str] = {}  # (an interned table a sequence never sent; never written to)
+
+
 class SequenceState:
     """What the packets of each sequence mean by what came before them: a running
     (incremental) clock, a default track, interned names, categories and argument names."""
@@ -121,12 +124,13 @@ class SequenceState:
         """(name, category, arguments by name) of a slice's begin event."""
         sequence = packet.trusted_packet_sequence_id
         event = packet.track_event
-        name = event.name or self._names.get(sequence, {}).get(event.name_iid, "")
-        if event.category_iids:
-            category = self._categories.get(sequence, {}).get(event.category_iids[0], "")
+        name = event.name or self._names.get(sequence, _NOTHING).get(event.name_iid, "")
+        category_iids = event.category_iids
+        if category_iids:
+            category = self._categories.get(sequence, _NOTHING).get(category_iids[0], "")
         else:
             category = ",".join(event.categories)
-        names = self._args.get(sequence, {})
+        names = self._args.get(sequence, _NOTHING)
         args: dict[str, Any] = {}
         for annotation in event.debug_annotations:
             kind = annotation.WhichOneof("value")
@@ -143,15 +147,18 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     spans: list[tuple[int, str, str, int, int, int, bool]] = []
 
     for packet in pftrace_packets(path, raw, limits):
-        metadata = packet_metadata(path, packet) or metadata
-        if packet.HasField("track_descriptor"):
-            descriptor = packet.track_descriptor
-            identity = track_identity(descriptor)
-            if identity is not None and not identity[3]:
-                tracks[descriptor.uuid] = identity[:3]
-        state.absorb(packet)
         if not packet.HasField("track_event"):
+            metadata = packet_metadata(path, packet) or metadata
+            if packet.HasField("track_descriptor"):
+                descriptor = packet.track_descriptor
+                identity = track_identity(descriptor)
+                if identity is not None and not identity[3]:
+                    tracks[descriptor.uuid] = identity[:3]
+            state.absorb(packet)
             continue
+        # (A track event packet: nearly every packet. It may intern names as it goes.)
+        if packet.HasField("interned_data"):
+            state.absorb(packet)
         time, track = state.place(packet)
         kind = packet.track_event.type
         if kind == TrackEvent.TYPE_SLICE_BEGIN:
