@@ -189,37 +189,15 @@ def test_compiled_autograd_never_breaks_the_backward(switched_on, tmp_path):
         assert all(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward)
 
 
-def _detail_step(backend: str, model_name: str, how: str, context) -> tuple[int, list, nn.Module]:
-    """Two steps of a compiled model (whole or per block) in ``context``."""
-    torch.manual_seed(0)
-    cls, shape = MODELS[model_name]
-    model = cls()
-    x = torch.randn(*shape)
-    dynamo.reset()
-    dynamo.utils.counters.clear()
-    if how == "whole":
-        run = torch.compile(model, backend=backend, fullgraph=True)
-    else:
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = torch.compile(block, backend=backend, fullgraph=True)
-        run = model
-    with context() as timeline:
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            with timeline.step() if isinstance(timeline, Timeline) else _nothing():
-                run(x).sum().backward()
-    return sum(dynamo.utils.counters["graph_break"].values()), [p.grad.clone() for p in model.parameters()], model
-
-
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_detail_spans_every_submodule_call(backend, tmp_path):
     """compiled_detail=True: forward and backward spans for every submodule call inside
     a compiled MLP, nested in the compiled call's spans, named by FQN, flagged compiled;
     the graph-break count and the gradients unchanged."""
-    breaks, grads, _ = _detail_step(backend, "mlp", "whole", _nothing)
+    breaks, grads, _ = compiled_step("mlp", backend, True, "whole", _nothing)
     path = tmp_path / "t.json"
-    traced_breaks, traced_grads, _ = _detail_step(backend, "mlp", "whole",
-                                                  lambda: Timeline(path, compiled_detail=True))
+    traced_breaks, traced_grads, _ = compiled_step("mlp", backend, True, "whole",
+                                                   lambda: Timeline(path, compiled_detail=True))
     assert traced_breaks == breaks == 0
     for a, b in zip(grads, traced_grads):
         torch.testing.assert_close(a, b)
@@ -252,10 +230,10 @@ def test_compiled_detail_spans_every_submodule_call(backend, tmp_path):
 
 
 def test_compiled_detail_inside_per_block_compile(tmp_path):
-    """Blocks compiled one by one (aot_eager): each block's submodules get spans, under
-    the block's FQN; eager modules around them are recorded as always."""
+    """Every child compiled on its own (aot_eager): each block's submodules get spans,
+    under the block's FQN; the model around them runs and is recorded eagerly."""
     path = tmp_path / "t.json"
-    _detail_step("aot_eager", "transformer", "per-block", lambda: Timeline(path, compiled_detail=True))
+    compiled_step("transformer", "aot_eager", True, "per-block", lambda: Timeline(path, compiled_detail=True))
     trace = load(path)
     assert_nested(trace)
     names = {(e["name"], e["cat"]) for e in spans(trace)}
@@ -269,10 +247,11 @@ def test_compiled_detail_inside_per_block_compile(tmp_path):
 def test_compiled_detail_leaves_inductor_regions_whole_and_says_so(tmp_path):
     """Leaf functions do not compile under inductor (torch 2.13): the detail stays out of
     inductor regions, with a warning, and the compile and the gradients are unharmed."""
-    _, grads, _ = _detail_step("inductor", "mlp", "whole", _nothing)
+    _, grads, _ = compiled_step("mlp", "inductor", True, "whole", _nothing)
     path = tmp_path / "t.json"
     with pytest.warns(RuntimeWarning, match="compiles with inductor"):
-        _, traced_grads, _ = _detail_step("inductor", "mlp", "whole", lambda: Timeline(path, compiled_detail=True))
+        _, traced_grads, _ = compiled_step("mlp", "inductor", True, "whole",
+                                           lambda: Timeline(path, compiled_detail=True))
     for a, b in zip(grads, traced_grads):
         torch.testing.assert_close(a, b)
     assert {e["name"] for e in spans(load(path)) if e["cat"] != "step"} == {"MLP"}
