@@ -50,10 +50,9 @@ __all__ = ["CompiledDetail", "SUPPORTED_BACKENDS"]
 _active: CompiledDetail | None = None
 # Boundaries by id(module); Dynamo traces the lookup (a constant per module).
 _BOUNDARIES: dict[int, _Boundary] = {}
-_prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers whose boundaries exist
+_prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers prepared (or told of) once
 # The backends whose graphs take the leaves (inductor fails on them in torch 2.13).
 SUPPORTED_BACKENDS = ("eager", "aot_eager")
-_said_unsupported: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers told of, once each
 # The key of the detail's hooks in torch's global hook dictionaries (see compile_guard).
 _HOOK_KEY = -0x6D74_0010
 # Call numbers of detail spans: far above the hooks' own, which count from 0.
@@ -157,18 +156,17 @@ def _prepare(wrapper: torch.nn.Module) -> None:
     root = getattr(wrapper, "_orig_mod", None)
     if not isinstance(root, torch.nn.Module) or wrapper in _prepared:
         return
+    _prepared.add(wrapper)
     backend = _backend_name(wrapper)
     if backend not in SUPPORTED_BACKENDS:
         for module in root.modules():  # (leaves made for another compile of them: not here)
             boundary = _BOUNDARIES.get(id(module))
             if boundary is not None and boundary.ref() is module:
                 del _BOUNDARIES[id(module)]
-        if wrapper not in _said_unsupported:
-            _said_unsupported.add(wrapper)
-            warnings.warn(f"modtimeline: compiled_detail shows the modules inside regions compiled with "
-                          f"{', '.join(SUPPORTED_BACKENDS)}; this one compiles with {backend or 'an unknown backend'} "
-                          "and shows as one span (leaf functions do not compile under inductor in torch 2.13)",
-                          RuntimeWarning, stacklevel=4)
+        warnings.warn(f"modtimeline: compiled_detail shows the modules inside regions compiled with "
+                      f"{', '.join(SUPPORTED_BACKENDS)}; this one compiles with {backend or 'an unknown backend'} "
+                      "and shows as one span (leaf functions do not compile under inductor in torch 2.13)",
+                      RuntimeWarning, stacklevel=4)
         return
     for module in root.modules():
         if module is root:
@@ -176,7 +174,6 @@ def _prepare(wrapper: torch.nn.Module) -> None:
         boundary = _BOUNDARIES.get(id(module))
         if boundary is None or boundary.ref() is not module:
             _BOUNDARIES[id(module)] = _Boundary(module)
-    _prepared.add(wrapper)
 
 
 def _pre_forward(module: torch.nn.Module, args: Any) -> Any:
