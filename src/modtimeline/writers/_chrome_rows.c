@@ -150,11 +150,4 @@ static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_chrome_rows", N
 /* Bumped when format_spans's arguments change: chrome.py refuses a stale build. */
 #define API_VERSION 3
 
-PyMODINIT_FUNC PyInit__chrome_rows(void) {
-    PyObject *module = PyModule_Create(&definition);
-    if (module && PyModule_AddIntConstant(module, "API", API_VERSION) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
-}
+PyMODINIT_FUNC PyInit__chrome_rows(void) { return module_with_api(&definition, API_VERSION); }

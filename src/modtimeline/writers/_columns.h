@@ -1,5 +1,6 @@
 /* What both compiled writers (_chrome_rows.c, _pftrace_rows.c) need: a growing output
- * buffer, and a span column read through the buffer protocol. */
+ * buffer, a span column read through the buffer protocol, and their module made with
+ * the API version their Python half checks. */
 #ifndef MODTIMELINE_WRITERS_COLUMNS_H
 #define MODTIMELINE_WRITERS_COLUMNS_H
 
@@ -38,6 +39,17 @@ static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_
         return -1;
     }
     return 0;
+}
+
+/* The module of `definition`, with its `API` constant (the arguments its functions take:
+ * the Python half refuses another). */
+static PyObject *module_with_api(PyModuleDef *definition, int api) {
+    PyObject *module = PyModule_Create(definition);
+    if (module && PyModule_AddIntConstant(module, "API", api) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }
 
 #endif

@@ -363,11 +363,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_pftrace_rows", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__pftrace_rows(void) {
-    PyObject *module = PyModule_Create(&definition);
-    if (module && PyModule_AddIntConstant(module, "API", API_VERSION) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
-}
+PyMODINIT_FUNC PyInit__pftrace_rows(void) { return module_with_api(&definition, API_VERSION); }
