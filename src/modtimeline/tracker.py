@@ -37,6 +37,7 @@ import torch
 from torch.autograd.graph import register_multi_grad_hook
 
 from . import compile_guard
+from .compile_safe_hooks import compile_safe_hooks
 from .errors import ModTimelineError
 from .registry import ModuleRegistry
 from .tensors import grad_tensors
@@ -182,6 +183,10 @@ class ModuleTracker:
         self._user_post_fw_hook = check(post_fw_hook, self._user_post_fw_hook, "post_fw_hook")
         self._user_pre_bw_hook = check(pre_bw_hook, self._user_pre_bw_hook, "pre_bw_hook")
         self._user_post_bw_hook = check(post_bw_hook, self._user_post_bw_hook, "post_bw_hook")
+
+    # Hooks at submodule boundaries that work under torch.compile (upstream ModTracker's
+    # static context manager; see compile_safe_hooks.py). Needs no tracker instance.
+    compile_safe_hooks = staticmethod(compile_safe_hooks)
 
     def clear_user_hooks(self) -> None:
         self._user_pre_fw_hook = None
