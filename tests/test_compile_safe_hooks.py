@@ -267,20 +267,44 @@ def test_a_second_model_of_the_class_runs_its_own_hooks():
     assert calls == {"first": ["linear1", "act", "linear2"] * 2, "second": ["linear1", "act", "linear2"]}
 
 
-def test_per_block_compile_names_every_block_and_compiles_once():
-    """Twelve blocks of one class, each compiled on its own: each calls its own hooks
-    (its own FQN), forward and backward, through one graph for all twelve (far below
-    Dynamo's recompile limit, past which blocks would run eagerly)."""
+def _per_block_model() -> nn.Sequential:
     model = nn.Sequential(*(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(12)))
     for i in range(12):
         model[i] = torch.compile(model[i], backend="aot_eager", fullgraph=True)
+    return model
+
+
+def test_per_block_compile_names_every_block_and_compiles_once():
+    """Twelve blocks of one class, each compiled on its own: each calls its own forward
+    hooks (its own FQN) through one graph for all twelve (far below Dynamo's recompile
+    limit, past which blocks would run eagerly), and the gradients are unchanged."""
+    model = _per_block_model()
+    x = torch.randn(2, 4, requires_grad=True)
+    model(x).sum().backward()
+    unhooked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     log: list[str] = []
-    with ModuleTracker.compile_safe_hooks(model, pre_fw_hook=lambda fqn, t: log.append(f"fw {fqn}"),
+    with ModuleTracker.compile_safe_hooks(model, pre_fw_hook=lambda fqn, t: log.append(fqn),
                                           pre_bw_hook=lambda fqn, t: log.append(f"bw {fqn}"),
                                           module_filter=lambda fqn, m: isinstance(m, nn.Linear)):
+        model(x).sum().backward()
+    assert log[:12] == [f"{i}._orig_mod.0" for i in range(12)]
+    assert len(log) == 24
+    for before, after in zip(unhooked, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(before, after)
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 2  # (before the context, and in it)
+
+
+@pytest.mark.xfail(strict=True, reason="torch 2.13's leaf function keeps one call's autograd state per place in a "
+                                       "graph: a graph run several times before its backward gives every call's "
+                                       "backward hooks to its last call (gradients are unchanged)")
+def test_per_block_compile_backward_hooks_name_their_own_block():
+    model = _per_block_model()
+    log: list[str] = []
+    with ModuleTracker.compile_safe_hooks(model, pre_bw_hook=lambda fqn, t: log.append(fqn),
+                                          module_filter=lambda fqn, m: isinstance(m, nn.Linear)):
         model(torch.randn(2, 4, requires_grad=True)).sum().backward()
-    assert log == [f"fw {i}._orig_mod.0" for i in range(12)] + [f"bw {i}._orig_mod.0" for i in reversed(range(12))]
-    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert log == [f"{i}._orig_mod.0" for i in reversed(range(12))]
 
 
 def test_context_after_context_compiles_nothing_again():

@@ -240,11 +240,12 @@ def _recompile_what_was_compiled_outside(modules: list[torch.nn.Module]) -> list
     of the code dropped."""
     try:
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-        from torch._dynamo import convert_frame
+        from torch._dynamo import convert_frame, external_utils
         from torch._dynamo.eval_frame import remove_from_cache
     except ImportError:
         return []
-    files = set()
+    # (a torch.nn class compiled on its own is compiled through a wrapper of that file)
+    files = {external_utils.__file__}
     for cls in dict.fromkeys(type(module) for module in modules):
         code = getattr(getattr(cls, "forward", None), "__code__", None)
         if code is not None:
