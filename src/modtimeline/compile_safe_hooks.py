@@ -162,7 +162,7 @@ def _make_leaf() -> Any:
     def fake(number: torch.Tensor, side: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors  # (what the compiler sees: the same tensors)
 
-    leaf = leaf_function(boundary)
+    leaf: Any = leaf_function(boundary)
     leaf.register_fake(fake)
     return leaf
 
