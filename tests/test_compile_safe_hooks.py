@@ -406,6 +406,21 @@ def test_keyword_inputs_dict_outputs_and_repeated_calls(compiled):
     assert sum(dynamo.utils.counters["graph_break"].values()) == 0
 
 
+def test_eager_forward_hooks_add_no_autograd_node():
+    """In eager code with only forward hooks, the module's outputs are its own tensors:
+    no identity node is put in the graph (it is needed only by a backward hook, or
+    inside a compiled leaf)."""
+    model = TinyModel()
+    x = torch.randn(3, 4, requires_grad=True)
+    with ModuleTracker.compile_safe_hooks(model, pre_fw_hook=lambda fqn, t: None,
+                                          post_fw_hook=lambda fqn, i, o: None):
+        out = model(x)
+    assert type(out.grad_fn).__name__ == "AddmmBackward0"
+    with ModuleTracker.compile_safe_hooks(model, pre_bw_hook=lambda fqn, g: None):
+        out = model(x)
+    assert type(out.grad_fn).__name__ != "AddmmBackward0"  # (the identity carries pre_bw)
+
+
 def test_bad_arguments_are_told_plainly():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         with ModuleTracker.compile_safe_hooks("model"):  # type: ignore[arg-type]

@@ -139,16 +139,18 @@ class _Gate:
             self._on_backward(self.fqn, gradients)
 
 
-def _run(number: int, side: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def _run(number: int, side: int, tensors: tuple[torch.Tensor, ...], in_leaf: bool) -> tuple[torch.Tensor, ...]:
     """What a side does, at run time: its gates' forward hooks, then the identity."""
     gates = tuple(_GATES.get((number, side), ()))
     for gate in gates:
         gate.forward(tensors)
-    # The identity goes on whenever a tensor needs a gradient, hook or not: under
-    # torch.compile the leaf's outputs carry the gradient only through an autograd node
-    # made at run time (without one the gradient stops at the leaf).
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        passed = _Identity.apply(tuple(gate for gate in gates if gate.has_backward), *tensors)
+    with_backward = tuple(gate for gate in gates if gate.has_backward)
+    # Inside the leaf the identity goes on whenever a tensor needs a gradient, hook or
+    # not: under torch.compile the leaf's outputs carry the gradient only through an
+    # autograd node made at run time (without one the gradient stops at the leaf). In
+    # eager code it is needed only by a backward hook.
+    if (in_leaf or with_backward) and torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        passed = _Identity.apply(with_backward, *tensors)
         return passed if isinstance(passed, tuple) else (passed,)
     return tensors
 
@@ -162,7 +164,7 @@ def _make_leaf() -> Any:
             f"{torch.__version__} lacks; use ModuleTracker.register_user_hooks for eager code") from None
 
     def boundary(number: torch.Tensor, side: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _run(int(number), side, tensors)
+        return _run(int(number), side, tensors, in_leaf=True)
 
     def fake(number: torch.Tensor, side: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensors  # (what the compiler sees: the same tensors)
@@ -186,7 +188,7 @@ def _through(side: int, module: torch.nn.Module, value: Any) -> Any:
     if torch.compiler.is_compiling():
         passed = _leaf(number, side, *tensors)
     else:
-        passed = _run(int(number), side, tensors)
+        passed = _run(int(number), side, tensors, in_leaf=False)
     for i, tensor in zip(where, passed):
         flat[i] = tensor
     return tree_unflatten(flat, spec)
@@ -205,6 +207,8 @@ def _mark_hooked(module: torch.nn.Module, args: Any, *rest: Any) -> None:
     to read whether the module is hooked now, so that the graph is guarded on it (Dynamo
     guards on module hooks only through what it reads). A graph traced for an unhooked
     instance is then not run for a hooked one of the same class, nor the reverse."""
+    # (Both ways return None: the test itself is what Dynamo guards on; a bare read
+    # that nothing depends on would leave no guard.)
     if getattr(module, _NUMBER_ATTR, None) is None:
         return None
     return None
@@ -237,34 +241,33 @@ def _compiled_outside(entry: Any) -> bool:
     return not any(name == _NUMBER_ATTR or __name__.replace(".", "_dot_") in name for name in names)
 
 
-def _recompile_what_was_compiled_outside(modules: list[torch.nn.Module]) -> list[str]:
+def _recompile_what_was_compiled_outside(modules: list[torch.nn.Module]) -> None:
     """Drop Dynamo's compiled code, compiled with no context open, of the files that
     define these modules' classes (their forwards, and the resume functions Dynamo makes
     of them at graph breaks): Dynamo does not guard on module hooks, so it would run that
-    code on without them. It compiles again, once, at its next call. Returns the names
-    of the code dropped."""
+    code on without them. It compiles again, once, at its next call. Torch's private
+    parts this needs are looked up first: a torch without them drops nothing."""
     try:
         from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
         from torch._dynamo import convert_frame, external_utils
         from torch._dynamo.eval_frame import remove_from_cache
-    except ImportError:
-        return []
+
+        compile_lock, seen_codes = convert_frame.compile_lock, convert_frame.input_codes.seen
+    except (ImportError, AttributeError):
+        return
     # (a torch.nn class compiled on its own is compiled through a wrapper of that file)
     files = {external_utils.__file__}
     for cls in dict.fromkeys(type(module) for module in modules):
         code = getattr(getattr(cls, "forward", None), "__code__", None)
         if code is not None:
             files.add(code.co_filename)
-    dropped = []
-    with convert_frame.compile_lock:
-        for weak_code in list(convert_frame.input_codes.seen):
+    with compile_lock:
+        for weak_code in list(seen_codes):
             code = weak_code()
             if code is None or code.co_filename not in files:
                 continue
             if any(_compiled_outside(entry) for entry in _debug_get_cache_entry_list(code)):
                 remove_from_cache(code)
-                dropped.append(code.co_name)
-    return dropped
 
 
 def _check_callable(name: str, value: Any) -> None:
