@@ -51,7 +51,7 @@ def record(model_fn, native: bool, steps: int = 2):
     with recorder:
         for _ in range(steps):
             run(model)
-            recorder.end_step()
+            recorder.retire_marks()
     events = [unpack(code) for code in buffer.codes]
     links = list(zip(buffer.link_node, buffer.link_code))
     return events, links, buffer.nodes, set(recorder.raised_calls)
@@ -125,7 +125,7 @@ def test_retired_marks_on_a_retained_graph_record_nothing():
         loss.backward(retain_graph=True)
         marked = {unpack(c)[2] for c in buffer.codes if unpack(c)[0] in (GRADIENT_READY, NODE_DONE)}
         assert len(marked) == buffer.nodes > 0
-        recorder.end_step()
+        recorder.retire_marks()
         before = len(buffer)
         loss.backward()  # the same graph, its marks retired
         kinds = [unpack(c)[0] for c in buffer.codes][before:]

@@ -79,10 +79,16 @@ struct Events : std::enable_shared_from_this<Events> {
   // Bumped by clear()/retire_marks(): marks armed in an older generation are stale and
   // record nothing until link() re-arms them. Only the low 32 bits are compared.
   uint64_t generation = 0;
-  bool done_queued = false;
-  // The autograd graph tasks our marks fired in since the last retire: a forward that runs
-  // inside one of them on another thread is activation-checkpoint recompute of ours.
-  std::vector<int64_t> tasks;
+  // The backward passes running: (autograd graph task id, pass number) of each graph task
+  // our marks fired in whose end callback has not run yet. Node events and BACKWARD_DONE
+  // carry the pass number (in the module field), so resolve closes each pass's spans at
+  // its own end. A pass that raised never runs its callback: it stays here (never matched
+  // again: task ids are not reused) until the list is full, oldest first, or the store is
+  // cleared. A forward on another thread inside one of these passes is activation-
+  // checkpoint recompute of ours.
+  std::vector<std::pair<int64_t, int64_t>> running_passes;
+  int64_t passes = 0;
+  static constexpr size_t MAX_RUNNING_PASSES = 1024;
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
   // Compiled autograd met our marks (it asks every node hook to describe itself): that
   // backward runs as a compiled graph without them, so its spans go unrecorded.
@@ -108,7 +114,8 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   // Tell on_recorded (the device clock, NVTX) about event `index`: (index, kind, module,
-  // call); node events have module 0 and the node's id as call. The caller holds the GIL.
+  // call); node events have their pass as module and the node's id as call. The caller
+  // holds the GIL.
   bool notify_with_gil(int64_t index, int64_t kind, int64_t module, int64_t call) {
     PyObject* callback = on_recorded.load();
     if (index < 0 || callback == nullptr) return true;
@@ -126,54 +133,75 @@ struct Events : std::enable_shared_from_this<Events> {
 
   // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
   // an error in it cannot propagate into autograd, so it is reported as unraisable.
-  void notify(int64_t index, int64_t kind, int64_t call) {
+  void notify(int64_t index, int64_t kind, int64_t module, int64_t call) {
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
-    if (!notify_with_gil(index, kind, 0, call)) PyErr_WriteUnraisable(nullptr);
+    if (!notify_with_gil(index, kind, module, call)) PyErr_WriteUnraisable(nullptr);
     PyGILState_Release(state);
   }
 
+  // The pass of graph task `task`, a new one if none runs yet; `is_new` says so. The
+  // caller holds `mutex`.
+  int64_t pass_of_locked(int64_t task, bool* is_new) {
+    for (const auto& running : running_passes) {
+      if (running.first == task) return running.second;
+    }
+    if (running_passes.size() >= MAX_RUNNING_PASSES) running_passes.erase(running_passes.begin());
+    running_passes.emplace_back(task, passes);
+    *is_new = true;
+    return passes++;
+  }
+
   // On autograd's thread inside a backward: a marked node is about to run
-  // (GRADIENT_READY) or has run (NODE_DONE). Queues one BACKWARD_DONE per backward pass
-  // (an engine callback).
-  void node_event(int64_t kind, uint64_t mark) {
-    int64_t index;
-    bool queue = false;
+  // (GRADIENT_READY) or has run (NODE_DONE). The first event of a pass queues its
+  // BACKWARD_DONE (an engine callback, run when that graph task completes).
+  void node_event(int64_t kind, int64_t node_id) {
+    int64_t index, pass, task = torch::autograd::get_current_graph_task_id();
+    bool is_new = false;
     uint64_t generation_now;
     {
       std::lock_guard<std::mutex> guard(mutex);
-      if ((mark >> 32) != current()) return;
       generation_now = generation;
-      index = append_locked(kind, static_cast<int64_t>(mark & 0xffffffffu), 0);
-      int64_t task = torch::autograd::get_current_graph_task_id();
-      if (task != -1 && tasks.size() < 1024 && std::find(tasks.begin(), tasks.end(), task) == tasks.end()) {
-        tasks.push_back(task);
-      }
-      if (!done_queued) done_queued = queue = true;
+      pass = pass_of_locked(task, &is_new) & MODULE_MASK;
+      index = append_locked(kind, node_id, pass);
     }
-    if (queue) {
+    if (is_new && task != -1) {
       std::weak_ptr<Events> self = weak_from_this();
-      torch::autograd::Engine::get_default_engine().queue_callback([self, generation_now] {
-        if (auto events = self.lock()) events->backward_done(generation_now);
+      torch::autograd::Engine::get_default_engine().queue_callback([self, generation_now, task] {
+        if (auto events = self.lock()) events->backward_done(generation_now, task);
       });
     }
-    notify(index, kind, static_cast<int64_t>(mark & 0xffffffffu));
+    notify(index, kind, pass, node_id);
   }
 
-  void backward_done(uint64_t generation_then) {
-    int64_t index = -1;
+  // A marked node fired: record it if the mark is of this generation.
+  void mark_fired(int64_t kind, uint64_t mark) {
     {
       std::lock_guard<std::mutex> guard(mutex);
-      if (generation_then != generation) return;  // retired meanwhile: done_queued was reset
-      done_queued = false;
-      index = append_locked(BACKWARD_DONE, 0, 0);
+      if ((mark >> 32) != current()) return;
     }
-    notify(index, BACKWARD_DONE, 0);
+    node_event(kind, static_cast<int64_t>(mark & 0xffffffffu));
+  }
+
+  void backward_done(uint64_t generation_then, int64_t task) {
+    int64_t index = -1, pass;
+    {
+      std::lock_guard<std::mutex> guard(mutex);
+      if (generation_then != generation) return;  // cleared meanwhile: the pass is gone
+      auto found = std::find_if(running_passes.begin(), running_passes.end(),
+                                [task](const auto& running) { return running.first == task; });
+      if (found == running_passes.end()) return;  // dropped from a full list
+      pass = found->second & MODULE_MASK;
+      running_passes.erase(found);
+      index = append_locked(BACKWARD_DONE, 0, pass);
+    }
+    notify(index, BACKWARD_DONE, pass, 0);
   }
 
   bool serves(int64_t task) {
     std::lock_guard<std::mutex> guard(mutex);
-    return std::find(tasks.begin(), tasks.end(), task) != tasks.end();
+    return std::any_of(running_passes.begin(), running_passes.end(),
+                       [task](const auto& running) { return running.first == task; });
   }
 
   void clear() {
@@ -187,7 +215,7 @@ struct Events : std::enable_shared_from_this<Events> {
     retire_locked();
   }
 
-  // The step is over: every mark placed so far goes stale. Marks are never taken off
+  // Every mark placed so far goes stale (the recorder stopped). Marks are never taken off
   // their nodes: another thread's engine may be iterating a node's pre-hooks right now
   // (erasing them crashed the process), and a node holds at most one mark per store,
   // re-armed when a later step links it again.
@@ -198,8 +226,7 @@ struct Events : std::enable_shared_from_this<Events> {
 
   void retire_locked() {
     ++generation;
-    done_queued = false;
-    tasks.clear();
+    running_passes.clear();
   }
 
   // Link `node` to a call boundary: `done` (the call's backward may end when it has run)
@@ -213,7 +240,7 @@ struct NodeMark : torch::autograd::FunctionPreHook {
   NodeMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-    events->node_event(GRADIENT_READY, state.load(std::memory_order_acquire));
+    events->mark_fired(GRADIENT_READY, state.load(std::memory_order_acquire));
     return grads;
   }
 
@@ -233,7 +260,7 @@ struct NodeDoneMark : torch::autograd::FunctionPostHook {
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grad_inputs,
                                             const torch::autograd::variable_list&) override {
-    events->node_event(NODE_DONE, state.load(std::memory_order_acquire));
+    events->mark_fired(NODE_DONE, state.load(std::memory_order_acquire));
     return grad_inputs;
   }
 
@@ -441,6 +468,19 @@ PyObject* store_synthetic_node(PyObject* self, PyObject* arg) {
   return PyLong_FromLongLong(node);
 }
 
+// node_event(kind, node): a node event from Python (compiled_detail.py's synthetic
+// nodes), in the backward pass that is running, as a mark's would be.
+PyObject* store_node_event(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "expected (kind, node)");
+    return nullptr;
+  }
+  int64_t kind = PyLong_AsLongLong(args[0]), node = PyLong_AsLongLong(args[1]);
+  if (PyErr_Occurred()) return nullptr;
+  events_of(self).node_event(kind, node);
+  Py_RETURN_NONE;
+}
+
 PyObject* store_clear(PyObject* self, PyObject*) {
   events_of(self).clear();
   Py_RETURN_NONE;
@@ -508,7 +548,9 @@ PyMethodDef store_methods[] = {
     {"links", store_links, METH_O, "links(start): (link_node, link_code) from link start on, as int64 bytes"},
     {"synthetic_node", store_synthetic_node, METH_O, "synthetic_node(link) -> a new node id linked to `link` (-1: full)"},
     {"clear", store_clear, METH_NOARGS, "drop every event and link; node marks already placed go stale"},
-    {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the step is over)"},
+    {"retire_marks", store_retire_marks, METH_NOARGS, "make every mark placed so far stale (the recorder stopped)"},
+    {"node_event", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_node_event)), METH_FASTCALL,
+     "node_event(kind, node): a node event in the running backward pass"},
     {"bytes_used", store_bytes_used, METH_NOARGS, "bytes allocated for events and links"},
     {"now", store_now, METH_NOARGS | METH_STATIC, "the clock events are stamped with, in ns"},
     {nullptr, nullptr, 0, nullptr},

@@ -18,6 +18,9 @@ constexpr int64_t LINK_BEGIN = 1;
 constexpr int64_t LINK_SHIFT = MODULE_BITS + 1;
 // The nodes one call's walk visits at most; past it the call's end is left unbounded.
 constexpr int64_t SUBGRAPH_BUDGET = 1 << 17;
+// Raised when what an event means changes without its layout changing (2: node events
+// and BACKWARD_DONE carry their backward pass in the module field).
+constexpr int64_t EVENT_SEMANTICS = 2;
 
 enum Kind : int64_t {
   FORWARD_BEGIN = 0,
@@ -34,7 +37,8 @@ enum Kind : int64_t {
 // A new dict of the constants above, as buffer.LAYOUT holds them; nullptr on error.
 inline PyObject* event_layout() {
   using L = long long;
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "KIND_BITS", L(KIND_BITS),
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "EVENT_SEMANTICS",
+                       L(EVENT_SEMANTICS), "KIND_BITS", L(KIND_BITS),
                        "MODULE_BITS", L(MODULE_BITS), "LINK_BEGIN", L(LINK_BEGIN), "LINK_SHIFT", L(LINK_SHIFT),
                        "SUBGRAPH_BUDGET", L(SUBGRAPH_BUDGET), "FORWARD_BEGIN", L(FORWARD_BEGIN), "FORWARD_END",
                        L(FORWARD_END), "NODE_DONE", L(NODE_DONE), "RECOMPUTE_BEGIN", L(RECOMPUTE_BEGIN),

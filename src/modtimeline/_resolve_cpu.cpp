@@ -184,9 +184,13 @@ PyObject* spans(PyObject*, PyObject* args) {
   std::vector<Span> all;  // every span made, in creation order
   all.reserve(static_cast<size_t>(codes.size() / 2 + 1));
   std::vector<size_t> forward, backward, steps;
-  std::unordered_map<int64_t, size_t> open_fw, open_bw;  // call -> span
+  std::unordered_map<int64_t, size_t> open_fw;  // call -> span
+  // Per backward pass (the number node events carry): its open spans by call (a call's
+  // backward begins once per pass), and when its latest node event was stamped.
+  std::unordered_map<int64_t, std::unordered_map<int64_t, size_t>> open_bw;
+  std::vector<int64_t> pass_order;  // open_bw's passes in the order they opened (a dict's)
+  std::unordered_map<int64_t, int64_t> last_seen;
   std::unordered_map<int64_t, int64_t> parent_of;
-  std::unordered_set<int64_t> began_this_backward;
   std::vector<int64_t> fw_stack, rc_stack;
   int64_t open_step = -1;
   int64_t step = -1;
@@ -206,8 +210,8 @@ PyObject* spans(PyObject*, PyObject* args) {
   };
 
   // A backward pass is over: close every span it opened (resolve._close_pass).
-  auto close_pass = [&](int64_t done_ns) {
-    for (size_t index : in_order(open_bw)) {
+  auto close_pass = [&](const std::unordered_map<int64_t, size_t>& pass_spans, int64_t done_ns) {
+    for (size_t index : in_order(pass_spans)) {
       Span& span = all[index];
       if (span.end < 0) {
         span.end = done_ns;
@@ -217,7 +221,24 @@ PyObject* spans(PyObject*, PyObject* args) {
       }
       backward.push_back(index);
     }
+  };
+  // A pass that never finished (resolve._close_unfinished).
+  auto close_unfinished = [&](const std::unordered_map<int64_t, size_t>& pass_spans, int64_t bound_ns) {
+    for (size_t index : in_order(pass_spans)) {
+      Span& span = all[index];
+      if (span.end < 0) span.end = std::max(bound_ns, span.begin);
+      span.flags = INCOMPLETE;
+      backward.push_back(index);
+    }
+  };
+  auto close_all_unfinished = [&](int64_t default_ns) {
+    for (int64_t number : pass_order) {
+      auto seen = last_seen.find(number);
+      close_unfinished(open_bw[number], seen == last_seen.end() ? default_ns : seen->second);
+    }
     open_bw.clear();
+    pass_order.clear();
+    last_seen.clear();
   };
 
   for (Py_ssize_t i = 0; i < codes.size(); ++i) {
@@ -247,31 +268,46 @@ PyObject* spans(PyObject*, PyObject* args) {
       (span.category == FORWARD ? forward : backward).push_back(index);
     } else if (kind == GRADIENT_READY) {
       // A node is about to run: the calls it begins open (once per backward pass).
+      int64_t number = (code >> KIND_BITS) & MODULE_MASK;
+      last_seen[number] = ts;
+      if (open_bw.count(number) == 0) pass_order.push_back(number);
+      auto& pass_spans = open_bw[number];
       if (call < 0 || call > max_node) continue;
       for (size_t l = first_link[call]; l < first_link[call + 1]; ++l) {
         if (!(links[l] & LINK_BEGIN)) continue;
         int64_t linked_call = links[l] >> LINK_SHIFT;
-        if (began_this_backward.insert(linked_call).second) {
+        if (pass_spans.count(linked_call) == 0) {
           size_t index = open_span(ts, (links[l] >> 1) & MODULE_MASK, BACKWARD, linked_call, step);
           all[index].end = -1;
-          open_bw[linked_call] = index;
+          pass_spans[linked_call] = index;
         }
       }
     } else if (kind == NODE_DONE) {
-      // A node has run: the latest end so far of the open calls it may end.
-      if (call < 0 || call > max_node) continue;
+      // A node has run: the latest end so far of the pass's open calls it may end.
+      int64_t number = (code >> KIND_BITS) & MODULE_MASK;
+      last_seen[number] = ts;
+      auto pass = open_bw.find(number);
+      if (pass == open_bw.end() || call < 0 || call > max_node) continue;
       for (size_t l = first_link[call]; l < first_link[call + 1]; ++l) {
         if (links[l] & LINK_BEGIN) continue;
-        auto found = open_bw.find(links[l] >> LINK_SHIFT);
-        if (found != open_bw.end()) all[found->second].end = ts;
+        auto found = pass->second.find(links[l] >> LINK_SHIFT);
+        if (found != pass->second.end()) all[found->second].end = ts;
       }
     } else if (kind == BACKWARD_DONE) {
-      close_pass(ts);
-      began_this_backward.clear();
+      int64_t number = (code >> KIND_BITS) & MODULE_MASK;
+      auto pass = open_bw.find(number);
+      if (pass != open_bw.end()) {
+        close_pass(pass->second, ts);
+        open_bw.erase(pass);
+        pass_order.erase(std::find(pass_order.begin(), pass_order.end(), number));
+      }
+      last_seen.erase(number);
     } else if (kind == STEP_BEGIN) {
       step = call;
       open_step = static_cast<int64_t>(open_span(ts, -1, STEP, call, call));
     } else if (kind == STEP_END) {
+      // A backward pass runs inside the step that started it: one still open raised.
+      close_all_unfinished(ts);
       if (open_step >= 0) {
         all[open_step].end = ts;
         all[open_step].flags = contains(raised_steps, call, &error) ? INCOMPLETE : 0;
@@ -285,10 +321,7 @@ PyObject* spans(PyObject*, PyObject* args) {
 
   // What never ended (an exception, a backward that never ran) closes at close_ns.
   for (size_t index : in_order(open_fw)) (all[index].category == FORWARD ? forward : backward).push_back(index);
-  for (size_t index : in_order(open_bw)) {
-    if (all[index].end < 0) all[index].end = close_ns;
-    backward.push_back(index);
-  }
+  close_all_unfinished(close_ns);
   if (open_step >= 0) steps.push_back(static_cast<size_t>(open_step));
 
   std::vector<Span> step_spans, forward_spans, backward_spans;

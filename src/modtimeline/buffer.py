@@ -25,6 +25,8 @@ from typing import Any
 # the one below is refused (recorder.py, resolve.py).
 FORWARD_BEGIN = 0
 FORWARD_END = 1
+# Node events and BACKWARD_DONE carry their backward pass's number in the "module" field
+# (one pass per autograd graph task our marks fired in, numbered per buffer).
 NODE_DONE = 2  # an autograd node has run; "call" holds the node's id
 RECOMPUTE_BEGIN = 4
 RECOMPUTE_END = 5
@@ -50,7 +52,11 @@ LINK_SHIFT = MODULE_BITS + 1  # link = call << LINK_SHIFT | module << 1 | begins
 # the call's end is left unbounded (resolve flags the span approximate).
 SUBGRAPH_BUDGET = 1 << 17
 
+# Raised when what an event means changes without its layout changing (_layout.h too).
+EVENT_SEMANTICS = 2
+
 LAYOUT = {
+    "EVENT_SEMANTICS": EVENT_SEMANTICS,
     "KIND_BITS": KIND_BITS, "MODULE_BITS": MODULE_BITS, "LINK_BEGIN": LINK_BEGIN, "LINK_SHIFT": LINK_SHIFT,
     "SUBGRAPH_BUDGET": SUBGRAPH_BUDGET,
     "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "NODE_DONE": NODE_DONE,
@@ -97,7 +103,7 @@ class EventBuffer(_OverflowReport):
     """
 
     __slots__ = ("timestamps", "codes", "link_node", "link_code", "nodes", "capacity", "_hard_limit", "dropped",
-                 "_clock", "on_recorded")
+                 "_clock", "on_recorded", "node_event")
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
@@ -114,8 +120,15 @@ class EventBuffer(_OverflowReport):
         self.dropped = 0
         self._clock = time.perf_counter_ns
         # Called with (index, kind, module, call) of each stored event (device clocks mark
-        # it on the GPU, NVTX opens and closes ranges); node events: module 0, call = node id.
+        # it on the GPU, NVTX opens and closes ranges); node events: module = pass, call = node id.
         self.on_recorded: Callable[[int, int, int, int], None] | None = None
+        # node_event(kind, node): a node event in the backward pass running now. The node
+        # marks that know the passes set it (recorder.PythonNodeMarks); the compiled
+        # store's own does the same.
+        self.node_event: Callable[[int, int], None] = self._no_passes
+
+    def _no_passes(self, kind: int, node: int) -> None:
+        raise RuntimeError("this EventBuffer has no node marks to tell its backward passes")
 
     def columns(self) -> tuple[array, array, array, array]:
         """(timestamps, codes, link_node, link_code)."""
@@ -177,11 +190,12 @@ class NativeEventBuffer(_OverflowReport):
     capacity rules), whose events the compiled hooks append without Python. The columns
     are copied out as arrays when read, which happens once per flush."""
 
-    __slots__ = ("store", "record")
+    __slots__ = ("store", "record", "node_event")
 
     def __init__(self, store: Any) -> None:
         self.store = store
         self.record = store.record  # (kind, call, module), bound once: no wrapper per call
+        self.node_event = store.node_event  # (kind, node): in the backward pass running now
 
     def columns(self) -> tuple[array, array, array, array]:
         """(timestamps, codes, link_node, link_code), copied out in one go."""

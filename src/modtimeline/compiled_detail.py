@@ -268,5 +268,5 @@ class CompiledDetail:
         while pending:
             epoch, node = pending.pop()
             if epoch == self._epoch:
-                self._buffer.record(kind, node, 0)
+                self._buffer.node_event(kind, node)  # in the backward pass running now
                 return

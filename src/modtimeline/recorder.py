@@ -35,6 +35,7 @@ import torch
 from .buffer import (
     BACKWARD_DONE,
     FORWARD_BEGIN,
+    MODULE_MASK,
     FORWARD_END,
     GRADIENT_READY,
     LAYOUT,
@@ -166,14 +167,21 @@ class _NodeMark:
 
 
 class PythonNodeMarks:
-    """Node marks through torch's Python node hooks (the compiled store's twin)."""
+    """Node marks through torch's Python node hooks (the compiled store's twin).
+
+    Marks are never taken off their nodes (the store's are not either): a mark of an
+    older generation records nothing, and a later link re-arms the node."""
+
+    MAX_RUNNING_PASSES = 1024  # as the store's
 
     def __init__(self, buffer: EventBuffer) -> None:
         self.buffer = buffer
+        buffer.node_event = self.node_event
         self.generation = 0
-        self._handles: list[Any] = []
-        self._tasks: set[int] = set()
-        self._done_queued = False
+        # (graph task id, pass number) of each backward pass our marks fired in whose end
+        # callback has not run: see the store's running_passes.
+        self._running: dict[int, int] = {}
+        self._passes = 0
 
     def link(self, node: Any, code: int, done: bool) -> None:
         buffer = self.buffer
@@ -187,36 +195,42 @@ class PythonNodeMarks:
         slot = 1 if done else 0
         if marks[slot] is None:
             mark = marks[slot] = _NodeMark(self, NODE_DONE if done else GRADIENT_READY, marks[3])
-            self._handles.append(node.register_hook(mark) if done else node.register_prehook(mark))
+            if done:
+                node.register_hook(mark)
+            else:
+                node.register_prehook(mark)
         buffer.link_node.append(marks[3])
         buffer.link_code.append(code)
 
     def node_event(self, kind: int, node_id: int) -> None:
-        self.buffer.record(kind, node_id, 0)
+        """A node event in the backward pass running now; the pass's first queues its
+        BACKWARD_DONE."""
         task = _graph_task_id()
-        if task != -1:
-            self._tasks.add(task)
-        if not self._done_queued:
-            self._done_queued = True
-            generation = self.generation
-            _queue_engine_callback(lambda: self._backward_done(generation))
+        running = self._running
+        number = running.get(task)
+        if number is None:
+            if len(running) >= self.MAX_RUNNING_PASSES:
+                del running[next(iter(running))]  # the oldest: a pass that raised, surely
+            number = running[task] = self._passes & MODULE_MASK
+            self._passes += 1
+            if task != -1:
+                generation = self.generation
+                _queue_engine_callback(lambda: self._backward_done(generation, task))
+        self.buffer.record(kind, node_id, number)
 
-    def _backward_done(self, generation: int) -> None:
+    def _backward_done(self, generation: int, task: int) -> None:
         if generation != self.generation:
             return
-        self._done_queued = False
-        self.buffer.record(BACKWARD_DONE, 0, 0)
+        number = self._running.pop(task, None)
+        if number is not None:
+            self.buffer.record(BACKWARD_DONE, 0, number)
 
     def serves(self, task: int) -> bool:
-        return task in self._tasks
+        return task in self._running
 
     def retire(self) -> None:
-        """The step is over: take the marks off (under the GIL nothing iterates them now)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._tasks.clear()
-        self._done_queued = False
+        """Every mark placed so far goes stale (the buffer was cleared, or recording stopped)."""
+        self._running.clear()
         self.generation += 1
 
 
@@ -372,12 +386,13 @@ class Recorder:
         compile_guard.uninstall(self)
         self._hooked = False
         self._forward.reset()
-        self.end_step()
+        self.retire_marks()
         _last_registry = self.registry
 
-    def end_step(self) -> None:
-        """The step's backward has run, or the buffer was cleared (node ids start again):
-        every node mark placed so far goes stale."""
+    def retire_marks(self) -> None:
+        """Every node mark placed so far goes stale: the buffer was cleared (node ids start
+        again) or recording stopped. Not at a step's end: a backward may run in a later
+        step than its forward."""
         if self._store is not None:
             self._store.retire_marks()
         elif self._marks is not None:

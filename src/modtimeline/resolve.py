@@ -130,7 +130,10 @@ def resolve(
     forward: list[list[Any]] = []
     backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes
     open_fw: dict[int, list[Any]] = {}
-    open_bw: dict[int, list[Any]] = {}
+    # Per backward pass (the number node events carry): the backward spans it opened, by
+    # call; a call's backward begins once per pass.
+    open_bw: dict[int, dict[int, list[Any]]] = {}
+    last_seen: dict[int, int] = {}  # per pass: when its latest node event was stamped
     parent_of: dict[int, int] = {}
     fw_stack: list[int] = []
     rc_stack: list[int] = []
@@ -140,7 +143,6 @@ def resolve(
     by_node = sorted(range(len(link_node)), key=link_node.__getitem__)
     sorted_nodes = list(map(link_node.__getitem__, by_node))
     sorted_links = list(map(link_code.__getitem__, by_node))
-    began_this_backward: set[int] = set()  # a call's backward begins once per pass
 
     kinds = map(and_, codes, repeat(KIND_MASK))
     calls = map(rshift, codes, repeat(CALL_SHIFT))
@@ -170,27 +172,41 @@ def resolve(
             (forward if span[_CAT] == FORWARD else backward).append(span)
         elif kind == GRADIENT_READY:
             # A node is about to run: the calls it begins open (once per backward pass).
+            number = (code >> KIND_BITS) & MODULE_MASK
+            last_seen[number] = ts
+            pass_spans = open_bw.setdefault(number, {})
             for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
                 if link & LINK_BEGIN:
                     linked_call = link >> LINK_SHIFT
-                    if linked_call not in began_this_backward:
-                        began_this_backward.add(linked_call)
+                    if linked_call not in pass_spans:
                         module = (link >> 1) & MODULE_MASK
-                        open_bw[linked_call] = [ts, -1, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1, NO_LAG]
+                        pass_spans[linked_call] = [ts, -1, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1,
+                                                   NO_LAG]
         elif kind == NODE_DONE:
-            # A node has run: the latest end so far of the open calls it may end.
-            for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
-                if not link & LINK_BEGIN:
-                    span = open_bw.get(link >> LINK_SHIFT)
-                    if span is not None:
-                        span[_E], span[_EEV] = ts, i
+            # A node has run: the latest end so far of the pass's open calls it may end.
+            number = (code >> KIND_BITS) & MODULE_MASK
+            last_seen[number] = ts
+            pass_spans = open_bw.get(number)
+            if pass_spans:
+                for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
+                    if not link & LINK_BEGIN:
+                        span = pass_spans.get(link >> LINK_SHIFT)
+                        if span is not None:
+                            span[_E], span[_EEV] = ts, i
         elif kind == BACKWARD_DONE:
-            _close_pass(open_bw, ts, i, backward)
-            began_this_backward.clear()
+            number = (code >> KIND_BITS) & MODULE_MASK
+            _close_pass(open_bw.pop(number, {}), ts, i, backward)
+            last_seen.pop(number, None)
         elif kind == STEP_BEGIN:
             step = call
             open_step = [ts, close_ns, -1, STEP, call, call, INCOMPLETE, i, -1, NO_LAG]
         elif kind == STEP_END:
+            # A backward pass runs inside the step that started it (backward() returns when
+            # it is done): one still open at the step's end raised.
+            for number, pass_spans in open_bw.items():
+                _close_unfinished(pass_spans, last_seen.get(number, ts), backward)
+            open_bw.clear()
+            last_seen.clear()
             if open_step is not None:
                 open_step[_E] = ts
                 open_step[_FLAGS] = INCOMPLETE if call in raised_steps else 0
@@ -201,10 +217,8 @@ def resolve(
     # What never ended (an exception, a backward that never finished) closes at close_ns.
     for span in open_fw.values():
         (forward if span[_CAT] == FORWARD else backward).append(span)
-    for span in open_bw.values():
-        if span[_E] < 0:
-            span[_E] = close_ns
-        backward.append(span)
+    for number, pass_spans in open_bw.items():
+        _close_unfinished(pass_spans, last_seen.get(number, close_ns), backward)
     if open_step is not None:
         steps.append(open_step)
 
@@ -251,16 +265,25 @@ def _array(typecode: str, data: bytes) -> array:
     return column
 
 
-def _close_pass(open_bw: dict[int, list[Any]], done_ns: int, done_event: int, backward: list[list[Any]]) -> None:
+def _close_pass(pass_spans: dict[int, list[Any]], done_ns: int, done_event: int, backward: list[list[Any]]) -> None:
     """A backward pass is over: close every span it opened."""
-    for span in open_bw.values():
+    for span in pass_spans.values():
         if span[_E] < 0:
             # Nothing marked its end: the pass's end bounds it.
             span[_E], span[_EEV], span[_FLAGS] = done_ns, done_event, APPROXIMATE
         else:
             span[_FLAGS] = 0
         backward.append(span)
-    open_bw.clear()
+
+
+def _close_unfinished(pass_spans: dict[int, list[Any]], bound_ns: int, backward: list[list[Any]]) -> None:
+    """A backward pass that never finished (it raised): its spans end at the last node of
+    theirs that ran, else at the pass's last node event (``bound_ns``), flagged incomplete."""
+    for span in pass_spans.values():
+        if span[_E] < 0:
+            span[_E] = max(bound_ns, span[_B])
+        span[_FLAGS] = INCOMPLETE
+        backward.append(span)
 
 
 def _bounded_parent(call: int, by_call: dict[int, list[Any]], parent_of: dict[int, int]) -> list[Any] | None:

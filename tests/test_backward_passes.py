@@ -1,0 +1,117 @@
+"""Backward passes as autograd runs them: one that runs in a later step than its forward,
+one that raises, and the complete ones after it (issue 24, items 2-4).
+
+Each test fails on the recorder that retired its node marks at every step's end and
+queued one end-of-pass callback at a time (a pass that raised never ran it)."""
+
+import pytest
+import torch
+from torch import nn
+
+from modtimeline import Timeline
+
+from .trace_checks import assert_nested, load, spans
+
+pytestmark = pytest.mark.twin
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail(grad: torch.Tensor) -> torch.Tensor:
+    raise Boom("a hook raised")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 1)
+        self.fail_in_backward = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.a(x)
+        if self.fail_in_backward:
+            # Raises when Net.a's output gradient is ready: after Net.b's backward ran.
+            hidden.register_hook(_fail)
+        return self.b(torch.relu(hidden))
+
+
+def backward_spans(trace: dict) -> list[dict]:
+    return [e for e in spans(trace) if e["cat"] == "backward"]
+
+
+def test_a_backward_in_a_later_step_than_its_forward_has_its_spans(tmp_path):
+    model = Net()
+    path = tmp_path / "late.json"
+    pending = None
+    with Timeline(path) as tl:
+        for _ in range(3):
+            with tl.step():
+                if pending is not None:
+                    pending.backward()
+                pending = model(torch.randn(4, 8)).sum()
+    trace = load(path)
+    backward = backward_spans(trace)
+    # The forwards of steps 0 and 1 had their backward in steps 1 and 2.
+    for name in ("Net", "Net.a", "Net.b"):
+        steps = sorted(e["args"]["step"] for e in backward if e["name"] == name)
+        assert steps == [1, 2], (name, steps)
+    assert not any(e["args"].get("incomplete") for e in backward)
+    forward_calls = {e["args"]["call"]: e for e in spans(trace) if e["cat"] == "forward"}
+    for span in backward:
+        assert forward_calls[span["args"]["call"]]["args"]["step"] == span["args"]["step"] - 1
+    assert_nested(trace)
+
+
+def _raising_backward(model: Net) -> None:
+    """A backward that raises in the middle, after Net.b's backward has run."""
+    model.fail_in_backward = True
+    loss = model(torch.randn(4, 8)).sum()
+    model.fail_in_backward = False
+    with pytest.raises(Boom):
+        loss.backward()
+
+
+def test_complete_backwards_after_one_that_raised_are_not_flagged_without_steps(tmp_path):
+    model = Net()
+    path = tmp_path / "raised.json"
+    with Timeline(path):
+        model(torch.randn(4, 8)).sum().backward()
+        _raising_backward(model)
+        for _ in range(2):
+            model(torch.randn(4, 8)).sum().backward()
+    backward = backward_spans(load(path))
+    for name in ("Net", "Net.b"):
+        ordered = sorted((e for e in backward if e["name"] == name), key=lambda e: e["ts"])
+        assert [bool(e["args"].get("incomplete")) for e in ordered] == [False, True, False, False], name
+    # Net.a's backward never began in the pass that raised.
+    a_spans = [e for e in backward if e["name"] == "Net.a"]
+    assert len(a_spans) == 3 and not any(e["args"].get("incomplete") for e in a_spans)
+
+
+def test_the_module_spans_of_a_backward_that_raised_are_flagged_with_steps(tmp_path):
+    model = Net()
+    path = tmp_path / "raised_steps.json"
+    with Timeline(path) as tl:
+        with tl.step():
+            _raising_backward(model)
+        with tl.step():
+            model(torch.randn(4, 8)).sum().backward()
+    trace = load(path)
+    backward = backward_spans(trace)
+    in_step = {0: [], 1: []}
+    for e in backward:
+        in_step[e["args"]["step"]].append(e)
+    # Step 0: Net.b's backward ran, then the pass raised: Net's and Net.b's spans are
+    # flagged and end inside the step (the user caught the error: the step did not raise).
+    step0 = next(e for e in spans(trace) if e["cat"] == "step" and e["args"]["step"] == 0)
+    assert {e["name"] for e in in_step[0]} == {"Net", "Net.b"}
+    for raised in in_step[0]:
+        assert raised["args"].get("incomplete") is True, raised
+        assert raised["ts"] + raised["dur"] <= step0["ts"] + step0["dur"] + 1e-3
+    # Step 1 is complete.
+    assert {e["name"] for e in in_step[1]} == {"Net", "Net.a", "Net.b"}
+    assert not any(e["args"].get("incomplete") for e in in_step[1])
+    assert_nested(trace)
