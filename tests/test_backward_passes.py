@@ -115,3 +115,84 @@ def test_the_module_spans_of_a_backward_that_raised_are_flagged_with_steps(tmp_p
     assert {e["name"] for e in in_step[1]} == {"Net", "Net.a", "Net.b"}
     assert not any(e["args"].get("incomplete") for e in in_step[1])
     assert_nested(trace)
+
+
+class KeepsResult(nn.Module):
+    """Returns None and keeps its result on ``self`` (issue 24, item 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.result: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.result = torch.tanh(self.inner(x))
+
+
+class UsesKept(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.keeper = KeepsResult()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.keeper(x)
+        return self.head(self.keeper.result)
+
+
+def test_a_module_that_returns_none_has_the_hull_of_its_childrens_backward(tmp_path):
+    model = UsesKept()
+    path = tmp_path / "kept.json"
+    with Timeline(path):
+        model(torch.randn(4, 8)).sum().backward()
+    trace = load(path)
+    backward = {e["name"]: e for e in backward_spans(trace)}
+    assert set(backward) == {"UsesKept", "UsesKept.keeper", "UsesKept.keeper.inner", "UsesKept.head"}
+    keeper, inner = backward["UsesKept.keeper"], backward["UsesKept.keeper.inner"]
+    # Its own node (tanh) is not seen: the span is its child's, flagged approximate.
+    assert keeper["args"].get("approximate") is True
+    assert (keeper["ts"], keeper["dur"]) == (inner["ts"], inner["dur"])
+    assert not inner["args"].get("approximate")
+    assert_nested(trace)
+
+
+class Penalised(nn.Module):
+    """Computes a gradient penalty inside its forward: a backward inside a forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_()
+        out = self.body(x)
+        (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return out.sum() + grad.pow(2).sum()
+
+
+def test_a_backward_inside_a_forward_gives_the_calling_module_a_span(tmp_path):
+    model = Penalised()
+    path = tmp_path / "penalty.json"
+    with Timeline(path):
+        model(torch.randn(4, 8)).backward()
+    trace = load(path)
+    forward = next(e for e in spans(trace) if e["cat"] == "forward" and e["name"] == "Penalised")
+    inside = [e for e in backward_spans(trace) if e["name"] == "Penalised"
+              and forward["ts"] <= e["ts"] and e["ts"] + e["dur"] <= forward["ts"] + forward["dur"] + 1e-3]
+    (inner,) = inside
+    assert inner["args"].get("approximate") is True
+    # The outer backward's span is Penalised's own (not flagged).
+    after = [e for e in backward_spans(trace) if e["name"] == "Penalised" and e["ts"] > forward["ts"] + forward["dur"]]
+    assert len(after) == 1 and not after[0]["args"].get("approximate")
+    assert_nested(trace)
+
+
+def test_vmap_gives_backward_spans(tmp_path):
+    model = Net()
+    path = tmp_path / "vmap.json"
+    with Timeline(path):
+        torch.vmap(model)(torch.randn(4, 8)).sum().backward()
+    trace = load(path)
+    assert {e["name"] for e in backward_spans(trace)} == {"Net", "Net.a", "Net.b"}
+    assert not any(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward_spans(trace))
+    assert_nested(trace)

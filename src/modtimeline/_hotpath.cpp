@@ -32,6 +32,7 @@
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <ATen/functorch/BatchedTensorImpl.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <time.h>
@@ -693,11 +694,24 @@ bool is_module(HooksObject* self, PyObject* module, int64_t index) {
          PyWeakref_GetObject(found->second.ref) == module;
 }
 
+// The autograd node that made `tensor`. Under torch.vmap a module returns a batched
+// wrapper with no grad_fn of its own; autograd recorded the work on the tensor it wraps
+// (tensors.autograd_node is the Python twin).
+torch::autograd::Node* autograd_node(const at::Tensor& tensor) {
+  const at::Tensor* inner = &tensor;
+  while (!inner->grad_fn()) {
+    auto* batched = at::functorch::maybeGetBatchedImpl(*inner);
+    if (batched == nullptr) return nullptr;
+    inner = &batched->value();
+  }
+  return inner->grad_fn().get();
+}
+
 // The grad_fn of every tensor in `output` that has one: a tensor here, anything else
 // (tuples, dicts, dataclasses, ModelOutput) through the callbacks. False: it raised.
 bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autograd::Node*>& nodes) {
   auto add = [&nodes](PyObject* tensor) {
-    if (auto* node = THPVariable_Unpack(tensor).grad_fn().get()) nodes.push_back(node);
+    if (auto* node = autograd_node(THPVariable_Unpack(tensor))) nodes.push_back(node);
   };
   if (THPVariable_Check(output)) {
     add(output);

@@ -39,6 +39,7 @@ struct Span {
   int8_t category;
   int64_t call, step;
   int8_t flags;
+  int64_t pass = -1;  // a backward span's backward pass
 };
 
 struct Columns {
@@ -279,6 +280,7 @@ PyObject* spans(PyObject*, PyObject* args) {
         if (pass_spans.count(linked_call) == 0) {
           size_t index = open_span(ts, (links[l] >> 1) & MODULE_MASK, BACKWARD, linked_call, step);
           all[index].end = -1;
+          all[index].pass = number;
           pass_spans[linked_call] = index;
         }
       }
@@ -379,6 +381,53 @@ PyObject* spans(PyObject*, PyObject* args) {
         break;
       }
       parent = parent_of.find(parent->second);
+    }
+  }
+
+  // resolve._spans_from_children: a call none of whose nodes its outputs carry gets, in
+  // a pass where its descendants have backward spans and it has none, their hull, flagged
+  // approximate.
+  {
+    std::unordered_map<int64_t, int64_t> module_of;
+    for (const Span& s : forward_spans) module_of[s.call] = s.name;
+    for (const Span& s : backward_spans) {
+      if (s.category == RECOMPUTE) module_of[s.call] = s.name;
+    }
+    auto key = [](int64_t pass, int64_t call) { return std::make_pair(pass, call); };
+    struct PairHash {
+      size_t operator()(const std::pair<int64_t, int64_t>& p) const {
+        return std::hash<int64_t>()(p.first * 1000003 ^ p.second);
+      }
+    };
+    std::unordered_set<std::pair<int64_t, int64_t>, PairHash> real;
+    for (const Span& s : backward_spans) {
+      if (s.category == BACKWARD) real.insert(key(s.pass, s.call));
+    }
+    std::unordered_map<std::pair<int64_t, int64_t>, size_t, PairHash> made;
+    size_t count = backward_spans.size();
+    for (size_t i = 0; i < count; ++i) {
+      if (backward_spans[i].category != BACKWARD) continue;
+      int64_t number = backward_spans[i].pass;
+      auto parent = parent_of.find(backward_spans[i].call);
+      while (parent != parent_of.end() && real.count(key(number, parent->second)) == 0 &&
+             module_of.count(parent->second)) {
+        int64_t ancestor = parent->second;
+        const Span child = backward_spans[i];
+        auto found = made.find(key(number, ancestor));
+        if (found == made.end()) {
+          Span hull = child;
+          hull.name = module_of[ancestor];
+          hull.call = ancestor;
+          hull.flags = APPROXIMATE;
+          made[key(number, ancestor)] = backward_spans.size();
+          backward_spans.push_back(hull);
+        } else {
+          Span& hull = backward_spans[found->second];
+          hull.begin = std::min(hull.begin, child.begin);
+          hull.end = std::max(hull.end, child.end);
+        }
+        parent = parent_of.find(ancestor);
+      }
     }
   }
 

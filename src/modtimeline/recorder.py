@@ -52,7 +52,7 @@ from ._native import compiled, warn_once_if_slow, why_not
 from . import compile_guard
 from .errors import ModTimelineError
 from .registry import ModuleRegistry, is_compiler_graph
-from .tensors import grad_tensors
+from .tensors import autograd_node, grad_tensors
 
 _graph_task_id = torch._C._current_graph_task_id
 _queue_engine_callback = torch.autograd.Variable._execution_engine.queue_callback
@@ -317,7 +317,7 @@ class PythonForwardHooks:
         if output is None or last == frame.first_node:
             return  # no autograd node was made: no backward
         tensors = [output] if isinstance(output, _Tensor) else self._callbacks.tensors(output)
-        outputs = [t.grad_fn for t in tensors if isinstance(t, _Tensor) and t.grad_fn is not None]
+        outputs = [node for node in map(autograd_node, tensors) if node is not None]
         begins, ends = call_nodes(outputs, frame.first_node, last)
         for node in begins:
             self._marks.link(node, link_code(frame.call, frame.index, True), False)
@@ -405,7 +405,7 @@ class Recorder:
         return self.registry.learn(module)
 
     def tensors(self, value: Any) -> list[torch.Tensor]:
-        return grad_tensors(value)
+        return grad_tensors(value, batched=True)
 
     def forward_raised(self, call: int) -> None:
         self.raised_calls.add(call)

@@ -93,7 +93,8 @@ _resolve_cpu = _compiled_resolve()
 
 # A span while being built:
 # [begin, end, name, category, call, step, flags, begin_event, end_event, gpu_lag]
-_B, _E, _NAME, _CAT, _CALL, _STEP, _FLAGS, _BEV, _EEV, _LAG = range(10)
+# and, for a backward span, its backward pass.
+_B, _E, _NAME, _CAT, _CALL, _STEP, _FLAGS, _BEV, _EEV, _LAG, _PASS = range(11)
 
 
 def resolve(
@@ -181,7 +182,7 @@ def resolve(
                     if linked_call not in pass_spans:
                         module = (link >> 1) & MODULE_MASK
                         pass_spans[linked_call] = [ts, -1, module, BACKWARD, linked_call, step, INCOMPLETE, i, -1,
-                                                   NO_LAG]
+                                                   NO_LAG, number]
         elif kind == NODE_DONE:
             # A node has run: the latest end so far of the pass's open calls it may end.
             number = (code >> KIND_BITS) & MODULE_MASK
@@ -228,6 +229,7 @@ def resolve(
 
     _hull_backward(backward, parent_of)
     _bound_approximate(backward, parent_of)
+    _spans_from_children(backward, forward, parent_of)
     # Flow arrows join a call's forward span to its backward span.
     flow_calls = {s[_CALL] for s in backward if s[_CAT] == BACKWARD} & {s[_CALL] for s in forward}
 
@@ -284,6 +286,35 @@ def _close_unfinished(pass_spans: dict[int, list[Any]], bound_ns: int, backward:
             span[_E] = max(bound_ns, span[_B])
         span[_FLAGS] = INCOMPLETE
         backward.append(span)
+
+
+def _spans_from_children(backward: list[list[Any]], forward: list[list[Any]], parent_of: dict[int, int]) -> None:
+    """A call whose outputs carry none of the nodes its forward made (it returns None and
+    keeps its result on ``self``; it computes a gradient penalty inside its forward) has
+    no node to begin its backward in that pass, though its children's nodes ran: there its
+    span is the hull of its descendants' spans of the pass, flagged approximate (its own
+    nodes, outside its children, are not seen). Made after the hull rule: it widens nothing."""
+    module_of = {s[_CALL]: s[_NAME] for s in forward}
+    module_of.update((s[_CALL], s[_NAME]) for s in backward if s[_CAT] == RECOMPUTE)
+    real = {(s[_PASS], s[_CALL]) for s in backward if s[_CAT] == BACKWARD}
+    made: dict[tuple[int, int], list[Any]] = {}
+    for span in list(backward):
+        if span[_CAT] != BACKWARD:
+            continue
+        number = span[_PASS]
+        ancestor = parent_of.get(span[_CALL])
+        while ancestor is not None and (number, ancestor) not in real and ancestor in module_of:
+            hull = made.get((number, ancestor))
+            if hull is None:
+                hull = made[(number, ancestor)] = [span[_B], span[_E], module_of[ancestor], BACKWARD, ancestor,
+                                                   span[_STEP], APPROXIMATE, span[_BEV], span[_EEV], NO_LAG, number]
+                backward.append(hull)
+            else:
+                if span[_B] < hull[_B]:
+                    hull[_B], hull[_BEV] = span[_B], span[_BEV]
+                if span[_E] > hull[_E]:
+                    hull[_E], hull[_EEV] = span[_E], span[_EEV]
+            ancestor = parent_of.get(ancestor)
 
 
 def _bounded_parent(call: int, by_call: dict[int, list[Any]], parent_of: dict[int, int]) -> list[Any] | None:
