@@ -125,8 +125,8 @@ def resolve(
         names.extend(f"step {number}" for number in step_calls)
         columns_out = SpanColumns(*(_array(code, data) for code, data in zip(_COLUMN_TYPES, columns)))
         _flag_compiled(columns_out, compiled_modules)
-        return TraceData(rank, base_ns, names, [Track(tid, name) for tid, name in track_rows], columns_out, [],
-                         dict(metadata or {}))
+        return TraceData(rank, base_ns, _names_used(names, columns_out), [Track(tid, name) for tid, name in track_rows],
+                         columns_out, [], dict(metadata or {}))
     steps: list[list[Any]] = []
     forward: list[list[Any]] = []
     backward: list[list[Any]] = []  # backward and recompute spans share the backward lanes
@@ -244,7 +244,21 @@ def resolve(
     if marks is not None and (len(marks.host_event) or len(marks.memory_time)):
         _add_gpu_spans(out, tracks, counters, forward + backward, marks, parent_of, timestamps)
     _flag_compiled(out, compiled_modules)
-    return TraceData(rank, base_ns, names, tracks, out, counters, dict(metadata or {}))
+    return TraceData(rank, base_ns, _names_used(names, out), tracks, out, counters, dict(metadata or {}))
+
+
+def _names_used(names: list[str], spans: SpanColumns) -> list[str]:
+    """Only the names the spans use, the name column renumbered to match: the recorder
+    knows every module the process traced (a trace of one Linear must not carry the
+    names of a 20,000-module model traced before it)."""
+    used = sorted(set(spans.name))
+    if len(used) == len(names):
+        return names
+    renumbered = [0] * len(names)
+    for new, old in enumerate(used):
+        renumbered[old] = new
+    spans.name = array("q", map(renumbered.__getitem__, spans.name))
+    return [names[old] for old in used]
 
 
 def _flag_compiled(spans: SpanColumns, compiled_modules: set[int] | frozenset[int]) -> None:
