@@ -70,10 +70,13 @@ def test_user_exception_wins_over_a_full_disk_at_a_windows_end(tmp_path, monkeyp
                         raise ValueError("mine")
 
 
-def test_a_directory_made_at_the_trace_path_is_left_alone(tmp_path):
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_directory_made_at_the_trace_path_is_left_alone(tmp_path, strict):
     path = tmp_path / "x.json"
-    with pytest.raises(TraceFileError, match="directory"):
-        with Timeline(path):
+    failed = pytest.raises(TraceFileError, match="directory") if strict else \
+        pytest.warns(RuntimeWarning, match="directory is there now; training goes on")
+    with failed:
+        with Timeline(path, strict=strict):
             _model()(torch.randn(2, 4)).sum().backward()
             os.mkdir(path)
             (path / "mine.txt").write_text("keep")

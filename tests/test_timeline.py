@@ -109,10 +109,44 @@ def test_exception_mid_step_still_writes_a_valid_trace(tmp_path, tree):
 
 
 def test_unwritable_path_fails_before_training(tmp_path):
-    with pytest.raises(TraceFileError, match="does not exist"):
-        Timeline(tmp_path / "missing" / "out.json")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(TraceFileError, match="is a file, not a folder"):
+        Timeline(tmp_path / "afile" / "sub" / "out.json")
+    (tmp_path / "adir.json").mkdir()
     with pytest.raises(TraceFileError, match="is a directory"):
+        Timeline(tmp_path / "adir.json")
+    with pytest.raises(TraceFileError, match="format"):
         Timeline(tmp_path)
+
+
+def test_missing_folders_are_made(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "traces" / "deep" / "run.json"
+    with Timeline(path):
+        train_step(model, optimizer)
+    assert load(path)["metadata"]["steps"] == []
+    # Removed between the check and the write (a cleanup job): made again at the write.
+    timeline = Timeline(tmp_path / "gone" / "run.json")
+    os.rmdir(tmp_path / "gone")
+    with timeline:
+        train_step(model, optimizer)
+    assert timeline.written == [tmp_path / "gone" / "run.json"] and (tmp_path / "gone" / "run.json").exists()
+
+
+@pytest.mark.parametrize("name", ["run.pftrce", "run.json.gzip", "run.txt", "run"])
+def test_a_mistyped_ending_is_refused(tmp_path, name):
+    with pytest.raises(TraceFileError, match=r"\.json, \.json\.gz.*\.pftrace") as raised:
+        Timeline(tmp_path / "traces" / name)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "traces").exists()  # nothing made for a refused name
+
+
+def test_an_explicit_format_takes_any_ending(tmp_path, tree):
+    model, optimizer = tree
+    path = tmp_path / "run.txt"
+    with Timeline(path, format="json"):
+        train_step(model, optimizer)
+    assert spans(load(path))
 
 
 def test_read_only_folder_fails_at_construction(tmp_path):
@@ -139,7 +173,7 @@ def test_failed_write_leaves_existing_file_untouched(tmp_path, tree, monkeypatch
 
     monkeypatch.setattr("modtimeline.writers.chrome.write_chrome_json", broken_writer)
     with pytest.raises(OSError, match="disk full"):
-        with Timeline(path):
+        with Timeline(path, strict=True):
             train_step(model, optimizer)
     assert path.read_text() == "previous trace"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

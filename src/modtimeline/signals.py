@@ -45,6 +45,11 @@ class TerminationGuard:
         return True
 
     def uninstall(self) -> None:
+        """Put the replaced handlers back. Only the main thread can: from another thread
+        (a Timeline stopped by a watchdog) the handler stays, and passes the signal on
+        to the handler it replaced (its ``write`` has nothing to write any more)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum, previous in self._previous.items():
             if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, previous)
@@ -60,7 +65,12 @@ class TerminationGuard:
 
     def deliver(self, signum: int, frame: FrameType | None = None) -> None:
         """Do what the replaced handler does with ``signum``."""
-        previous = self._previous.get(signum, signal.SIG_DFL)
+        if signum not in self._previous:
+            # Uninstalled meanwhile (a signal deferred until a stop was done): the handler
+            # in place now is the one it replaced.
+            signal.raise_signal(signum)
+            return
+        previous = self._previous[signum]
         if callable(previous):
             previous(signum, frame)
         else:

@@ -6,10 +6,13 @@ resolve -> writer -> file.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 import uuid
 import warnings
@@ -24,7 +27,7 @@ import torch
 from . import __version__
 from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .clock import CudaBackend, DeviceBackend, DeviceClock
-from .errors import DeviceError, ModTimelineError, RankSyncError
+from .errors import DeviceError, ModTimelineError, RankSyncError, TraceFileError
 from .gc_pause import paused_gc
 from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
 from .resolve import resolve
@@ -39,6 +42,12 @@ from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 
 DEVICES = ("auto", "cpu", "cuda")
+
+# A Timeline's phases: made, recording, stopped (it may be started again).
+_NEW, _STARTED, _STOPPED = "new", "started", "stopped"
+
+# How long a SIGTERM waits for a stop or a window's write under way in another thread.
+SIGNAL_WAIT_S = 30.0
 
 
 def _local_rank() -> int:
@@ -71,6 +80,20 @@ def _profiler_enabled() -> bool:
     # torch.autograd.profiler keeps this flag while a profile records (not a public
     # name: without it, mark always; a range costs a few µs per step).
     return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", True))
+
+
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)) + os.sep, contextlib.__file__)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that names the user's line (the first frame
+    outside modtimeline and contextlib), however deep in the Timeline it is raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _with_infix(path: Path, infix: str) -> Path:
@@ -136,6 +159,17 @@ class Timeline:
     ``compiled_detail=True``: spans for the submodules inside ``torch.compile``'d regions
     too (an opaque call at each of their boundaries in the compiled graph; see
     compiled_detail.py and the README's "torch.compile" for what it shows and costs).
+
+    Lifecycle: ``with Timeline(...)`` is ``start()`` ... ``stop(error)``; ``with tl.step():``
+    is ``begin_step()`` ... ``end_step(error)``: frameworks drive the methods from their
+    callbacks (``modtimeline.integrations``). Missing folders of ``path`` are made; a
+    file name whose ending names no format (``.json``, ``.json.gz``, ``.pftrace``,
+    ``.perfetto-trace``) is refused unless ``format=`` says which.
+    ``strict``: a trace that cannot be written (a full disk, a folder gone) never stops
+    training by default: a ``RuntimeWarning``, training goes on, and the next file this
+    Timeline writes lists it in ``metadata.write_failures``; ``strict=True`` raises the
+    write error instead (from ``stop()``/the ``with`` exit, or from the ``end_step()`` that
+    ends a scheduled window), except over an exception of the user's, which always wins.
     """
 
     def __init__(
@@ -154,9 +188,12 @@ class Timeline:
         profiler: Any = None,
         nvtx: bool | NvtxApi = False,
         compiled_detail: bool = False,
+        strict: bool = False,
     ) -> None:
-        self.path = check_writable(_rank_path(path))
-        self.format = format_for(self.path, format)
+        rank_path = _rank_path(path)
+        self.format = format_for(rank_path, format)  # (before any folder is made for it)
+        self.path = check_writable(rank_path, create_folders=True)
+        self.strict = strict
         if device not in DEVICES:
             raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         if device == "cuda" and device_backend is None and not torch.cuda.is_available():
@@ -173,7 +210,16 @@ class Timeline:
         self._action = StepAction.RECORD
         self._in_step = False
         self._hooks_on = False
-        self._entered = False
+        self._phase = _NEW
+        # start/stop/begin_step/end_step and the SIGTERM write exclude one another (a stop
+        # from another thread, a signal while a window is written); see _locked.
+        self._lock = threading.RLock()
+        self._busy_thread: int | None = None
+        self._step_closed_by_stop = False
+        # Integrations: hooks on only inside steps (evaluation between steps left out).
+        self._record_between_steps = True
+        # Writes that failed since the last one that did not (metadata.write_failures).
+        self._write_failures: list[dict[str, Any]] = []
         self._base_ns = 0
         self._base_wall_ns = 0
         self._window_steps: list[int] = []
@@ -182,7 +228,6 @@ class Timeline:
         self._guard = TerminationGuard(self._write_on_signal) if handle_signals else None
         # One id for every file of this run (its windows; under torchrun, every rank's).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
-        self._writing = False
         self._said_compiled_autograd = False
         self._deferred_signal: int | None = None
         # Several ranks: clock samples against rank 0 (at entry and at every write).
@@ -197,49 +242,101 @@ class Timeline:
             self._nvtx = NvtxRanges(cast(NvtxApi, api), self.recorder.module_names, self.buffer)
             self._wire_events()
 
-    # ------------------------------------------------------------------ context
-    def __enter__(self) -> Timeline:
-        if self._entered:
-            raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
-        if self._rank_clock is not None:
-            # Before any hook: a rank that cannot meet the others records nothing.
-            self._run_id = self._rank_clock.share_run_id(self._run_id)
-            self._clock_samples = [self._rank_clock.sample()]
-        self._entered = True
-        self.recorder.own_thread()  # the thread that enters records (see README: threads)
-        _mark_profiler_clock()
-        self._start_window()
-        self._maybe_start_device_clock()
-        if self.schedule is None:
-            self._hooks(True)
-        if self._guard is not None:
-            self._guard.install()
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def started(self) -> bool:
+        """Whether the Timeline is recording (between ``start()`` and ``stop()``)."""
+        return self._phase == _STARTED
+
+    def start(self) -> Timeline:
+        """Start recording (what ``with Timeline(...)`` does on entry); returns the Timeline.
+
+        A Timeline that is recording cannot be started again (``ModTimelineError``); one
+        that was stopped can, and then writes its file(s) anew. Under several ranks, every
+        rank must start at the same point (they compare clocks here)."""
+        with self._locked():
+            if self._phase == _STARTED:
+                raise ModTimelineError("this Timeline is already recording: start() (or `with Timeline`) was called "
+                                       "twice; call stop() first")
+            if self._rank_clock is not None:
+                # Before any hook: a rank that cannot meet the others records nothing.
+                self._run_id = self._rank_clock.share_run_id(self._run_id)
+                self._clock_samples = [self._rank_clock.sample()]
+            self.recorder.own_thread()  # the thread that starts records (see README: threads)
+            _mark_profiler_clock()
+            self._start_window()
+            self._maybe_start_device_clock()
+            self._step_closed_by_stop = False
+            self._phase = _STARTED
+            try:
+                if self.schedule is None and self._record_between_steps:
+                    self._hooks(True)
+                if self._guard is not None:
+                    self._guard.install()
+            except BaseException:
+                self._hooks(False)
+                self._phase = _STOPPED
+                raise
         return self
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """Stop recording: close what is open, remove every hook and write the trace (what
+        ``with Timeline(...)`` does on exit). ``error``: the exception that ended the run,
+        if one did: it is named in ``metadata.exception`` and open spans are flagged
+        ``incomplete``; a write that fails then only warns. Without ``error``, a failed
+        write warns too (training is never stopped by a trace), unless ``strict=True``.
+
+        Idempotent, and safe from any thread (a framework's teardown, a watchdog): a stop
+        while a step's window is being written waits for that write."""
+        with self._locked():
+            if self._phase != _STARTED:
+                return
+            try:
+                self._close(error)
+            finally:
+                self._phase = _STOPPED
+                if self._guard is not None:
+                    self._guard.uninstall()
+
+    def __enter__(self) -> Timeline:
+        if self._phase == _STARTED:
+            raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
+        return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        try:
-            self._close(exc)
-        finally:
-            if self._guard is not None:
-                self._guard.uninstall()
+        self.stop(exc)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the Timeline's lock; a SIGTERM that comes meanwhile in this thread waits
+        for the end of the outermost such block (see _write_on_signal)."""
+        with self._lock:
+            outer = self._busy_thread is None
+            self._busy_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                if outer:
+                    self._busy_thread = None
+        if outer:
+            deferred, self._deferred_signal = self._deferred_signal, None
+            if deferred is not None and self._guard is not None:
+                self._guard.deliver(deferred)
 
     def _close(self, exc: BaseException | None) -> None:
-        self._entered = False
         if self._in_step:
+            if exc is not None:
+                self._raised_steps.add(self._step)
+            self._step_closed_by_stop = True  # its end_step() (a framework's, a `with step`) is then a no-op
             self._end_step(closing=True)
         self._hooks(False)
         if self.schedule is not None and self._step == 0 and exc is None:
             warnings.warn("modtimeline: a Timeline with a schedule records only inside `with timeline.step():` "
-                          "blocks, and none were marked: nothing was written", RuntimeWarning, stacklevel=2)
+                          "blocks, and none were marked: nothing was written", RuntimeWarning,
+                          stacklevel=_user_stacklevel())
         if self.schedule is None or self._window_steps:
-            try:
-                self._flush(self._final_path(), exception=exc)
-            except Exception as error:
-                if exc is None:
-                    raise
-                # Never replace the user's exception with ours.
-                warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
+            self._write(self._final_path(), exception=exc)
         self.recorder.__exit__(None, None, None)
         if self._nvtx is not None:
             self._nvtx.close()
@@ -247,23 +344,54 @@ class Timeline:
     # -------------------------------------------------------------------- steps
     @contextmanager
     def step(self) -> Iterator[int]:
-        """Mark one training step; yields its number (0, 1, ...)."""
-        if not self._entered:
-            raise ModTimelineError("Timeline.step() must be used inside `with Timeline(...)`")
+        """Mark one training step; yields its number (0, 1, ...). Built on
+        ``begin_step()`` and ``end_step()``."""
+        if self._phase == _NEW:
+            raise ModTimelineError("Timeline.step() must be used inside `with Timeline(...)` (or after start())")
         if self._in_step:
             raise ModTimelineError("Timeline.step() blocks cannot be nested")
-        number = self._begin_step()
+        number = self.begin_step()
         try:
             yield number
-        except BaseException:
-            self._raised_steps.add(number)
+        except BaseException as error:
             try:
-                self._end_step()
-            except Exception as error:
-                # Never replace the user's exception with ours (a full disk at a window's end).
-                warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=3)
+                self.end_step(error)
+            except Exception as ours:  # never replace the user's exception with ours
+                warnings.warn(f"modtimeline: could not end the step: {ours}", RuntimeWarning, stacklevel=3)
             raise
-        self._end_step()
+        self.end_step()
+
+    def begin_step(self) -> int:
+        """A training step begins now; returns its number (0, 1, ...). With a schedule,
+        whether it is recorded is the schedule's to say. On a Timeline already stopped
+        (by another thread, say) it records nothing."""
+        with self._locked():
+            if self._phase == _NEW:
+                raise ModTimelineError("begin_step() needs a recording Timeline: call start() first "
+                                       "(or use `with Timeline(...)`)")
+            if self._in_step:
+                raise ModTimelineError("begin_step() was called while step "
+                                       f"{self._step} is open: call end_step() first (steps cannot be nested)")
+            if self._phase == _STOPPED:
+                self._step_closed_by_stop = True  # its end_step() is a no-op too
+                return self._step
+            self._step_closed_by_stop = False
+            return self._begin_step()
+
+    def end_step(self, error: BaseException | None = None) -> None:
+        """The step begun by ``begin_step()`` ends now. ``error``: the exception that ended
+        it, if one did (the step is flagged incomplete). With a schedule, the last step of
+        an active window writes the window: a write that fails warns and training goes
+        on (``strict=True``: it raises, unless ``error`` is given)."""
+        with self._locked():
+            if not self._in_step:
+                if self._step_closed_by_stop:  # stop() closed it already
+                    self._step_closed_by_stop = False
+                    return
+                raise ModTimelineError("end_step() was called with no step open: call begin_step() first")
+            if error is not None:
+                self._raised_steps.add(self._step)
+            self._end_step(error=error)
 
     def _begin_step(self) -> int:
         number = self._step
@@ -282,7 +410,7 @@ class Timeline:
             self._hooks(False)
         return number
 
-    def _end_step(self, closing: bool = False) -> None:
+    def _end_step(self, closing: bool = False, error: BaseException | None = None) -> None:
         number = self._step
         action = self._action
         self._in_step = False
@@ -291,8 +419,8 @@ class Timeline:
             return
         self.buffer.record(STEP_END, number, 0)
         _mark_profiler_clock()
-        # The step's backward has run: its autograd hooks are done with.
-        self.recorder.end_step()
+        if not self._record_between_steps and not closing:
+            self._hooks(False)
         if action is StepAction.WARMUP:
             self._discard_window()
             return
@@ -300,8 +428,10 @@ class Timeline:
         if action is StepAction.RECORD_AND_FLUSH and not closing:
             self._hooks(False)
             assert self.schedule is not None
-            self._flush(self._window_path(self.schedule.window(number)))
-            self._start_window()
+            try:
+                self._write(self._window_path(self.schedule.window(number)), user_error=error)
+            finally:
+                self._start_window()  # written or not: the next window starts empty (memory stays flat)
 
     # ------------------------------------------------------------------ helpers
     def _hooks(self, on: bool) -> None:
@@ -348,7 +478,7 @@ class Timeline:
         if self._nvtx is not None:
             self._nvtx.reset()
         self.buffer.clear()
-        self.recorder.end_step()  # node ids start again with the cleared buffer
+        self.recorder.retire_marks()  # node ids start again with the cleared buffer
         if self._detail is not None:
             self._detail.retire()
         self._window_steps = []
@@ -409,6 +539,8 @@ class Timeline:
             metadata["clock_sync"] = {"reference_rank": 0, "samples": [c.to_json() for c in self._clock_samples]}
         if self._clock_sync_problem is not None:
             metadata["clock_sync_problem"] = self._clock_sync_problem
+        if self._write_failures:
+            metadata["write_failures"] = [dict(failure) for failure in self._write_failures]
         if isinstance(exception, BaseException):
             metadata["exception"] = f"{type(exception).__name__}: {exception}"
         elif exception is not None:
@@ -441,35 +573,72 @@ class Timeline:
             self._clock_sync_problem = str(error)
             warnings.warn(f"modtimeline: {error}", RuntimeWarning, stacklevel=3)
 
+    def _write(self, path: Path, exception: BaseException | str | None = None,
+               user_error: BaseException | None = None) -> bool:
+        """Write the trace; a write that fails (a full disk, a folder gone) warns, is noted
+        in the next file written (``metadata.write_failures``), and training goes on.
+        ``strict=True`` raises it instead, unless the user's own exception is on its way."""
+        try:
+            self._flush(path, exception)
+        except Exception as error:
+            failure = {"path": os.fspath(path), "error": f"{type(error).__name__}: {error}",
+                       "steps": list(self._window_steps), "wall_time_ns": time.time_ns()}
+            self._write_failures.append(failure)
+            if self.strict and exception is None and user_error is None:
+                raise
+            what = str(error) if isinstance(error, TraceFileError) else \
+                f"could not write the trace to {os.fspath(path)!r}: {type(error).__name__}: {error}"
+            warnings.warn(f"modtimeline: {what}; training goes on (the next trace this Timeline writes lists it in "
+                          "metadata.write_failures)",
+                          RuntimeWarning, stacklevel=_user_stacklevel())
+            return False
+        return True
+
     def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:
         _mark_profiler_clock()
         if exception is None:
             # Not when a step raised or a signal came: the other ranks may never arrive.
             self._sample_rank_clock()
-        self._writing = True
-        try:
-            with paused_gc():
-                data = self.trace_data(exception)
-                write_trace(data, path, self.format)
-        finally:
-            self._writing = False
+        with paused_gc():
+            data = self.trace_data(exception)
+            write_trace(data, path, self.format)
+        self._write_failures = []
         self.recorder.raised_calls.clear()
         self._raised_steps.clear()
         self.written.append(path)
         if self._profiler_export is not None:
             self._profiler_export.trace_written(path)
-        deferred, self._deferred_signal = self._deferred_signal, None
-        if deferred is not None and self._guard is not None:
-            self._guard.deliver(deferred)
 
     def _write_on_signal(self, signum: int) -> bool:
         """SIGTERM inside the Timeline: write what was recorded, open spans flagged
-        incomplete. False: a write is under way; the signal waits for it."""
-        if self._writing:
+        incomplete. False: this thread is inside start/stop/a step boundary (a write may be
+        under way); the signal is delivered when that ends. A stop or write under way in
+        another thread is waited for (at most SIGNAL_WAIT_S)."""
+        me = threading.get_ident()
+        if self._busy_thread == me:
             self._deferred_signal = signum
             return False
-        if not self._entered:
+        if not self._lock.acquire(timeout=SIGNAL_WAIT_S):
             return True
+        try:
+            # (Here with the lock but not busy, this thread was between taking the lock and
+            # beginning, or after ending: nothing is half done.)
+            outer = self._busy_thread is None
+            self._busy_thread = me
+            try:
+                self._write_on_signal_locked(signum)
+            finally:
+                if outer:
+                    self._busy_thread = None
+                if self._deferred_signal == signum:
+                    self._deferred_signal = None  # (delivered once, by the guard)
+        finally:
+            self._lock.release()
+        return True
+
+    def _write_on_signal_locked(self, signum: int) -> None:
+        if self._phase != _STARTED:
+            return
         if self.schedule is None:
             path = self.path
         elif self._window_steps:
@@ -477,9 +646,5 @@ class Timeline:
         elif self._in_step and self._action not in (StepAction.SKIP, StepAction.WARMUP):
             path = self._window_path(self.schedule.window(self._step))
         else:
-            return True  # between windows: nothing recorded to lose
-        try:
-            self._flush(path, exception=f"terminated by signal {signal.Signals(signum).name}")
-        except Exception as error:
-            warnings.warn(f"modtimeline: could not write the trace: {error}", RuntimeWarning, stacklevel=2)
-        return True
+            return  # between windows: nothing recorded to lose
+        self._write(path, exception=f"terminated by signal {signal.Signals(signum).name}")

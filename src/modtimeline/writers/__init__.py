@@ -21,7 +21,9 @@ TRACE_SUFFIXES = tuple(suffix for suffix, _ in SUFFIX_FORMATS)
 
 
 def format_for(path: str | Path, format: str | None = None) -> str:
-    """The trace format named by ``format`` or, when it is None, by the file name."""
+    """The trace format named by ``format`` or, when it is None, by the file name; a name
+    with another ending (a typo: ``.pftrce``, ``.json.gzip``) is refused, never written as
+    JSON under a name that says otherwise."""
     if format is not None:
         if format not in FORMATS:
             raise TraceFileError(f"unknown trace format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -30,7 +32,8 @@ def format_for(path: str | Path, format: str | None = None) -> str:
     for suffix, named in SUFFIX_FORMATS:
         if name.endswith(suffix):
             return named
-    return "json"
+    raise TraceFileError(f"cannot tell the trace format of {os.fspath(path)!r} from its name: end it with "
+                         ".json, .json.gz, .pftrace or .perfetto-trace, or name the format (format=...)")
 
 
 @contextmanager
