@@ -20,11 +20,61 @@ def test_actions_follow_torch_profiler_semantics():
     assert [schedule.window(step) for step in (4, 5, 8, 9)] == [0, 0, 1, 1]
 
 
+_TORCH_ACTIONS = {"NONE": StepAction.SKIP, "WARMUP": StepAction.WARMUP, "RECORD": StepAction.RECORD,
+                  "RECORD_AND_SAVE": StepAction.RECORD_AND_FLUSH}
+
+
+@pytest.mark.parametrize("skip_first_wait", [0, 1])
+@pytest.mark.parametrize("skip_first", [0, 3, 7])
+@pytest.mark.parametrize("wait,warmup,active,repeat", [
+    (0, 0, 1, 0), (1, 1, 2, 2), (2, 0, 3, 0), (3, 2, 1, 3), (5, 1, 1, 1), (0, 2, 2, 1), (4, 0, 1, 2)])
+def test_actions_match_torch_profiler_schedule_step_by_step(wait, warmup, active, repeat, skip_first,
+                                                           skip_first_wait):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch warns when warmup is 0)
+        theirs = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=repeat,
+                                         skip_first=skip_first, skip_first_wait=skip_first_wait)
+    ours = Schedule(wait=wait, warmup=warmup, active=active, repeat=repeat, skip_first=skip_first,
+                    skip_first_wait=skip_first_wait)
+    cycle = wait + warmup + active
+    for step in range(skip_first + cycle * (repeat or 4) + 2 * cycle + 3):
+        assert ours.action(step) is _TORCH_ACTIONS[theirs(step).name], f"step {step}"
+
+
+def test_skip_first_wait_windows_line_up_with_a_profilers(tmp_path):
+    """A Timeline and a torch.profiler.profile on one schedule record the same steps."""
+    import warnings
+
+    arguments = dict(wait=3, warmup=1, active=2, repeat=2, skip_first=2, skip_first_wait=1)
+    model = torch.nn.Linear(4, 1)
+    profiled: list[int] = []
+    schedule = Schedule(**arguments)
+    timeline = Timeline(tmp_path / "run.json", schedule=schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    schedule=torch.profiler.schedule(**arguments),
+                                    on_trace_ready=lambda prof: profiled.append(prof.step_num)) as profiler:
+            with timeline:
+                for _ in range(16):
+                    with timeline.step():
+                        model(torch.randn(2, 4)).sum().backward()
+                    profiler.step()
+    windows = [load(path)["metadata"]["steps"] for path in timeline.written]
+    assert windows == [[3, 4], [9, 10]]  # skip 2, no first wait, warm-up 1, active 2; then wait 3 ...
+    assert [steps[-1] + 1 for steps in windows] == profiled  # the profiler saved after the same steps
+    assert [schedule.window(step) for step in (3, 4, 9, 10)] == [0, 0, 1, 1]
+
+
 def test_invalid_schedule_is_rejected():
     with pytest.raises(ValueError, match="active"):
         Schedule(active=0)
     with pytest.raises(ValueError, match="wait"):
         Schedule(wait=-1)
+    with pytest.raises(ValueError, match="skip_first_wait"):
+        Schedule(skip_first_wait=-1)
 
 
 def _train(timeline, model, steps):
