@@ -96,6 +96,22 @@ def _fsdp2(rank: int, world: int, folder: str) -> None:
     train(model, os.path.join(folder, "fsdp-{rank}.json"))
 
 
+def _fsdp2_over_checkpoint_wrapper(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net()
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = fully_shard(checkpoint_wrapper(block))  # the usual large-model recipe
+    fully_shard(model)
+    train(model, os.path.join(folder, "fsdp-ckpt-{rank}.json"))
+    os.environ["MODTIMELINE_PURE_PYTHON"] = "1"  # the other recording path, in this process
+    from modtimeline import recorder
+
+    recorder._last_registry = None
+    train(model, os.path.join(folder, "fsdp-ckpt-python-{rank}.json"))
+
+
 MODEL_NAMES = {"Net", "Net.blocks", "Net.head"} | {f"Net.blocks.{i}{sub}" for i in range(2) for sub in ("", ".0", ".1")}
 
 
@@ -128,6 +144,20 @@ def test_fsdp2_names_are_the_unwrapped_models(tmp_path):
     for rank in (0, 1):
         names = _names(tmp_path / f"fsdp-{rank}.json")
         assert names == MODEL_NAMES, names  # not FSDPNet
+
+
+@pytest.mark.slow
+def test_fsdp2_over_checkpoint_wrapper_names_are_the_wrapped_modules(tmp_path):
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    spawn(_fsdp2_over_checkpoint_wrapper, 2, tmp_path)
+    expected = MODEL_NAMES | {f"Net.blocks.{i} (CheckpointWrapper)" for i in range(2)}
+    for rank in (0, 1):
+        for path in (f"fsdp-ckpt-{rank}.json", f"fsdp-ckpt-python-{rank}.json"):
+            names = _names(tmp_path / path)
+            assert names == expected, (path, names)  # no _checkpoint_wrapped_module
 
 
 def test_checkpoint_wrapper_names_are_the_wrapped_modules(tmp_path):

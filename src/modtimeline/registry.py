@@ -31,7 +31,7 @@ class _Named:
         self.ref: weakref.ref[torch.nn.Module] = weakref.ref(module, lambda ref: _forget(key, ref))
         self.fqn = fqn
         self.root = root if root is not None else self.ref
-        self.is_compiled_wrapper = type(module).__name__ in _NAMELESS_WRAPPERS
+        self.is_compiled_wrapper = _class_name(module) in _NAMELESS_WRAPPERS
 
 
 # Every module named so far, for the whole process, by id(). (Not a WeakKeyDictionary:
@@ -99,7 +99,7 @@ def _class_name(module: torch.nn.Module) -> str:
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    child = _WRAPPER_CHILDREN.get(type(module).__name__)
+    child = _WRAPPER_CHILDREN.get(_class_name(module))
     inner = getattr(module, child, None) if child else None
     return _unwrapped(inner) if isinstance(inner, torch.nn.Module) else module
 
@@ -144,8 +144,10 @@ def known_fqn(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module
 
 
 def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Module] | None) -> None:
-    """Name ``module`` and the unnamed modules under it; ``root``: None for the root."""
-    wrapper = type(module).__name__
+    """Name ``module`` and the unnamed modules under it; ``root``: None for the root.
+    Wrappers are known by the class the user wrote (FSDP2 makes ``FSDPCheckpointWrapper``
+    of ``fully_shard(checkpoint_wrapper(block))``)."""
+    wrapper = _class_name(module)
     wrapped = _WRAPPER_CHILDREN.get(wrapper)
     if wrapped is not None and isinstance(getattr(module, wrapped, None), torch.nn.Module):
         fqn = name if wrapper in _NAMELESS_WRAPPERS else f"{name} ({wrapper})"
