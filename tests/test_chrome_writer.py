@@ -13,6 +13,8 @@ from modtimeline.resolve import (
 )
 from modtimeline.writers import chrome
 
+pytestmark = pytest.mark.twin
+
 
 def _trace(rows: int = 3000) -> TraceData:
     rng = random.Random(7)

@@ -15,6 +15,8 @@ from modtimeline.clock import DeviceClock, FakeBackend
 from .models import Tree, train_step
 from .trace_checks import assert_nested, load, spans, thread_names
 
+pytestmark = pytest.mark.twin
+
 FW, FE, ND = FORWARD_BEGIN, FORWARD_END, NODE_DONE
 
 

@@ -14,6 +14,8 @@ from modtimeline import ModuleTracker, Timeline
 
 from .trace_checks import assert_nested, load, spans
 
+pytestmark = [pytest.mark.twin, pytest.mark.slow]
+
 dynamo = pytest.importorskip("torch._dynamo")
 
 

@@ -29,6 +29,8 @@ from modtimeline.recorder import Recorder, native_hotpath
 
 from .models import Tree, shapes_model
 
+pytestmark = pytest.mark.twin
+
 hotpath = native_hotpath()
 
 

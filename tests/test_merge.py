@@ -21,6 +21,8 @@ from modtimeline.writers import write_trace
 from .models import Tree, train_step
 from .synthetic import write as write_synthetic
 
+pytestmark = pytest.mark.twin
+
 
 def _rows(data: TraceData) -> list[tuple]:
     s = data.spans

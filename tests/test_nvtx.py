@@ -15,6 +15,8 @@ from modtimeline import DeviceError, Timeline
 from .models import Tree, train_step
 from .trace_checks import load, spans
 
+pytestmark = pytest.mark.twin
+
 
 class StandInNvtx:
     """Records range_start/range_end as nvtxRangeStartA/End would, with times and threads."""

@@ -11,6 +11,8 @@ from modtimeline.buffer import (
 from modtimeline.resolve import APPROXIMATE, BACKWARD_TRACK, FORWARD_TRACK, INCOMPLETE, resolve
 from .trace_checks import assert_nested_columns
 
+pytestmark = pytest.mark.twin
+
 
 def events(*rows):
     ts, codes = array("q"), array("q")

@@ -9,12 +9,15 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from modtimeline import Timeline
 
 from .trace_checks import assert_nested, load, spans
+
+pytestmark = pytest.mark.twin
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,9 @@
 # Set up modtimeline in ./.venv, then run `demo` or `test` (or nothing).
 #
 #   bash tools/setup.sh demo    # set up, train the demo model, write modtimeline-demo.json
-#   bash tools/setup.sh test    # set up (browser too), run the whole test suite
+#   bash tools/setup.sh test    # set up (browser too), run the whole test suite: two passes,
+#                               # compiled parts, then `-m twin` on the pure-Python twins
+#   bash tools/setup.sh test -m "not slow"   # extra arguments go to both pytest passes
 #
 # torch: a machine with an NVIDIA GPU gets the default (CUDA) build; any other machine
 # gets a CPU build: a local CPU wheel when pip's find-links has one, else PyTorch's CPU
@@ -43,12 +45,16 @@ fi
 case "$action" in
   demo) exec "$venv/bin/modtimeline" demo ;;
   test)
-    "$venv/bin/python" -m pytest -q
-    # The pure-Python twins of the compiled parts, on the tests that record and resolve.
-    MODTIMELINE_PURE_PYTHON=1 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-      tests/test_hotpath.py tests/test_resolve.py tests/test_timeline.py tests/test_real_models.py \
-      tests/test_threads.py tests/test_schedule.py tests/test_chrome_writer.py tests/test_compile.py \
-      tests/test_clock.py tests/test_nvtx.py tests/test_merge.py ;;
+    # Two passes, both always run and both reported; the run fails if either fails.
+    # 1. the whole suite on the compiled parts; 2. the tests marked `twin` (those that
+    # record and resolve) on the pure-Python twins of the compiled parts.
+    status=0
+    "$venv/bin/python" -m pytest -q "${@:2}" || status=1
+    echo "== pass 1 (compiled parts): $([ $status = 0 ] && echo passed || echo FAILED)"
+    twin=0
+    MODTIMELINE_PURE_PYTHON=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -m twin "${@:2}" || twin=1
+    echo "== pass 2 (pure-Python twins, -m twin): $([ $twin = 0 ] && echo passed || echo FAILED)"
+    exit $(( status | twin )) ;;
   "") echo "set up in $venv" ;;
   *) echo "usage: bash tools/setup.sh [demo|test]" >&2; exit 2 ;;
 esac
