@@ -1,4 +1,4 @@
-"""Command line: ``modtimeline demo | summary | diff | merge | open | info | build``.
+"""Command line: ``modtimeline demo | record | summary | diff | merge | open | info | build``.
 
 User mistakes (a bad path, a damaged trace) end with one line on stderr and exit
 code 2, never a traceback.
@@ -28,6 +28,13 @@ def _demo(args: argparse.Namespace) -> int:
          f"open it: `modtimeline open {path}` (or drag the file onto https://ui.perfetto.dev); "
          f"`modtimeline summary {path}` for a per-module table")
     return EXIT_OK
+
+
+def _record(args: argparse.Namespace) -> int:
+    from .record import parse_schedule, run_command  # (imports torch)
+
+    schedule = parse_schedule(args.schedule) if args.schedule is not None else None
+    return run_command(args.output, args.script_command, schedule)
 
 
 def _open(args: argparse.Namespace) -> int:
@@ -93,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     demo.set_defaults(run=_demo)
 
+    recording = commands.add_parser(
+        "record", help="trace an unedited training script: modtimeline record -o OUT -- python train.py ARGS",
+        usage="modtimeline record -o OUT [--schedule WAIT,WARMUP,ACTIVE[,REPEAT]] -- python train.py ARGS",
+        description="Run a Python script in this process under a Timeline whose steps are its optimizer steps "
+                    "(torch's global optimizer step hooks). Under torchrun: "
+                    "`torchrun ... -m modtimeline record -o OUT -- python train.py ARGS` (one file per rank).")
+    recording.add_argument("-o", "--output", required=True, help="trace file (.json, .json.gz, .pftrace)")
+    recording.add_argument("--schedule", help="record only some steps, as torch.profiler.schedule: "
+                           "wait,warmup,active[,repeat] (one file per active window)")
+    recording.set_defaults(run=_record, script_command=[])
+
     add_analysis_commands(commands)
 
     viewer = commands.add_parser("open", help="open a trace in Perfetto UI (served from this machine)",
@@ -120,7 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(split_candidates(list(sys.argv[1:] if argv is None else argv)))
+    words = list(sys.argv[1:] if argv is None else argv)
+    script_command: list[str] | None = None
+    if words[:1] == ["record"]:
+        # Everything after the first -- is the script's, untouched by our parser.
+        if "--" not in words:
+            parser.error("record needs the command after --: modtimeline record -o OUT -- python train.py ARGS")
+        cut = words.index("--")
+        words, script_command = words[:cut], words[cut + 1:]
+    args = parser.parse_args(split_candidates(words))
+    if script_command is not None:
+        args.script_command = script_command
     try:
         return int(args.run(args))
     except ModTimelineError as error:
