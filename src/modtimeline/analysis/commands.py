@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from ..errors import ModTimelineError
+from .by_rank import DEFAULT_THRESHOLD, DEFAULT_UNEVEN_FLOOR_US, DEFAULT_UNEVEN_THRESHOLD
 from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
 from .reader import DEFAULT_LIMITS, ReadLimits, Trace, per_rank, read_trace, trace_files
 from .render import (
@@ -103,7 +104,8 @@ def _summary(args: argparse.Namespace) -> int:
     if args.by_rank:
         from .by_rank import by_rank
 
-        view = by_rank(traces, warmup=args.warmup, threshold=args.straggler_threshold, top=args.top)
+        view = by_rank(traces, warmup=args.warmup, threshold=args.straggler_threshold, top=args.top,
+                       uneven_threshold=args.uneven_threshold, uneven_floor_us=args.uneven_floor_us)
         if args.format == "json":
             _emit_json(view.to_json())
         elif args.format == "markdown":
@@ -201,16 +203,26 @@ def add_analysis_commands(commands: Any) -> None:
     summary.add_argument("traces", nargs="+", help="trace files or directories of them")
     summary.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     summary.add_argument("--top", type=int_at_least(1), help="only the N modules with the most time (a flat list)")
-    summary.add_argument("--depth", type=int_at_least(0), help="only modules at most D levels below the root (root = 0)")
+    summary.add_argument("--depth", type=int_at_least(0),
+                         help="only modules at most D levels of calls below the root (root = 0; a container that is "
+                              "never called, like a ModuleList, is no level)")
     summary.add_argument("--warmup", type=int_at_least(0), default=1,
-                         help="leave out the first N steps of each trace (default 1, as diff)")
+                         help="leave out the first N marked steps of each trace (default 1, as diff); a trace "
+                              "without steps marked is one step, always kept")
     summary.add_argument("--pool-runs", action="store_true",
                          help="average traces of different runs together (refused by default)")
     summary.add_argument("--by-rank", action="store_true",
                          help="the ranks of one run side by side: step time per rank, and per module the slowest "
                               "rank and the spread (rank files or a merged file)")
-    summary.add_argument("--straggler-threshold", type=non_negative, default=0.05,
-                         help="--by-rank flags a rank whose median step is this much above the median (default 0.05)")
+    summary.add_argument("--straggler-threshold", type=non_negative, default=DEFAULT_THRESHOLD,
+                         help="--by-rank flags a rank whose median step is this much above the median "
+                              f"(default {DEFAULT_THRESHOLD})")
+    summary.add_argument("--uneven-threshold", type=non_negative, default=DEFAULT_UNEVEN_THRESHOLD,
+                         help="--by-rank flags a module uneven when its slowest rank is this much above the median "
+                              f"over ranks (default {DEFAULT_UNEVEN_THRESHOLD}: below it is scheduling noise) ...")
+    summary.add_argument("--uneven-floor-us", type=non_negative, default=DEFAULT_UNEVEN_FLOOR_US,
+                         help="... and by more than this many µs per step (default "
+                              f"{DEFAULT_UNEVEN_FLOOR_US:g})")
     _add_limits(summary)
     summary.set_defaults(run=_summary)
 
@@ -232,7 +244,8 @@ def add_analysis_commands(commands: Any) -> None:
     compare.add_argument("--floor-us", type=non_negative, help="absolute change per step that counts (default 20)")
     compare.add_argument("--alpha", type=alpha, help="significance level after correction (default 0.05)")
     compare.add_argument("--correction", choices=("holm", "bh"), help="multiple-testing correction (default holm)")
-    compare.add_argument("--warmup", type=int_at_least(0), help="steps left out at the start of each trace (default 1)")
+    compare.add_argument("--warmup", type=int_at_least(0), help="marked steps left out at the start of each trace "
+                         "(default 1; a trace without steps marked is one step, always kept)")
     compare.add_argument("--min-samples", type=int_at_least(2), help="steps per side needed for a verdict (default 5)")
     compare.add_argument("--max-drift", type=fraction, help="largest common shift of all modules taken for machine "
                          "drift and corrected (default 0.25; 0 turns the correction off)")

@@ -322,8 +322,10 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
     steps_base = min((len(v) for v in base_samples.values()), default=0)
     steps_candidate = min((len(v) for v in candidate_samples.values()), default=0)
     if min(steps_base, steps_candidate) < config.min_samples:
+        unmarked = ("; a trace without steps marked is one step: mark them with `with timeline.step():`"
+                    if not all(t.steps_marked for t in base + candidate) else "")
         warnings.append(f"few steps per side after warm-up (base {steps_base}, candidate {steps_candidate}): "
-                        f"verdicts need at least {config.min_samples}; record more steps")
+                        f"verdicts need at least {config.min_samples}; record more steps{unmarked}")
     if noisy:
         warnings.append(f"{len(noisy)} module(s) with noisy per-step times (spread > {config.noisy_spread:.0%}), "
                         f"e.g. {noisy[0]}: interleave base and candidate runs on one machine")

@@ -142,9 +142,9 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
     metadata: dict[str, Any] | None = None
     tracks: dict[int, tuple[int, int, str]] = {}  # uuid -> (pid, tid, name)
     state = SequenceState()
-    open_spans: dict[int, list[tuple[int, str, str, int, bool]]] = {}  # track uuid -> stack
-    # (track uuid, name, category, step, begin, end, approximate)
-    spans: list[tuple[int, str, str, int, int, int, bool]] = []
+    open_spans: dict[int, list[tuple[int, str, str, int, bool, int]]] = {}  # track uuid -> stack
+    # (track uuid, name, category, step, begin, end, approximate, call)
+    spans: list[tuple[int, str, str, int, int, int, bool, int]] = []
 
     for packet in pftrace_packets(path, raw, limits):
         if not packet.HasField("track_event"):
@@ -164,27 +164,28 @@ def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
         if kind == TrackEvent.TYPE_SLICE_BEGIN:
             name, category, args = state.begin(packet)
             step = checked_int(path, args.get("step", -1), "slice step")
+            call = checked_int(path, args.get("call", -1), "slice call")
             open_spans.setdefault(track, []).append((time, checked_name(path, name, "slice name", limits),
                                                      checked_name(path, category, "slice category", limits), step,
-                                                     args.get("approximate") is True))
+                                                     args.get("approximate") is True, call))
         elif kind == TrackEvent.TYPE_SLICE_END:
             stack = open_spans.get(track)
             if not stack:
                 raise TraceFormatError(f"{path}: a slice ends that never began (damaged trace)")
-            begin, name, category, step, approximate = stack.pop()
-            spans.append((track, name, category, step, begin, time, approximate))
+            begin, name, category, step, approximate, call = stack.pop()
+            spans.append((track, name, category, step, begin, time, approximate, call))
 
     if metadata is None:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata)")
     result: list[Span] = []
     step_ns: dict[int, int] = {}
     rank_step_ns: dict[int, dict[int, int]] = {}
-    for track, name, category, step, begin, end, approximate in spans:
+    for track, name, category, step, begin, end, approximate, call in spans:
         pid, tid, track_name = tracks.get(track, (0, track, ""))
         if category == "step":
             step_ns[step] = end - begin
             rank_step_ns.setdefault(pid, {})[step] = end - begin
             continue
         device = "cuda" if track_name.startswith(GPU_TRACK_PREFIX) else "cpu"
-        result.append(Span(name, category, device, (pid, tid), step, begin, end, approximate))
+        result.append(Span(name, category, device, (pid, tid), step, begin, end, approximate, call))
     return Trace(path, metadata, result, step_ns, rank_step_ns)

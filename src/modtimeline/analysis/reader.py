@@ -67,6 +67,10 @@ class Span:
     begin_ns: int
     end_ns: int
     approximate: bool = False  # the span's end is only a bound (args.approximate)
+    call: int = -1  # args.call: calls are numbered as their forwards begin (-1: not given)
+
+
+UNMARKED = -1  # the step of a span recorded outside any ``timeline.step()``
 
 
 @dataclass
@@ -83,6 +87,20 @@ class Trace:
     def steps(self) -> list[int]:
         """Steps in order; a trace without marked steps is one step, numbered -1."""
         return sorted({span.step for span in self.spans} | set(self.step_ns))
+
+    @property
+    def steps_marked(self) -> bool:
+        return bool(self.step_ns) or any(span.step != UNMARKED for span in self.spans)
+
+    def kept_steps(self, warmup: int) -> list[int]:
+        """The steps per-step figures are made of: the marked steps after the first
+        ``warmup``; spans recorded between marked steps belong to none. A trace without
+        marked steps (a Timeline without ``timeline.step()``) is one step, the whole
+        trace, which warm-up never leaves out: there is nothing else to show."""
+        marked = [step for step in self.steps() if step != UNMARKED]
+        if not marked:
+            return [UNMARKED]
+        return marked[warmup:]
 
 
 def per_rank(trace: Trace) -> list[Trace]:
@@ -213,6 +231,28 @@ def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
     return metadata
 
 
+# What a torch.profiler (Kineto) Chrome trace has that ours never do: its own top-level
+# keys, and its event categories.
+_PROFILER_KEYS = frozenset(("schemaVersion", "deviceProperties", "distributedInfo", "baseTimeNanoseconds",
+                            "traceName", "record_shapes", "with_stack", "profile_memory"))
+_PROFILER_CATEGORIES = frozenset(("cpu_op", "python_function", "user_annotation", "cuda_runtime", "cuda_driver",
+                                  "kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation", "ac2g",
+                                  "cpu_instant_event"))
+
+
+def is_profiler_trace(document: dict[str, Any]) -> bool:
+    """A torch.profiler Chrome trace that holds no modtimeline spans (one that
+    ``merge --profiler`` wrote is a modtimeline trace)."""
+    metadata = document.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("tool") == TOOL:
+        return False
+    if _PROFILER_KEYS.intersection(document):
+        return True
+    events = document.get("traceEvents")
+    return isinstance(events, list) and any(isinstance(e, dict) and e.get("cat") in _PROFILER_CATEGORIES
+                                            for e in events[:1000])
+
+
 def chrome_document(path: Path, raw: bytes, limits: ReadLimits) -> tuple[dict[str, Any], list[Any]]:
     """(metadata, trace events) of a modtimeline Chrome trace, checked."""
     try:
@@ -221,6 +261,10 @@ def chrome_document(path: Path, raw: bytes, limits: ReadLimits) -> tuple[dict[st
         raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}); truncated?") from None
     if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
         raise TraceFormatError(f"{path}: not a Chrome trace (no traceEvents list)")
+    if is_profiler_trace(document):
+        raise TraceFormatError(f"{path}: a torch.profiler trace, not a modtimeline one; add the modtimeline trace of "
+                               f"the same run to it with `modtimeline merge --profiler {path} TRACE -o merged.json`, "
+                               "and summarise merged.json")
     metadata = checked_metadata(path, document.get("metadata"))
     events = document["traceEvents"]
     if len(events) > limits.max_events:
@@ -254,11 +298,12 @@ def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
                 raise TraceFormatError(f"{path}: event args is {type(args).__name__}, not an object")
             step = checked_int(path, args.get("step", -1), "event args.step")
             name = checked_name(path, event.get("name"), "event name", limits)
+            call = checked_int(path, args.get("call", -1), "event args.call")
             if category == "step":
                 step_ns[step] = end - begin
                 rank_step_ns.setdefault(track[0], {})[step] = end - begin
             else:  # device is filled in below, once thread names are known
-                spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True))
+                spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True, call))
         elif phase == "M" and event.get("name") == "thread_name":
             if not isinstance(event.get("pid"), int) or not isinstance(event.get("tid"), int):
                 continue  # another tool's process names its pid (torch.profiler's "Spans")
@@ -277,21 +322,29 @@ def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:
     """Per (FQN, phase, device), per step: inclusive time, self time and call count.
 
     Self time subtracts every span nested directly inside on the same track (children,
-    and recompute inside a backward). The first ``warmup`` steps are left out.
+    and recompute inside a backward). Two spans of one track that cover the same time
+    nest as their calls did: the call that began first (the smaller ``call``) is the
+    outer one. So a wrapper's backward, which covers exactly the module it wraps
+    (``Net (DistributedDataParallel)`` around ``Net``), has no self time, and the wrapped
+    module has it, whatever order a file lists the two in (rank files, merged files,
+    ``.json`` and ``.pftrace`` alike). Only the steps of ``Trace.kept_steps(warmup)``
+    count.
     """
     with paused_gc():
         return _samples(trace, warmup)
 
 
 def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
-    skipped = set(trace.steps()[:warmup])
+    kept = set(trace.kept_steps(warmup))
     by_track: dict[tuple[int, int], list[Span]] = defaultdict(list)
     for span in trace.spans:
         if span.phase in PHASES:
             by_track[span.track].append(span)
     totals: dict[tuple[str, str, str, int], list[int]] = {}  # (fqn, phase, device, step) -> [incl, self, calls]
     for spans in by_track.values():
-        # nesting order: begin ascending, end descending (two stable sorts, C-level keys)
+        # nesting order: begin ascending, end descending, then the outer call first (three
+        # stable sorts, C-level keys)
+        spans.sort(key=attrgetter("call"))
         spans.sort(key=attrgetter("end_ns"), reverse=True)
         spans.sort(key=attrgetter("begin_ns"))
         own = [s.end_ns - s.begin_ns for s in spans]
@@ -307,7 +360,7 @@ def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
             stack.append(i)
             ends.append(span.end_ns)
         for span, self_ns in zip(spans, own):
-            if span.step in skipped:
+            if span.step not in kept:
                 continue
             key = (span.name, span.phase, span.device, span.step)
             total = totals.get(key)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .diff import IMPROVED, INCONCLUSIVE, REGRESSED, UNCHANGED, DiffReport, ModuleDiff
 from .by_rank import RankView
-from .summary import Summary, tree_levels
+from .summary import Summary
 
 _COLORS = {REGRESSED: "\033[31m", IMPROVED: "\033[32m", INCONCLUSIVE: "\033[33m", UNCHANGED: ""}
 _RESET = "\033[0m"
@@ -78,7 +78,7 @@ def _summary_table(summary: Summary, indent: bool) -> tuple[list[str], list[list
         headers += ["GPU fwd ms", "GPU bwd ms"]
     if summary.step_us:
         headers.append("% of step")
-    levels = tree_levels([r.fqn for r in summary.rows]) if indent else [0] * len(summary.rows)
+    levels = [r.depth if indent else 0 for r in summary.rows]
     rows = []
     for r, level in zip(summary.rows, levels):
         name = "  " * level + plain(r.fqn) + (" *" if r.approximate_calls else "")
@@ -93,6 +93,9 @@ def _summary_table(summary: Summary, indent: bool) -> tuple[list[str], list[list
 
 
 def _summary_header(summary: Summary) -> str:
+    if not summary.steps_marked:
+        return (f"{len(summary.rows)} modules, {summary.steps} trace(s) without steps marked (`with timeline.step():` "
+                "marks them), each one step; times are mean ms per trace (self = minus nested modules)")
     step = f", mean step {summary.step_us / 1000:.3f} ms" if summary.step_us else ""
     return (f"{len(summary.rows)} modules, {summary.steps} step(s){step}; "
             "times are mean ms per step (self = minus nested modules)")
@@ -113,7 +116,7 @@ def render_summary_text(summary: Summary, tree: bool = True) -> str:
 
 def render_summary_markdown(summary: Summary, tree: bool = True) -> str:
     headers, rows, right = _summary_table(summary, indent=False)
-    levels = tree_levels([r.fqn for r in summary.rows]) if tree else [0] * len(summary.rows)
+    levels = [r.depth if tree else 0 for r in summary.rows]
     for row, module, level in zip(rows, summary.rows, levels):
         row[0] = "&nbsp;&nbsp;" * level + markdown_code(module.fqn) + (" \\*" if module.approximate_calls else "")
     notes = "".join(f"\n\n\\{note}" for note in _approximate_note(summary))
@@ -220,22 +223,32 @@ def _rank_tables(view: RankView, code: bool) -> tuple[str, tuple[list[str], list
     slow = [r.rank for r in view.ranks if r.slow]
     head = (f"{len(view.ranks)} ranks; a rank is slow when its median step is more than {view.threshold:.0%} above "
             f"the median over ranks: " + (", ".join(f"rank {r}" for r in slow) + " slow" if slow else "none is"))
+    if not any(r.step_us is not None for r in view.ranks):
+        head += " (no steps marked: no step times to compare; mark steps with `with timeline.step():`)"
     rank_rows = [[str(r.rank), name(r.hostname), str(r.steps), "–" if r.step_us is None else f"{r.step_us / 1000:.3f}",
-                  "–" if r.gap is None else f"{r.gap:+.1%}", "slow" if r.slow else ""] for r in view.ranks]
-    ranks = (["rank", "host", "steps", "median step ms", "vs median", ""], rank_rows, {0, 2, 3, 4})
+                  "–" if r.gap is None else f"{r.gap:+.1%}", "yes" if r.slow else ""] for r in view.ranks]
+    ranks = (["rank", "host", "steps", "median step ms", "vs median", "slow"], rank_rows, {0, 2, 3, 4})
     module_rows = [[name(m.fqn), m.phase, f"{m.median_us / 1000:.3f}", f"{m.max_us / 1000:.3f}", str(m.slowest_rank),
-                    f"{m.spread:.2f}x", "uneven" if m.uneven else ""] for m in view.modules]
-    modules = (["module", "phase", "median ms", "slowest ms", "slowest rank", "spread", ""], module_rows, {2, 3, 4, 5})
+                    f"{m.spread:.2f}x", "yes" if m.uneven else ""] for m in view.modules]
+    modules = (["module", "phase", "median ms", "slowest ms", "slowest rank", "spread", "uneven"], module_rows,
+               {2, 3, 4, 5})
     return head, ranks, modules
+
+
+def _uneven_rule(view: RankView) -> str:
+    return (f"uneven: the slowest rank more than {view.uneven_threshold:.0%} and {view.uneven_floor_us:g} µs per step "
+            "above the median over ranks (--uneven-threshold, --uneven-floor-us)")
 
 
 def render_by_rank_text(view: RankView) -> str:
     head, ranks, modules = _rank_tables(view, code=False)
-    return "\n".join([head, "", text_table(*ranks), "", "per module, ms per step on each rank (widest spread first):",
-                      "", text_table(*modules)])
+    return "\n".join([head, "", text_table(*ranks), "",
+                      "per module, median ms per step on each rank (widest spread first):", "", text_table(*modules),
+                      _uneven_rule(view)])
 
 
 def render_by_rank_markdown(view: RankView) -> str:
     head, ranks, modules = _rank_tables(view, code=True)
     return "\n".join(["### modtimeline: ranks side by side", "", head, "", markdown_table(*ranks), "",
-                      "Per module, ms per step on each rank (widest spread first):", "", markdown_table(*modules)])
+                      "Per module, median ms per step on each rank (widest spread first):", "",
+                      markdown_table(*modules), "", f"<sub>{_markdown_text(_uneven_rule(view))}</sub>"])

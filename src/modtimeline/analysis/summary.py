@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -10,14 +11,35 @@ from .reader import PHASES, Trace, samples
 from .stats import median
 
 
-def tree_levels(fqns: list[str]) -> list[int]:
-    """Indentation of each FQN: how many of its ancestors are in ``fqns`` too."""
+def call_depths(fqns: Iterable[str]) -> dict[str, int]:
+    """Each FQN's level in the call tree: 0 for a root, else its parent's plus one, the
+    parent being its nearest ancestor FQN that was called (is in ``fqns``). A container
+    that is never called itself (a ``ModuleList``) is no level: ``Llama.model.layers.0``
+    sits right below ``Llama.model``. A wrapper's own call (``Net (DistributedDataParallel)``,
+    ``Net.blocks.0 (CheckpointWrapper)``) sits at the level of the module it wraps, so a
+    wrapped model has the levels of the plain one."""
     present = set(fqns)
-    levels = []
-    for fqn in fqns:
-        parts = fqn.split(".")
-        levels.append(sum(".".join(parts[:n]) in present for n in range(1, len(parts))))
-    return levels
+    depths: dict[str, int] = {}
+
+    def parent(fqn: str) -> str | None:
+        at = fqn.rfind(".")
+        while at > 0:
+            if fqn[:at] in present:
+                return fqn[:at]
+            at = fqn.rfind(".", 0, at)
+        return None
+
+    for fqn in present:
+        chain = []  # (walked up without recursion: a trace's names may nest deep)
+        node: str | None = fqn
+        while node is not None and node not in depths:
+            chain.append(node)
+            node = parent(node)
+        level = -1 if node is None else depths[node]
+        for name in reversed(chain):
+            level += 1
+            depths[name] = level
+    return depths
 
 
 @dataclass
@@ -25,7 +47,7 @@ class ModuleRow:
     """Mean per step, in µs. ``total``/``self`` by phase; GPU columns are 0 on CPU traces."""
 
     fqn: str
-    depth: int  # dots in the FQN: the root is 0
+    depth: int  # level in the call tree (``call_depths``): a root is 0
     calls: float  # forward calls per step
     total_us: dict[str, float] = field(default_factory=dict)  # phase -> inclusive
     self_us: dict[str, float] = field(default_factory=dict)  # phase -> self
@@ -45,10 +67,12 @@ class Summary:
     step_us: float | None  # mean step time, when steps were marked
     has_gpu: bool
     files: list[str]
+    # False: no trace marked steps (no ``timeline.step()``), each whole trace is one step
+    steps_marked: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"steps": self.steps, "step_us": self.step_us, "has_gpu": self.has_gpu, "files": self.files,
-                "modules": [asdict(r) for r in self.rows]}
+        return {"steps": self.steps, "steps_marked": self.steps_marked, "step_us": self.step_us,
+                "has_gpu": self.has_gpu, "files": self.files, "modules": [asdict(r) for r in self.rows]}
 
 
 def check_one_run(traces: list[Trace]) -> None:
@@ -80,7 +104,7 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
     steps = 0
     step_times: list[int] = []
     for trace in traces:
-        kept = trace.steps()[warmup:]
+        kept = trace.kept_steps(warmup)
         steps += len(kept)
         step_times += [trace.step_ns[s] for s in kept if s in trace.step_ns]
         for span in trace.spans:
@@ -99,14 +123,16 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
     for (fqn, phase, device), values in totals.items():
         row = rows.get(fqn)
         if row is None:
-            row = rows[fqn] = ModuleRow(fqn, fqn.count("."), median(calls[fqn]) if fqn in calls else 0.0)
+            row = rows[fqn] = ModuleRow(fqn, 0, median(calls[fqn]) if fqn in calls else 0.0)
         per_step_us = sum(values) / steps / 1000
         if device == "cpu":
             row.total_us[phase] = per_step_us
             row.self_us[phase] = sum(selfs[(fqn, phase, device)]) / steps / 1000
         else:
             row.gpu_us[phase] = row.gpu_us.get(phase, 0.0) + per_step_us
+    depths = call_depths(rows)
     for row in rows.values():
+        row.depth = depths[row.fqn]
         row.approximate_calls = approximate.get(row.fqn, 0)
         for phase in PHASES:
             row.total_us.setdefault(phase, 0.0)
@@ -122,4 +148,5 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
     if top is not None:
         ordered = sorted(ordered, key=lambda r: -r.cpu_total_us)[:top]
     files = [str(t.path) for t in traces]
-    return Summary(ordered, steps, step_us, any(r.gpu_us for r in rows.values()), files)
+    return Summary(ordered, steps, step_us, any(r.gpu_us for r in rows.values()), files,
+                   any(t.steps_marked for t in traces))
