@@ -187,11 +187,11 @@ def resolve(
             # A node has run: the latest end so far of the pass's open calls it may end.
             number = (code >> KIND_BITS) & MODULE_MASK
             last_seen[number] = ts
-            pass_spans = open_bw.get(number)
-            if pass_spans:
+            ending = open_bw.get(number)
+            if ending:
                 for link in sorted_links[bisect_left(sorted_nodes, call):bisect_right(sorted_nodes, call)]:
                     if not link & LINK_BEGIN:
-                        span = pass_spans.get(link >> LINK_SHIFT)
+                        span = ending.get(link >> LINK_SHIFT)
                         if span is not None:
                             span[_E], span[_EEV] = ts, i
         elif kind == BACKWARD_DONE:
