@@ -18,6 +18,8 @@ from modtimeline import timeline as timeline_module
 
 from .trace_checks import assert_nested, load, spans
 
+pytestmark = pytest.mark.twin  # the pure-Python pass runs these too
+
 
 def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))

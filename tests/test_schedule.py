@@ -11,6 +11,8 @@ from modtimeline.schedule import StepAction
 
 from .trace_checks import load, spans
 
+pytestmark = pytest.mark.twin  # the pure-Python pass runs these too
+
 
 def test_actions_follow_torch_profiler_semantics():
     schedule = Schedule(skip_first=2, wait=1, warmup=1, active=2, repeat=2)

@@ -12,6 +12,8 @@ from modtimeline.errors import DeviceError, TraceFileError
 from .models import RECOMPUTED, TREE_FORWARD_CALLS, Tree, train_step
 from .trace_checks import assert_nested, load, spans, thread_names
 
+pytestmark = pytest.mark.twin  # the pure-Python pass runs these too
+
 
 @pytest.fixture
 def tree():

@@ -23,6 +23,8 @@ from modtimeline import timeline as timeline_module
 
 from .trace_checks import load, spans
 
+pytestmark = pytest.mark.twin  # the pure-Python pass runs these too
+
 
 class SmallDisk:
     """A folder on a small file system that can be filled up and emptied again."""
