@@ -100,8 +100,7 @@ class Recording:
     def start(self) -> None:
         if self.timeline is not None:
             return
-        timeline = Timeline(self.output, schedule=self.schedule, **self.timeline_kwargs)
-        timeline._record_between_steps = False
+        timeline = Timeline(self.output, schedule=self.schedule, record_between_steps=False, **self.timeline_kwargs)
         self._thread = threading.get_ident()
         self.timeline = timeline.start()
         self._arm()
@@ -139,14 +138,10 @@ class Recording:
             return None
         timeline = self.timeline
         self._disarm()
-        if timeline is None or not timeline.started or timeline._in_step:
+        if timeline is None or not timeline.started or timeline.in_step:
             return None
-        was_on = timeline._hooks_on
-        timeline.begin_step()
-        if timeline._hooks_on and not was_on:
-            # torch took its list of this call's hooks before they were on: this one
-            # call's start is recorded here, as the hook would have recorded it.
-            timeline.recorder._forward.pre_forward(module, args)
+        # (torch took this call's hooks before recording was on: begin_step records its start)
+        timeline.begin_step(first_call=(module, args))
         return None
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -158,7 +153,7 @@ class Recording:
             return
         if threading.get_ident() != self._thread or not self.timeline.started:
             return
-        if self.timeline._in_step:
+        if self.timeline.in_step:
             self.timeline.end_step()
         self._arm()
 

@@ -398,6 +398,11 @@ class Recorder:
         elif self._marks is not None:
             self._marks.retire()
 
+    def record_call_begin(self, module: torch.nn.Module, args: Any) -> None:
+        """The start of a module call whose forward pre-hooks torch took before this
+        recorder was on (a step that begins at that very call)."""
+        self._forward.pre_forward(module, args)
+
     # ------------------------------------------------------- RecorderCallbacks
     def learn(self, module: torch.nn.Module) -> int | None:
         if is_compiler_graph(module):

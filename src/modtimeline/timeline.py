@@ -189,6 +189,7 @@ class Timeline:
         nvtx: bool | NvtxApi = False,
         compiled_detail: bool = False,
         strict: bool = False,
+        record_between_steps: bool = True,
     ) -> None:
         rank_path = _rank_path(path)
         self.format = format_for(rank_path, format)  # (before any folder is made for it)
@@ -216,8 +217,9 @@ class Timeline:
         self._lock = threading.RLock()
         self._busy_thread: int | None = None
         self._step_closed_by_stop = False
-        # Integrations: hooks on only inside steps (evaluation between steps left out).
-        self._record_between_steps = True
+        # False (integrations, `record`): hooks on only inside steps, so evaluation
+        # between steps is left out.
+        self._record_between_steps = record_between_steps
         # Writes that failed since the last one that did not (metadata.write_failures).
         self._write_failures: list[dict[str, Any]] = []
         self._base_ns = 0
@@ -361,10 +363,17 @@ class Timeline:
             raise
         self.end_step()
 
-    def begin_step(self) -> int:
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between ``begin_step()`` and ``end_step()``)."""
+        return self._in_step
+
+    def begin_step(self, first_call: tuple[torch.nn.Module, Any] | None = None) -> int:
         """A training step begins now; returns its number (0, 1, ...). With a schedule,
         whether it is recorded is the schedule's to say. On a Timeline already stopped
-        (by another thread, say) it records nothing."""
+        (by another thread, say) it records nothing. ``first_call``: (module, args) of a
+        module call being made now, from a forward pre-hook, that begins the step: torch
+        took that call's hooks before recording was on, so its start is recorded here."""
         with self._locked():
             if self._phase == _NEW:
                 raise ModTimelineError("begin_step() needs a recording Timeline: call start() first "
@@ -376,7 +385,11 @@ class Timeline:
                 self._step_closed_by_stop = True  # its end_step() is a no-op too
                 return self._step
             self._step_closed_by_stop = False
-            return self._begin_step()
+            was_on = self._hooks_on
+            number = self._begin_step()
+            if first_call is not None and self._hooks_on and not was_on:
+                self.recorder.record_call_begin(*first_call)
+            return number
 
     def end_step(self, error: BaseException | None = None) -> None:
         """The step begun by ``begin_step()`` ends now. ``error``: the exception that ended

@@ -48,20 +48,20 @@ class CallbackTimeline:
         from ..timeline import Timeline
 
         self.stop()  # one left running by a run that raised where no callback saw it
-        timeline = Timeline(self.path, schedule=self.schedule, **self.timeline_kwargs)
-        timeline._record_between_steps = False  # evaluation between steps is left out
+        # Evaluation between steps is left out.
+        timeline = Timeline(self.path, schedule=self.schedule, record_between_steps=False, **self.timeline_kwargs)
         self.timeline = timeline.start()
 
     @property
     def in_step(self) -> bool:
-        return self.timeline is not None and self.timeline._in_step
+        return self.timeline is not None and self.timeline.in_step
 
     def begin_step(self) -> None:
-        if self.timeline is not None and self.timeline.started and not self.timeline._in_step:
+        if self.timeline is not None and self.timeline.started and not self.timeline.in_step:
             self.timeline.begin_step()
 
     def end_step(self) -> None:
-        if self.timeline is not None and self.timeline._in_step:
+        if self.timeline is not None and self.timeline.in_step:
             self.timeline.end_step()
 
     def stop(self, error: BaseException | None = None) -> None:
