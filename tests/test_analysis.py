@@ -8,9 +8,10 @@ import sys
 import orjson
 import pytest
 
-from modtimeline.analysis import DiffConfig, diff, read_trace, samples, summarize
-from modtimeline.analysis.diff import IMPROVED, INCONCLUSIVE, REGRESSED, load_config
+from modtimeline.analysis.diff import IMPROVED, INCONCLUSIVE, REGRESSED, DiffConfig, diff, load_config
+from modtimeline.analysis.reader import read_trace, samples
 from modtimeline.analysis.stats import benjamini_hochberg, holm, mann_whitney_u
+from modtimeline.analysis.summary import summarize
 from modtimeline.cli import main
 
 from . import synthetic
@@ -125,11 +126,12 @@ def test_per_module_thresholds_from_config(tmp_path):
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
-    from modtimeline.errors import TraceFormatError
+    from modtimeline.errors import ConfigError, ModTimelineError, TraceFormatError
 
+    assert issubclass(ConfigError, ModTimelineError) and not issubclass(ConfigError, TraceFormatError)
     bad = tmp_path / "bad.toml"
     bad.write_text("[diff]\nthreshhold = 0.1\n")
-    with pytest.raises(TraceFormatError, match="unknown \\[diff\\] settings: threshhold"):
+    with pytest.raises(ConfigError, match="unknown \\[diff\\] settings: threshhold"):
         load_config(bad)
 
 

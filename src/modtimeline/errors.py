@@ -19,3 +19,7 @@ class DeviceError(ModTimelineError):
 
 class RankSyncError(ModTimelineError):
     """The ranks of a job did not meet (to compare clocks) within the timeout."""
+
+
+class ConfigError(ModTimelineError):
+    """A setting is wrong (for example a ``modtimeline diff`` config with ``threshold = nan``)."""

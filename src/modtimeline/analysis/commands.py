@@ -14,7 +14,8 @@ import orjson
 from ..errors import ModTimelineError
 from .by_rank import DEFAULT_THRESHOLD, DEFAULT_UNEVEN_FLOOR_US, DEFAULT_UNEVEN_THRESHOLD
 from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
-from .reader import DEFAULT_LIMITS, ReadLimits, Trace, per_rank, read_trace, trace_files
+from .decoding import DEFAULT_LIMITS, ReadLimits
+from .reader import Trace, per_rank, read_trace, trace_files
 from .render import (
     render_by_rank_markdown,
     render_by_rank_text,

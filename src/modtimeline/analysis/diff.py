@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import TraceFormatError
+from ..errors import ConfigError, TraceFormatError
 from .reader import Key, Sample, Trace, samples
 from .stats import benjamini_hochberg, holm, mann_whitney_u, median, relative_spread
 
@@ -90,46 +90,46 @@ def load_config(path: str | Path, base: DiffConfig | None = None) -> DiffConfig:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
-        raise TraceFormatError("reading a TOML config needs Python 3.11 or newer")
+        raise ConfigError("reading a TOML config needs Python 3.11 or newer")
     config = base or DiffConfig()
     try:
         text = Path(path).read_bytes().decode("utf-8")
         document = tomllib.loads(text)
     except OSError as error:
-        raise TraceFormatError(f"{path}: cannot read config: {error.strerror or error}") from None
+        raise ConfigError(f"{path}: cannot read config: {error.strerror or error}") from None
     except UnicodeDecodeError:
-        raise TraceFormatError(f"{path}: the config is not UTF-8 text") from None
+        raise ConfigError(f"{path}: the config is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
-        raise TraceFormatError(f"{path}: invalid TOML: {error}") from None
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
     except RecursionError:
-        raise TraceFormatError(f"{path}: invalid TOML: nested too deeply") from None
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     unknown_tables = set(document) - {"diff"}
     if unknown_tables:
-        raise TraceFormatError(f"{path}: unknown top-level settings: {', '.join(sorted(unknown_tables))} "
+        raise ConfigError(f"{path}: unknown top-level settings: {', '.join(sorted(unknown_tables))} "
                                "(settings go under [diff])")
     section = document.get("diff", {})
     if not isinstance(section, dict):
-        raise TraceFormatError(f"{path}: diff must be a table ([diff]), not {type(section).__name__}")
+        raise ConfigError(f"{path}: diff must be a table ([diff]), not {type(section).__name__}")
     check = _ConfigChecker(str(path))
     check.known("[diff]", section, set(_SETTINGS) | {"threshold", "floor_us", "module"})
     for key, (kind, low, high) in _SETTINGS.items():
         if key in section:
             setattr(config, key, check.value(f"[diff] {key}", section[key], kind, low, high))
     if config.correction not in ("holm", "bh"):
-        raise TraceFormatError(f"{path}: [diff] correction must be \"holm\" or \"bh\", not {config.correction!r}")
+        raise ConfigError(f"{path}: [diff] correction must be \"holm\" or \"bh\", not {config.correction!r}")
     threshold = check.value("[diff] threshold", section.get("threshold", config.default.threshold), float, 0, 100)
     floor_us = check.value("[diff] floor_us", section.get("floor_us", config.default.floor_us), float, 0, 1e12)
     config.default = Rule("*", threshold, floor_us)
     modules = section.get("module", [])
     if not isinstance(modules, list):
-        raise TraceFormatError(f"{path}: [diff] module must be a list of [[diff.module]] tables")
+        raise ConfigError(f"{path}: [diff] module must be a list of [[diff.module]] tables")
     for number, entry in enumerate(modules, start=1):
         where = f"[[diff.module]] #{number}"
         if not isinstance(entry, dict):
-            raise TraceFormatError(f"{path}: {where} must be a table")
+            raise ConfigError(f"{path}: {where} must be a table")
         check.known(where, entry, {"match", "threshold", "floor_us", "ignore"})
         if "match" not in entry:
-            raise TraceFormatError(f"{path}: {where} needs a match = \"FQN glob\"")
+            raise ConfigError(f"{path}: {where} needs a match = \"FQN glob\"")
         config.rules.append(Rule(
             check.value(f"{where} match", entry["match"], str),
             check.value(f"{where} threshold", entry.get("threshold", threshold), float, 0, 100),
@@ -159,24 +159,24 @@ class _ConfigChecker:
     def known(self, where: str, table: dict[str, Any], allowed: set[str]) -> None:
         unknown = set(table) - allowed
         if unknown:
-            raise TraceFormatError(f"{self.path}: unknown {where} settings: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{self.path}: unknown {where} settings: {', '.join(sorted(unknown))}")
 
     def value(self, key: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> Any:
         if kind is bool:
             if not isinstance(value, bool):
-                raise TraceFormatError(f"{self.path}: {key} must be true or false, not {value!r}")
+                raise ConfigError(f"{self.path}: {key} must be true or false, not {value!r}")
             return value
         if kind is str:
             if not isinstance(value, str):
-                raise TraceFormatError(f"{self.path}: {key} must be a string, not {value!r}")
+                raise ConfigError(f"{self.path}: {key} must be a string, not {value!r}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-            raise TraceFormatError(f"{self.path}: {key} must be {'a whole number' if kind is int else 'a number'}, "
+            raise ConfigError(f"{self.path}: {key} must be {'a whole number' if kind is int else 'a number'}, "
                                    f"not {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise TraceFormatError(f"{self.path}: {key} must be a finite number, not {value!r}")
+            raise ConfigError(f"{self.path}: {key} must be a finite number, not {value!r}")
         if (low is not None and value < low) or (high is not None and value > high):
-            raise TraceFormatError(f"{self.path}: {key} must be between {low:g} and {high:g}, not {value!r}")
+            raise ConfigError(f"{self.path}: {key} must be between {low:g} and {high:g}, not {value!r}")
         return kind(value)
 
 

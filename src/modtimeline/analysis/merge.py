@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import TraceFileError, TraceFormatError
 from ..format import Counter, TraceData
 from .load import load_trace, read_metadata
-from .reader import ReadLimits
+from .decoding import ReadLimits
 
 FLOW_ID_STRIDE = 1 << 40  # flow ids of the k-th file start at k * FLOW_ID_STRIDE
 
@@ -47,7 +47,7 @@ class ClockMap:
         (t0, o0), (t1, o1) = samples[i - 1], samples[i]
         return o0 + round((o1 - o0) * (local_ns - t0) / (t1 - t0))
 
-    def map(self, times: array) -> array:
+    def map(self, times: array[int]) -> array[int]:
         if len(self.samples) == 1:
             shift = self.samples[0][1]
             return array("q", [t + shift for t in times])
@@ -181,7 +181,7 @@ def _clock_map(file: _File, reference: int | None) -> ClockMap:
 
 
 def _mapped_base(file: _File) -> int:
-    base = file.metadata.get("base_ns", 0)
+    base: int = file.metadata.get("base_ns", 0)
     assert file.clock is not None
     return base + file.clock.offset(base)
 

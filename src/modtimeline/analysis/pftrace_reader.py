@@ -1,6 +1,6 @@
-"""Read the ``.pftrace`` files modtimeline writes back into spans (see writers/perfetto.py);
-the packet-level decoding (packets, metadata, each sequence's incremental state, track
-identities) is shared with ``load.py``, which reads them back whole."""
+"""Decode the ``.pftrace`` (Perfetto protobuf) traces modtimeline writes into a
+``TraceFile`` (see writers/perfetto.py): packets (compressed ones expanded within the
+limits), each sequence's incremental state, track identities."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace as TraceProt
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackDescriptor, TrackEvent, TracePacket
 
 from ..errors import TraceFormatError
-from ..format import GPU_TRACK_PREFIX, PFTRACE_METADATA, pftrace_rank_and_tid
-from .reader import ReadLimits, Span, Trace, checked_int, checked_metadata, checked_name
+from ..format import FLOW_IN, FLOW_NONE, FLOW_OUT, NO_LAG, PFTRACE_METADATA, Counter, pftrace_rank_and_tid
+from .decoding import (CATEGORY_INDEX, ProcessRows, Processes, ReadLimits, TraceFile, checked_int, checked_metadata,
+                       checked_microseconds, checked_name, span_flags)
+
+_FOREIGN = -1  # the category of another tool's slice: read past, not kept
 
 
 def track_identity(descriptor: TrackDescriptor) -> tuple[int, int, str, bool] | None:
@@ -138,54 +141,74 @@ class SequenceState:
         return name, category, args
 
 
-def read_pftrace(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
-    metadata: dict[str, Any] | None = None
-    tracks: dict[int, tuple[int, int, str]] = {}  # uuid -> (pid, tid, name)
+def read_pftrace(path: Path, raw: bytes, limits: ReadLimits, lossless: bool) -> TraceFile:
+    """The trace in ``raw`` (see ``decoding`` for what ``lossless`` reads)."""
+    processes = Processes(path, lossless)
+    threads: dict[int, tuple[ProcessRows, int]] = {}  # span track uuid -> (process, tid)
+    counters: dict[int, Counter] = {}  # counter track uuid -> its column
     state = SequenceState()
-    open_spans: dict[int, list[tuple[int, str, str, int, bool, int]]] = {}  # track uuid -> stack
-    # (track uuid, name, category, step, begin, end, approximate, call)
-    spans: list[tuple[int, str, str, int, int, int, bool, int]] = []
-
+    # track uuid -> open slices: (begin, name, category, call, step, flags, flow, lag)
+    open_spans: dict[int, list[tuple[int, str, int, int, int, int, int, int]]] = {}
     for packet in pftrace_packets(path, raw, limits):
+        state.absorb(packet)  # (a track event packet too may set defaults and intern names)
         if not packet.HasField("track_event"):
-            metadata = packet_metadata(path, packet) or metadata
+            metadata = packet_metadata(path, packet)
+            if metadata is not None and processes.metadata is None:
+                processes.declare(metadata)
             if packet.HasField("track_descriptor"):
-                descriptor = packet.track_descriptor
-                identity = track_identity(descriptor)
-                if identity is not None and not identity[3]:
-                    tracks[descriptor.uuid] = identity[:3]
-            state.absorb(packet)
+                identity = track_identity(packet.track_descriptor)
+                if identity is not None:
+                    if processes.metadata is None and lossless:
+                        raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata first)")
+                    pid, tid, track_name, is_counter = identity
+                    process = processes.of(pid)
+                    track_name = checked_name(path, track_name, "track name", limits)
+                    if is_counter:
+                        counters[packet.track_descriptor.uuid] = process.counter(tid, track_name)
+                    else:
+                        threads[packet.track_descriptor.uuid] = (process, tid)
+                        process.tracks[tid] = track_name
             continue
-        # (A track event packet: nearly every packet. It may intern names as it goes.)
-        if packet.HasField("interned_data"):
-            state.absorb(packet)
         time, track = state.place(packet)
-        kind = packet.track_event.type
+        event = packet.track_event
+        kind = event.type
         if kind == TrackEvent.TYPE_SLICE_BEGIN:
-            name, category, args = state.begin(packet)
+            name, category_name, args = state.begin(packet)
+            name = checked_name(path, name, "slice name", limits)
+            category = CATEGORY_INDEX.get(checked_name(path, category_name, "slice category", limits))
+            if category is None:
+                if lossless:
+                    raise TraceFormatError(f"{path}: unknown span category {category_name[:40]!r}")
+                category = _FOREIGN  # (its end still closes it)
             step = checked_int(path, args.get("step", -1), "slice step")
             call = checked_int(path, args.get("call", -1), "slice call")
-            open_spans.setdefault(track, []).append((time, checked_name(path, name, "slice name", limits),
-                                                     checked_name(path, category, "slice category", limits), step,
-                                                     args.get("approximate") is True, call))
+            flow = FLOW_OUT if event.flow_ids else FLOW_IN if event.terminating_flow_ids else FLOW_NONE
+            # (launch lags are only kept, not analysed: checked where they are kept)
+            lag = args.get("launch_lag_us") if lossless else None
+            open_spans.setdefault(track, []).append((
+                time, name, category, call, step, span_flags(args), flow,
+                NO_LAG if lag is None else round(checked_microseconds(path, lag, "launch_lag_us") * 1000)))
         elif kind == TrackEvent.TYPE_SLICE_END:
             stack = open_spans.get(track)
             if not stack:
                 raise TraceFormatError(f"{path}: a slice ends that never began (damaged trace)")
-            begin, name, category, step, approximate, call = stack.pop()
-            spans.append((track, name, category, step, begin, time, approximate, call))
-
-    if metadata is None:
+            begin, name, category, call, step, flags, flow, lag = stack.pop()
+            if category == _FOREIGN:
+                continue
+            owner = threads.get(track)
+            if owner is None:
+                if lossless:
+                    raise TraceFormatError(f"{path}: a slice ends that never began (damaged trace)")
+                owner = (processes.of(0), track)  # a track no descriptor named
+            process, tid = owner
+            process.spans.append(tid, processes.base_ns + begin, processes.base_ns + time, process.name(name),
+                                 category, call, step, flags, flow, lag)
+        elif kind == TrackEvent.TYPE_COUNTER and lossless:
+            counter = counters.get(track)
+            if counter is None:
+                raise TraceFormatError(f"{path}: a counter value on a track that is not a counter")
+            counter.times.append(processes.base_ns + time)
+            counter.values.append(checked_int(path, event.counter_value, "counter value"))
+    if processes.metadata is None:
         raise TraceFormatError(f"{path}: not a modtimeline trace (no modtimeline metadata)")
-    result: list[Span] = []
-    step_ns: dict[int, int] = {}
-    rank_step_ns: dict[int, dict[int, int]] = {}
-    for track, name, category, step, begin, end, approximate, call in spans:
-        pid, tid, track_name = tracks.get(track, (0, track, ""))
-        if category == "step":
-            step_ns[step] = end - begin
-            rank_step_ns.setdefault(pid, {})[step] = end - begin
-            continue
-        device = "cuda" if track_name.startswith(GPU_TRACK_PREFIX) else "cpu"
-        result.append(Span(name, category, device, (pid, tid), step, begin, end, approximate, call))
-    return Trace(path, metadata, result, step_ns, rank_step_ns)
+    return processes.trace_file()

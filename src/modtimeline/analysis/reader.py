@@ -1,47 +1,29 @@
-"""Read modtimeline traces (``.json``, ``.json.gz``, ``.pftrace``) into per-step samples.
+"""The analysis's view of a trace: its module spans (``Span``: FQN, phase, device, track,
+step, times) and its steps (``Trace``), derived from the file as decoded (``load``), and
+per-step samples of them (``samples``): what summary, diff and --by-rank are made of.
 
 Never imports torch: a CI job that only compares traces does not need it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import zlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, TypeVar
-
-import orjson
+from typing import Any
 
 from ..errors import TraceFileError, TraceFormatError
-from ..format import CATEGORIES, GPU_TRACK_PREFIX, TOOL, check_version
+from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, STEP
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
-
-T = TypeVar("T")
+from .decoding import DEFAULT_LIMITS as DEFAULT_LIMITS  # (where the CLI and callers have always found them)
+from .decoding import ReadLimits as ReadLimits
+from .decoding import TraceFile
+from .load import decode_trace
 
 PHASES = ("forward", "backward", "recompute")
-_OUR_CATEGORIES = frozenset(CATEGORIES)
-
-
-@dataclass(frozen=True)
-class ReadLimits:
-    """What one trace file may hold before reading it stops with a clear error (so a
-    hostile or runaway file cannot take the machine's memory). ``--max-trace-mb`` and
-    ``--max-events`` raise the first two."""
-
-    max_bytes: int = 512 << 20  # the file's size, after gunzip
-    max_events: int = 3_000_000  # trace events (spans, metadata)
-    max_name: int = 4096  # characters in a module, track or category name
-
-
-DEFAULT_LIMITS = ReadLimits()
-# Timestamps and durations beyond this (µs, ~31 years) are damage, not time.
-_MAX_MICROSECONDS = 1e15
 
 # (FQN, phase, device), e.g. ("GPT.blocks.0.attn", "backward", "cpu")
 Key = tuple[str, str, str]
@@ -83,6 +65,30 @@ class Trace:
     step_ns: dict[int, int] = field(default_factory=dict)  # step -> duration of its step span
     # rank (pid) -> step -> duration: a merged trace holds every rank's steps
     rank_step_ns: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, file: TraceFile) -> Trace:
+        """The view of a decoded file: its spans (step spans give the steps' durations), a
+        span's device told by its track's name, its track by (rank, tid)."""
+        spans: list[Span] = []
+        step_ns: dict[int, int] = {}
+        rank_step_ns: dict[int, dict[int, int]] = {}
+        with paused_gc():
+            for data in file.processes:
+                rank = data.rank
+                gpu = {track.tid for track in data.tracks if track.name.startswith(GPU_TRACK_PREFIX)}
+                names = data.names
+                columns = data.spans
+                for tid, begin, end, name, category, call, step, flags in zip(
+                        columns.track, columns.begin, columns.end, columns.name, columns.category, columns.call,
+                        columns.step, columns.flags):
+                    if category == STEP:
+                        step_ns[step] = end - begin
+                        rank_step_ns.setdefault(rank, {})[step] = end - begin
+                    else:
+                        spans.append(Span(names[name], CATEGORIES[category], "cuda" if tid in gpu else "cpu",
+                                          (rank, tid), step, begin, end, bool(flags & APPROXIMATE), call))
+        return cls(file.path, file.metadata, spans, step_ns, rank_step_ns)
 
     def steps(self) -> list[int]:
         """Steps in order; a trace without marked steps is one step, numbered -1."""
@@ -140,182 +146,10 @@ def read_trace(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> Trace:
     """Read one trace file; a clear ``TraceFormatError`` if it is not a usable modtimeline
     trace (never another exception for what a file holds)."""
     path = Path(path)
-    with paused_gc():
-        return guarded_read(path, lambda: _read_trace(path, limits))
-
-
-def guarded_read(path: Path, read: Callable[[], T]) -> T:
-    """``read()``, with whatever a damaged file makes the parsing raise turned into a
-    ``TraceFormatError`` that names the file."""
-    try:
-        return read()
-    except (TraceFileError, TraceFormatError):
-        raise
-    except MemoryError:
-        raise TraceFormatError(f"{path}: too big to read in this process's memory") from None
-    except RecursionError:
-        raise TraceFormatError(f"{path}: nested too deeply") from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeError, IndexError) as error:
-        raise TraceFormatError(f"{path}: malformed trace ({type(error).__name__}: {error})") from None
-
-
-def read_bytes(path: Path, limits: ReadLimits) -> bytes:
-    try:
-        size = os.stat(path).st_size
-        if size > limits.max_bytes:
-            raise TraceFormatError(f"{path}: {size / 2**20:.0f} MiB is over the {limits.max_bytes / 2**20:.0f} MiB "
-                                   "limit (--max-trace-mb raises it)")
-        with open(path, "rb") as stream:
-            raw = stream.read(limits.max_bytes + 1)
-    except OSError as error:
-        raise TraceFileError(f"{path}: cannot read: {error.strerror or error}") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    # gzip, inflated in bounded pieces: a small file can inflate to gigabytes.
-    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflate.decompress(raw, limits.max_bytes + 1)
-        if len(out) > limits.max_bytes or inflate.unconsumed_tail:
-            raise TraceFormatError(f"{path}: inflates to more than the {limits.max_bytes / 2**20:.0f} MiB limit "
-                                   "(--max-trace-mb raises it)")
-        if not inflate.eof:
-            raise TraceFormatError(f"{path}: damaged or truncated gzip data")
-    except zlib.error:
-        raise TraceFormatError(f"{path}: damaged or truncated gzip data") from None
-    return out
-
-
-def _read_trace(path: Path, limits: ReadLimits) -> Trace:
-    raw = read_bytes(path, limits)
-    if not raw:
-        raise TraceFormatError(f"{path}: empty file")
-    if raw.lstrip()[:1] == b"{":
-        trace = _read_chrome_json(path, raw, limits)
-    else:
-        from .pftrace_reader import read_pftrace
-
-        trace = read_pftrace(path, raw, limits)
+    trace = Trace.of(decode_trace(path, limits, lossless=False))
     if not any(span.phase in PHASES for span in trace.spans):
         raise TraceFormatError(f"{path}: the trace holds no module spans")
     return trace
-
-
-def checked_name(path: Path, value: Any, what: str, limits: ReadLimits) -> str:
-    """A name from a trace file: a string of bounded length."""
-    if not isinstance(value, str):
-        raise TraceFormatError(f"{path}: {what} is {type(value).__name__}, not a string")
-    if len(value) > limits.max_name:
-        raise TraceFormatError(f"{path}: {what} is {len(value):,} characters long (limit {limits.max_name:,})")
-    return value
-
-
-def checked_int(path: Path, value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 62:
-        raise TraceFormatError(f"{path}: {what} is not a whole number ({str(value)[:40]!r})")
-    return value
-
-
-def checked_microseconds(path: Path, value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or abs(value) > _MAX_MICROSECONDS:
-        raise TraceFormatError(f"{path}: event {what} is not a usable time ({str(value)[:40]!r})")
-    return value
-
-
-def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
-    if not isinstance(metadata, dict) or metadata.get("tool") != TOOL:
-        raise TraceFormatError(f"{path}: not a modtimeline trace (metadata.tool is not {TOOL!r})")
-    problem = check_version(metadata)
-    if problem:
-        raise TraceFormatError(f"{path}: {problem}")
-    return metadata
-
-
-# What a torch.profiler (Kineto) Chrome trace has that ours never do: its own top-level
-# keys, and its event categories.
-_PROFILER_KEYS = frozenset(("schemaVersion", "deviceProperties", "distributedInfo", "baseTimeNanoseconds",
-                            "traceName", "record_shapes", "with_stack", "profile_memory"))
-_PROFILER_CATEGORIES = frozenset(("cpu_op", "python_function", "user_annotation", "cuda_runtime", "cuda_driver",
-                                  "kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation", "ac2g",
-                                  "cpu_instant_event"))
-
-
-def is_profiler_trace(document: dict[str, Any]) -> bool:
-    """A torch.profiler Chrome trace that holds no modtimeline spans (one that
-    ``merge --profiler`` wrote is a modtimeline trace)."""
-    metadata = document.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("tool") == TOOL:
-        return False
-    if _PROFILER_KEYS.intersection(document):
-        return True
-    events = document.get("traceEvents")
-    return isinstance(events, list) and any(isinstance(e, dict) and e.get("cat") in _PROFILER_CATEGORIES
-                                            for e in events[:1000])
-
-
-def chrome_document(path: Path, raw: bytes, limits: ReadLimits) -> tuple[dict[str, Any], list[Any]]:
-    """(metadata, trace events) of a modtimeline Chrome trace, checked."""
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise TraceFormatError(f"{path}: not valid JSON ({error.msg} at byte {error.pos}); truncated?") from None
-    if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
-        raise TraceFormatError(f"{path}: not a Chrome trace (no traceEvents list)")
-    if is_profiler_trace(document):
-        raise TraceFormatError(f"{path}: a torch.profiler trace, not a modtimeline one; add the modtimeline trace of "
-                               f"the same run to it with `modtimeline merge --profiler {path} TRACE -o merged.json`, "
-                               "and summarise merged.json")
-    metadata = checked_metadata(path, document.get("metadata"))
-    events = document["traceEvents"]
-    if len(events) > limits.max_events:
-        raise TraceFormatError(f"{path}: {len(events):,} events is over the {limits.max_events:,} limit "
-                               "(--max-events raises it)")
-    return metadata, events
-
-
-def _read_chrome_json(path: Path, raw: bytes, limits: ReadLimits) -> Trace:
-    metadata, events = chrome_document(path, raw, limits)
-    thread_names: dict[tuple[int, int], str] = {}
-    spans: list[Span] = []
-    step_ns: dict[int, int] = {}
-    rank_step_ns: dict[int, dict[int, int]] = {}
-    for event in events:
-        if not isinstance(event, dict):
-            raise TraceFormatError(f"{path}: a trace event is {type(event).__name__}, not an object")
-        phase = event.get("ph")
-        if phase == "X":
-            category = checked_name(path, event.get("cat", ""), "event cat", limits)
-            if category not in _OUR_CATEGORIES:
-                continue  # another tool's (a torch.profiler trace we were merged into)
-            track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
-            begin = round(checked_microseconds(path, event.get("ts"), "ts") * 1000)
-            duration = checked_microseconds(path, event.get("dur"), "dur")
-            if duration < 0:
-                raise TraceFormatError(f"{path}: event dur is negative ({duration})")
-            end = begin + round(duration * 1000)
-            args = event.get("args", {})
-            if not isinstance(args, dict):
-                raise TraceFormatError(f"{path}: event args is {type(args).__name__}, not an object")
-            step = checked_int(path, args.get("step", -1), "event args.step")
-            name = checked_name(path, event.get("name"), "event name", limits)
-            call = checked_int(path, args.get("call", -1), "event args.call")
-            if category == "step":
-                step_ns[step] = end - begin
-                rank_step_ns.setdefault(track[0], {})[step] = end - begin
-            else:  # device is filled in below, once thread names are known
-                spans.append(Span(name, category, "", track, step, begin, end, args.get("approximate") is True, call))
-        elif phase == "M" and event.get("name") == "thread_name":
-            if not isinstance(event.get("pid"), int) or not isinstance(event.get("tid"), int):
-                continue  # another tool's process names its pid (torch.profiler's "Spans")
-            track = (checked_int(path, event.get("pid"), "event pid"), checked_int(path, event.get("tid"), "event tid"))
-            args = event.get("args")
-            if not isinstance(args, dict):
-                raise TraceFormatError(f"{path}: thread_name args is not an object")
-            thread_names[track] = checked_name(path, args.get("name"), "thread name", limits)
-    device_of = {track: "cuda" if name.startswith(GPU_TRACK_PREFIX) else "cpu" for track, name in thread_names.items()}
-    for span in spans:
-        span.device = device_of.get(span.track, "cpu")
-    return Trace(path, metadata, spans, step_ns, rank_step_ns)
 
 
 def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:

@@ -3,6 +3,6 @@
 from array import array
 API: int
 
-def format_spans(track: array, name: array, category: array, begin: array, end: array, step: array, call: array,
-                 flags: array, flow: array, lag: array, base: int, flow_base: int, pid: int, names_json: list[bytes],
+def format_spans(track: array[int], name: array[int], category: array[int], begin: array[int], end: array[int], step: array[int], call: array[int],
+                 flags: array[int], flow: array[int], lag: array[int], base: int, flow_base: int, pid: int, names_json: list[bytes],
                  categories: list[bytes]) -> bytes: ...

@@ -5,6 +5,6 @@ from collections.abc import Sequence
 
 API: int
 
-def encode_spans(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
-                 flow: array, lag: array, track_rows: Sequence[array], sequences: Sequence[int],
-                 states: Sequence[array], base: int, flow_base: int, max_bytes: int) -> bytes: ...
+def encode_spans(begin: array[int], end: array[int], name: array[int], category: array[int], call: array[int], step: array[int], flags: array[int],
+                 flow: array[int], lag: array[int], track_rows: Sequence[array[int]], sequences: Sequence[int],
+                 states: Sequence[array[int]], base: int, flow_base: int, max_bytes: int) -> bytes: ...
