@@ -200,7 +200,7 @@ def _sequence_start(sequence: int, track_uuid: int, names: list[str]) -> TracePa
     return packet
 
 
-def _counter_packets(times: array, values: array, sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:
+def _counter_packets(times: array[int], values: array[int], sequence: int, base_ns: int) -> Iterator[tuple[int, TracePacket]]:
     previous = 0
     for time, value in zip(times, values):
         packet = TracePacket()

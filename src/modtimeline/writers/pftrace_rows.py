@@ -120,14 +120,14 @@ CHUNK_BYTES = 4 << 20  # packets per call: the writer's memory stays bounded by 
 _FIRST_STACK = 32
 
 
-def new_state(start: int, stack: int = _FIRST_STACK) -> array:
+def new_state(start: int, stack: int = _FIRST_STACK) -> array[int]:
     """A walk that begins at position ``start`` of its run, with room for ``stack`` open rows."""
     state = array("q", bytes(8 * (_STACK + stack)))
     state[_NEXT] = start
     return state
 
 
-def grow_full_stacks(states: Sequence[array]) -> bool:
+def grow_full_stacks(states: Sequence[array[int]]) -> bool:
     """Double the stack of every walk whose stack is full; whether any grew."""
     grew = False
     for state in states:
@@ -137,7 +137,7 @@ def grow_full_stacks(states: Sequence[array]) -> bool:
     return grew
 
 
-def track_runs(track: array) -> tuple[list[int], array, array | None]:
+def track_runs(track: array[int]) -> tuple[list[int], array[int], array[int] | None]:
     """Each track's rows as one run: (tids, runs, order), the rows of ``tids[k]`` being
     ``order[runs[2k]:runs[2k+1]]`` (``order`` None: the rows themselves, in which case
     nothing per row is held). Resolve writes each track's spans together; a trace read
@@ -155,7 +155,7 @@ def track_runs(track: array) -> tuple[list[int], array, array | None]:
     return tids, runs, order
 
 
-def _track_runs_python(track: array) -> list[tuple[int, int, int]] | None:
+def _track_runs_python(track: array[int]) -> list[tuple[int, int, int]] | None:
     found: list[tuple[int, int, int]] = []
     seen: set[int] = set()
     start = 0
@@ -169,7 +169,7 @@ def _track_runs_python(track: array) -> list[tuple[int, int, int]] | None:
     return sorted(found)
 
 
-def _peek(state: array, stop: int, order: array | None, begin: array, end: array) -> tuple[int, int, bool] | None:
+def _peek(state: array[int], stop: int, order: array[int] | None, begin: array[int], end: array[int]) -> tuple[int, int, bool] | None:
     """The walk's next event: (time, row, begins), or None when it has none left."""
     depth = state[_DEPTH]
     top = state[_STACK + depth - 1] if depth else -1
@@ -183,9 +183,9 @@ def _peek(state: array, stop: int, order: array | None, begin: array, end: array
     return None
 
 
-def encode_spans_python(begin: array, end: array, name: array, category: array, call: array, step: array,
-                        flags: array, flow: array, lag: array, order: array | None, runs: array,
-                        sequences: Sequence[int], states: Sequence[array], base: int, flow_base: int,
+def encode_spans_python(begin: array[int], end: array[int], name: array[int], category: array[int], call: array[int], step: array[int],
+                        flags: array[int], flow: array[int], lag: array[int], order: array[int] | None, runs: array[int],
+                        sequences: Sequence[int], states: Sequence[array[int]], base: int, flow_base: int,
                         max_bytes: int) -> bytes:
     """What ``_pftrace_rows.encode_spans`` does, in Python (the same bytes, the same states)."""
     out: list[bytes] = []
@@ -219,8 +219,8 @@ def encode_spans_python(begin: array, end: array, name: array, category: array, 
     return b"".join(out)
 
 
-def span_packets(begin: array, end: array, name: array, category: array, call: array, step: array, flags: array,
-                 flow: array, lag: array, order: array | None, runs: array, sequences: Sequence[int], base: int,
+def span_packets(begin: array[int], end: array[int], name: array[int], category: array[int], call: array[int], step: array[int], flags: array[int],
+                 flow: array[int], lag: array[int], order: array[int] | None, runs: array[int], sequences: Sequence[int], base: int,
                  flow_base: int, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Every span's begin and end packet, merged by time, in chunks of about
     ``chunk_bytes``; compiled where it is built. The tracks are ``track_runs``'s."""
