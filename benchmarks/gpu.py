@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from report import machine, save  # noqa: E402
 
 from modtimeline import Schedule, Timeline  # noqa: E402
-from modtimeline import _native  # noqa: E402
+from modtimeline.native import loader as _native  # noqa: E402
 from modtimeline.analysis import read_trace, samples  # noqa: E402
-from modtimeline.clock import FakeBackend  # noqa: E402
-from modtimeline.recorder import native_hotpath  # noqa: E402
+from modtimeline.device.fake import FakeBackend  # noqa: E402
+from modtimeline.capture.recorder import native_hotpath  # noqa: E402
 
 
 def workloads(device: str) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -176,7 +176,7 @@ def main() -> int:
         print("benchmarks/gpu.py needs CUDA (or --fake for the host-side table on the CPU); none here.", file=sys.stderr)
         return 2
     hot = native_hotpath() is not None
-    hot_text = "compiled hot path in use" if hot else f"pure-Python hot path ({_native.why_not.get('_hotpath')})"
+    hot_text = "compiled hot path in use" if hot else f"pure-Python hot path ({_native.why_not.get('native._hotpath')})"
     where = f"{machine()}, fake device backend" if args.fake else \
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,8 @@ from report import machine, save  # noqa: E402
 
 from modtimeline import Timeline  # noqa: E402
 from modtimeline.gc_pause import paused_gc  # noqa: E402
-from modtimeline import resolve as resolve_module  # noqa: E402
-from modtimeline.resolve import resolve  # noqa: E402
+from modtimeline.spans import resolve as resolve_module  # noqa: E402
+from modtimeline.spans.resolve import resolve  # noqa: E402
 from modtimeline.writers import write_trace  # noqa: E402
 from modtimeline.analysis.reader import read_trace  # noqa: E402
 

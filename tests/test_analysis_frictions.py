@@ -359,7 +359,7 @@ def test_open_refuses_a_truncated_pftrace_and_a_directory(tmp_path, capsys):
 def test_open_checks_pass_every_trace_the_ui_opens(tmp_path, monkeypatch):
     import gzip
 
-    from modtimeline import viewer
+    from modtimeline.cli import viewer
 
     traces = [_real_trace(tmp_path / "t.json"), _real_trace(tmp_path / "t.pftrace"), _profiler_trace(tmp_path)]
     packed = tmp_path / "t.json.gz"

@@ -37,7 +37,7 @@ def test_build_makes_an_install_without_compiled_parts_fast(tmp_path):
     assert "_hotpath" in built.stdout
 
     after = _run(env, "-m", "modtimeline", "info")
-    for part in ("_hotpath", "_resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows"):
+    for part in ("native._hotpath", "native._resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows"):
         assert f"{part}: in use (built by `modtimeline build`" in after.stdout, after.stdout
     recorded = _run(env, "-c", "import torch, modtimeline\n"
                     f"tl = modtimeline.Timeline({str(tmp_path / 't.json')!r})\n"
@@ -58,7 +58,7 @@ except ImportError:
     pass
 else:
     raise SystemExit("torch is still importable: not isolated")
-spec = importlib.util.spec_from_file_location("_extension", sys.argv[1] + "/_extension.py")
+spec = importlib.util.spec_from_file_location("_extension", sys.argv[1] + "/native/extensions.py")
 extension = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(extension)
 print(" ".join(part.name for part in extension.extensions(sys.argv[1])))
@@ -81,4 +81,4 @@ def test_an_isolated_build_finds_the_torch_it_installs_beside(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     built = _run(env, "-c", _ISOLATED_BUILD, str(SOURCE), str(overlay))
     assert built.returncode == 0, built.stderr
-    assert "modtimeline._hotpath" in built.stdout.split(), built.stdout
+    assert "modtimeline.native._hotpath" in built.stdout.split(), built.stdout

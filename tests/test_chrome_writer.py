@@ -8,7 +8,7 @@ import random
 import orjson
 import pytest
 
-from modtimeline.resolve import (
+from modtimeline.spans.resolve import (
     BACKWARD, FLOW_IN, FLOW_OUT, FORWARD, INCOMPLETE, NO_LAG, RECOMPUTE, SpanColumns, TraceData, Track,
 )
 from modtimeline.writers import chrome

@@ -42,7 +42,7 @@ def test_info_names_versions_and_compiled_parts(capsys, monkeypatch):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("modtimeline ") and "torch " in out
-    for part in ("_hotpath", "_resolve_cpu", "writers._chrome_rows"):
+    for part in ("native._hotpath", "native._resolve_cpu", "writers._chrome_rows"):
         assert f"  {part}: " in out
     monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "1")
     assert main(["info"]) == 0
@@ -52,11 +52,12 @@ def test_info_names_versions_and_compiled_parts(capsys, monkeypatch):
 def test_a_missing_hot_path_is_said_once(monkeypatch, tmp_path):
     import warnings
 
-    from modtimeline import _native, recorder
+    from modtimeline.capture import recorder
+    from modtimeline.native import loader as _native
     from modtimeline import Timeline
 
     monkeypatch.setattr(recorder, "compiled", lambda name: None)
-    monkeypatch.setitem(_native.why_not, "_hotpath", "not built (test)")
+    monkeypatch.setitem(_native.why_not, "native._hotpath", "not built (test)")
     monkeypatch.setattr(_native, "_warned", False)
     with pytest.warns(RuntimeWarning, match="not built \\(test\\).*with: modtimeline build"):
         Timeline(tmp_path / "a.json")

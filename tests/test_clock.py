@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from modtimeline import Schedule, Timeline
-from modtimeline.buffer import BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, NODE_DONE
-from modtimeline.clock import DeviceClock, FakeBackend
+from modtimeline.capture.buffer import BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, NODE_DONE
+from modtimeline.device.clock import DeviceClock
+from modtimeline.device.fake import FakeBackend
 
 from .models import Tree, train_step
 from .trace_checks import assert_nested, load, spans, thread_names
@@ -389,7 +390,7 @@ class _StandInCuda:
 
 
 def test_cuda_backend_calls_through_a_stand_in_torch_cuda(tmp_path):
-    from modtimeline.clock import CudaBackend
+    from modtimeline.device.clock import CudaBackend
 
     backend = CudaBackend()
     backend._cuda = _StandInCuda()

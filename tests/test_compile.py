@@ -288,7 +288,7 @@ def test_compiled_detail_keeps_no_leaves_for_dead_modules_or_inductor(tmp_path):
     again under inductor compiles without them."""
     import gc
 
-    from modtimeline import compiled_detail
+    from modtimeline.capture import compiled_detail
 
     dynamo.reset()
     model = MLP()

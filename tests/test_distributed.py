@@ -106,7 +106,7 @@ def _fsdp2_over_checkpoint_wrapper(rank: int, world: int, folder: str) -> None:
     fully_shard(model)
     train(model, os.path.join(folder, "fsdp-ckpt-{rank}.json"))
     os.environ["MODTIMELINE_PURE_PYTHON"] = "1"  # the other recording path, in this process
-    from modtimeline import recorder
+    from modtimeline.capture import recorder
 
     recorder._last_registry = None
     train(model, os.path.join(folder, "fsdp-ckpt-python-{rank}.json"))

@@ -1,4 +1,4 @@
-"""The compiled hot path (modtimeline._hotpath) against the Python recorder it replaces.
+"""The compiled hot path (modtimeline.native._hotpath) against the Python recorder it replaces.
 
 Both must record the same events: same kinds, calls and modules in the same order, the
 same node links; only the timestamps differ.
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from modtimeline import Timeline
-from modtimeline import resolve as resolve_module
+from modtimeline.spans import resolve as resolve_module
 from modtimeline.writers import chrome
-from modtimeline.buffer import (
+from modtimeline.capture.buffer import (
     BACKWARD_DONE,
     FORWARD_BEGIN,
     GRADIENT_READY,
@@ -25,7 +25,7 @@ from modtimeline.buffer import (
     NativeEventBuffer,
     unpack,
 )
-from modtimeline.recorder import Recorder, native_hotpath
+from modtimeline.capture.recorder import Recorder, native_hotpath
 
 from .models import Tree, shapes_model
 
@@ -37,12 +37,12 @@ hotpath = native_hotpath()
 @pytest.mark.skipif(os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0"), reason="compiled parts off")
 def test_compiled_parts_are_built():
     # tools/setup.sh builds them; a silent fallback would hide a broken build.
-    assert resolve_module._resolve_cpu is not None, "modtimeline._resolve_cpu is not built"
+    assert resolve_module._resolve_cpu is not None, "modtimeline.native._resolve_cpu is not built"
     assert chrome._chrome_rows is not None, "modtimeline.writers._chrome_rows is not built"
-    assert hotpath is not None, "modtimeline._hotpath is not built (pip install --no-build-isolation -e .)"
+    assert hotpath is not None, "modtimeline.native._hotpath is not built (pip install --no-build-isolation -e .)"
 
 
-needs_hotpath = pytest.mark.skipif(hotpath is None, reason="modtimeline._hotpath is not built")
+needs_hotpath = pytest.mark.skipif(hotpath is None, reason="modtimeline.native._hotpath is not built")
 
 
 def record(model_fn, native: bool, steps: int = 2):
@@ -182,6 +182,6 @@ def test_compiled_autograd_gets_the_python_path(monkeypatch, tmp_path):
 
 def test_sequence_number_fallback_agrees_with_torchs():
     # Older torch has no _get_sequence_nr: a throwaway node must give the same answer.
-    from modtimeline.recorder import _next_sequence_nr, _peek_by_a_node
+    from modtimeline.capture.recorder import _next_sequence_nr, _peek_by_a_node
 
     assert _peek_by_a_node() == _next_sequence_nr()

@@ -14,7 +14,7 @@ from modtimeline.analysis.load import load_trace, read_metadata
 from modtimeline.analysis.merge import ClockMap
 from modtimeline.analysis.reader import DEFAULT_LIMITS, read_trace
 from modtimeline.cli import main
-from modtimeline.clock import FakeBackend
+from modtimeline.device.fake import FakeBackend
 from modtimeline.format import BACKWARD_TRACK, FORWARD, FORWARD_TRACK, STEP, STEPS_TRACK, SpanColumns, Track, TraceData
 from modtimeline.writers import write_trace
 

@@ -3,7 +3,7 @@ nesting and flows, read from the UI's own trace processor."""
 
 import pytest
 
-from modtimeline.demo import run_demo
+from modtimeline.cli.demo import run_demo
 
 from .perfetto_ui import PerfettoUI
 
@@ -94,7 +94,7 @@ def one_trace_three_formats(tmp_path_factory):
     import torch
 
     from modtimeline import Timeline
-    from modtimeline.demo import GPT
+    from modtimeline.cli.demo import GPT
     from modtimeline.writers import write_trace
 
     folder = tmp_path_factory.mktemp("formats")
@@ -132,7 +132,7 @@ def test_gpu_tracks_load_and_nest(ui, tmp_path):
     import torch
 
     from modtimeline import Timeline
-    from modtimeline.clock import FakeBackend
+    from modtimeline.device.fake import FakeBackend
 
     from .models import Tree, train_step
 

@@ -4,11 +4,11 @@ import random
 from array import array
 
 import pytest
-from modtimeline.buffer import (
+from modtimeline.capture.buffer import (
     BACKWARD_DONE, CALL_SHIFT, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE,
     KIND_BITS, LINK_BEGIN, LINK_SHIFT, RECOMPUTE_BEGIN, RECOMPUTE_END, STEP_BEGIN, STEP_END, EventBuffer, unpack,
 )
-from modtimeline.resolve import APPROXIMATE, BACKWARD_TRACK, FORWARD_TRACK, INCOMPLETE, resolve
+from modtimeline.spans.resolve import APPROXIMATE, BACKWARD_TRACK, FORWARD_TRACK, INCOMPLETE, resolve
 from .trace_checks import assert_nested_columns
 
 pytestmark = pytest.mark.twin
@@ -185,7 +185,7 @@ def test_random_event_streams_resolve_into_nesting_tracks(seed):
 
 # ---------------------------------------------------------------- compiled resolve
 
-from modtimeline import resolve as resolve_module  # noqa: E402
+from modtimeline.spans import resolve as resolve_module  # noqa: E402
 
 needs_compiled = pytest.mark.skipif(resolve_module._resolve_cpu is None, reason="_resolve_cpu is not built")
 

@@ -270,7 +270,7 @@ def test_temporary_file_skips_a_leftover_and_respects_umask(tmp_path, monkeypatc
 def test_a_timeline_after_another_learns_no_module_again(tmp_path, monkeypatch):
     """A Timeline per step (a common pattern) takes over the module indices of the one
     before it: no module is learned twice, and each trace still names every span right."""
-    from modtimeline.recorder import Recorder
+    from modtimeline.capture.recorder import Recorder
 
     learned: list[str] = []
     learn = Recorder.learn

@@ -29,10 +29,10 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 # Without build isolation, so setup.py sees this venv's torch and compiles the recording
-# hot path (modtimeline._hotpath) against it; setuptools >= 68 for that build.
+# hot path (modtimeline.native._hotpath) against it; setuptools >= 68 for that build.
 "${pip[@]}" install "setuptools>=68" wheel
 "${pip[@]}" install --no-build-isolation -e ".[test]"
-"$venv/bin/python" -c "import modtimeline._hotpath" 2>/dev/null \
+"$venv/bin/python" -c "import modtimeline.native._hotpath" 2>/dev/null \
   || echo "note: the compiled hot path was not built; modtimeline runs on its pure-Python path" >&2
 
 if [ "$action" = "test" ] && [ ! -x /usr/bin/chromium ]; then

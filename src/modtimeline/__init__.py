@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
 
         return Timeline
     if name == "ModuleTracker":
-        from .tracker import ModuleTracker
+        from .capture.tracker import ModuleTracker
 
         return ModuleTracker
     raise AttributeError(f"module 'modtimeline' has no attribute {name!r}")

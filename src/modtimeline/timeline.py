@@ -25,19 +25,19 @@ from typing import Any, cast
 import torch
 
 from . import __version__
-from .buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
-from .clock import CudaBackend, DeviceBackend, DeviceClock
+from .capture.buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
+from .device.clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError, RankSyncError, TraceFileError
 from .gc_pause import paused_gc
 from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
-from .resolve import resolve
+from .spans.resolve import resolve
 from .schedule import Schedule, StepAction
-from .signals import TerminationGuard
-from .ranks import ClockSample, RankClock, distributed_world
-from .compiled_detail import CompiledDetail
-from .nvtx import NvtxApi, NvtxRanges, chained, torch_nvtx
-from .profiler_export import ProfilerExport
-from .recorder import Recorder, new_buffer
+from .capture.signals import TerminationGuard
+from .integrations.distributed import ClockSample, RankClock, distributed_world
+from .capture.compiled_detail import CompiledDetail
+from .device.nvtx import NvtxApi, NvtxRanges, chained, torch_nvtx
+from .integrations.profiler import ProfilerExport
+from .capture.recorder import Recorder, new_buffer
 from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 

@@ -54,7 +54,7 @@ class TimelineCallback(_lightning.Callback):  # type: ignore[name-defined]
         return self._run.timeline
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        from ..registry import fqn_of
+        from ..capture.registry import fqn_of
 
         fqn_of(pl_module)  # name the tree from the LightningModule (see the docstring)
         self._run.start()

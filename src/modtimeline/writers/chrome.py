@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from .._native import compiled, why_not
+from ..native.loader import compiled, why_not
 from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
                       STEP, SpanColumns, TraceData)
 

@@ -33,7 +33,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from itertools import groupby
 
-from .._native import compiled, why_not
+from ..native.loader import compiled, why_not
 from ..format import APPROXIMATE, COMPILED, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG
 
 _pftrace_rows = compiled("writers._pftrace_rows")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import RankSyncError
+from ..errors import RankSyncError
 
 REFERENCE_RANK = 0
 ROUNDS = 8  # round trips per rank and sample; the tightest one is kept

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .buffer import (BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, LINK_BEGIN, LINK_SHIFT, MODULE_BITS,
+from ..capture.buffer import (BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, LINK_BEGIN, LINK_SHIFT, MODULE_BITS,
                      NODE_DONE, RECOMPUTE_BEGIN, RECOMPUTE_END)
 
 _MODULE_MASK = (1 << MODULE_BITS) - 1
@@ -110,7 +110,7 @@ def torch_nvtx() -> NvtxApi:
     """torch.cuda.nvtx, checked to work (a CPU build of torch has only a stub)."""
     import torch
 
-    from .errors import DeviceError
+    from ..errors import DeviceError
 
     api = torch.cuda.nvtx
     try:

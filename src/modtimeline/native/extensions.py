@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 # The event layout both C++ parts include (the C++ copy of buffer.py's constants).
-LAYOUT_HEADER = "_layout.h"
+LAYOUT_HEADER = "native/_layout.h"
 # What both compiled writers share (an output buffer, column views).
 WRITERS_HEADER = "writers/_columns.h"
 
@@ -30,7 +30,7 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
                   depends=[source(WRITERS_HEADER)], optional=True),
         Extension("modtimeline.writers._pftrace_rows", [source("writers/_pftrace_rows.c")],
                   depends=[source(WRITERS_HEADER)], optional=True),
-        Extension("modtimeline._resolve_cpu", [source("_resolve_cpu.cpp")], depends=[header], language="c++",
+        Extension("modtimeline.native._resolve_cpu", [source("native/_resolve_cpu.cpp")], depends=[header], language="c++",
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
     ]
     try:
@@ -41,8 +41,8 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
     # ABI macro and the run path are ours, as torch's BuildExtension would set them.
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     parts.append(CppExtension(
-        "modtimeline._hotpath",
-        [source("_hotpath.cpp")],
+        "modtimeline.native._hotpath",
+        [source("native/_hotpath.cpp")],
         depends=[header],
         extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
                             "-Wno-unused-parameter", "-Wno-missing-field-initializers"],

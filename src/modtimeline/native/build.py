@@ -1,5 +1,5 @@
 """``modtimeline build``: compile the optional parts for the torch and Python installed now,
-into ``_native.cache_dir()``, where they are found when the install has none that
+into ``loader.cache_dir()``, where they are found when the install has none that
 import (modtimeline installed before torch, or a torch upgraded since).
 """
 
@@ -10,9 +10,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ._extension import extensions
-from ._native import cache_dir
-from .errors import ModTimelineError
+from .extensions import extensions
+from .loader import cache_dir
+from ..errors import ModTimelineError
 
 
 def build(say: Callable[[str], None]) -> list[Path]:
@@ -21,13 +21,14 @@ def build(say: Callable[[str], None]) -> list[Path]:
         from setuptools.dist import Distribution
     except ImportError:
         raise ModTimelineError("building needs setuptools: pip install setuptools") from None
-    package = Path(__file__).parent
-    missing = [name for name in ("_hotpath.cpp", "_layout.h", "writers/_columns.h") if not (package / name).exists()]
+    package = Path(__file__).parents[1]
+    missing = [name for name in ("native/_hotpath.cpp", "native/_layout.h", "writers/_columns.h")
+               if not (package / name).exists()]
     if missing:
         raise ModTimelineError(f"this install of modtimeline has no sources to build from ({', '.join(missing)}); "
                                "reinstall it")
     parts = extensions(package, prefix=f"{package}/")
-    if not any(part.name == "modtimeline._hotpath" for part in parts):
+    if not any(part.name == "modtimeline.native._hotpath" for part in parts):
         raise ModTimelineError("torch is not importable here: the hot path is built against the installed torch")
     target = cache_dir()
     written: list[Path] = []

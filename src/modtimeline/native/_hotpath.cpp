@@ -572,7 +572,7 @@ PySequenceMethods store_sequence = {store_len};
 
 PyTypeObject StoreType = [] {
   PyTypeObject type{PyVarObject_HEAD_INIT(nullptr, 0)};
-  type.tp_name = "modtimeline._hotpath.Store";
+  type.tp_name = "modtimeline.native._hotpath.Store";
   type.tp_basicsize = sizeof(StoreObject);
   type.tp_flags = Py_TPFLAGS_DEFAULT;
   type.tp_doc = "Store(capacity): the compiled event buffer";
@@ -891,7 +891,7 @@ PyGetSetDef hooks_getset[] = {
 
 PyTypeObject HooksType = [] {
   PyTypeObject type{PyVarObject_HEAD_INIT(nullptr, 0)};
-  type.tp_name = "modtimeline._hotpath.ForwardHooks";
+  type.tp_name = "modtimeline.native._hotpath.ForwardHooks";
   type.tp_basicsize = sizeof(HooksObject);
   type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
   type.tp_doc = "ForwardHooks(store, callbacks): a Recorder's compiled forward hooks";
@@ -905,7 +905,7 @@ PyTypeObject HooksType = [] {
 }();
 
 PyModuleDef hotpath_module = {
-    PyModuleDef_HEAD_INIT, "modtimeline._hotpath", "modtimeline's compiled recording hot path", -1,
+    PyModuleDef_HEAD_INIT, "modtimeline.native._hotpath", "modtimeline's compiled recording hot path", -1,
     nullptr,               nullptr,                nullptr,                                     nullptr,
     nullptr,
 };

@@ -33,7 +33,7 @@ from itertools import count, repeat
 from operator import add, and_, itemgetter, mul, rshift
 from typing import Any
 
-from .buffer import (
+from ..capture.buffer import (
     BACKWARD_DONE,
     CALL_SHIFT,
     FORWARD_BEGIN,
@@ -50,10 +50,10 @@ from .buffer import (
     STEP_BEGIN,
     STEP_END,
 )
-from ._native import compiled, why_not
-from .buffer import LAYOUT
-from .clock import DeviceMarks
-from .format import (
+from ..native.loader import compiled, why_not
+from ..capture.buffer import LAYOUT
+from ..device.clock import DeviceMarks
+from ..format import (
     APPROXIMATE,
     BACKWARD,
     COMPILED,
@@ -78,11 +78,11 @@ from .format import (
 
 def _compiled_resolve() -> Any:
     """The compiled host-only resolve (setup.py), if built with these very constants."""
-    module = compiled("_resolve_cpu")
+    module = compiled("native._resolve_cpu")
     expected = dict(LAYOUT, INCOMPLETE=INCOMPLETE, APPROXIMATE=APPROXIMATE, FLOW_OUT=FLOW_OUT, FLOW_IN=FLOW_IN,
                     STEPS_TRACK=STEPS_TRACK, FORWARD_TRACK=FORWARD_TRACK, BACKWARD_TRACK=BACKWARD_TRACK)
     if module is not None and getattr(module, "LAYOUT", None) != expected:
-        why_not["_resolve_cpu"] = "built from another version of modtimeline (its constants differ)"
+        why_not["native._resolve_cpu"] = "built from another version of modtimeline (its constants differ)"
         return None  # the Python below does the same work
     return module
 

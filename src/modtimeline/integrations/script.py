@@ -43,10 +43,10 @@ import torch
 from torch.nn.modules import module as _torch_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import ModTimelineError
-from .schedule import Schedule
-from .timeline import Timeline
-from .writers import format_for
+from ..errors import ModTimelineError
+from ..schedule import Schedule
+from ..timeline import Timeline
+from ..writers import format_for
 
 __all__ = ["Recording", "parse_schedule", "run_command"]
 

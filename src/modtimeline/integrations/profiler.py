@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import ModTimelineError
+from ..errors import ModTimelineError
 
 
 class ProfilerExport:
@@ -41,8 +41,8 @@ class ProfilerExport:
             self._merge(path)
 
     def _merge(self, path: Path) -> None:
-        from .analysis.profiler import merge_profiler  # (file to file: loaded when needed)
-        from .analysis.reader import DEFAULT_LIMITS
+        from ..analysis.profiler import merge_profiler  # (file to file: loaded when needed)
+        from ..analysis.reader import DEFAULT_LIMITS
 
         assert self.trace is not None
         try:

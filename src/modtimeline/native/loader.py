@@ -1,5 +1,5 @@
 """The optional compiled parts (setup.py), each with a pure-Python twin that does the
-same work: ``_hotpath`` (recording), ``_resolve_cpu`` (host-only resolve),
+same work: ``native._hotpath`` (recording), ``native._resolve_cpu`` (host-only resolve),
 ``writers._chrome_rows`` (JSON rows) and ``writers._pftrace_rows`` (.pftrace packets).
 ``MODTIMELINE_PURE_PYTHON=1`` turns them all off.
 
@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
-PARTS = ("_hotpath", "_resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows")
+PARTS = ("native._hotpath", "native._resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows")
 BUILD_COMMAND = "modtimeline build"
 
 # Why a part is not in use: part -> reason.
@@ -33,7 +33,7 @@ def cache_dir() -> Path:
     """Where ``modtimeline build`` puts the compiled parts: one folder per modtimeline,
     torch and Python version (``MODTIMELINE_CACHE``, else ``$XDG_CACHE_HOME`` or
     ``~/.cache``, + ``/modtimeline``)."""
-    from . import __version__
+    from .. import __version__
 
     root = os.environ.get("MODTIMELINE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "modtimeline")

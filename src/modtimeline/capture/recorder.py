@@ -12,7 +12,7 @@ Three parts, each with one job:
 * the **module registry** (``registry.ModuleRegistry``): FQN and index of each module.
 
 Which calls a node begins or ends is resolved once, at flush (``resolve``). Where
-``modtimeline._hotpath`` is built, the forward hooks and the node marks are compiled
+``modtimeline.native._hotpath`` is built, the forward hooks and the node marks are compiled
 (C++ autograd hooks, no GIL, no RemovableHandle per node); they call back into
 ``RecorderCallbacks`` (this class's three public callback methods).
 Without it, or with ``MODTIMELINE_PURE_PYTHON=1``, ``PythonForwardHooks`` and
@@ -48,9 +48,9 @@ from .buffer import (
     EventBuffer,
     NativeEventBuffer,
 )
-from ._native import compiled, warn_once_if_slow, why_not
+from ..native.loader import compiled, warn_once_if_slow, why_not
 from . import compile_guard
-from .errors import ModTimelineError
+from ..errors import ModTimelineError
 from .registry import ModuleRegistry, is_compiler_graph
 from .tensors import autograd_node, grad_tensors
 
@@ -72,9 +72,9 @@ _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_n
 def native_hotpath() -> Any | None:
     """The compiled hot path module, or None (not built, disabled by the environment, or
     built with another event layout)."""
-    hotpath = compiled("_hotpath")
+    hotpath = compiled("native._hotpath")
     if hotpath is not None and getattr(hotpath, "LAYOUT", None) != LAYOUT:
-        why_not["_hotpath"] = "built from another version of modtimeline (its event layout differs)"
+        why_not["native._hotpath"] = "built from another version of modtimeline (its event layout differs)"
         return None
     return hotpath
 
@@ -91,7 +91,7 @@ def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:
     Python one."""
     hotpath = native_hotpath()
     if hotpath is None:
-        warn_once_if_slow("_hotpath")
+        warn_once_if_slow("native._hotpath")
         return EventBuffer(capacity)
     if _compiled_autograd_enabled():
         return EventBuffer(capacity)

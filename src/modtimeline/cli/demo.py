@@ -48,7 +48,7 @@ class GPT(nn.Module):
 
 def run_demo(path: str | Path, steps: int = 4, device: str = "cpu") -> Path:
     """Train the demo model for ``steps`` steps under a Timeline writing ``path``."""
-    from .timeline import Timeline
+    from ..timeline import Timeline
 
     torch.manual_seed(0)
     model = GPT().to(device)

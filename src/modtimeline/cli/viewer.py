@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .errors import TraceFileError, TraceFormatError
+from ..errors import TraceFileError, TraceFormatError
 
 PERFETTO_UI = "https://ui.perfetto.dev"
 PERFETTO_PORT = 9001  # the port ui.perfetto.dev accepts ?url= traces from

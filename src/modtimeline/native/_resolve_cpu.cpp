@@ -470,7 +470,7 @@ PyMethodDef methods[] = {
 };
 
 PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "modtimeline._resolve_cpu", "resolve() for host-only windows, compiled", -1, methods,
+    PyModuleDef_HEAD_INIT, "modtimeline.native._resolve_cpu", "resolve() for host-only windows, compiled", -1, methods,
     nullptr,               nullptr,                     nullptr,                                     nullptr,
 };
 

@@ -8,7 +8,7 @@ so recording never allocates a Python object per event beyond the two array slot
 (16 bytes), and names are only looked up when the buffer is resolved at flush.
 
 ``EventBuffer`` keeps the columns in Python arrays; ``NativeEventBuffer`` is the same
-interface over the compiled store of ``modtimeline._hotpath`` (recorder.py picks one).
+interface over the compiled store of ``modtimeline.native._hotpath`` (recorder.py picks one).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from torch.autograd.graph import register_multi_grad_hook
 
 from . import compile_guard
 from .compile_safe_hooks import compile_safe_hooks
-from .errors import ModTimelineError
+from ..errors import ModTimelineError
 from .registry import ModuleRegistry
 from .tensors import grad_tensors
 

@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from . import compile_guard
-from .errors import ModTimelineError
+from ..errors import ModTimelineError
 
 __all__ = ["compile_safe_hooks", "ForwardHook", "PostForwardHook", "GradientHook", "ModuleFilter"]
 

@@ -15,7 +15,7 @@ from types import FrameType
 
 import torch
 
-from .errors import ModTimelineError
+from ..errors import ModTimelineError
 from .buffer import MAX_MODULES
 
 __all__ = ["ModuleRegistry", "fqn_of", "is_compiler_graph"]

@@ -10,8 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, emit, int_at_least, split_candidates
-from .errors import DeviceError, ModTimelineError
+from ..analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, emit, int_at_least, split_candidates
+from ..errors import DeviceError, ModTimelineError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from .record import parse_schedule, run_command  # (imports torch)
+    from ..integrations.script import parse_schedule, run_command  # (imports torch)
 
     schedule = parse_schedule(args.schedule) if args.schedule is not None else None
     return run_command(args.output, args.script_command, schedule)
@@ -45,7 +45,7 @@ def _open(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .native_build import build
+    from ..native.build import build
 
     written = build(say=emit)
     emit("built for the installed torch:\n" + "\n".join(f"  {path}" for path in written)
@@ -58,7 +58,8 @@ def _info(args: argparse.Namespace) -> int:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__, _native
+    from .. import __version__
+    from ..native import loader as _native
 
     def installed(name: str) -> str:
         try:
@@ -73,7 +74,8 @@ def _info(args: argparse.Namespace) -> int:
         cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() \
             else "no CUDA device"
         lines.append(f"torch {torch.__version__} ({cuda})")
-        from . import recorder, resolve  # importing them tries the compiled parts
+        from ..capture import recorder  # importing them tries the compiled parts
+        from ..spans import resolve
 
         recorder.native_hotpath()
         del resolve
