@@ -39,7 +39,7 @@ from report import machine, save  # noqa: E402
 
 from modtimeline import Schedule, Timeline  # noqa: E402
 from modtimeline.native import loader as _native  # noqa: E402
-from modtimeline.analysis import read_trace, samples  # noqa: E402
+from modtimeline.analysis.reader import read_trace, samples  # noqa: E402
 from modtimeline.device.fake import FakeBackend  # noqa: E402
 from modtimeline.capture.recorder import native_hotpath  # noqa: E402
 

@@ -12,7 +12,7 @@ import torch
 from modtimeline import Schedule
 
 from modtimeline import Timeline
-from modtimeline.analysis import read_trace, samples
+from modtimeline.analysis.reader import read_trace, samples
 
 from .trace_checks import assert_nested, load, spans, thread_names
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modtimeline import Timeline
-from modtimeline.analysis.load import load_trace, read_metadata
+from modtimeline.readers.load import load_trace, read_metadata
 from modtimeline.analysis.merge import ClockMap
 from modtimeline.analysis.reader import DEFAULT_LIMITS, read_trace
 from modtimeline.cli import main

@@ -23,8 +23,8 @@ from typing import Any
 
 from ..errors import TraceFileError, TraceFormatError
 from ..format import Counter, TraceData
-from .load import load_trace, read_metadata
-from .decoding import ReadLimits
+from ..readers.load import load_trace, read_metadata
+from ..readers.decoding import ReadLimits
 
 FLOW_ID_STRIDE = 1 << 40  # flow ids of the k-th file start at k * FLOW_ID_STRIDE
 

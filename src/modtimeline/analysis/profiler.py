@@ -32,8 +32,8 @@ import orjson
 from ..errors import TraceFormatError
 from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
                       TraceData)
-from .load import load_trace
-from .decoding import ReadLimits, guarded_read, read_bytes
+from ..readers.load import load_trace
+from ..readers.decoding import ReadLimits, guarded_read, read_bytes
 
 TID_BASE = 1 << 28  # our tracks' thread ids in the profiler's process: clear of real tids
 FLOW_BASE = 1 << 40  # our flow ids: clear of Kineto's

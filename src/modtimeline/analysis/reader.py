@@ -18,10 +18,10 @@ from ..errors import TraceFileError, TraceFormatError
 from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, STEP
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
-from .decoding import DEFAULT_LIMITS as DEFAULT_LIMITS  # (where the CLI and callers have always found them)
-from .decoding import ReadLimits as ReadLimits
-from .decoding import TraceFile
-from .load import decode_trace
+from ..readers.decoding import DEFAULT_LIMITS as DEFAULT_LIMITS  # (where the CLI and callers have always found them)
+from ..readers.decoding import ReadLimits as ReadLimits
+from ..readers.decoding import TraceFile
+from ..readers.load import decode_trace
 
 PHASES = ("forward", "backward", "recompute")
 

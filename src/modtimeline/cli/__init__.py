@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..analysis.commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, emit, int_at_least, split_candidates
+from .commands import EXIT_ERROR, EXIT_OK, add_analysis_commands, emit, int_at_least, split_candidates
 from ..errors import DeviceError, ModTimelineError
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 
 from ..errors import ModTimelineError
-from .by_rank import DEFAULT_THRESHOLD, DEFAULT_UNEVEN_FLOOR_US, DEFAULT_UNEVEN_THRESHOLD
-from .diff import REGRESSED, DiffConfig, Rule, diff, load_config
-from .decoding import DEFAULT_LIMITS, ReadLimits
-from .reader import Trace, per_rank, read_trace, trace_files
-from .render import (
+from ..analysis.by_rank import DEFAULT_THRESHOLD, DEFAULT_UNEVEN_FLOOR_US, DEFAULT_UNEVEN_THRESHOLD
+from ..analysis.diff import REGRESSED, DiffConfig, Rule, diff, load_config
+from ..readers.decoding import DEFAULT_LIMITS, ReadLimits
+from ..analysis.reader import Trace, per_rank, read_trace, trace_files
+from ..analysis.render import (
     render_by_rank_markdown,
     render_by_rank_text,
     render_diff_markdown,
@@ -25,7 +25,7 @@ from .render import (
     render_summary_text,
     use_color,
 )
-from .summary import summarize
+from ..analysis.summary import summarize
 
 EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
 
@@ -103,7 +103,7 @@ def _read_all(paths: list[str], limits: ReadLimits) -> list[Trace]:
 def _summary(args: argparse.Namespace) -> int:
     traces = _read_all(args.traces, _limits(args))
     if args.by_rank:
-        from .by_rank import by_rank
+        from ..analysis.by_rank import by_rank
 
         view = by_rank(traces, warmup=args.warmup, threshold=args.straggler_threshold, top=args.top,
                        uneven_threshold=args.uneven_threshold, uneven_floor_us=args.uneven_floor_us)
@@ -166,7 +166,7 @@ def _diff(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     if args.profiler:
         return _merge_profiler(args)
-    from .merge import merge
+    from ..analysis.merge import merge
 
     paths = trace_files(args.traces)
     result = merge(paths, args.output, _limits(args), force=args.force)
@@ -180,7 +180,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _merge_profiler(args: argparse.Namespace) -> int:
-    from .profiler import merge_profiler
+    from ..analysis.profiler import merge_profiler
 
     paths = trace_files(args.traces)
     if len(paths) != 1:

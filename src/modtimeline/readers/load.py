@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import TraceFileError, TraceFormatError
 from ..gc_pause import paused_gc
-from .chrome_reader import read_chrome
+from .chrome import read_chrome
 from .decoding import ReadLimits, TraceFile, checked_metadata, guarded_read, read_bytes
 
 
@@ -34,7 +34,7 @@ def _decode(path: Path, limits: ReadLimits, lossless: bool) -> TraceFile:
         raise TraceFormatError(f"{path}: empty file")
     if raw.lstrip()[:1] == b"{":
         return read_chrome(path, raw, limits, lossless)
-    from .pftrace_reader import read_pftrace  # (protobuf: imported where a .pftrace is read, ~50 ms)
+    from .pftrace import read_pftrace  # (protobuf: imported where a .pftrace is read, ~50 ms)
 
     return read_pftrace(path, raw, limits, lossless)
 
@@ -96,7 +96,7 @@ def _peek_metadata(path: Path) -> dict[str, Any] | None:
     from google.protobuf.message import DecodeError
     from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TracePacket
 
-    from .pftrace_reader import packet_metadata
+    from .pftrace import packet_metadata
 
     try:
         packet = TracePacket.FromString(head[at: at + length])
