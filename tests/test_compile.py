@@ -306,3 +306,76 @@ def test_compiled_detail_keeps_no_leaves_for_dead_modules_or_inductor(tmp_path):
     del other
     gc.collect()
     assert len(compiled_detail._BOUNDARIES) == held - 4
+
+
+# ------------------------------------------------- model.compile(): compiled in place (issue 28)
+def _run_in_place(how: str, context, backend: str = "inductor", eager_fallback: bool = False, steps: int = 2):
+    """Train a Transformer compiled in place (``how``: "root" or "blocks") for ``steps``
+    steps inside ``context()``; (Dynamo stats, graph breaks, gradients)."""
+    torch.manual_seed(0)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model = Transformer()
+    if how == "root":
+        model.compile(backend=backend)
+    else:
+        for block in model.blocks:
+            block.compile(backend=backend)
+    x = torch.randn(2, 8, 16)
+    with context() as timeline:
+        for _ in range(steps):
+            with (timeline.step() if isinstance(timeline, Timeline) else _nothing()):
+                if eager_fallback:
+                    dynamo.config.disable = True
+                try:
+                    model(x).sum().backward()
+                finally:
+                    dynamo.config.disable = False
+    stats = {k: v for k, v in dynamo.utils.counters["stats"].items() if k in ("unique_graphs", "calls_captured")}
+    return stats, sum(dynamo.utils.counters["graph_break"].values()), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", ["root", "blocks"])
+def test_compiled_in_place_records_its_calls(how, tmp_path):
+    """``model.compile()`` (and ``block.compile()``): the compiled call is one forward and
+    one backward span under the module's own FQN, flagged compiled, with the graphs, the
+    graph breaks and the gradients of the untraced run."""
+    stats, breaks, grads = _run_in_place(how, _nothing)
+    path = tmp_path / "t.json"
+    traced_stats, traced_breaks, traced_grads = _run_in_place(how, lambda: Timeline(path))
+    assert (traced_stats, traced_breaks) == (stats, breaks)
+    for a, b in zip(grads, traced_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    trace = load(path)
+    assert_nested(trace)
+    module_spans = [e for e in spans(trace) if e["cat"] != "step"]
+    compiled = ["Transformer"] if how == "root" else ["Transformer.blocks.0", "Transformer.blocks.1"]
+    for name in compiled:
+        for cat in ("forward", "backward"):
+            found = [e for e in module_spans if e["name"] == name and e["cat"] == cat]
+            assert len(found) == 2, (name, cat, found)  # once per step
+            assert all(e["args"].get("compiled") for e in found)
+    if how == "blocks":  # the eager parts around them as usual
+        assert {"Transformer", "Transformer.head"} <= {e["name"] for e in module_spans}
+        inside = {e["name"] for e in module_spans} - {"Transformer", "Transformer.head", *compiled}
+        assert not inside, inside  # (no detail asked: nothing of the compiled blocks' insides)
+
+
+def test_compiled_in_place_runs_eagerly_once(tmp_path):
+    """Dynamo disabled at call time: the in-place compiled module runs ``_call_impl``
+    eagerly, whose global hooks fire as well as the boundary's: still one span per call."""
+    path = tmp_path / "t.json"
+    _run_in_place("root", lambda: Timeline(path), eager_fallback=True)
+    found = [e for e in spans(load(path)) if e["name"] == "Transformer" and e["cat"] == "forward"]
+    assert len(found) == 2
+    assert_nested(load(path))
+
+
+def test_no_module_span_is_said_once(tmp_path):
+    """A Timeline whose window holds no module span says so (warning and metadata)."""
+    path = tmp_path / "t.json"
+    with pytest.warns(RuntimeWarning, match="no module span"):
+        with Timeline(path) as timeline:
+            with timeline.step():
+                torch.randn(3).sum()
+    assert "no_module_spans" in load(path)["metadata"]

@@ -30,6 +30,7 @@ from .device.clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import DeviceError, ModTimelineError, RankSyncError, TraceFileError
 from .gc_pause import paused_gc
 from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
+from .format import STEP as STEP_CATEGORY
 from .spans.resolve import resolve
 from .schedule import Schedule, StepAction
 from .capture.signals import TerminationGuard
@@ -118,6 +119,12 @@ def _rank_path(path: str | os.PathLike[str]) -> Path:
 _COMPILED_AUTOGRAD = ("compiled autograd ran a backward pass: it runs as one compiled graph, without the marks "
                       "backward spans come from, so those passes have no backward spans (forward spans are "
                       "complete). A Timeline made while compiled autograd is on records backward in Python.")
+
+
+_NO_MODULE_SPANS = ("the Timeline recorded no module span: no nn.Module call ran eagerly on the thread that entered "
+                    "it. Likely causes: the model was compiled in place (model.compile()) before modtimeline was "
+                    "imported (import modtimeline first, or let the Timeline see one eager call of the model), "
+                    "the model runs in another thread, or no model ran inside the Timeline")
 
 
 class Timeline:
@@ -231,6 +238,7 @@ class Timeline:
         # One id for every file of this run (its windows; under torchrun, every rank's).
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
         self._said_compiled_autograd = False
+        self._said_no_module_spans = False
         self._deferred_signal: int | None = None
         # Several ranks: clock samples against rank 0 (at entry and at every write).
         self._rank_clock = RankClock(rank_timeout_s) if align_ranks and distributed_world()[1] > 1 else None
@@ -559,7 +567,7 @@ class Timeline:
         elif exception is not None:
             metadata["exception"] = exception
         timestamps, codes, link_node, link_code = self.buffer.columns()
-        return resolve(
+        data = resolve(
             timestamps,
             codes,
             self.recorder.module_names,
@@ -571,8 +579,20 @@ class Timeline:
             metadata=metadata,
             raised_calls=self.recorder.raised_calls,
             raised_steps=self._raised_steps,
-            compiled_modules=self.recorder.registry.compiled,
+            compiled_modules=self.recorder.registry.compiled_indices(),
         )
+        self._say_if_no_module_span(data)
+        return data
+
+    def _say_if_no_module_span(self, data: TraceData) -> None:
+        """A window with no module span at all: say why it likely is, once (and in every
+        such file's metadata)."""
+        if any(category != STEP_CATEGORY for category in data.spans.category):
+            return
+        data.metadata["no_module_spans"] = _NO_MODULE_SPANS
+        if not self._said_no_module_spans:
+            self._said_no_module_spans = True
+            warnings.warn(f"modtimeline: {_NO_MODULE_SPANS}", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def _sample_rank_clock(self) -> None:
         """Compare clocks with rank 0 once more (every rank writes at the same point). A

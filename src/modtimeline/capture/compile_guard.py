@@ -15,18 +15,32 @@ compiled model compile again at its next call, and after eight times run it eage
 Ours always sit under the same keys, as the same functions: a model compiled with them
 in place runs the same graph in every Timeline, and one compiled without them the same
 graph between Timelines.
+
+A module compiled *in place* (``model.compile()``, ``block.compile()``) is another case:
+``Module.__call__`` then calls ``module._compiled_call_impl``, ``torch.compile(module.
+_call_impl)``, so the hook dispatch itself is inside the compiled frame and nothing is
+left for the global hooks to see at run time. ``EagerBoundary`` gives such a module the
+eager boundary a ``torch.compile(module)`` wrapper (``OptimizedModule``) has: it replaces
+``_compiled_call_impl`` and runs the hooks installed here around the compiled call (one
+forward span, flagged compiled, whose backward is the compiled backward). Modules get it
+when compiled after modtimeline is imported (``nn.Module.compile`` is wrapped, once),
+or when the registry names a model holding one compiled earlier (``shim``). Should Dynamo
+run ``_call_impl`` eagerly after all (a skipped frame, ``torch._dynamo.config.disable``,
+the recompile limit), the global hooks fire for the same call too: they skip a module
+whose boundary is open on this thread, so a call is recorded once.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn.modules import module as _torch_module
 
-__all__ = ["install", "uninstall", "put_traced", "take_traced"]
+__all__ = ["install", "uninstall", "put_traced", "take_traced", "EagerBoundary", "shim", "compiled_in_place"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -48,7 +62,7 @@ _post_hooks_with_kwargs: tuple[PostHook, ...] = ()
 
 
 def _pre_forward(module: torch.nn.Module, args: Any) -> None:
-    if _is_compiling():
+    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _pre_hooks:
         hook(module, args)
@@ -56,7 +70,7 @@ def _pre_forward(module: torch.nn.Module, args: Any) -> None:
 
 
 def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
-    if _is_compiling():
+    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _post_hooks:
         hook(module, args, output)
@@ -65,11 +79,106 @@ def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
 
 def _post_forward_with_kwargs(module: torch.nn.Module, args: Any, *rest: Any) -> None:
     # (kwargs, output); torch leaves kwargs out when it calls it for a forward that raised
-    if _is_compiling():
+    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _post_hooks_with_kwargs:
         hook(module, args, *rest)
     return None
+
+
+# ------------------------------------------------------------ in-place compiled modules
+# How many EagerBoundary calls are open (all threads): the hooks above look further only
+# when some are (one global read on every module call otherwise).
+_boundaries_open = 0
+_thread = threading.local()  # .open: ids of the modules whose boundary is open on this thread
+
+
+def _open_here() -> set[int]:
+    opened: set[int] | None = getattr(_thread, "open", None)
+    if opened is None:
+        opened = _thread.open = set()
+    return opened
+
+
+def _boundary_is_open(module: torch.nn.Module) -> bool:
+    opened: set[int] | None = getattr(_thread, "open", None)
+    return opened is not None and id(module) in opened
+
+
+class EagerBoundary:
+    """``module._compiled_call_impl`` of a module compiled in place: the compiled call
+    between the hooks installed here, as ``Module._call_impl`` runs them around
+    ``forward`` (``post`` also when it raised, with no output, as torch's always-called
+    hooks). With no hook installed, or traced by an outer compile: the compiled call alone."""
+
+    __slots__ = ("module", "compiled", "__weakref__")
+
+    def __init__(self, module: torch.nn.Module, compiled: Any) -> None:
+        self.module = weakref.ref(module)
+        self.compiled = compiled  # (torch.compile(module._call_impl): compiled_detail reads its backend)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module()
+        if module is None or not _owners or _is_compiling():
+            return self.compiled(*args, **kwargs)
+        opened = _open_here()
+        key = id(module)
+        if key in opened:  # (re-entered: the outer call is the one recorded)
+            return self.compiled(*args, **kwargs)
+        global _boundaries_open
+        pres, posts, posts_with_kwargs = _pre_hooks, _post_hooks, _post_hooks_with_kwargs
+        for hook in pres:
+            hook(module, args)
+        opened.add(key)
+        with _lock:
+            _boundaries_open += 1
+        output = None
+        try:
+            output = self.compiled(*args, **kwargs)
+        finally:
+            opened.discard(key)
+            with _lock:
+                _boundaries_open -= 1
+            for post in posts:
+                post(module, args, output)
+            for post in posts_with_kwargs:
+                if output is None:
+                    post(module, args)
+                else:
+                    post(module, args, kwargs, output)
+        return output
+
+
+def compiled_in_place(module: torch.nn.Module) -> Any:
+    """What ``module.compile()`` made (``torch.compile(module._call_impl)``), or None."""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    return compiled.compiled if isinstance(compiled, EagerBoundary) else compiled
+
+
+def shim(module: torch.nn.Module) -> bool:
+    """Put the eager boundary on ``module`` if it is compiled in place; True if it is.
+    (Dynamo caches by ``_call_impl``'s code, not by this attribute: a module that already
+    ran compiled compiles nothing again.)"""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        return False
+    if not isinstance(compiled, EagerBoundary):
+        module._compiled_call_impl = EagerBoundary(module, compiled)
+    return True
+
+
+_torch_compile_method = torch.nn.Module.compile
+
+
+def _compile_in_place(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+    _torch_compile_method(self, *args, **kwargs)
+    shim(self)
+
+
+_compile_in_place.__doc__ = _torch_compile_method.__doc__
+_compile_in_place.__wrapped__ = _torch_compile_method  # type: ignore[attr-defined]
+if getattr(torch.nn.Module.compile, "__wrapped__", None) is None:  # (once per process)
+    torch.nn.Module.compile = _compile_in_place  # type: ignore[method-assign]
 
 
 def install(owner: object, pre: PreHook, post: PostHook, *, post_with_kwargs: bool = False) -> None:

@@ -16,6 +16,7 @@ from types import FrameType
 import torch
 
 from ..errors import ModTimelineError
+from . import compile_guard
 from .buffer import MAX_MODULES
 
 __all__ = ["ModuleRegistry", "fqn_of", "is_compiler_graph"]
@@ -31,7 +32,9 @@ class _Named:
         self.ref: weakref.ref[torch.nn.Module] = weakref.ref(module, lambda ref: _forget(key, ref))
         self.fqn = fqn
         self.root = root if root is not None else self.ref
-        self.is_compiled_wrapper = _class_name(module) in _NAMELESS_WRAPPERS
+        # (a torch.compile wrapper, or a module compiled in place: its call is the compiled region)
+        self.is_compiled_wrapper = (_class_name(module) in _NAMELESS_WRAPPERS
+                                    or module.__dict__.get("_compiled_call_impl") is not None)
 
 
 # Every module named so far, for the whole process, by id(). (Not a WeakKeyDictionary:
@@ -147,6 +150,7 @@ def _name_tree(module: torch.nn.Module, name: str, root: weakref.ref[torch.nn.Mo
     """Name ``module`` and the unnamed modules under it; ``root``: None for the root.
     Wrappers are known by the class the user wrote (FSDP2 makes ``FSDPCheckpointWrapper``
     of ``fully_shard(checkpoint_wrapper(block))``)."""
+    compile_guard.shim(module)  # (compiled in place before modtimeline was imported: its boundary now)
     wrapper = _class_name(module)
     wrapped = _WRAPPER_CHILDREN.get(wrapper)
     if wrapped is not None and isinstance(getattr(module, wrapped, None), torch.nn.Module):
@@ -227,6 +231,16 @@ class ModuleRegistry:
         self._refs.append(entry.ref)
         self._index_by_id[id(module)] = index
         return index
+
+    def compiled_indices(self) -> set[int]:
+        """The indices of the modules whose calls are compiled regions: torch.compile
+        wrappers, and modules compiled in place (also those compiled after they were learnt)."""
+        found = set(self.compiled)
+        for index, ref in enumerate(self._refs):
+            module = ref()
+            if module is not None and module.__dict__.get("_compiled_call_impl") is not None:
+                found.add(index)
+        return found
 
     def module(self, index: int) -> torch.nn.Module | None:
         """The module at ``index``, or None once it has been deleted."""
