@@ -61,7 +61,7 @@ LAYOUT = {
     "SUBGRAPH_BUDGET": SUBGRAPH_BUDGET,
     "FORWARD_BEGIN": FORWARD_BEGIN, "FORWARD_END": FORWARD_END, "NODE_DONE": NODE_DONE,
     "RECOMPUTE_BEGIN": RECOMPUTE_BEGIN,
-    "RECOMPUTE_END": RECOMPUTE_END, "STEP_BEGIN": STEP_BEGIN, "GRADIENT_READY": GRADIENT_READY,
+    "RECOMPUTE_END": RECOMPUTE_END, "STEP_BEGIN": STEP_BEGIN, "STEP_END": STEP_END, "GRADIENT_READY": GRADIENT_READY,
     "BACKWARD_DONE": BACKWARD_DONE,
 }
 
@@ -242,5 +242,16 @@ class NativeEventBuffer(_OverflowReport):
 
 
 def unpack(code: int) -> tuple[int, int, int]:
-    """(kind, module, call) of a packed event code."""
+    """(kind, module, call) of a packed event code (for node events: kind, pass, node)."""
     return code & KIND_MASK, (code >> KIND_BITS) & MODULE_MASK, code >> CALL_SHIFT
+
+
+def pack_link(call: int, module: int, begins: bool) -> int:
+    """A node link's code: ``call`` (of module ``module``) begins its backward at the node
+    (``begins``), or may end it there."""
+    return call << LINK_SHIFT | module << 1 | (LINK_BEGIN if begins else 0)
+
+
+def unpack_link(code: int) -> tuple[int, int, bool]:
+    """(call, module, begins) of a node link's code."""
+    return code >> LINK_SHIFT, (code >> 1) & MODULE_MASK, bool(code & LINK_BEGIN)

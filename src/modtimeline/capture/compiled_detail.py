@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from . import compile_guard
-from .buffer import FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE, EventBuffer, NativeEventBuffer
-from .recorder import link_code
+from .buffer import FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE, EventBuffer, NativeEventBuffer, pack_link
 from .registry import ModuleRegistry
 
 __all__ = ["CompiledDetail", "SUPPORTED_BACKENDS"]
@@ -247,7 +246,7 @@ class CompiledDetail:
         call = next(self._calls)
         self._buffer.record(FORWARD_BEGIN, call, index)
         boundary.open.append((self._epoch, call, index))
-        node = self._buffer.synthetic_node(link_code(call, index, False))
+        node = self._buffer.synthetic_node(pack_link(call, index, False))
         if node >= 0:
             boundary.pending_end.append((self._epoch, node))
 
@@ -258,7 +257,7 @@ class CompiledDetail:
         if epoch != self._epoch:
             return
         self._buffer.record(FORWARD_END, call, index)
-        node = self._buffer.synthetic_node(link_code(call, index, True))
+        node = self._buffer.synthetic_node(pack_link(call, index, True))
         if node >= 0:
             boundary.pending_begin.append((epoch, node))
 

@@ -38,17 +38,15 @@ from .buffer import (
     MODULE_MASK,
     FORWARD_END,
     GRADIENT_READY,
-    LAYOUT,
     NODE_DONE,
-    LINK_BEGIN,
-    LINK_SHIFT,
+    pack_link,
     RECOMPUTE_BEGIN,
     RECOMPUTE_END,
     SUBGRAPH_BUDGET,
     EventBuffer,
     NativeEventBuffer,
 )
-from ..native.loader import compiled, warn_once_if_slow, why_not
+from ..native.loader import compiled_part, warn_once_if_slow
 from . import compile_guard
 from ..errors import ModTimelineError
 from .registry import ModuleRegistry, is_compiler_graph
@@ -69,14 +67,14 @@ def _peek_by_a_node() -> int:
 # The sequence number the next autograd node made on this thread gets.
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_node)
 
+# The Store and ForwardHooks interface this file uses (_hotpath.cpp HOTPATH_API).
+HOTPATH_API = 1
+
+
 def native_hotpath() -> Any | None:
     """The compiled hot path module, or None (not built, disabled by the environment, or
-    built with another event layout)."""
-    hotpath = compiled("native._hotpath")
-    if hotpath is not None and getattr(hotpath, "LAYOUT", None) != LAYOUT:
-        why_not["native._hotpath"] = "built from another version of modtimeline (its event layout differs)"
-        return None
-    return hotpath
+    built from another version: loader.compiled_part)."""
+    return compiled_part("native._hotpath", HOTPATH_API)
 
 
 def _compiled_autograd_enabled() -> bool:
@@ -96,10 +94,6 @@ def new_buffer(capacity: int) -> EventBuffer | NativeEventBuffer:
     if _compiled_autograd_enabled():
         return EventBuffer(capacity)
     return NativeEventBuffer(hotpath.Store(capacity))
-
-
-def link_code(call: int, index: int, begins: bool) -> int:
-    return call << LINK_SHIFT | index << 1 | (LINK_BEGIN if begins else 0)
 
 
 class RecorderCallbacks(Protocol):
@@ -320,9 +314,9 @@ class PythonForwardHooks:
         outputs = [node for node in map(autograd_node, tensors) if node is not None]
         begins, ends = call_nodes(outputs, frame.first_node, last)
         for node in begins:
-            self._marks.link(node, link_code(frame.call, frame.index, True), False)
+            self._marks.link(node, pack_link(frame.call, frame.index, True), False)
         for node in ends:
-            self._marks.link(node, link_code(frame.call, frame.index, False), True)
+            self._marks.link(node, pack_link(frame.call, frame.index, False), True)
 
 
 # --------------------------------------------------------------------- Recorder

@@ -20,10 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..capture.buffer import (BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, LINK_BEGIN, LINK_SHIFT, MODULE_BITS,
-                     NODE_DONE, RECOMPUTE_BEGIN, RECOMPUTE_END)
-
-_MODULE_MASK = (1 << MODULE_BITS) - 1
+from ..capture.buffer import (BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, GRADIENT_READY, NODE_DONE, RECOMPUTE_BEGIN,
+                              RECOMPUTE_END, unpack_link)
 
 
 class NvtxApi(Protocol):
@@ -89,9 +87,8 @@ class NvtxRanges:
         nodes, codes = self._links.links(self._links_read)
         self._links_read += len(nodes)
         for node, code in zip(nodes, codes):
-            call = code >> LINK_SHIFT
-            module = (code >> 1) & _MODULE_MASK
-            if code & LINK_BEGIN:
+            call, module, begins = unpack_link(code)
+            if begins:
                 self._begins.setdefault(node, []).append((call, module))
             else:
                 self._ends.setdefault(node, []).append(call)

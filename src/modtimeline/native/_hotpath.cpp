@@ -49,7 +49,10 @@
 
 namespace {
 
-using namespace modtimeline_layout;  // the event layout (_layout.h)
+using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
+
+// The Store and ForwardHooks interface (capture/recorder.py HOTPATH_API).
+constexpr long long HOTPATH_API = 1;
 
 inline bool is_begin(int64_t kind) {
   return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
@@ -921,7 +924,7 @@ PyMODINIT_FUNC PyInit__hotpath() {
     Py_DECREF(module);
     return nullptr;
   }
-  int added = add_layout(module, event_layout());
+  int added = add_layout(module, HOTPATH_API);
   if (added < 0) {
     Py_DECREF(module);
     return nullptr;

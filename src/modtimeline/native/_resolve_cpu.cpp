@@ -26,13 +26,11 @@
 
 namespace {
 
-using namespace modtimeline_layout;  // the event layout (_layout.h)
+using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
 
-// format.py's span constants (exported beside the layout and checked at import).
-enum : int8_t { FORWARD, BACKWARD, RECOMPUTE, STEP };
-constexpr int8_t INCOMPLETE = 1, APPROXIMATE = 2, FLOW_NONE = 0, FLOW_OUT = 1, FLOW_IN = 2;
-constexpr int64_t NO_LAG = INT64_MIN;
-constexpr int64_t STEPS_TRACK = 1, FORWARD_TRACK = 2, BACKWARD_TRACK = 10;
+// The arguments spans() takes and the columns it returns (spans/resolve.py RESOLVE_API).
+constexpr long long RESOLVE_API = 1;
+
 
 struct Span {
   int64_t begin, end, name;
@@ -479,19 +477,7 @@ PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__resolve_cpu() {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  PyObject* layout = event_layout();
-  using L = long long;
-  const struct { const char* name; long long value; } spans[] = {
-      {"INCOMPLETE", L(INCOMPLETE)},   {"APPROXIMATE", L(APPROXIMATE)},     {"FLOW_OUT", L(FLOW_OUT)},
-      {"FLOW_IN", L(FLOW_IN)},         {"STEPS_TRACK", L(STEPS_TRACK)},     {"FORWARD_TRACK", L(FORWARD_TRACK)},
-      {"BACKWARD_TRACK", L(BACKWARD_TRACK)},
-  };
-  for (const auto& constant : spans) {
-    PyObject* value = layout == nullptr ? nullptr : PyLong_FromLongLong(constant.value);
-    if (value == nullptr || PyDict_SetItemString(layout, constant.name, value) < 0) Py_CLEAR(layout);
-    Py_XDECREF(value);
-  }
-  int added = add_layout(module, layout);
+  int added = add_layout(module, RESOLVE_API);
   if (added < 0) {
     Py_DECREF(module);
     return nullptr;

@@ -64,6 +64,32 @@ def pure_python() -> bool:
     return os.environ.get("MODTIMELINE_PURE_PYTHON", "") not in ("", "0")
 
 
+# Every constant shared with the compiled parts, by the name _layout.h gives it: the event
+# layout (capture/buffer.py) and format.py's span categories, flags, flows, track ids.
+_FORMAT_CONSTANTS = ("INCOMPLETE", "APPROXIMATE", "COMPILED", "FLOW_NONE", "FLOW_OUT", "FLOW_IN", "STEPS_TRACK",
+                     "FORWARD_TRACK", "BACKWARD_TRACK", "FORWARD", "BACKWARD", "RECOMPUTE", "STEP", "NO_LAG")
+
+
+def shared_constants() -> dict[str, int]:
+    """The constants every compiled part must have been built with (_layout.h, their one
+    C copy, exports them as LAYOUT through shared_layout())."""
+    from .. import format
+    from ..capture.buffer import LAYOUT
+
+    return {**LAYOUT, **{name: int(getattr(format, name)) for name in _FORMAT_CONSTANTS}}
+
+
+def compiled_part(name: str, api: int) -> ModuleType | None:
+    """``compiled(name)``, refused unless it was built with ``shared_constants()`` and
+    takes the arguments the Python side passes (its API version): the one handshake of
+    every compiled part. The reason of a refusal is in ``why_not``."""
+    module = compiled(name)
+    if module is not None and getattr(module, "LAYOUT", None) != {**shared_constants(), "API": api}:
+        why_not[name] = "built from another version of modtimeline (its constants or arguments differ)"
+        return None
+    return module
+
+
 def compiled(name: str) -> ModuleType | None:
     """``modtimeline.<name>`` if it is built and allowed, else None (reason in why_not)."""
     if pure_python():

@@ -50,8 +50,7 @@ from ..capture.buffer import (
     STEP_BEGIN,
     STEP_END,
 )
-from ..native.loader import compiled, why_not
-from ..capture.buffer import LAYOUT
+from ..native.loader import compiled_part
 from ..device.clock import DeviceMarks
 from ..format import (
     APPROXIMATE,
@@ -76,19 +75,11 @@ from ..format import (
     Track,
 )
 
-def _compiled_resolve() -> Any:
-    """The compiled host-only resolve (setup.py), if built with these very constants."""
-    module = compiled("native._resolve_cpu")
-    expected = dict(LAYOUT, INCOMPLETE=INCOMPLETE, APPROXIMATE=APPROXIMATE, FLOW_OUT=FLOW_OUT, FLOW_IN=FLOW_IN,
-                    STEPS_TRACK=STEPS_TRACK, FORWARD_TRACK=FORWARD_TRACK, BACKWARD_TRACK=BACKWARD_TRACK)
-    if module is not None and getattr(module, "LAYOUT", None) != expected:
-        why_not["native._resolve_cpu"] = "built from another version of modtimeline (its constants differ)"
-        return None  # the Python below does the same work
-    return module
-
+# The arguments _resolve_cpu.spans() takes and the columns it returns (_resolve_cpu.cpp RESOLVE_API).
+RESOLVE_API = 1
 
 # Host-only resolve, compiled; without it, the Python below does it all (20x slower).
-_resolve_cpu = _compiled_resolve()
+_resolve_cpu = compiled_part("native._resolve_cpu", RESOLVE_API)
 
 
 # A span while being built:
