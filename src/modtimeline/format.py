@@ -20,7 +20,7 @@ PFTRACE_FORMAT = "modtimeline-pftrace"
 PFTRACE_METADATA = "modtimeline"  # name of the chrome_events metadata entry in .pftrace
 PFTRACE_INCREMENTAL_CLOCK = 64  # the first sequence-scoped clock id: our incremental timestamps
 
-ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate", "compiled")
+ARG_NAMES = ("step", "call", "incomplete", "launch_lag_us", "approximate", "compiled", "fused")
 
 CATEGORIES = ("forward", "backward", "recompute", "step")
 FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
@@ -31,6 +31,10 @@ FORWARD, BACKWARD, RECOMPUTE, STEP = range(4)
 INCOMPLETE = 1
 APPROXIMATE = 2
 COMPILED = 4  # the call ran a torch.compile'd module ("compiled": true)
+# FUSED: a span measured from compiled kernels, some of which computed several of its
+# submodules at once (inductor fused them): their time is this, their deepest common
+# ancestor's ("fused": true; metadata.compiled_detail.fused names the modules).
+FUSED = 8
 
 FLOW_NONE, FLOW_OUT, FLOW_IN = 0, 1, 2
 

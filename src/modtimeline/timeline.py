@@ -36,6 +36,7 @@ from .schedule import Schedule, StepAction
 from .capture.signals import TerminationGuard
 from .integrations.distributed import ClockSample, RankClock, distributed_world
 from .capture.compiled_detail import CompiledDetail
+from .capture.inductor_detail import InductorDetail
 from .device.nvtx import NvtxApi, NvtxRanges, chained, torch_nvtx
 from .integrations.profiler import ProfilerExport
 from .capture.recorder import Recorder, new_buffer
@@ -213,6 +214,8 @@ class Timeline:
         self.buffer = new_buffer(capacity)
         self.recorder = Recorder(self.buffer)
         self._detail = CompiledDetail(self.buffer, self.recorder.registry) if compiled_detail else None
+        # (inductor regions: kernels measured by torch.profiler, named by inductor's provenance)
+        self._kernels = InductorDetail(profiler) if compiled_detail else None
         self._clock: DeviceClock | None = None
         self._step = 0
         self._action = StepAction.RECORD
@@ -273,6 +276,8 @@ class Timeline:
                 self._run_id = self._rank_clock.share_run_id(self._run_id)
                 self._clock_samples = [self._rank_clock.sample()]
             self.recorder.own_thread()  # the thread that starts records (see README: threads)
+            if self._kernels is not None:
+                self._kernels.start()  # (before the model's first compiled call)
             _mark_profiler_clock()
             self._start_window()
             self._maybe_start_device_clock()
@@ -305,6 +310,8 @@ class Timeline:
                 self._close(error)
             finally:
                 self._phase = _STOPPED
+                if self._kernels is not None:
+                    self._kernels.stop()
                 if self._guard is not None:
                     self._guard.uninstall()
 
@@ -422,6 +429,8 @@ class Timeline:
             self._maybe_start_device_clock()
             if self._clock is not None:
                 self._clock.begin_step()  # still between steps: harvest, anchor new devices, refill
+            if self._kernels is not None:
+                self._kernels.recording()
             _mark_profiler_clock()
         self._in_step = True
         if action is not StepAction.SKIP:
@@ -460,7 +469,11 @@ class Timeline:
             self.recorder.__enter__()
             if self._detail is not None:
                 self._detail.__enter__()
+            if self._kernels is not None:
+                self._kernels.recording()
         elif not on and self._hooks_on:
+            if self._kernels is not None:
+                self._kernels.pause()
             if self._detail is not None:
                 self._detail.__exit__(None, None, None)
             self.recorder.__exit__(None, None, None)
@@ -502,6 +515,8 @@ class Timeline:
         self.recorder.retire_marks()  # node ids start again with the cleared buffer
         if self._detail is not None:
             self._detail.retire()
+        if self._kernels is not None:
+            self._kernels.retire()
         self._window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
@@ -581,6 +596,8 @@ class Timeline:
             raised_steps=self._raised_steps,
             compiled_modules=self.recorder.registry.compiled_indices(),
         )
+        if self._kernels is not None:
+            self._kernels.add_to(data)
         self._say_if_no_module_span(data)
         return data
 

@@ -162,6 +162,8 @@ def _prepare(wrapper: torch.nn.Module) -> None:
             boundary = _BOUNDARIES.get(id(module))
             if boundary is not None and boundary.ref() is module:
                 del _BOUNDARIES[id(module)]
+        if backend == "inductor":
+            return  # (measured from its kernels instead: inductor_detail.py)
         warnings.warn(f"modtimeline: compiled_detail shows the modules inside regions compiled with "
                       f"{', '.join(SUPPORTED_BACKENDS)}; this one compiles with {backend or 'an unknown backend'} "
                       "and shows as one span (leaf functions do not compile under inductor in torch 2.13)",

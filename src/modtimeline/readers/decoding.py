@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import TraceFileError, TraceFormatError
-from ..format import APPROXIMATE, CATEGORIES, COMPILED, INCOMPLETE, TOOL, Counter, SpanColumns, Track, TraceData, \
+from ..format import APPROXIMATE, CATEGORIES, COMPILED, FUSED, INCOMPLETE, TOOL, Counter, SpanColumns, Track, TraceData, \
     check_version
 
 T = TypeVar("T")
@@ -134,7 +134,7 @@ def checked_metadata(path: Path, metadata: Any) -> dict[str, Any]:
 def span_flags(args: dict[str, Any]) -> int:
     """The flags (``format.INCOMPLETE`` ...) a span's arguments set."""
     return ((INCOMPLETE if args.get("incomplete") is True else 0) | (APPROXIMATE if args.get("approximate") is True else 0)
-            | (COMPILED if args.get("compiled") is True else 0))
+            | (COMPILED if args.get("compiled") is True else 0) | (FUSED if args.get("fused") is True else 0))
 
 
 class ProcessRows:

@@ -42,7 +42,7 @@ static void put_micros(Output *out, int64_t ns) {
 
 #define LITERAL(out, text) put(out, text, sizeof(text) - 1)
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 }; /* format.py */
+enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4, FUSED = 8 }; /* format.py */
 
 /* The bytes at `index` of list `list` (a name or a category), or NULL with an error. */
 static PyObject *item_bytes(PyObject *list, int64_t index, const char *what) {
@@ -114,6 +114,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         if (flags[i] & INCOMPLETE) LITERAL(&out, ",\"incomplete\":true");
         if (flags[i] & APPROXIMATE) LITERAL(&out, ",\"approximate\":true");
         if (flags[i] & COMPILED) LITERAL(&out, ",\"compiled\":true");
+        if (flags[i] & FUSED) LITERAL(&out, ",\"fused\":true");
         LITERAL(&out, "}");
         if (flow[i] == FLOW_OUT || flow[i] == FLOW_IN) {
             LITERAL(&out, ",\"bind_id\":");

@@ -13,8 +13,8 @@
  * stale build. */
 #define API_VERSION 3
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4 };              /* format.py */
-enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6 }; /* interned */
+enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4, FUSED = 8 };              /* format.py */
+enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6, ARG_FUSED = 7 }; /* interned */
 enum { SEQ_NEEDS_INCREMENTAL_STATE = 2, TYPE_SLICE_BEGIN = 1, TYPE_SLICE_END = 2 };
 
 static size_t put_varint(uint8_t *at, uint64_t value) {
@@ -98,6 +98,7 @@ static size_t encode_track_event(uint8_t *event, const Columns *c, int64_t row, 
     if (c->flags[row] & INCOMPLETE) n += put_bool_arg(event + n, ARG_INCOMPLETE);
     if (c->flags[row] & APPROXIMATE) n += put_bool_arg(event + n, ARG_APPROXIMATE);
     if (c->flags[row] & COMPILED) n += put_bool_arg(event + n, ARG_COMPILED);
+    if (c->flags[row] & FUSED) n += put_bool_arg(event + n, ARG_FUSED);
     if (c->lag[row] != INT64_MIN) n += put_double_arg(event + n, ARG_LAG, (double)c->lag[row] / 1000.0);
     event[n++] = 0x48;
     event[n++] = TYPE_SLICE_BEGIN;

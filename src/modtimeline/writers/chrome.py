@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..native.loader import compiled, why_not
-from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
+from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FUSED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
                       STEP, SpanColumns, TraceData)
 
 # The compiled row formatter (setup.py); without it, the Python path below.
@@ -46,7 +46,7 @@ def _numbers(values: list[Any]) -> list[bytes]:
 # "%.0b" prints nothing, so only rows with a flow repeat it (as bind_id).
 def _tail(flow: int, flags: int) -> bytes:
     marks = ((b',"incomplete":true' if flags & INCOMPLETE else b"") + (b',"approximate":true' if flags & APPROXIMATE else b"")
-             + (b',"compiled":true' if flags & COMPILED else b""))
+             + (b',"compiled":true' if flags & COMPILED else b"") + (b',"fused":true' if flags & FUSED else b""))
     if flow == FLOW_OUT:
         return b'%b' + marks + b'},"bind_id":%b,"flow_out":true}'
     if flow == FLOW_IN:
@@ -54,7 +54,7 @@ def _tail(flow: int, flags: int) -> bytes:
     return b'%b' + marks + b'}}%.0b'
 
 
-_TAILS = {(flow, flags): _tail(flow, flags) for flow in (0, FLOW_OUT, FLOW_IN) for flags in range(8)}
+_TAILS = {(flow, flags): _tail(flow, flags) for flow in (0, FLOW_OUT, FLOW_IN) for flags in range(16)}
 
 
 def write_chrome_json(data: TraceData, stream: BinaryIO) -> None:

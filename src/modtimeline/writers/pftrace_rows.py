@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from itertools import groupby
 
 from ..native.loader import compiled, why_not
-from ..format import APPROXIMATE, COMPILED, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG
+from ..format import APPROXIMATE, COMPILED, FUSED, FLOW_IN, FLOW_OUT, INCOMPLETE, NO_LAG
 
 _pftrace_rows = compiled("writers._pftrace_rows")
 _API = 3  # the encode_spans this file calls (_pftrace_rows.c API_VERSION)
@@ -43,7 +43,7 @@ if _pftrace_rows is not None and getattr(_pftrace_rows, "API", None) != _API:
     _pftrace_rows = None
 
 # Interned debug annotation names (iids): format.ARG_NAMES in order, from 1.
-ARG_STEP, ARG_CALL, ARG_INCOMPLETE, ARG_LAG, ARG_APPROXIMATE, ARG_COMPILED = range(1, 7)
+ARG_STEP, ARG_CALL, ARG_INCOMPLETE, ARG_LAG, ARG_APPROXIMATE, ARG_COMPILED, ARG_FUSED = range(1, 8)
 _SEQ_NEEDS_INCREMENTAL_STATE = 2
 _END_EVENT = b"\x48\x02"  # type = SLICE_END
 
@@ -81,6 +81,8 @@ def _begin_event(category: int, step: int, call: int, flags: int, lag: int, name
         event += _bool_arg(ARG_APPROXIMATE)
     if flags & COMPILED:
         event += _bool_arg(ARG_COMPILED)
+    if flags & FUSED:
+        event += _bool_arg(ARG_FUSED)
     if lag != NO_LAG:
         event += _double_arg(ARG_LAG, lag / 1000)
     event += b"\x48\x01\x50" + varint(name + 1)
