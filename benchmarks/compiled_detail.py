@@ -1,8 +1,8 @@
 """What ``Timeline(compiled_detail=True)`` costs a compiled training step.
 
-A model compiled with ``aot_eager`` (the backend the detail works under; inductor fails
-on leaf functions in torch 2.13, so the detail stays out of inductor regions) runs one
-training step per variant, interleaved (every round runs each variant once, in a fresh
+A model compiled with ``aot_eager`` (where the detail is leaf functions at submodule
+boundaries) and with ``inductor`` (where it is measured from the kernels: provenance at
+compile time, torch.profiler in the recorded steps) runs one training step per variant, interleaved (every round runs each variant once, in a fresh
 random order), a Timeline per step with its file written:
 
 * untraced;
@@ -16,7 +16,10 @@ of a class the graph compiled first; each variant's root class here gets a forwa
 its own code object, so each compiles its own. Reports medians over rounds of the step
 time and its ratio to the untraced step of the same round.
 
-    python benchmarks/compiled_detail.py [--reps 21] [--out benchmarks/results]
+With inductor, a Timeline per step means a profiler started and stopped per step, and
+its events read, for the detail: the cost of a one-step diagnostic.
+
+    python benchmarks/compiled_detail.py [--reps 21] [--backends aot_eager,inductor] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def transformer() -> tuple[Callable[[], nn.Module], torch.Tensor]:
 WORKLOADS = {"mlp": mlp, "transformer": transformer}
 
 
-def own_graph(model: nn.Module, tag: str) -> nn.Module:
+def own_graph(model: nn.Module, tag: str, backend: str) -> nn.Module:
     """``model`` with a root forward of its own code object (same class name, same code):
     Dynamo compiles a graph for it alone."""
     cls = type(model)
@@ -79,15 +82,15 @@ def own_graph(model: nn.Module, tag: str) -> nn.Module:
     code = forward.__code__.replace(co_name=f"{forward.__name__}_{tag}")
     own = types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__, forward.__closure__)
     model.__class__ = type(cls.__name__, (cls,), {"forward": own})
-    return torch.compile(model, backend="aot_eager")
+    return torch.compile(model, backend=backend)
 
 
-def measure(workload: str, reps: int, folder: Path) -> dict[str, object]:
+def measure(workload: str, reps: int, folder: Path, backend: str) -> dict[str, object]:
     make, x = WORKLOADS[workload]()
     variants: dict[str, tuple[nn.Module, Callable[[], contextlib.AbstractContextManager[object]]]] = {
-        "untraced": (own_graph(make(), "untraced"), contextlib.nullcontext),
-        "Timeline": (own_graph(make(), "timeline"), lambda: Timeline(folder / "plain.json")),
-        "Timeline(compiled_detail=True)": (own_graph(make(), "detail"),
+        "untraced": (own_graph(make(), "untraced", backend), contextlib.nullcontext),
+        "Timeline": (own_graph(make(), "timeline", backend), lambda: Timeline(folder / "plain.json")),
+        "Timeline(compiled_detail=True)": (own_graph(make(), "detail", backend),
                                            lambda: Timeline(folder / "detail.json", compiled_detail=True)),
     }
     for model, context in variants.values():  # compile each under its own context, outside the timing
@@ -117,26 +120,35 @@ def measure(workload: str, reps: int, folder: Path) -> dict[str, object]:
         ratios = [t / u for t, u in zip(samples, times["untraced"])]
         rows[name] = {"step_ms": statistics.median(samples) * 1e3, "ratio": statistics.median(ratios),
                       "spans_per_step": spans.get(name, 0)}
-    return {"variants": rows}
+    detail = json.loads((folder / "detail.json").read_bytes())["metadata"].get("compiled_detail")
+    return {"variants": rows, "compiled_detail": detail}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument("--backends", default="aot_eager,inductor")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # (torch.compile's notes on global hooks)
+    backends = args.backends.split(",")
     results: dict[str, object] = {"machine": machine(), "reps": args.reps, "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for workload in WORKLOADS:
-            results["workloads"][workload] = measure(workload, args.reps, Path(tmp))  # type: ignore[index]
-    lines = [f"Machine: {results['machine']}; backend aot_eager; medians of {args.reps} interleaved rounds, "
-             "a Timeline per step (file written).", ""]
+        for backend in backends:
+            for workload in WORKLOADS:
+                key = workload if backend == "aot_eager" else f"{workload} ({backend})"
+                results["workloads"][key] = measure(workload, args.reps, Path(tmp), backend)  # type: ignore[index]
+    lines = [f"Machine: {results['machine']}; backends {', '.join(backends)}; medians of {args.reps} interleaved "
+             "rounds, a Timeline per step (file written).", ""]
     for workload, result in results["workloads"].items():  # type: ignore[attr-defined]
         lines += [f"**{workload}**", "", "| variant | step (ms) | × untraced | module spans per step |",
                   "|---|---:|---:|---:|"]
         for name, row in result["variants"].items():
             lines.append(f"| {name} | {row['step_ms']:.2f} | {row['ratio']:.3f} | {row['spans_per_step'] or ''} |")
+        detail = result.get("compiled_detail")
+        if detail and detail.get("coverage") is not None:
+            lines.append(f"\nkernel time attributed to modules: {detail['coverage']:.1%} "
+                         f"of {detail['kernel_ns'] / 1e3:.0f} µs")
         lines.append("")
     save("compiled_detail", results, "\n".join(lines), args.out)
     return 0

@@ -46,3 +46,14 @@ class TinyNet(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.head(self.ln_f(x))
+
+
+def tiny_llama(layers: int = 2):
+    """A tiny random LlamaForCausalLM (built from a config: nothing is downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
