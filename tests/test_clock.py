@@ -70,9 +70,9 @@ def test_marks_map_to_the_host_clock_exactly(monkeypatch):
     backend = FakeBackend(lag_ns=5_000)
     manual = ManualClock(monkeypatch, backend)  # (no time passes between reading the clock and recording)
     clock = DeviceClock(backend)
-    clock.mark(0, FW, 1)
+    clock.record_event(0, FW, 1)
     manual.advance(7_000)
-    clock.mark(1, FE, 1)
+    clock.record_event(1, FE, 1)
     recorded = list(backend.recorded)
     marks = clock.resolve()
     assert list(marks.host_event) == [0, 1]
@@ -86,13 +86,13 @@ def test_no_synchronize_while_marking():
     backend = FakeBackend()
     clock = DeviceClock(backend)
     for i in range(100):
-        clock.mark(i, FW if i % 2 else ND, 1)
+        clock.record_event(i, FW if i % 2 else ND, 1)
     assert backend.synchronizations == 0
     clock.begin_step()  # between steps: the new device is anchored here
     syncs = backend.synchronizations
     assert syncs > 0
     for i in range(100, 200):
-        clock.mark(i, FW, 1)
+        clock.record_event(i, FW, 1)
     assert backend.synchronizations == syncs
 
 
@@ -105,7 +105,7 @@ def test_two_devices_in_one_window_and_across_windows(monkeypatch):
             clock.begin_step()
             for i in range(20):
                 backend.device = i % 2  # backward marks: each autograd device thread's device
-                clock.mark(100 * step + i, ND, 0)
+                clock.record_event(100 * step + i, ND, 0)
                 manual.advance(1_000)
             manual.advance(50_000)
         marks = clock.resolve()  # the strict fake raises if an event crosses devices
@@ -144,13 +144,13 @@ def test_spans_stay_exact_to_a_microsecond_after_an_hour(monkeypatch):
     manual = ManualClock(monkeypatch, backend)
     clock = DeviceClock(backend)
     rng = random.Random(3)
-    clock.mark(0, FW, 1)
+    clock.record_event(0, FW, 1)
     for _ in range(3600):
         manual.advance(1_000_000_000 + rng.randrange(-999_999, 999_999))
         clock.begin_step()
     backend.work_ns = 19_000
-    clock.mark(1, FW, 1)
-    clock.mark(2, FE, 1)
+    clock.record_event(1, FW, 1)
+    clock.record_event(2, FE, 1)
     begin_true, end_true = (done - backend.lag_ns for _, done in backend.recorded[-2:])
     backend.work_ns = 0
     manual.advance(1_000_000)
@@ -167,13 +167,13 @@ def test_drift_is_corrected_between_anchors(monkeypatch):
     backend = FakeBackend(lag_ns=0, rate=1 + 100e-6)  # a GPU clock 100 ppm fast
     manual = ManualClock(monkeypatch, backend)
     clock = DeviceClock(backend)
-    clock.mark(0, FW, 1)
+    clock.record_event(0, FW, 1)
     clock.begin_step()  # anchor 1
     true = []
     for i in range(1, 60):
         manual.advance(1_000_000_000)  # a minute, in 1 s steps: 6 ms of drift by the end
         clock.begin_step()
-        clock.mark(i, FW, 1)
+        clock.record_event(i, FW, 1)
         true.append(backend.recorded[-1][1])
     manual.advance(1_000)
     marks = clock.resolve()  # anchor 2
@@ -184,13 +184,13 @@ def test_drift_is_corrected_between_anchors(monkeypatch):
 def test_marks_during_cuda_graph_capture_are_skipped_and_counted():
     backend = FakeBackend()
     clock = DeviceClock(backend)
-    clock.mark(0, FW, 1)
+    clock.record_event(0, FW, 1)
     backend.capture = True
     for i in range(1, 6):
-        clock.mark(i, FW, 1)
+        clock.record_event(i, FW, 1)
     clock.begin_step()  # (a boundary inside a capture marks nothing either)
     backend.capture = False
-    clock.mark(6, FE, 1)
+    clock.record_event(6, FE, 1)
     marks = clock.resolve()  # would raise "invalid argument" on a captured event
     assert list(marks.host_event) == [0, 6]
     assert marks.skipped_in_capture == 5
@@ -203,7 +203,7 @@ def test_the_pool_stays_bounded_over_ten_thousand_steps(monkeypatch):
     for step in range(10_000):
         clock.begin_step()
         for i in range(20):
-            clock.mark(i, FW if i % 3 else BACKWARD_DONE, 1)
+            clock.record_event(i, FW if i % 3 else BACKWARD_DONE, 1)
             manual.advance(2_000)
         manual.advance(100_000)  # the GPU catches up before the next step
     assert clock.pending() < 40
@@ -218,7 +218,7 @@ def test_a_gpu_that_never_catches_up_drops_marks_at_the_bound(monkeypatch):
     for step in range(10):
         clock.begin_step() if step else None
         for i in range(100):
-            clock.mark(i, FW, 1)
+            clock.record_event(i, FW, 1)
         manual.advance(1_000)
     # The first step boundary anchors the device (a synchronisation: those 100 complete);
     # of the 900 marks after it, the pool holds 500 and drops the rest.

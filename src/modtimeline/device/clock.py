@@ -1,6 +1,6 @@
 """Device time on the host clock, without synchronising inside a traced step.
 
-At span boundaries ``DeviceClock.mark`` records a timing event on the stream the work
+At span boundaries ``DeviceClock.record_event`` records a timing event on the stream the work
 went to: for a forward, the current stream of the module's own device (from its
 parameters; never simply "the current device", which is GPU 0 unless the user set it);
 in backward, autograd's thread for that device. Nothing is waited for inside a step.
@@ -155,14 +155,14 @@ class DeviceClock:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ hot path
-    def mark(self, host_event: int, kind: int, module: int, call: int = 0) -> None:
+    def record_event(self, host_event: int, kind: int, module: int, call: int = 0) -> None:
         """Record a device event for host event ``host_event`` (buffer.on_recorded)."""
         if kind not in _MARKED_KINDS:
             return
         with self._lock:
-            self._mark(host_event, kind, module)
+            self._record_event(host_event, kind, module)
 
-    def _mark(self, host_event: int, kind: int, module: int) -> None:
+    def _record_event(self, host_event: int, kind: int, module: int) -> None:
         backend = self.backend
         if backend.capturing():
             self.skipped_in_capture += 1
