@@ -63,7 +63,7 @@ def _local_rank() -> int:
 PROFILER_CLOCK_PAIRS = 3
 
 
-def _mark_profiler_clock() -> None:
+def _pair_profiler_clock() -> None:
     """Pair our clock with torch.profiler's, if one is recording: a range named by our
     clock's reading, which the profiler stamps with its own (``modtimeline merge
     --profiler`` lines the two traces up by these). Between steps only."""
@@ -278,7 +278,7 @@ class Timeline:
             self.recorder.own_thread()  # the thread that starts records (see README: threads)
             if self._kernels is not None:
                 self._kernels.start()  # (before the model's first compiled call)
-            _mark_profiler_clock()
+            _pair_profiler_clock()
             self._start_window()
             self._maybe_start_device_clock()
             self._step_closed_by_stop = False
@@ -431,7 +431,7 @@ class Timeline:
                 self._clock.begin_step()  # still between steps: harvest, anchor new devices, refill
             if self._kernels is not None:
                 self._kernels.recording()
-            _mark_profiler_clock()
+            _pair_profiler_clock()
         self._in_step = True
         if action is not StepAction.SKIP:
             self._hooks(True)
@@ -448,7 +448,7 @@ class Timeline:
         if action is StepAction.SKIP:
             return
         self.buffer.record(STEP_END, number, 0)
-        _mark_profiler_clock()
+        _pair_profiler_clock()
         if not self._record_between_steps and not closing:
             self._hooks(False)
         if action is StepAction.WARMUP:
@@ -495,7 +495,7 @@ class Timeline:
 
     def _wire_events(self) -> None:
         """Each recorded event goes to the device clock and to NVTX, as they are on."""
-        self.buffer.on_recorded = chained(self._clock.mark if self._clock is not None else None,
+        self.buffer.on_recorded = chained(self._clock.record_event if self._clock is not None else None,
                                           self._nvtx.on_event if self._nvtx is not None else None)
 
     def _module_device(self, index: int) -> int | None:
@@ -645,7 +645,7 @@ class Timeline:
         return True
 
     def _flush(self, path: Path, exception: BaseException | str | None = None) -> None:
-        _mark_profiler_clock()
+        _pair_profiler_clock()
         if exception is None:
             # Not when a step raised or a signal came: the other ranks may never arrive.
             self._sample_rank_clock()
