@@ -232,6 +232,44 @@ def test_compiled_models_traces_load_without_errors(ui, tmp_path):
             trace.close()
 
 
+def test_inductor_trace_with_detail_loads_and_nests(ui, tmp_path):
+    """An inductor-compiled model with compiled_detail (spans measured from its kernels,
+    some flagged fused) in both formats: no import errors, and every submodule span sits
+    inside the compiled model's span (parent chain in the UI's own slice table)."""
+    import torch
+
+    from modtimeline import Timeline
+
+    from .test_inductor_models import TinyNet
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.compile(TinyNet())
+    batch = torch.randint(0, 64, (2, 16))
+    for path in (tmp_path / "inductor.json", tmp_path / "inductor.pftrace"):
+        with Timeline(path, compiled_detail=True) as timeline:
+            for _ in range(2):
+                with timeline.step():
+                    model(batch).sum().backward()
+        trace = ui.load(path)
+        try:
+            assert trace.problems() == [] and trace.page_errors == []
+            rows = trace.query(
+                "select s.name as name, s.category as cat, s.depth as depth, p.name as parent, "
+                "coalesce(extract_arg(s.arg_set_id, 'args.fused'), extract_arg(s.arg_set_id, 'debug.fused')) as fused "
+                "from slice s left join slice p on s.parent_id = p.id where s.category in ('forward', 'backward')")
+            inside = [r for r in rows if r["name"].startswith("TinyNet.")]
+            for cat in ("forward", "backward"):
+                for name in ("TinyNet.blocks.0.attn", "TinyNet.blocks.1.mlp"):
+                    assert any(r["name"] == name and r["cat"] == cat for r in inside), (name, cat)
+            # nested: each one's parent is its own FQN's parent or an ancestor; the top ones sit in TinyNet
+            for r in inside:
+                assert r["parent"] is not None and (r["name"].startswith(r["parent"] + ".")), r
+            assert any(r["fused"] for r in inside)
+        finally:
+            trace.close()
+
+
 def test_modtimeline_open_serves_the_trace_to_the_offline_ui(ui, tmp_path):
     import subprocess
     import sys
