@@ -47,7 +47,8 @@ def test_a_drifted_copy_is_refused(monkeypatch):
     assert "constants or arguments differ" in loader.why_not.get("native._resolve_cpu", "constants or arguments differ")
 
 
-@pytest.mark.parametrize("part, api", [("native._hotpath", 1), ("native._resolve_cpu", 1)])
+@pytest.mark.parametrize("part, api", [("native._hotpath", 1), ("native._resolve_cpu", 1), ("writers._chrome_rows", 3),
+                                       ("writers._pftrace_rows", 3)])
 def test_each_built_part_exports_the_shared_constants(part, api):
     module = loader.compiled(part)
     if module is None:

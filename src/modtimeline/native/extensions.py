@@ -27,9 +27,9 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
     header = source(LAYOUT_HEADER)
     parts = [
         Extension("modtimeline.writers._chrome_rows", [source("writers/_chrome_rows.c")],
-                  depends=[source(WRITERS_HEADER)], optional=True),
+                  depends=[source(WRITERS_HEADER), header], optional=True),
         Extension("modtimeline.writers._pftrace_rows", [source("writers/_pftrace_rows.c")],
-                  depends=[source(WRITERS_HEADER)], optional=True),
+                  depends=[source(WRITERS_HEADER), header], optional=True),
         Extension("modtimeline.native._resolve_cpu", [source("native/_resolve_cpu.cpp")], depends=[header], language="c++",
                   extra_compile_args=["-std=c++17", "-O2"], optional=True),
     ]

@@ -66,7 +66,7 @@ def pure_python() -> bool:
 
 # Every constant shared with the compiled parts, by the name _layout.h gives it: the event
 # layout (capture/buffer.py) and format.py's span categories, flags, flows, track ids.
-_FORMAT_CONSTANTS = ("INCOMPLETE", "APPROXIMATE", "COMPILED", "FLOW_NONE", "FLOW_OUT", "FLOW_IN", "STEPS_TRACK",
+_FORMAT_CONSTANTS = ("INCOMPLETE", "APPROXIMATE", "COMPILED", "FUSED", "FLOW_NONE", "FLOW_OUT", "FLOW_IN", "STEPS_TRACK",
                      "FORWARD_TRACK", "BACKWARD_TRACK", "FORWARD", "BACKWARD", "RECOMPUTE", "STEP", "NO_LAG")
 
 

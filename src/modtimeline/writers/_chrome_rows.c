@@ -42,7 +42,6 @@ static void put_micros(Output *out, int64_t ns) {
 
 #define LITERAL(out, text) put(out, text, sizeof(text) - 1)
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4, FUSED = 8 }; /* format.py */
 
 /* The bytes at `index` of list `list` (a name or a category), or NULL with an error. */
 static PyObject *item_bytes(PyObject *list, int64_t index, const char *what) {
@@ -105,7 +104,7 @@ static PyObject *format_spans(PyObject *module, PyObject *args) {
         put_micros(&out, end[i] - begin[i]);
         LITERAL(&out, ",\"args\":{\"step\":");
         put_int(&out, step[i]);
-        if (lag[i] != INT64_MIN) { /* resolve.NO_LAG: a CPU span */
+        if (lag[i] != NO_LAG) { /* a CPU span has none */
             LITERAL(&out, ",\"launch_lag_us\":");
             put_micros(&out, lag[i]);
         }

@@ -6,6 +6,8 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "../native/_layout.h" /* every constant shared with Python */
 #include <stdint.h>
 #include <string.h>
 
@@ -43,9 +45,11 @@ static int get_column(PyObject *object, Py_buffer *view, const char *format, Py_
 
 /* The module of `definition`, with its `API` constant (the arguments its functions take:
  * the Python half refuses another). */
+/* The module, with LAYOUT: every constant shared with Python and its API version (the
+ * handshake of every compiled part, native/_layout.h). */
 static PyObject *module_with_api(PyModuleDef *definition, int api) {
     PyObject *module = PyModule_Create(definition);
-    if (module && PyModule_AddIntConstant(module, "API", api) < 0) {
+    if (module && add_layout(module, api) < 0) {
         Py_DECREF(module);
         return NULL;
     }

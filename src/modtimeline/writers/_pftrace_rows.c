@@ -13,7 +13,6 @@
  * stale build. */
 #define API_VERSION 3
 
-enum { FLOW_OUT = 1, FLOW_IN = 2, INCOMPLETE = 1, APPROXIMATE = 2, COMPILED = 4, FUSED = 8 };              /* format.py */
 enum { ARG_STEP = 1, ARG_CALL = 2, ARG_INCOMPLETE = 3, ARG_LAG = 4, ARG_APPROXIMATE = 5, ARG_COMPILED = 6, ARG_FUSED = 7 }; /* interned */
 enum { SEQ_NEEDS_INCREMENTAL_STATE = 2, TYPE_SLICE_BEGIN = 1, TYPE_SLICE_END = 2 };
 

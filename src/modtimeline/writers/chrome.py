@@ -21,16 +21,13 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from ..native.loader import compiled, why_not
+from ..native.loader import compiled_part
 from ..format import (APPROXIMATE, CATEGORIES, CHROME_FORMAT, COMPILED, FUSED, FLOW_IN, FLOW_OUT, FORMAT_VERSION, INCOMPLETE, NO_LAG,
                       STEP, SpanColumns, TraceData)
 
 # The compiled row formatter (setup.py); without it, the Python path below.
-_chrome_rows = compiled("writers._chrome_rows")
 _CHROME_ROWS_API = 3  # the format_spans arguments this file passes (_chrome_rows.c API_VERSION)
-if _chrome_rows is not None and getattr(_chrome_rows, "API", None) != _CHROME_ROWS_API:
-    why_not["writers._chrome_rows"] = "built from another version of modtimeline (its arguments differ)"
-    _chrome_rows = None
+_chrome_rows = compiled_part("writers._chrome_rows", _CHROME_ROWS_API)
 
 CHUNK_ROWS = 1 << 16
 

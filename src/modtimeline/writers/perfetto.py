@@ -115,8 +115,7 @@ class PftraceWriter:
         # Every span's begin and end packet, merged by time, a chunk at a time
         # (pftrace_rows.py says how), each chunk compressed.
         chunks = span_packets(spans.begin, spans.end, spans.name, spans.category, spans.call, spans.step,
-                              spans.flags, spans.flow, spans.lag, order, runs, sequences, data.base_ns, flow_base,
-                              chunk_bytes=_CHUNK_BYTES)
+                              spans.flags, spans.flow, spans.lag, order, runs, sequences, data.base_ns, flow_base)
         _write_compressed(chunks, self._stream)
         streams = []
         for counter in data.counters:
@@ -141,9 +140,6 @@ def _descriptor_packet(uuid: int, parent: int | None = None) -> TracePacket:
     return packet
 
 
-# Uncompressed bytes per compressed chunk: small enough that several compress at once,
-# big enough that zlib finds the repeats (a chunk holds ~9,500 spans).
-_CHUNK_BYTES = 512 << 10
 _COMPRESSING_THREADS = min(4, os.cpu_count() or 1)
 
 
