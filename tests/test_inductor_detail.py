@@ -324,3 +324,32 @@ def test_inductor_regions_show_every_layer_measured_from_kernels(model_name, how
                         and n.count(".") == 3}
             assert max(children, key=children.__getitem__) == "TinyNet.blocks.1.mlp", (phase, children)
             assert kernel_ns("TinyNet.blocks.1.mlp", phase) > kernel_ns("TinyNet.blocks.0.mlp", phase)
+
+
+@pytest.mark.slow
+def test_the_users_profiler_gives_the_detail_when_it_stops(tmp_path):
+    """``Timeline(profiler=prof)``: no profiler of the Timeline's own; the trace written at
+    the Timeline's exit gets the detail when ``prof`` stops (written again)."""
+    import torch._dynamo
+
+    from modtimeline import Timeline
+
+    from .test_inductor_models import TinyNet
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.compile(TinyNet())
+    batch = torch.randint(0, 64, (2, 16))
+    path = tmp_path / "t.json"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with Timeline(path, profiler=prof, compiled_detail=True) as timeline:
+            for _ in range(STEPS):
+                with timeline.step():
+                    model(batch).sum().backward()
+        assert "pending" in load(path)["metadata"]["compiled_detail"]
+    trace = load(path)
+    detail = trace["metadata"]["compiled_detail"]
+    assert detail["coverage"] >= 0.9 and detail["graph_calls"] == detail["graph_calls_placed"] > 0, detail
+    names = {(e["name"], e["cat"]) for e in spans(trace)}
+    assert ("TinyNet.blocks.1.mlp", "forward") in names and ("TinyNet.blocks.1.mlp", "backward") in names
+    assert_nested(trace)

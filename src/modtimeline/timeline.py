@@ -652,6 +652,8 @@ class Timeline:
         with paused_gc():
             data = self.trace_data(exception)
             write_trace(data, path, self.format)
+        if self._kernels is not None:
+            self._kernels.written(data, path, self.format)
         self._write_failures = []
         self.recorder.raised_calls.clear()
         self._raised_steps.clear()

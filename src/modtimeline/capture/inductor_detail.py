@@ -492,6 +492,9 @@ def add_detail_spans(data: TraceData, profiles: Sequence[Profile], said: set[str
         return summary
     clock = fit_clock(brackets)
     spans = data.spans
+    if len(spans):  # (a profile may hold more than this trace's window: a user's profiler)
+        first, last = min(spans.begin), max(spans.end)
+        calls = [call for call in calls if first <= _ours(call.start, clock) and _ours(call.end, clock) <= last]
     names = data.names
     name_index = {name: i for i, name in enumerate(names)}
     tolerance = (clock.error_ns or 0) + 2_000
@@ -617,18 +620,39 @@ def _track(data: TraceData, tid: int, name: str) -> int:
     return tid
 
 
+# Traces written while the user's profiler recorded, waiting for its events (at most).
+PENDING_TRACES = 16
+
+
 class InductorDetail:
     """The inductor part of one Timeline's ``compiled_detail``: provenance installed
     while it is started, torch.profiler running in its recorded steps (its own, unless a
     profiler records already), the graph calls of each profiled stretch kept until the
-    window is written."""
+    window is written.
+
+    With ``Timeline(profiler=prof)`` the Timeline runs no profiler of its own: ``prof``'s
+    events exist only once it stops (its ``on_trace_ready``, at its exit or at the end of
+    each of its scheduled cycles), usually after the Timeline wrote its trace. Each trace written
+    meanwhile is kept and written again, with the detail in, when ``prof`` stops."""
 
     def __init__(self, user_profiler: Any = None) -> None:
         self._user_profiler = user_profiler
         self._installed = False
         self._profiler: Any = None
         self._profiles: list[Profile] = []
+        self._pending: list[tuple[TraceData, Any, str | None]] = []  # (data, path, format)
         self.problem: str | None = None
+        if user_profiler is not None and hasattr(user_profiler, "on_trace_ready"):
+            # torch.profiler calls on_trace_ready (looked up at each call) once the events of
+            # a run (or of each scheduled cycle) are ready: ours first, then the user's.
+            users = user_profiler.on_trace_ready
+
+            def trace_ready(profiler: Any) -> None:
+                self._user_profiler_stopped()
+                if users is not None:
+                    users(profiler)
+
+            user_profiler.on_trace_ready = trace_ready
 
     def start(self) -> None:
         if not self._installed:
@@ -647,6 +671,8 @@ class InductorDetail:
             return
         import torch
 
+        if self._user_profiler is not None:
+            return  # (the user's profiler is read when it stops)
         if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
             if self._user_profiler is None:
                 self.problem = ("a torch.profiler that is not the Timeline's (profiler=) was recording: the Timeline "
@@ -677,20 +703,46 @@ class InductorDetail:
     def add_to(self, data: TraceData) -> None:
         """Add the kernel-measured spans of the window to ``data`` (at write)."""
         self.pause()
-        user = self._user_profiler
-        if user is not None and not self._profiles:
-            results = getattr(getattr(user, "profiler", None), "kineto_results", None)
-            if results is not None:
-                self._take(user)
-            else:
-                self.problem = ("profiler=: the profiler had not stopped when the Timeline wrote its trace, so its "
-                                "kernels could not be read (stop the profiler inside the Timeline, or let the "
-                                "Timeline run its own)")
+        if self._user_profiler is not None:
+            data.metadata["compiled_detail"] = {"pending": "added when the profiler passed as profiler= stops"}
+            return
         add_detail_spans(data, self._profiles)
         if self.problem is not None:
             data.metadata.setdefault("compiled_detail", {})["problem"] = self.problem
         if PROVENANCE.failures:
             data.metadata.setdefault("compiled_detail", {})["graphs_unread"] = PROVENANCE.failures
+
+    def written(self, data: TraceData, path: Any, format: str | None) -> None:
+        """The Timeline wrote ``data`` to ``path``: with a user's profiler, it gets the
+        detail when that profiler stops."""
+        if self._user_profiler is not None:
+            self._pending.append((data, path, format))
+            del self._pending[:-PENDING_TRACES]
+
+    def _user_profiler_stopped(self) -> None:
+        from ..writers import write_trace
+
+        self._profiles = []
+        self._take(self._user_profiler)
+        profiles, self._profiles = self._profiles, []
+        waiting, self._pending = self._pending, []
+        for data, path, format in waiting:
+            try:
+                metadata = dict(data.metadata)
+                metadata.pop("compiled_detail", None)
+                data.metadata = metadata
+                found = add_detail_spans(data, profiles)
+                if not found.graph_calls:  # (the profiler's cycle did not hold this window)
+                    data.metadata["compiled_detail"] = {"pending": "added when the profiler passed as profiler= "
+                                                                  "stops"}
+                    self._pending.append((data, path, format))
+                    continue
+                if self.problem is not None:
+                    data.metadata["compiled_detail"]["problem"] = self.problem
+                write_trace(data, path, format)
+            except Exception as error:  # (the trace as first written stays)
+                warnings.warn(f"modtimeline: could not add the compiled detail to {path}: {error}", RuntimeWarning,
+                              stacklevel=2)
 
     def retire(self) -> None:
         """A new window: what was profiled for the old one is dropped."""
