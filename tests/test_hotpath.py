@@ -81,8 +81,33 @@ def deep_chain():
     return nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)]), lambda m: m(torch.randn(2, 8)).sum().backward()
 
 
+def beside_a_thread():
+    """The recording thread trains its model while another thread trains a model of its
+    own, concurrently: both twins record the owner's calls only, the same events."""
+    import threading
+
+    model = Tree()
+    other = nn.Sequential(*[nn.Linear(16, 16) for _ in range(8)])
+
+    def run(m):
+        started = threading.Event()
+
+        def train_other():
+            started.set()
+            for _ in range(20):
+                other(torch.randn(4, 16)).sum().backward()
+
+        worker = threading.Thread(target=train_other)
+        worker.start()
+        started.wait()
+        m(torch.randint(0, 16, (4, 5))).sum().backward()
+        worker.join()
+
+    return model, run
+
+
 @needs_hotpath
-@pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain])
+@pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain, beside_a_thread])
 def test_native_records_what_python_records(model_fn):
     python = record(model_fn, native=False)
     native = record(model_fn, native=True)
