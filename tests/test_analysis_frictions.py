@@ -280,35 +280,21 @@ def test_a_wrappers_backward_self_time_goes_to_the_wrapped_module_in_rank_and_me
         assert _backward_self_us(capsys, source) == pytest.approx(expected), source
 
 
-TIMEOUT_S = 180
 
 
-def _ddp_rank(rank: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-    try:
-        model = nn.parallel.DistributedDataParallel(_mlp())
-        with Timeline(os.path.join(folder, "job.json")) as timeline:
-            for _ in range(3):
-                with timeline.step():
-                    model(torch.randn(4, 8)).sum().backward()
-    finally:
-        dist.destroy_process_group()
+def _ddp_rank(rank: int, world: int, folder: str) -> None:
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    with Timeline(os.path.join(folder, "job.json")) as timeline:
+        for _ in range(3):
+            with timeline.step():
+                model(torch.randn(4, 8)).sum().backward()
 
 
 @pytest.mark.slow
 def test_real_ddp_wrapper_self_time_is_the_same_in_rank_and_merged_files(tmp_path, capsys):
-    import torch.multiprocessing as mp
+    from .test_distributed import spawn  # (gloo ranks, file rendezvous, a timeout)
 
-    context = mp.spawn(_ddp_rank, args=(str(tmp_path),), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"ranks did not finish in {TIMEOUT_S} s")
+    spawn(_ddp_rank, 2, tmp_path)
     for suffix in (".json", ".pftrace"):
         assert main(["merge", str(tmp_path / "job.rank0.json"), str(tmp_path / "job.rank1.json"),
                      "-o", str(tmp_path / f"merged{suffix}")]) == 0
