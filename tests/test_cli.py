@@ -56,7 +56,7 @@ def test_a_missing_hot_path_is_said_once(monkeypatch, tmp_path):
     from modtimeline.native import loader as _native
     from modtimeline import Timeline
 
-    monkeypatch.setattr(recorder, "compiled", lambda name: None)
+    monkeypatch.setattr(recorder, "compiled_part", lambda name, api: None)
     monkeypatch.setitem(_native.why_not, "native._hotpath", "not built (test)")
     monkeypatch.setattr(_native, "_warned", False)
     with pytest.warns(RuntimeWarning, match="not built \\(test\\).*with: modtimeline build"):
