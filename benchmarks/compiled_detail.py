@@ -87,6 +87,10 @@ def own_graph(model: nn.Module, tag: str, backend: str) -> nn.Module:
 
 def measure(workload: str, reps: int, folder: Path, backend: str) -> dict[str, object]:
     make, x = WORKLOADS[workload]()
+    # Every torch.compile(model) runs its model through one code object of torch's
+    # (external_utils.wrap_inline's ``inner``), whose compiled entries count against
+    # Dynamo's recompile limit (8) for all models together: start each workload afresh.
+    torch._dynamo.reset()
     variants: dict[str, tuple[nn.Module, Callable[[], contextlib.AbstractContextManager[object]]]] = {
         "untraced": (own_graph(make(), "untraced", backend), contextlib.nullcontext),
         "Timeline": (own_graph(make(), "timeline", backend), lambda: Timeline(folder / "plain.json")),

@@ -386,3 +386,21 @@ def test_no_module_span_is_said_once(tmp_path):
             with timeline.step():
                 torch.randn(3).sum()
     assert "no_module_spans" in load(path)["metadata"]
+
+
+def test_compiled_in_place_compiles_nothing_again_across_timelines(tmp_path):
+    """The boundary reads nothing Dynamo guards on: a model compiled in place inside one
+    Timeline runs the same graph in every later one, and between them."""
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    model = MLP()
+    model.compile(backend="aot_eager")
+    x = torch.randn(4, 16)
+    for k in range(6):
+        with Timeline(tmp_path / f"{k}.json"):
+            model(x).sum().backward()
+        model(x).sum().backward()  # between Timelines: no hooks at all
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # with ours, without
+    last = [e for e in spans(load(tmp_path / "5.json")) if e["cat"] in ("forward", "backward")]
+    assert sorted((e["name"], e["cat"]) for e in last) == [("MLP", "backward"), ("MLP", "forward")]
+    assert all(e["args"].get("compiled") for e in last)

@@ -217,7 +217,7 @@ def test_the_users_post_grad_pass_is_chained_and_given_back():
 
 
 # ------------------------------------------------------------------ real inductor compiles
-STEPS = 3
+STEPS = 4  # (step 0 compiles, is not profiled and is left out as warm-up; steps 1-3 are compared)
 
 
 def _train(model_name: str, how: str, detail: bool, path=None, user_pass=None):
@@ -311,7 +311,8 @@ def test_inductor_regions_show_every_layer_measured_from_kernels(model_name, how
     found = samples(read_trace(path), warmup=1)  # (summary's own numbers)
 
     def kernel_ns(name: str, phase: str) -> int:
-        return sum(s.inclusive_ns for s in found.get((name, phase, "cpu"), {}).values())
+        """The least of its recorded steps (one step stalled by a loaded machine says nothing)."""
+        return min((s.inclusive_ns for s in found.get((name, phase, "cpu"), {}).values()), default=0)
 
     if model_name == "llama":  # identical layers: equal times, within generous noise
         for part in parts:

@@ -215,7 +215,7 @@ class Timeline:
         self.recorder = Recorder(self.buffer)
         self._detail = CompiledDetail(self.buffer, self.recorder.registry) if compiled_detail else None
         # (inductor regions: kernels measured by torch.profiler, named by inductor's provenance)
-        self._kernels = InductorDetail(profiler) if compiled_detail else None
+        self._kernels = InductorDetail(profiler, _pair_profiler_clock) if compiled_detail else None
         self._clock: DeviceClock | None = None
         self._step = 0
         self._action = StepAction.RECORD

@@ -118,8 +118,12 @@ class EagerBoundary:
         self.compiled = compiled  # (torch.compile(module._call_impl): compiled_detail reads its backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # (is_compiling first: traced by an outer compile, nothing else is read, so Dynamo
+        # guards on none of our state)
+        if _is_compiling() or not _owners:
+            return self.compiled(*args, **kwargs)
         module = self.module()
-        if module is None or not _owners or _is_compiling():
+        if module is None:
             return self.compiled(*args, **kwargs)
         opened = _open_here()
         key = id(module)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -635,8 +635,11 @@ class InductorDetail:
     each of its scheduled cycles), usually after the Timeline wrote its trace. Each trace written
     meanwhile is kept and written again, with the detail in, when ``prof`` stops."""
 
-    def __init__(self, user_profiler: Any = None) -> None:
+    def __init__(self, user_profiler: Any = None, mark_clock: Callable[[], None] | None = None) -> None:
         self._user_profiler = user_profiler
+        # (pairs our clock with the profiler's, as at every step boundary: also right after
+        # our profiler starts and right before it stops, so every profile holds a pair)
+        self._mark_clock = mark_clock
         self._installed = False
         self._profiler: Any = None
         self._profiles: list[Profile] = []
@@ -684,12 +687,16 @@ class InductorDetail:
         profiler = torch.profiler.profile(activities=activities)
         profiler.__enter__()
         self._profiler = profiler
+        if self._mark_clock is not None:
+            self._mark_clock()
 
     def pause(self) -> None:
         """Recording stops (between windows, or for good): read what was profiled."""
         profiler, self._profiler = self._profiler, None
         if profiler is None:
             return
+        if self._mark_clock is not None:
+            self._mark_clock()
         profiler.__exit__(None, None, None)
         self._take(profiler)
 
