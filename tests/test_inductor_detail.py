@@ -144,6 +144,16 @@ def test_detail_spans_are_written_read_and_summarised(suffix, tmp_path):
         trace = load(path)
         assert_nested(trace)
         assert any(e["args"].get("fused") for e in spans(trace))
+    # merge, summary and diff read them as any other spans
+    from modtimeline.cli import main
+
+    merged = tmp_path / f"merged{suffix}"
+    assert main(["merge", str(path), "-o", str(merged)]) == 0
+    again = load_trace(merged, DEFAULT_LIMITS).processes[0]
+    assert {(again.names[n], f) for n, f in zip(again.spans.name, again.spans.flags)} >= {
+        ("Net.blocks.0", COMPILED | FUSED), ("Net.blocks.0.attn", COMPILED)}
+    assert main(["summary", str(path), "--warmup", "0"]) == 0
+    assert main(["diff", "--warmup", "0", str(path), str(merged)]) == 0  # (the same spans: no regression)
 
 
 def test_gpu_kernels_are_timed_on_the_device_by_correlation():
