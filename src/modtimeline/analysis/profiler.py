@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -99,13 +100,20 @@ def _brackets(events: list[Any], base_ns: int) -> tuple[list[Bracket], Any]:
                 marks.setdefault(event.get("tid"), []).append((begin, prefix, ours, end))
                 pid = event.get("pid")
                 break
+    return paired_brackets(marks.values()), pid
+
+
+def paired_brackets(marks: Iterable[list[tuple[int, str, int, int]]]) -> list[Bracket]:
+    """The brackets of clock-marker pairs, per thread: (profiler begin, kind, our reading,
+    profiler end) of each marker range; a "before" range followed by its "after" one brackets
+    the offset. In our reading's order. (Also used on a live profile: capture/inductor_detail.py.)"""
     brackets = []
-    for found in marks.values():
+    for found in marks:
         found.sort()
         for (begin, kind, before, end), (_, next_kind, after, _) in zip(found, found[1:]):
             if kind == PROFILER_CLOCK_MARK and next_kind == PROFILER_CLOCK_MARK_AFTER and after >= before:
                 brackets.append(Bracket(before, end - after, begin - before))
-    return sorted(brackets, key=lambda b: b.ours), pid
+    return sorted(brackets, key=lambda b: b.ours)
 
 
 def fit_clock(brackets: list[Bracket]) -> ClockFit:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..analysis.profiler import Bracket, ClockFit, fit_clock
+from ..analysis.profiler import Bracket, ClockFit, fit_clock, paired_brackets
 from ..format import (BACKWARD, COMPILED, FORWARD, FUSED, GPU_TRACK_PREFIX, PROFILER_CLOCK_MARK,
                       PROFILER_CLOCK_MARK_AFTER, Track, TraceData)
 
@@ -442,13 +442,7 @@ def _brackets(cpu: list[_Event]) -> list[Bracket]:
                 except ValueError:
                     pass
                 break
-    brackets = []
-    for found in marks.values():
-        found.sort()
-        for (begin, kind, before, end), (_, next_kind, after, _) in zip(found, found[1:]):
-            if kind == PROFILER_CLOCK_MARK and next_kind == PROFILER_CLOCK_MARK_AFTER and after >= before:
-                brackets.append(Bracket(before, end - after, begin - before))
-    return sorted(brackets, key=lambda b: b.ours)
+    return paired_brackets(marks.values())
 
 
 # ------------------------------------------------------------------ the spans
