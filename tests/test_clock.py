@@ -295,7 +295,10 @@ def test_gpu_spans_on_stream_tracks_nest_and_lag(tmp_path):
     assert len(gpu) == len(cpu)
     assert {e["cat"] for e in gpu} == {"forward", "backward", "recompute"}
     lags = [e["args"]["launch_lag_us"] for e in gpu]
-    assert min(lags) >= 0 and max(lags) > 50  # the queue grows through the step
+    # The queue grows through the step. (A lag may be slightly negative: every mapped time
+    # carries the anchor's error, at most about one launch latency, 30 µs here: seen at
+    # -0.3 µs with a CPU burner beside the test.)
+    assert min(lags) > -30 and max(lags) > 50
     assert_nested(trace)
     counters = [e for e in trace["traceEvents"] if e.get("ph") == "C"]
     assert counters and counters[0]["name"] == "cuda:0 memory allocated (bytes)"
