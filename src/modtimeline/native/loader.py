@@ -10,6 +10,7 @@ info`` prints it, and a Timeline warns once when its hot path is not compiled.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -70,6 +71,7 @@ _FORMAT_CONSTANTS = ("INCOMPLETE", "APPROXIMATE", "COMPILED", "FUSED", "FLOW_NON
                      "FORWARD_TRACK", "BACKWARD_TRACK", "FORWARD", "BACKWARD", "RECOMPUTE", "STEP", "NO_LAG")
 
 
+@functools.cache
 def shared_constants() -> dict[str, int]:
     """The constants every compiled part must have been built with (_layout.h, their one
     C copy, exports them as LAYOUT through shared_layout())."""
