@@ -121,17 +121,10 @@ WORKLOADS = {"tiny-modules": tiny_modules, "transformer": transformer, "cnn": cn
 
 
 def module_calls(model: nn.Module, step: Callable[[nn.Module], None]) -> int:
-    calls = 0
-
-    def count(module: nn.Module, args: object) -> None:
-        nonlocal calls
-        calls += 1
-
-    tracker = OurTracker()
-    tracker.register_user_hooks(pre_fw_hook=count)
+    tracker, calls = _call_counter()
     with tracker:
         step(model)
-    return calls
+    return calls()
 
 
 def variants(trace_dir: Path) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
