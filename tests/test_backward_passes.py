@@ -196,3 +196,35 @@ def test_vmap_gives_backward_spans(tmp_path):
     assert {e["name"] for e in backward_spans(trace)} == {"Net", "Net.a", "Net.b"}
     assert not any(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward_spans(trace))
     assert_nested(trace)
+
+
+class KeepsFeature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 1)
+        self.feature: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.feature = self.a(x)
+        return self.b(torch.relu(self.feature))
+
+
+def test_a_second_pass_over_part_of_a_graph_never_widens_the_first_passes_spans(tmp_path):
+    """Each pass's spans are related among themselves only: Net.a's span of a later pass
+    (a backward from the feature kept on self) must not widen Net's span of the first."""
+    import time
+
+    model = KeepsFeature()
+    path = tmp_path / "two_passes.json"
+    with Timeline(path):
+        loss = model(torch.randn(4, 8)).sum()
+        loss.backward(retain_graph=True)
+        time.sleep(0.05)
+        model.feature.sum().backward()
+    backward = backward_spans(load(path))
+    first_a, second_a = sorted((e for e in backward if e["name"] == "KeepsFeature.a"), key=lambda e: e["ts"])
+    net = min((e for e in backward if e["name"] == "KeepsFeature"), key=lambda e: e["ts"])
+    assert net["ts"] + net["dur"] <= second_a["ts"], (net, second_a)  # the sleep lies between
+    assert net["ts"] <= first_a["ts"] and first_a["ts"] + first_a["dur"] <= net["ts"] + net["dur"] + 1e-3
+    assert_nested(load(path))

@@ -352,11 +352,13 @@ class Timeline:
             warnings.warn("modtimeline: a Timeline with a schedule records only inside `with timeline.step():` "
                           "blocks, and none were marked: nothing was written", RuntimeWarning,
                           stacklevel=_user_stacklevel())
-        if self.schedule is None or self._window_steps:
-            self._write(self._final_path(), exception=exc)
-        self.recorder.__exit__(None, None, None)
-        if self._nvtx is not None:
-            self._nvtx.close()
+        try:
+            if self.schedule is None or self._window_steps:
+                self._write(self._final_path(), exception=exc)  # (strict=True: may raise)
+        finally:
+            self.recorder.__exit__(None, None, None)
+            if self._nvtx is not None:
+                self._nvtx.close()
 
     # -------------------------------------------------------------------- steps
     @contextmanager

@@ -176,6 +176,7 @@ class PythonNodeMarks:
         # callback has not run: see the store's running_passes.
         self._running: dict[int, int] = {}
         self._passes = 0
+        self._lock = threading.Lock()
 
     def link(self, node: Any, code: int, done: bool) -> None:
         buffer = self.buffer
@@ -201,21 +202,24 @@ class PythonNodeMarks:
         BACKWARD_DONE."""
         task = _graph_task_id()
         running = self._running
-        number = running.get(task)
-        if number is None:
-            if len(running) >= self.MAX_RUNNING_PASSES:
-                del running[next(iter(running))]  # the oldest: a pass that raised, surely
-            number = running[task] = self._passes & MODULE_MASK
-            self._passes += 1
-            if task != -1:
-                generation = self.generation
-                _queue_engine_callback(lambda: self._backward_done(generation, task))
+        with self._lock:  # (node hooks of one pass may fire on several device threads)
+            number = running.get(task)
+            is_new = number is None
+            if number is None:
+                if len(running) >= self.MAX_RUNNING_PASSES:
+                    running.pop(next(iter(running)), None)  # the oldest: a pass that raised, surely
+                number = running[task] = self._passes & MODULE_MASK
+                self._passes += 1
+        if is_new and task != -1:
+            generation = self.generation
+            _queue_engine_callback(lambda: self._backward_done(generation, task))
         self.buffer.record(kind, node_id, number)
 
     def _backward_done(self, generation: int, task: int) -> None:
         if generation != self.generation:
             return
-        number = self._running.pop(task, None)
+        with self._lock:
+            number = self._running.pop(task, None)
         if number is not None:
             self.buffer.record(BACKWARD_DONE, 0, number)
 

@@ -159,12 +159,15 @@ struct Events : std::enable_shared_from_this<Events> {
   // On autograd's thread inside a backward: a marked node is about to run
   // (GRADIENT_READY) or has run (NODE_DONE). The first event of a pass queues its
   // BACKWARD_DONE (an engine callback, run when that graph task completes).
-  void node_event(int64_t kind, int64_t node_id) {
+  // `mark_generation`: a mark's generation, checked under the same lock as the append (a
+  // clear or retire from another thread in between must not let a stale mark record).
+  void node_event(int64_t kind, int64_t node_id, const uint32_t* mark_generation = nullptr) {
     int64_t index, pass, task = torch::autograd::get_current_graph_task_id();
     bool is_new = false;
     uint64_t generation_now;
     {
       std::lock_guard<std::mutex> guard(mutex);
+      if (mark_generation != nullptr && *mark_generation != current()) return;
       generation_now = generation;
       pass = pass_of_locked(task, &is_new) & MODULE_MASK;
       index = append_locked(kind, node_id, pass);
@@ -180,11 +183,8 @@ struct Events : std::enable_shared_from_this<Events> {
 
   // A marked node fired: record it if the mark is of this generation.
   void mark_fired(int64_t kind, uint64_t mark) {
-    {
-      std::lock_guard<std::mutex> guard(mutex);
-      if ((mark >> 32) != current()) return;
-    }
-    node_event(kind, static_cast<int64_t>(mark & 0xffffffffu));
+    uint32_t mark_generation = static_cast<uint32_t>(mark >> 32);
+    node_event(kind, static_cast<int64_t>(mark & 0xffffffffu), &mark_generation);
   }
 
   void backward_done(uint64_t generation_then, int64_t task) {

@@ -342,38 +342,49 @@ PyObject* spans(PyObject*, PyObject* args) {
   for (size_t index : forward) forward_spans.push_back(all[index]);
   for (size_t index : backward) backward_spans.push_back(all[index]);
 
-  // resolve._hull_backward: widen each backward span over its module's children's
-  // (the last backward span of a call stands for it; approximate children widen nothing).
-  std::unordered_map<int64_t, size_t> by_call;
+  // Backward spans by (pass, call) (resolve._by_pass_and_call): the rules below relate
+  // spans of one pass only.
+  struct PairHash {
+    size_t operator()(const std::pair<int64_t, int64_t>& p) const {
+      return std::hash<int64_t>()(p.first * 1000003 ^ p.second);
+    }
+  };
+  using Key = std::pair<int64_t, int64_t>;
+  std::unordered_map<Key, size_t, PairHash> by_key;
   for (size_t i = 0; i < backward_spans.size(); ++i) {
-    if (backward_spans[i].category == BACKWARD) by_call[backward_spans[i].call] = i;
+    if (backward_spans[i].category == BACKWARD) by_key[{backward_spans[i].pass, backward_spans[i].call}] = i;
   }
-  std::vector<int64_t> calls;
-  calls.reserve(by_call.size());
-  for (const auto& entry : by_call) calls.push_back(entry.first);
-  std::sort(calls.begin(), calls.end(), std::greater<int64_t>());  // children were called after parents
-  for (int64_t call : calls) {
-    if (backward_spans[by_call[call]].flags & APPROXIMATE) continue;
-    auto parent = parent_of.find(call);
-    while (parent != parent_of.end() && by_call.find(parent->second) == by_call.end()) {
+
+  // resolve._hull_backward: widen each backward span over its module's children's of the
+  // same pass (approximate children widen nothing); latest call first.
+  std::vector<Key> keys;
+  keys.reserve(by_key.size());
+  for (const auto& entry : by_key) keys.push_back(entry.first);
+  std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
+    return a.second != b.second ? a.second > b.second : a.first > b.first;
+  });
+  for (const Key& key : keys) {
+    if (backward_spans[by_key[key]].flags & APPROXIMATE) continue;
+    auto parent = parent_of.find(key.second);
+    while (parent != parent_of.end() && by_key.find({key.first, parent->second}) == by_key.end()) {
       parent = parent_of.find(parent->second);
     }
     if (parent == parent_of.end()) continue;
-    const Span& child = backward_spans[by_call[call]];
-    Span& outer = backward_spans[by_call[parent->second]];
+    const Span& child = backward_spans[by_key[key]];
+    Span& outer = backward_spans[by_key[{key.first, parent->second}]];
     outer.begin = std::min(outer.begin, child.begin);
     outer.end = std::max(outer.end, child.end);
   }
 
   // resolve._bound_approximate: an approximate span ends no later than its nearest
-  // bounded ancestor, and never before it began.
-  for (const auto& entry : by_call) {
+  // bounded ancestor of the same pass, and never before it began.
+  for (const auto& entry : by_key) {
     Span& span = backward_spans[entry.second];
     if (!(span.flags & APPROXIMATE)) continue;
     auto parent = parent_of.find(span.call);
     while (parent != parent_of.end()) {
-      auto outer = by_call.find(parent->second);
-      if (outer != by_call.end() && !(backward_spans[outer->second].flags & APPROXIMATE)) {
+      auto outer = by_key.find({entry.first.first, parent->second});
+      if (outer != by_key.end() && !(backward_spans[outer->second].flags & APPROXIMATE)) {
         const Span& bound = backward_spans[outer->second];
         if (bound.begin <= span.begin && bound.end < span.end) span.end = std::max(bound.end, span.begin);
         break;
@@ -392,11 +403,6 @@ PyObject* spans(PyObject*, PyObject* args) {
       if (s.category == RECOMPUTE) module_of[s.call] = s.name;
     }
     auto key = [](int64_t pass, int64_t call) { return std::make_pair(pass, call); };
-    struct PairHash {
-      size_t operator()(const std::pair<int64_t, int64_t>& p) const {
-        return std::hash<int64_t>()(p.first * 1000003 ^ p.second);
-      }
-    };
     std::unordered_set<std::pair<int64_t, int64_t>, PairHash> real;
     for (const Span& s : backward_spans) {
       if (s.category == BACKWARD) real.insert(key(s.pass, s.call));
@@ -416,13 +422,14 @@ PyObject* spans(PyObject*, PyObject* args) {
           Span hull = child;
           hull.name = module_of[ancestor];
           hull.call = ancestor;
-          hull.flags = APPROXIMATE;
+          hull.flags = static_cast<int8_t>(APPROXIMATE | (child.flags & INCOMPLETE));
           made[key(number, ancestor)] = backward_spans.size();
           backward_spans.push_back(hull);
         } else {
           Span& hull = backward_spans[found->second];
           hull.begin = std::min(hull.begin, child.begin);
           hull.end = std::max(hull.end, child.end);
+          hull.flags = static_cast<int8_t>(hull.flags | (child.flags & INCOMPLETE));
         }
         parent = parent_of.find(ancestor);
       }

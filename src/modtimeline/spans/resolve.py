@@ -298,7 +298,7 @@ def _spans_from_children(backward: list[list[Any]], forward: list[list[Any]], pa
     keeps its result on ``self``; it computes a gradient penalty inside its forward) has
     no node to begin its backward in that pass, though its children's nodes ran: there its
     span is the hull of its descendants' spans of the pass, flagged approximate (its own
-    nodes, outside its children, are not seen). Made after the hull rule: it widens nothing."""
+    nodes, outside its children, are not seen; incomplete if one of theirs is). Made after the hull rule: it widens nothing."""
     module_of = {s[_CALL]: s[_NAME] for s in forward}
     module_of.update((s[_CALL], s[_NAME]) for s in backward if s[_CAT] == RECOMPUTE)
     real = {(s[_PASS], s[_CALL]) for s in backward if s[_CAT] == BACKWARD}
@@ -312,9 +312,11 @@ def _spans_from_children(backward: list[list[Any]], forward: list[list[Any]], pa
             hull = made.get((number, ancestor))
             if hull is None:
                 hull = made[(number, ancestor)] = [span[_B], span[_E], module_of[ancestor], BACKWARD, ancestor,
-                                                   span[_STEP], APPROXIMATE, span[_BEV], span[_EEV], NO_LAG, number]
+                                                   span[_STEP], APPROXIMATE | (span[_FLAGS] & INCOMPLETE),
+                                                   span[_BEV], span[_EEV], NO_LAG, number]
                 backward.append(hull)
             else:
+                hull[_FLAGS] |= span[_FLAGS] & INCOMPLETE
                 if span[_B] < hull[_B]:
                     hull[_B], hull[_BEV] = span[_B], span[_BEV]
                 if span[_E] > hull[_E]:
@@ -322,11 +324,24 @@ def _spans_from_children(backward: list[list[Any]], forward: list[list[Any]], pa
             ancestor = parent_of.get(ancestor)
 
 
-def _bounded_parent(call: int, by_call: dict[int, list[Any]], parent_of: dict[int, int]) -> list[Any] | None:
-    """The nearest ancestor call's backward span whose end is bounded, if any."""
+def _pass_of(span: list[Any]) -> int:
+    """A backward span's pass (-1 for a span made without one)."""
+    return span[_PASS] if len(span) > _PASS else -1
+
+
+def _by_pass_and_call(spans: list[list[Any]]) -> dict[tuple[int, int], list[Any]]:
+    """The backward spans by (pass, call): a call has one per pass its nodes ran in, and
+    the rules below relate spans of one pass only."""
+    return {(_pass_of(s), s[_CALL]): s for s in spans if s[_CAT] == BACKWARD}
+
+
+def _bounded_parent(key: tuple[int, int], by_key: dict[tuple[int, int], list[Any]],
+                    parent_of: dict[int, int]) -> list[Any] | None:
+    """The nearest ancestor call's backward span of the same pass whose end is bounded."""
+    number, call = key
     parent_call = parent_of.get(call)
     while parent_call is not None:
-        parent = by_call.get(parent_call)
+        parent = by_key.get((number, parent_call))
         if parent is not None and not parent[_FLAGS] & APPROXIMATE:
             return parent
         parent_call = parent_of.get(parent_call)
@@ -336,29 +351,30 @@ def _bounded_parent(call: int, by_call: dict[int, list[Any]], parent_of: dict[in
 def _bound_approximate(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
     """An approximate span ends no later than its nearest bounded ancestor (its work is
     part of that ancestor's), and never before it began."""
-    by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
-    for span in by_call.values():
+    by_key = _by_pass_and_call(spans)
+    for key, span in by_key.items():
         if span[_FLAGS] & APPROXIMATE:
-            parent = _bounded_parent(span[_CALL], by_call, parent_of)
+            parent = _bounded_parent(key, by_key, parent_of)
             if parent is not None and parent[_B] <= span[_B] and parent[_E] < span[_E]:
                 span[_E] = max(parent[_E], span[_B])
 
 
 def _hull_backward(spans: list[list[Any]], parent_of: dict[int, int]) -> None:
-    """Widen each backward span to cover the backward spans of its module's children
-    (approximate children excepted: a guess never moves a bounded span)."""
-    by_call = {s[_CALL]: s for s in spans if s[_CAT] == BACKWARD}
+    """Widen each backward span to cover the backward spans of its module's children in
+    the same pass (approximate children excepted: a guess never moves a bounded span)."""
+    by_key = _by_pass_and_call(spans)
     parent_get = parent_of.get
-    for call in sorted(by_call, reverse=True):  # children were called after parents
-        child = by_call[call]
+    # Children were called after parents: latest call first.
+    for number, call in sorted(by_key, key=lambda key: (key[1], key[0]), reverse=True):
+        child = by_key[number, call]
         if child[_FLAGS] & APPROXIMATE:
             continue
         parent_call = parent_get(call)
-        while parent_call is not None and parent_call not in by_call:
+        while parent_call is not None and (number, parent_call) not in by_key:
             parent_call = parent_get(parent_call)
         if parent_call is None:
             continue
-        parent = by_call[parent_call]
+        parent = by_key[number, parent_call]
         if child[_B] < parent[_B]:
             parent[_B] = child[_B]
         if child[_E] > parent[_E]:
@@ -454,7 +470,7 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
             track_name[tid] = f"{GPU_TRACK_PREFIX}:{device} across streams"
         begin = time_of[b_ev]
         gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev,
-               begin - timestamps[b_ev]]
+               begin - timestamps[b_ev], _pass_of(s)]
         per_track.setdefault(tid, []).append(gpu)
 
     for tid in sorted(per_track):
