@@ -206,3 +206,105 @@ def test_sigterm_while_a_window_is_written_with_a_user_handler(tmp_path):
     assert result.stdout.splitlines() == ["step 0", "written run.000.json", "user handler ran", "step 1",
                                           "step 2", "step 3", "finished"]
     assert _steps(tmp_path / "run.001.json") == ["step 2", "step 3"]
+
+
+# ------------------------------------------------------------ the transition table itself
+from modtimeline.lifecycle import (  # noqa: E402
+    STEP_PLANS, TRANSITIONS, Event, Lifecycle, State, WindowEnd, Work,
+)
+from modtimeline.schedule import StepAction  # noqa: E402
+
+_PUBLIC_EVENTS = (Event.START, Event.BEGIN_STEP, Event.END_STEP, Event.STOP)
+
+
+def _at(state: State, schedule: Schedule | None = None, step: int = 0) -> Lifecycle:
+    life = Lifecycle(schedule, record_between_steps=True)
+    life.state, life.step = state, step
+    return life
+
+
+def test_the_table_answers_every_public_event_in_every_state():
+    for state in State:
+        for event in _PUBLIC_EVENTS:
+            assert (state, event) in TRANSITIONS, (state, event)
+    for row in TRANSITIONS.values():
+        assert isinstance(row, str) or (isinstance(row[0], State) and isinstance(row[1], Work))
+
+
+@pytest.mark.parametrize("state, event, message", [
+    (State.NEW, Event.BEGIN_STEP, r"call start\(\) first"),
+    (State.NEW, Event.END_STEP, "no step open"),
+    (State.BETWEEN_STEPS, Event.START, "already recording"),
+    (State.BETWEEN_STEPS, Event.END_STEP, "no step open"),
+    (State.IN_STEP, Event.START, "already recording"),
+    (State.IN_STEP, Event.BEGIN_STEP, "while step 7 is open.*cannot be nested"),
+    (State.STOPPED, Event.END_STEP, "no step open"),
+])
+def test_illegal_transitions_raise_the_documented_errors(state, event, message):
+    life = _at(state, step=7)
+    with pytest.raises(ModTimelineError, match=message):
+        life.check(event)
+    assert life.state is state and life.step == 7  # a refused event changes nothing
+
+
+@pytest.mark.parametrize("state, event, target, work", [
+    (State.NEW, Event.START, State.BETWEEN_STEPS, Work.START),
+    (State.NEW, Event.STOP, State.NEW, Work.NOTHING),
+    (State.BETWEEN_STEPS, Event.BEGIN_STEP, State.IN_STEP, Work.BEGIN_STEP),
+    (State.BETWEEN_STEPS, Event.STOP, State.STOPPED, Work.STOP),
+    (State.IN_STEP, Event.END_STEP, State.BETWEEN_STEPS, Work.END_STEP),
+    (State.IN_STEP, Event.STOP, State.STOPPED_IN_STEP, Work.STOP),
+    (State.STOPPED, Event.START, State.BETWEEN_STEPS, Work.START),
+    (State.STOPPED, Event.BEGIN_STEP, State.STOPPED_IN_STEP, Work.NOTHING),
+    (State.STOPPED, Event.STOP, State.STOPPED, Work.NOTHING),
+    (State.STOPPED_IN_STEP, Event.END_STEP, State.STOPPED, Work.NOTHING),
+    (State.STOPPED_IN_STEP, Event.BEGIN_STEP, State.STOPPED_IN_STEP, Work.NOTHING),
+    (State.STOPPED_IN_STEP, Event.START, State.BETWEEN_STEPS, Work.START),
+])
+def test_allowed_transitions(state, event, target, work):
+    life = _at(state)
+    move = life.check(event)
+    assert (move.source, move.target, move.work) == (state, target, work)
+    life.enter(move)
+    assert life.state is target
+
+
+def test_steps_count_and_join_the_window_as_their_plan_says():
+    life = _at(State.NEW, Schedule(wait=1, warmup=1, active=2))
+    life.enter(life.check(Event.START))
+    kinds = []
+    for _ in range(5):
+        begin = life.check(Event.BEGIN_STEP)
+        life.enter(begin)
+        kinds.append(begin.plan.at_end)
+        life.enter(life.check(Event.END_STEP))
+    assert kinds == [WindowEnd.NOTHING, WindowEnd.DISCARD, WindowEnd.KEEP, WindowEnd.WRITE, WindowEnd.NOTHING]
+    assert life.step == 5 and life.window_steps == [2, 3]  # (the Timeline empties it when it writes)
+    assert not STEP_PLANS[StepAction.SKIP].recorded and STEP_PLANS[StepAction.WARMUP].recorded
+
+
+def test_a_stop_inside_a_step_ends_it_and_owes_its_end_step_nothing():
+    life = _at(State.NEW)
+    life.enter(life.check(Event.START))
+    life.enter(life.check(Event.BEGIN_STEP))
+    stop = life.check(Event.STOP)
+    assert stop.ends_step and stop.step == 0
+    life.enter(stop)
+    assert (life.state, life.step, life.window_steps, life.recording) == (State.STOPPED_IN_STEP, 1, [0], False)
+    assert life.signal_window() == (False, None)  # stopped: a SIGTERM writes nothing
+    life.enter(life.check(Event.END_STEP))  # the caller's own end: a no-op
+    assert life.state is State.STOPPED
+    with pytest.raises(ModTimelineError, match="no step open"):
+        life.check(Event.END_STEP)
+
+
+def test_what_a_signal_writes():
+    life = _at(State.BETWEEN_STEPS)
+    assert life.signal_window() == (True, None)  # no schedule: the one file
+    life = _at(State.BETWEEN_STEPS, Schedule(wait=1, active=2))
+    assert life.signal_window() == (False, None)  # between windows
+    life.enter(life.check(Event.BEGIN_STEP))  # step 0: skipped
+    assert life.signal_window() == (False, None)
+    life.enter(life.check(Event.END_STEP))
+    life.enter(life.check(Event.BEGIN_STEP))  # step 1: first of window 0
+    assert life.signal_window() == (True, 0)

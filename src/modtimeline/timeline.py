@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -32,7 +31,8 @@ from .gc_pause import paused_gc
 from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
 from .format import STEP as STEP_CATEGORY
 from .spans.resolve import resolve
-from .schedule import Schedule, StepAction
+from .schedule import Schedule
+from .lifecycle import BoundaryLock, Event, Lifecycle, Move, WindowEnd, Work
 from .capture.signals import TerminationGuard
 from .integrations.distributed import ClockSample, RankClock, distributed_world
 from .capture.compiled_detail import CompiledDetail
@@ -44,9 +44,6 @@ from .writers import TRACE_SUFFIXES, format_for, write_trace
 from .writers.atomic import check_writable
 
 DEVICES = ("auto", "cpu", "cuda")
-
-# A Timeline's phases: made, recording, stopped (it may be started again).
-_NEW, _STARTED, _STOPPED = "new", "started", "stopped"
 
 # How long a SIGTERM waits for a stop or a window's write under way in another thread.
 SIGNAL_WAIT_S = 30.0
@@ -217,24 +214,18 @@ class Timeline:
         # (inductor regions: kernels measured by torch.profiler, named by inductor's provenance)
         self._kernels = InductorDetail(profiler, _pair_profiler_clock) if compiled_detail else None
         self._clock: DeviceClock | None = None
-        self._step = 0
-        self._action = StepAction.RECORD
-        self._in_step = False
+        # The state, steps and window (lifecycle.py: its table says what each call does).
+        # record_between_steps=False (integrations, `record`): hooks on only inside steps,
+        # so evaluation between steps is left out.
+        self._life = Lifecycle(schedule, record_between_steps)
         self._hooks_on = False
-        self._phase = _NEW
         # start/stop/begin_step/end_step and the SIGTERM write exclude one another (a stop
-        # from another thread, a signal while a window is written); see _locked.
-        self._lock = threading.RLock()
-        self._busy_thread: int | None = None
-        self._step_closed_by_stop = False
-        # False (integrations, `record`): hooks on only inside steps, so evaluation
-        # between steps is left out.
-        self._record_between_steps = record_between_steps
+        # from another thread, a signal while a window is written).
+        self._lock = BoundaryLock(self._deliver_signal)
         # Writes that failed since the last one that did not (metadata.write_failures).
         self._write_failures: list[dict[str, Any]] = []
         self._base_ns = 0
         self._base_wall_ns = 0
-        self._window_steps: list[int] = []
         self._raised_steps: set[int] = set()
         self.written: list[Path] = []
         self._guard = TerminationGuard(self._write_on_signal) if handle_signals else None
@@ -242,7 +233,6 @@ class Timeline:
         self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
         self._said_compiled_autograd = False
         self._said_no_module_spans = False
-        self._deferred_signal: int | None = None
         # Several ranks: clock samples against rank 0 (at entry and at every write).
         self._rank_clock = RankClock(rank_timeout_s) if align_ranks and distributed_world()[1] > 1 else None
         self._clock_samples: list[ClockSample] = []
@@ -256,10 +246,12 @@ class Timeline:
             self._wire_events()
 
     # ---------------------------------------------------------------- lifecycle
+    # Each method asks the Lifecycle for its move (lifecycle.py's table; it raises the
+    # documented error), does the move's work, and enters the move where the state changes.
     @property
     def started(self) -> bool:
         """Whether the Timeline is recording (between ``start()`` and ``stop()``)."""
-        return self._phase == _STARTED
+        return self._life.recording
 
     def start(self) -> Timeline:
         """Start recording (what ``with Timeline(...)`` does on entry); returns the Timeline.
@@ -267,10 +259,8 @@ class Timeline:
         A Timeline that is recording cannot be started again (``ModTimelineError``); one
         that was stopped can, and then writes its file(s) anew. Under several ranks, every
         rank must start at the same point (they compare clocks here)."""
-        with self._locked():
-            if self._phase == _STARTED:
-                raise ModTimelineError("this Timeline is already recording: start() (or `with Timeline`) was called "
-                                       "twice; call stop() first")
+        with self._lock.held():
+            move = self._life.check(Event.START)
             if self._rank_clock is not None:
                 # Before any hook: a rank that cannot meet the others records nothing.
                 self._run_id = self._rank_clock.share_run_id(self._run_id)
@@ -281,16 +271,15 @@ class Timeline:
             _pair_profiler_clock()
             self._start_window()
             self._maybe_start_device_clock()
-            self._step_closed_by_stop = False
-            self._phase = _STARTED
+            self._life.enter(move)
             try:
-                if self.schedule is None and self._record_between_steps:
+                if self._life.hooks_at_start:
                     self._hooks(True)
                 if self._guard is not None:
                     self._guard.install()
             except BaseException:
                 self._hooks(False)
-                self._phase = _STOPPED
+                self._life.enter(self._life.check(Event.START_FAILED))
                 raise
         return self
 
@@ -303,58 +292,40 @@ class Timeline:
 
         Idempotent, and safe from any thread (a framework's teardown, a watchdog): a stop
         while a step's window is being written waits for that write."""
-        with self._locked():
-            if self._phase != _STARTED:
+        with self._lock.held():
+            move = self._life.check(Event.STOP)
+            if move.work is Work.NOTHING:
                 return
+            self._life.enter(move)
             try:
-                self._close(error)
+                self._close(move, error)
             finally:
-                self._phase = _STOPPED
                 if self._kernels is not None:
                     self._kernels.stop()
                 if self._guard is not None:
                     self._guard.uninstall()
 
     def __enter__(self) -> Timeline:
-        if self._phase == _STARTED:
-            raise ModTimelineError("this Timeline is already recording; it cannot be entered twice")
+        self._life.check_enter()
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop(exc)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the Timeline's lock; a SIGTERM that comes meanwhile in this thread waits
-        for the end of the outermost such block (see _write_on_signal)."""
-        with self._lock:
-            outer = self._busy_thread is None
-            self._busy_thread = threading.get_ident()
-            try:
-                yield
-            finally:
-                if outer:
-                    self._busy_thread = None
-        if outer:
-            deferred, self._deferred_signal = self._deferred_signal, None
-            if deferred is not None and self._guard is not None:
-                self._guard.deliver(deferred)
-
-    def _close(self, exc: BaseException | None) -> None:
-        if self._in_step:
+    def _close(self, move: Move, exc: BaseException | None) -> None:
+        if move.ends_step:  # (its end_step(), a framework's or a `with step`'s, is then a no-op)
             if exc is not None:
-                self._raised_steps.add(self._step)
-            self._step_closed_by_stop = True  # its end_step() (a framework's, a `with step`) is then a no-op
-            self._end_step(closing=True)
+                self._raised_steps.add(move.step)
+            self._end_step(move)
         self._hooks(False)
-        if self.schedule is not None and self._step == 0 and exc is None:
+        if self.schedule is not None and self._life.step == 0 and exc is None:
             warnings.warn("modtimeline: a Timeline with a schedule records only inside `with timeline.step():` "
                           "blocks, and none were marked: nothing was written", RuntimeWarning,
                           stacklevel=_user_stacklevel())
         try:
-            if self.schedule is None or self._window_steps:
-                self._write(self._final_path(), exception=exc)  # (strict=True: may raise)
+            if self._life.writes_at_stop():
+                self._write(self._path_of(self._life.file_window()), exception=exc)  # (strict=True: may raise)
         finally:
             self.recorder.__exit__(None, None, None)
             if self._nvtx is not None:
@@ -365,10 +336,7 @@ class Timeline:
     def step(self) -> Iterator[int]:
         """Mark one training step; yields its number (0, 1, ...). Built on
         ``begin_step()`` and ``end_step()``."""
-        if self._phase == _NEW:
-            raise ModTimelineError("Timeline.step() must be used inside `with Timeline(...)` (or after start())")
-        if self._in_step:
-            raise ModTimelineError("Timeline.step() blocks cannot be nested")
+        self._life.check_step_block()
         number = self.begin_step()
         try:
             yield number
@@ -383,7 +351,16 @@ class Timeline:
     @property
     def in_step(self) -> bool:
         """Whether a step is open (between ``begin_step()`` and ``end_step()``)."""
-        return self._in_step
+        return self._life.in_step
+
+    @property
+    def _in_step(self) -> bool:  # (tests read it from inside device callbacks)
+        return self._life.in_step
+
+    @property
+    def _step(self) -> int:
+        """The open step's number, or the next step's."""
+        return self._life.step
 
     def begin_step(self, first_call: tuple[torch.nn.Module, Any] | None = None) -> int:
         """A training step begins now; returns its number (0, 1, ...). With a schedule,
@@ -391,77 +368,59 @@ class Timeline:
         (by another thread, say) it records nothing. ``first_call``: (module, args) of a
         module call being made now, from a forward pre-hook, that begins the step: torch
         took that call's hooks before recording was on, so its start is recorded here."""
-        with self._locked():
-            if self._phase == _NEW:
-                raise ModTimelineError("begin_step() needs a recording Timeline: call start() first "
-                                       "(or use `with Timeline(...)`)")
-            if self._in_step:
-                raise ModTimelineError("begin_step() was called while step "
-                                       f"{self._step} is open: call end_step() first (steps cannot be nested)")
-            if self._phase == _STOPPED:
-                self._step_closed_by_stop = True  # its end_step() is a no-op too
-                return self._step
-            self._step_closed_by_stop = False
+        with self._lock.held():
+            move = self._life.check(Event.BEGIN_STEP)
+            if move.work is Work.NOTHING:  # stopped: its end_step() is a no-op too
+                self._life.enter(move)
+                return move.step
             was_on = self._hooks_on
-            number = self._begin_step()
+            self._begin_step(move)
             if first_call is not None and self._hooks_on and not was_on:
                 self.recorder.record_call_begin(*first_call)
-            return number
+            return move.step
 
     def end_step(self, error: BaseException | None = None) -> None:
         """The step begun by ``begin_step()`` ends now. ``error``: the exception that ended
         it, if one did (the step is flagged incomplete). With a schedule, the last step of
         an active window writes the window: a write that fails warns and training goes
         on (``strict=True``: it raises, unless ``error`` is given)."""
-        with self._locked():
-            if not self._in_step:
-                if self._step_closed_by_stop:  # stop() closed it already
-                    self._step_closed_by_stop = False
-                    return
-                raise ModTimelineError("end_step() was called with no step open: call begin_step() first")
+        with self._lock.held():
+            move = self._life.check(Event.END_STEP)
+            self._life.enter(move)
+            if move.work is Work.NOTHING:  # stop() closed it already
+                return
             if error is not None:
-                self._raised_steps.add(self._step)
-            self._end_step(error=error)
+                self._raised_steps.add(move.step)
+            self._end_step(move, error=error)
 
-    def _begin_step(self) -> int:
-        number = self._step
-        action = StepAction.RECORD if self.schedule is None else self.schedule.action(number)
-        self._action = action
-        if action is not StepAction.SKIP:
+    def _begin_step(self, move: Move) -> None:
+        if move.plan.recorded:
             self._maybe_start_device_clock()
             if self._clock is not None:
                 self._clock.begin_step()  # still between steps: harvest, anchor new devices, refill
             if self._kernels is not None:
                 self._kernels.recording()
             _pair_profiler_clock()
-        self._in_step = True
-        if action is not StepAction.SKIP:
-            self._hooks(True)
-            self.buffer.record(STEP_BEGIN, number, 0)
-        else:
-            self._hooks(False)
-        return number
+        self._life.enter(move)
+        self._hooks(move.plan.recorded)
+        if move.plan.recorded:
+            self.buffer.record(STEP_BEGIN, move.step, 0)
 
-    def _end_step(self, closing: bool = False, error: BaseException | None = None) -> None:
-        number = self._step
-        action = self._action
-        self._in_step = False
-        self._step += 1
-        if action is StepAction.SKIP:
+    def _end_step(self, move: Move, error: BaseException | None = None) -> None:
+        """The work of a step's end (entered already): by end_step(), or by stop() (which
+        writes the window itself)."""
+        plan = move.plan
+        if not plan.recorded:
             return
-        self.buffer.record(STEP_END, number, 0)
+        self.buffer.record(STEP_END, move.step, 0)
         _pair_profiler_clock()
-        if not self._record_between_steps and not closing:
+        if self._life.hooks_off_after(move):
             self._hooks(False)
-        if action is StepAction.WARMUP:
+        if plan.at_end is WindowEnd.DISCARD:
             self._discard_window()
-            return
-        self._window_steps.append(number)
-        if action is StepAction.RECORD_AND_FLUSH and not closing:
-            self._hooks(False)
-            assert self.schedule is not None
+        elif plan.at_end is WindowEnd.WRITE and move.work is Work.END_STEP:
             try:
-                self._write(self._window_path(self.schedule.window(number)), user_error=error)
+                self._write(self._path_of(self._life.window(move.step)), user_error=error)
             finally:
                 self._start_window()  # written or not: the next window starts empty (memory stays flat)
 
@@ -519,7 +478,7 @@ class Timeline:
             self._detail.retire()
         if self._kernels is not None:
             self._kernels.retire()
-        self._window_steps = []
+        self._life.window_steps = []
         self._base_wall_ns = time.time_ns()
         self._base_ns = time.perf_counter_ns()
         # A new window's first clock sample is the one its predecessor was written with.
@@ -530,13 +489,9 @@ class Timeline:
             self._clock.discard()  # (without synchronising)
         self._start_window()
 
-    def _final_path(self) -> Path:
-        if self.schedule is None:
-            return self.path
-        return self._window_path(self.schedule.window(self._window_steps[0]))
-
-    def _window_path(self, window: int) -> Path:
-        return _with_infix(self.path, f"{window:03d}")
+    def _path_of(self, window: int | None) -> Path:
+        """A window's file (None: the one file of a Timeline without a schedule)."""
+        return self.path if window is None else _with_infix(self.path, f"{window:03d}")
 
     def trace_data(self, exception: BaseException | str | None = None) -> TraceData:
         """Resolve what has been recorded so far into spans (closing what is open)."""
@@ -553,7 +508,7 @@ class Timeline:
             "local_rank": _local_rank(),
             "hostname": socket.gethostname(),
             "clock": "perf_counter_ns",
-            "steps": list(self._window_steps),
+            "steps": list(self._life.window_steps),
             "events_dropped": self.buffer.dropped,
             "device": "cuda" if marks is not None else "cpu",
         }
@@ -634,7 +589,7 @@ class Timeline:
             self._flush(path, exception)
         except Exception as error:
             failure = {"path": os.fspath(path), "error": f"{type(error).__name__}: {error}",
-                       "steps": list(self._window_steps), "wall_time_ns": time.time_ns()}
+                       "steps": list(self._life.window_steps), "wall_time_ns": time.time_ns()}
             self._write_failures.append(failure)
             if self.strict and exception is None and user_error is None:
                 raise
@@ -668,37 +623,14 @@ class Timeline:
         incomplete. False: this thread is inside start/stop/a step boundary (a write may be
         under way); the signal is delivered when that ends. A stop or write under way in
         another thread is waited for (at most SIGNAL_WAIT_S)."""
-        me = threading.get_ident()
-        if self._busy_thread == me:
-            self._deferred_signal = signum
-            return False
-        if not self._lock.acquire(timeout=SIGNAL_WAIT_S):
-            return True
-        try:
-            # (Here with the lock but not busy, this thread was between taking the lock and
-            # beginning, or after ending: nothing is half done.)
-            outer = self._busy_thread is None
-            self._busy_thread = me
-            try:
-                self._write_on_signal_locked(signum)
-            finally:
-                if outer:
-                    self._busy_thread = None
-                if self._deferred_signal == signum:
-                    self._deferred_signal = None  # (delivered once, by the guard)
-        finally:
-            self._lock.release()
-        return True
+        return self._lock.on_signal(signum, lambda: self._write_on_signal_locked(signum), SIGNAL_WAIT_S)
 
     def _write_on_signal_locked(self, signum: int) -> None:
-        if self._phase != _STARTED:
-            return
-        if self.schedule is None:
-            path = self.path
-        elif self._window_steps:
-            path = self._final_path()
-        elif self._in_step and self._action not in (StepAction.SKIP, StepAction.WARMUP):
-            path = self._window_path(self.schedule.window(self._step))
-        else:
-            return  # between windows: nothing recorded to lose
-        self._write(path, exception=f"terminated by signal {signal.Signals(signum).name}")
+        anything, window = self._life.signal_window()
+        if anything:  # (not between windows: nothing recorded to lose)
+            self._write(self._path_of(window), exception=f"terminated by signal {signal.Signals(signum).name}")
+
+    def _deliver_signal(self, signum: int) -> None:
+        """A SIGTERM deferred while this thread was inside a boundary: deliver it now."""
+        if self._guard is not None:
+            self._guard.deliver(signum)
