@@ -1,15 +1,39 @@
-"""Tracer overhead per module call and per step: untraced vs torch's ModuleTracker, ModTracker,
-torch.profiler(with_modules=True) and `with Timeline(path): step()` (file written); then
-the ways in that need no Timeline in the user's code: the transformers and lightning
-TimelineCallbacks and `modtimeline record`, each against the same training untraced.
+"""Tracer overhead per module call and per step, and where it goes (issue 26).
 
-Runs everything in one process, interleaved (every round runs each variant once, in a
-fresh random order), and reports per-round ratios to the untraced step of the same
-round, medians over rounds: this shared machine's speed swings by 30-50 % within
-minutes, and a ratio taken within one round cancels that. Garbage is collected before
-each timed run, so no variant pays for another's.
+Workloads (a model and its training step: forward + loss, then ``.backward()``):
 
-    python benchmarks/overhead.py [--reps 21] [--rounds 7] [--out benchmarks/results]
+- ``tiny-modules``: 200 x Sequential(Linear(8, 8), ReLU), batch 4 (601 module calls a
+  step): the per-call cost is nearly all there is;
+- ``encoder``: Embedding + 6-layer ``nn.TransformerEncoder`` (d_model 64) + Linear head,
+  batch 8 x 32 tokens, cross-entropy (58 calls);
+- ``llama`` / ``gpt2``: transformers' LlamaForCausalLM / GPT2LMHeadModel from small random
+  configs (hidden 64, 4 layers, vocab 256; nothing is downloaded), batch 4 x 32 tokens,
+  the model's own LM loss;
+- ``transformer`` (12-layer encoder, d_model 128, batch 8 x 64), ``cnn`` (small ResNet),
+  and, only when named, ``transformer-compiled`` (the transformer under torch.compile)
+  and ``tiny-modules-16`` (100 x (Linear(16, 16), ReLU): the tiny model before issue 26).
+
+Rows per workload: untraced; the floor (no-op global forward hooks: a pre-hook and an
+always-called hook, the least any global-hook tracer pays); ``Timeline`` in steady state
+(one Timeline over the round's steps, each marked ``with tl.step():``, its file written
+once after them, not timed); ``Timeline`` per step (``with Timeline(path): step()``, the
+file written every step); and on tiny-modules, tiny-modules-16, transformer, cnn and
+transformer-compiled torch's ModuleTracker, ModTracker and torch.profiler(with_modules).
+
+Interleaved: every round runs each row once, in a fresh random order, as a block of
+--steps-per-round steps (after --warmup-steps untimed ones); a row's figure in a round is
+the median of its block's steps, its ratio and added time are taken against the untraced
+block of the same round, and the tables give medians over rounds: this shared machine's
+speed swings by 30-50 % within minutes, and a ratio taken within one round cancels that.
+Garbage is collected before every step (the heap built at start-up is frozen first, so
+that costs microseconds), and torch runs one thread (--threads). Each step is timed in
+parts: its forward (with the loss), its backward, and the step boundary (what the row
+wraps each step in: ``tl.step()``'s entry and exit, a per-step Timeline's start, stop and
+write); the steady Timeline's stop() (resolve + write) is timed apart and divided over its
+steps: the "where the time goes" table.
+
+    python benchmarks/overhead.py [--reps 15] [--steps-per-round N] [--out benchmarks/results]
+    python benchmarks/overhead.py --workloads tiny-modules encoder llama gpt2 --no-integrations
     python benchmarks/overhead.py --workloads             # the integrations' table only
     python benchmarks/overhead.py --no-integrations       # the workloads' tables only
 
@@ -40,8 +64,10 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,34 +77,82 @@ from report import machine, save
 from modtimeline import ModuleTracker as OurTracker
 from modtimeline import Timeline
 
+# A workload: the model, and its forward (with the loss) returning the loss to backward.
+Forward = Callable[[nn.Module], torch.Tensor]
+Workload = tuple[nn.Module, Forward]
 
-def tiny_modules() -> tuple[nn.Module, Callable[[nn.Module], None]]:
-    """200 x (Linear + ReLU): the per-call cost dominates."""
+
+def _summed(x: torch.Tensor) -> Forward:
+    return lambda m: m(x).sum()
+
+
+def tiny_modules() -> Workload:
+    """200 x Sequential(Linear(8, 8), ReLU), batch 4: 601 module calls a step, each tiny."""
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(200)])
+    return model, _summed(torch.randn(4, 8))
+
+
+def tiny_modules_16() -> Workload:
+    """100 x (Linear(16, 16), ReLU), batch 4: 201 calls (the tiny model before issue 26)."""
     layers: list[nn.Module] = []
     for _ in range(100):
         layers += [nn.Linear(16, 16), nn.ReLU()]
-    model = nn.Sequential(*layers)
-    x = torch.randn(4, 16)
-
-    def step(m: nn.Module) -> None:
-        m(x).sum().backward()
-
-    return model, step
+    return nn.Sequential(*layers), _summed(torch.randn(4, 16))
 
 
-def transformer() -> tuple[nn.Module, Callable[[nn.Module], None]]:
+def encoder() -> Workload:
+    """Embedding + 6-layer nn.TransformerEncoder (d_model 64, 4 heads, ff 256) + Linear head,
+    batch 8 x 32 tokens, cross-entropy: 58 module calls."""
+    layer = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+    model = nn.Sequential(nn.Embedding(256, 64), nn.TransformerEncoder(layer, 6, enable_nested_tensor=False),
+                          nn.Linear(64, 256))
+    tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten())
+
+    return model, forward
+
+
+def _causal_lm(model: nn.Module) -> Workload:
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        return m(input_ids=tokens, labels=tokens).loss
+
+    return model, forward
+
+
+def llama() -> Workload:
+    """A random LlamaForCausalLM (hidden 64, 4 layers, 4 heads, vocab 256), batch 4 x 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return _causal_lm(LlamaForCausalLM(config))  # random init: nothing is downloaded
+
+
+def gpt2() -> Workload:
+    """A random GPT2LMHeadModel (n_embd 64, 4 layers, 4 heads, vocab 256), batch 4 x 32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return _causal_lm(GPT2LMHeadModel(config))
+
+
+def transformer() -> Workload:
     """A 12-layer small transformer encoder, batch 8 x 64 tokens."""
     layer = nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=512, batch_first=True)
     model = nn.TransformerEncoder(layer, num_layers=12, enable_nested_tensor=False)
-    x = torch.randn(8, 64, 128)
-
-    def step(m: nn.Module) -> None:
-        m(x).sum().backward()
-
-    return model, step
+    return model, _summed(torch.randn(8, 64, 128))
 
 
-def cnn() -> tuple[nn.Module, Callable[[nn.Module], None]]:
+def cnn() -> Workload:
     """A small ResNet-like CNN on 8 x 3 x 32 x 32 images."""
 
     class Residual(nn.Module):
@@ -97,27 +171,38 @@ def cnn() -> tuple[nn.Module, Callable[[nn.Module], None]]:
         *[Residual(32) for _ in range(4)], nn.MaxPool2d(2),
         *[Residual(32) for _ in range(4)], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
-    x = torch.randn(8, 3, 32, 32)
-
-    def step(m: nn.Module) -> None:
-        m(x).sum().backward()
-
-    return model, step
+    return model, _summed(torch.randn(8, 3, 32, 32))
 
 
-def compiled_transformer() -> tuple[nn.Module, Callable[[nn.Module], None]]:
+def compiled_transformer() -> Workload:
     """The transformer under torch.compile (inductor): a Timeline sees one call per step."""
-    model, step = transformer()
-    compiled = torch.compile(model)
-
-    def compiled_step(m: nn.Module) -> None:
-        step(compiled)
-
-    return model, compiled_step
+    model, forward = transformer()
+    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]
+    return model, lambda m: forward(compiled)
 
 
-WORKLOADS = {"tiny-modules": tiny_modules, "transformer": transformer, "cnn": cnn,
-             "transformer-compiled": compiled_transformer}
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "tiny-modules": tiny_modules, "encoder": encoder, "llama": llama, "gpt2": gpt2,
+    "transformer": transformer, "cnn": cnn,
+    "transformer-compiled": compiled_transformer, "tiny-modules-16": tiny_modules_16,
+}
+DEFAULT_WORKLOADS = ["tiny-modules", "encoder", "llama", "gpt2", "transformer", "cnn"]
+# The workloads that had torch's trackers' rows before issue 26 keep them.
+TORCH_ROWS = {"tiny-modules", "tiny-modules-16", "transformer", "cnn", "transformer-compiled"}
+
+UNTRACED = "untraced"
+FLOOR = "no-op global hooks (floor)"
+STEADY = "Timeline steady"
+PER_STEP = "Timeline per step (file written)"
+
+# Issue 26's goals: (workload, row, figure, at most).
+GOALS: list[tuple[str, str, str, float]] = [
+    ("tiny-modules", STEADY, "vs_floor_added", 1.3),
+    ("encoder", STEADY, "ratio", 1.02),
+    ("encoder", PER_STEP, "ratio", 1.05),
+    ("llama", STEADY, "ratio", 1.03),
+    ("gpt2", STEADY, "ratio", 1.03),
+]
 
 
 def module_calls(model: nn.Module, step: Callable[[nn.Module], None]) -> int:
@@ -127,61 +212,242 @@ def module_calls(model: nn.Module, step: Callable[[nn.Module], None]) -> int:
     return calls()
 
 
-def variants(trace_dir: Path) -> dict[str, Callable[[], contextlib.AbstractContextManager[object]]]:
-    from torch.distributed._tools.mod_tracker import ModTracker
-    from torch.utils.module_tracker import ModuleTracker
+# ------------------------------------------------------------------ rows
+ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
-    def profiler() -> contextlib.AbstractContextManager[object]:
-        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_modules=True)
+# Two clocks: the process's CPU time (the default: on this shared, loaded machine it leaves
+# out the time the process waited for a core, which wall time counts) and wall time.
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
+
+def _now() -> tuple[float, float]:
+    return time.process_time(), time.perf_counter()
+
+
+@dataclass
+class Row:
+    """What a row wraps around each step (``around``), and what it does before its block of
+    steps (``setup``) and after it (``teardown``), both outside the step figures."""
+
+    around: ContextFactory
+    setup: Callable[[], None] = lambda: None
+    teardown: Callable[[], None] = lambda: None
+    # The steady Timeline times its own start() and stop(): (cpu, wall) seconds each.
+    start_s: list[tuple[float, float]] = field(default_factory=list)
+    stop_s: list[tuple[float, float]] = field(default_factory=list)
+
+
+def floor_row() -> Row:
+    """No-op global forward hooks: torch's hook dispatch and nothing else."""
+    handles: list[Any] = []
+
+    def setup() -> None:
+        modules = torch.nn.modules.module
+        handles.append(modules.register_module_forward_pre_hook(lambda m, a: None))
+        handles.append(modules.register_module_forward_hook(lambda m, a, o: None, always_call=True))
+
+    def teardown() -> None:
+        while handles:
+            handles.pop().remove()
+
+    return Row(contextlib.nullcontext, setup, teardown)
+
+
+def _elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    end = _now()
+    return end[0] - start[0], end[1] - start[1]
+
+
+def steady_row(path: Path) -> Row:
+    """One Timeline over the block's steps, each `with tl.step():`; written once, after them."""
+    holder: list[Timeline] = []
+
+    def around() -> contextlib.AbstractContextManager[Any]:
+        return holder[0].step()
+
+    def setup() -> None:
+        timeline = Timeline(path)
+        gc.collect()
+        start = _now()
+        timeline.start()
+        row.start_s.append(_elapsed(start))
+        holder[:] = [timeline]
+
+    def teardown() -> None:
+        gc.collect()
+        start = _now()
+        holder[0].stop()
+        row.stop_s.append(_elapsed(start))
+        holder.clear()
+
+    row = Row(around, setup, teardown)
+    return row
+
+
+def rows_for(workload: str, trace_dir: Path, torch_rows: bool) -> dict[str, Row]:
+    rows = {
+        UNTRACED: Row(contextlib.nullcontext),
+        FLOOR: floor_row(),
+        STEADY: steady_row(trace_dir / "steady.json"),
+        PER_STEP: Row(lambda: Timeline(trace_dir / "per_step.json")),
+    }
+    if torch_rows and workload in TORCH_ROWS:
+        from torch.distributed._tools.mod_tracker import ModTracker
+        from torch.utils.module_tracker import ModuleTracker
+
+        def profiler() -> contextlib.AbstractContextManager[Any]:
+            return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_modules=True)
+
+        rows["torch ModuleTracker"] = Row(ModuleTracker)
+        rows["torch ModTracker"] = Row(ModTracker)
+        rows["torch.profiler"] = Row(profiler)
+    return rows
+
+
+# One step's parts (seconds): the whole step, its forward (with the loss), its backward,
+# and the boundary (the row's context entered and left: whole - forward - backward).
+PARTS = ("step", "forward", "backward", "boundary")
+Parts = dict[str, float]
+
+
+def timed_step(model: nn.Module, forward: Forward, around: ContextFactory) -> dict[str, Parts]:
+    """One step, timed in parts on both clocks: {clock: {part: seconds}}."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    c0, w0 = _now()
+    with around():
+        c1, w1 = _now()
+        loss = forward(model)
+        c2, w2 = _now()
+        loss.backward()
+        c3, w3 = _now()
+    c4, w4 = _now()
+    return {"cpu": {"step": c4 - c0, "forward": c2 - c1, "backward": c3 - c2, "boundary": (c1 - c0) + (c4 - c3)},
+            "wall": {"step": w4 - w0, "forward": w2 - w1, "backward": w3 - w2, "boundary": (w1 - w0) + (w4 - w3)}}
+
+
+def run_block(model: nn.Module, forward: Forward, row: Row, warmup: int, steps: int) -> dict[str, Parts]:
+    """The row's block of steps: each part's median over the timed steps, on each clock."""
+    row.setup()
+    try:
+        samples = [timed_step(model, forward, row.around) for _ in range(warmup + steps)][warmup:]
+    finally:
+        row.teardown()
+    return {clock: {part: statistics.median(s[clock][part] for s in samples) for part in PARTS} for clock in CLOCKS}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def auto_steps(step_s: float, target_s: float) -> int:
+    """Steps per block: enough for about target_s of untraced steps, 3 to 20."""
+    return max(3, min(20, round(target_s / max(step_s, 1e-6))))
+
+
+def measure(workload: str, reps: int, trace_dir: Path, steps_per_round: int | None = None, warmup: int = 1,
+            torch_rows: bool = True, clock: str = "cpu", block_s: float = 0.1) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model, forward = WORKLOADS[workload]()
+    model.train()
+
+    def step(m: nn.Module) -> None:
+        forward(m).backward()
+
+    step(model)  # (a compiled workload compiles here, outside every measurement)
+    calls = max(module_calls(model, step), 1)
+    gc.collect()
+    gc.freeze()  # what exists now is never garbage: the collections before each step stay cheap
+    try:
+        probe = [timed_step(model, forward, contextlib.nullcontext)["cpu"]["step"] for _ in range(3)]
+        steps = steps_per_round or auto_steps(statistics.median(probe), block_s)
+        rows = rows_for(workload, trace_dir, torch_rows)
+        blocks: dict[str, list[dict[str, Parts]]] = {name: [] for name in rows}
+        order = random.Random(0)
+        for round_ in range(reps + 1):  # the first round warms up
+            names = list(rows)
+            order.shuffle(names)
+            for name in names:
+                block = run_block(model, forward, rows[name], warmup, steps)
+                if round_ >= 1:
+                    blocks[name].append(block)
+    finally:
+        gc.unfreeze()
+    steady = rows[STEADY]
+    del steady.start_s[0], steady.stop_s[0]  # (the warm-up round's)
+    other = "wall" if clock == "cpu" else "cpu"
+    figures = {name: summarise({row: [b[name] for b in samples] for row, samples in blocks.items()}, calls,
+                               warmup + steps, [s[index] for s in steady.start_s],
+                               [s[index] for s in steady.stop_s])
+               for index, name in enumerate(CLOCKS)}
     return {
-        "untraced": contextlib.nullcontext,
-        "torch ModuleTracker": ModuleTracker,
-        "torch ModTracker": ModTracker,
-        "torch.profiler": profiler,
-        "Timeline (file written)": lambda: Timeline(trace_dir / "bench.json"),
+        "module_calls_per_step": calls,
+        "steps_per_round": steps,
+        "warmup_steps": warmup,
+        "rounds": reps,
+        "clock": clock,
+        "untraced_us_per_call": figures[clock]["variants"][UNTRACED]["step_ms"] / calls * 1e3,
+        **figures[clock],
+        "other_clock": {"clock": other, **figures[other]},
     }
 
 
-def measure(workload: str, reps: int, trace_dir: Path) -> dict[str, object]:
-    torch.manual_seed(0)
-    model, step = WORKLOADS[workload]()
-    step(model)  # (a compiled workload compiles here, outside every measurement)
-    calls = max(module_calls(model, step), 1)
-    contexts = variants(trace_dir)
-    times: dict[str, list[float]] = {name: [] for name in contexts}
-    order = random.Random(0)
-    for rep in range(reps + 2):  # the first two rounds warm up
-        names = list(contexts)
-        order.shuffle(names)
-        for name in names:
-            make = contexts[name]
-            model.zero_grad(set_to_none=True)
-            # Each variant starts with no garbage left by the previous one (torch.profiler
-            # leaves plenty, which the next variant's allocations would pay to collect).
-            gc.collect()
-            start = time.perf_counter()
-            with make():
-                step(model)
-            elapsed = time.perf_counter() - start
-            if rep >= 2:
-                times[name].append(elapsed)
-    base = statistics.median(times["untraced"])
-    rows = {}
-    for name, samples in times.items():
-        # Within each round: this variant against the untraced step of the same round.
-        ratios = [t / u for t, u in zip(samples, times["untraced"])]
-        added = [(t - u) / calls * 1e6 for t, u in zip(samples, times["untraced"])]
-        rows[name] = {
-            "step_ms": statistics.median(samples) * 1e3,
+def summarise(blocks: dict[str, list[Parts]], calls: int, steady_steps: int, start_s: list[float],
+              stop_s: list[float]) -> dict[str, Any]:
+    """One clock's figures: per row, medians over rounds of the round's figures."""
+    base = blocks[UNTRACED]
+
+    def added(name: str, part: str, against: str = UNTRACED) -> list[float]:
+        """Per round: this row's part minus the other row's, in µs per module call."""
+        return [(b[part] - a[part]) / calls * 1e6 for b, a in zip(blocks[name], blocks[against])]
+
+    variants: dict[str, dict[str, Any]] = {}
+    for name, samples in blocks.items():
+        ratios = [b["step"] / u["step"] for b, u in zip(samples, base)]
+        low, high = _quartiles(ratios)
+        variants[name] = {
+            "step_ms": statistics.median(b["step"] for b in samples) * 1e3,
             "ratio": statistics.median(ratios),
-            "added_us_per_call": statistics.median(added),
+            "ratio_p25": low,
+            "ratio_p75": high,
+            "added_us_per_call": statistics.median(added(name, "step")),
+            "per_round_ratios": ratios,
+            "per_round_added_us_per_call": added(name, "step"),
         }
-    tracker_added = rows["torch ModuleTracker"]["added_us_per_call"]
-    rows["Timeline (file written)"]["vs_ModuleTracker_added"] = (
-        rows["Timeline (file written)"]["added_us_per_call"] / tracker_added if tracker_added > 0 else None
-    )
-    return {"module_calls_per_step": calls, "untraced_us_per_call": base / calls * 1e6, "variants": rows}
+    floor_added = variants[FLOOR]["added_us_per_call"]
+    tracker_added = variants.get("torch ModuleTracker", {}).get("added_us_per_call")
+    for name in (STEADY, PER_STEP):
+        row = variants[name]
+        # Ratios of the medians: per round, the floor's few µs are too noisy to divide by.
+        row["vs_floor_added"] = row["added_us_per_call"] / floor_added if floor_added > 0 else None
+        if tracker_added is not None:
+            row["vs_ModuleTracker_added"] = row["added_us_per_call"] / tracker_added if tracker_added > 0 else None
+
+    breakdown: dict[str, dict[str, Any]] = {}
+    for name in (FLOOR, STEADY, PER_STEP):
+        parts: dict[str, Any] = {f"{part}_us_per_call": statistics.median(added(name, part))
+                                 for part in ("forward", "backward", "boundary")}
+        parts["boundary_ms_per_step"] = statistics.median(
+            (b["boundary"] - u["boundary"]) * 1e3 for b, u in zip(blocks[name], base))
+        parts["step_us_per_call"] = variants[name]["added_us_per_call"]
+        if name != FLOOR:  # our forward work beyond torch's hook dispatch, round by round
+            parts["forward_beyond_floor_us_per_call"] = statistics.median(added(name, "forward", FLOOR))
+        breakdown[name] = parts
+    breakdown[STEADY].update({
+        "start_ms": statistics.median(start_s) * 1e3,
+        "stop_ms": statistics.median(stop_s) * 1e3,
+        "steps_per_timeline": steady_steps,
+        "resolve_write_ms_per_step": statistics.median(stop_s) / steady_steps * 1e3,
+        "resolve_write_us_per_call": statistics.median(stop_s) / steady_steps / calls * 1e6,
+    })
+    return {"variants": variants, "breakdown": breakdown}
 
 
 # ------------------------------------------------------------------ integrations
@@ -217,14 +483,14 @@ def transformers_trainer(steps: int) -> tuple[str, Callable[[bool, Path], list[f
     tokens = [torch.randint(0, 256, (32,), generator=generator) for _ in range(4 * (steps + 1))]
     data = [{"input_ids": t, "labels": t} for t in tokens]
 
-    class StepClock(TrainerCallback):  # type: ignore[misc]
+    class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.marks, self.mark = _torch_step_clock()
 
         def on_step_begin(self, args: object, state: object, control: object, **kwargs: object) -> None:
             self.mark()
 
-    def trainer(folder: Path, callbacks: list[object], max_steps: int) -> Trainer:
+    def trainer(folder: Path, callbacks: list[Any], max_steps: int) -> Trainer:
         args = TrainingArguments(output_dir=str(folder / "out"), max_steps=max_steps, per_device_train_batch_size=4,
                                  report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                                  disable_tqdm=True, dataloader_num_workers=0, learning_rate=1e-4)
@@ -234,7 +500,7 @@ def transformers_trainer(steps: int) -> tuple[str, Callable[[bool, Path], list[f
 
     def run(traced: bool, folder: Path) -> list[float]:
         clock = StepClock()
-        callbacks: list[object] = [clock] + ([TimelineCallback(folder / "hf.json")] if traced else [])
+        callbacks: list[Any] = [clock] + ([TimelineCallback(folder / "hf.json")] if traced else [])
         trainer(folder, callbacks, steps).train()
         return _periods(clock.marks)
 
@@ -257,7 +523,7 @@ def lightning_trainer(steps: int) -> tuple[str, Callable[[bool, Path], list[floa
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    class LitBlocks(pl.LightningModule):  # type: ignore[misc]
+    class LitBlocks(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             layers: list[nn.Module] = []
@@ -280,14 +546,14 @@ def lightning_trainer(steps: int) -> tuple[str, Callable[[bool, Path], list[floa
     data = torch.utils.data.TensorDataset(torch.randn(n, 128, generator=generator), torch.randn(n, 1, generator=generator))
     loader = torch.utils.data.DataLoader(data, batch_size=32)
 
-    class StepClock(pl.Callback):  # type: ignore[misc]
+    class StepClock(pl.Callback):
         def __init__(self) -> None:
             self.marks, self.mark = _torch_step_clock()
 
         def on_train_batch_start(self, trainer: object, pl_module: object, batch: object, batch_idx: int) -> None:
             self.mark()
 
-    def fit(folder: Path, callbacks: list[object], max_steps: int) -> None:
+    def fit(folder: Path, callbacks: list[Any], max_steps: int) -> None:
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              default_root_dir=str(folder), limit_val_batches=0, num_sanity_val_steps=0)
@@ -424,33 +690,123 @@ def integrations_markdown(results: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: dict[str, object]) -> str:
-    if results["workloads"]:
-        lines = [f"Machine: {results['machine']}; medians of {results['reps']} interleaved rounds (ratios and added "
-                 "time taken within each round).", ""]
+def _num(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def workload_markdown(workload: str, result: dict[str, Any]) -> list[str]:
+    lines = [f"**{workload}** ({result['module_calls_per_step']} module calls per step, untraced "
+             f"{result['untraced_us_per_call']:.1f} µs per call; {result['steps_per_round']} timed steps per row "
+             f"per round after {result['warmup_steps']} untimed)", "",
+             "| row | step (ms) | × untraced | × untraced, rounds' p25–p75 | added µs / module call (fw+bw) "
+             "| × the floor's added |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["variants"].items():
+        versus = _num(row.get("vs_floor_added"), 2, "×") if name in (STEADY, PER_STEP) else ""
+        lines.append(f"| {name} | {row['step_ms']:.2f} | {row['ratio']:.3f} | {row['ratio_p25']:.3f}–"
+                     f"{row['ratio_p75']:.3f} | {row['added_us_per_call']:.2f} | {versus} |")
+    lines.append("")
+    return lines
+
+
+def breakdown_markdown(workloads: dict[str, Any]) -> list[str]:
+    lines = ["**Where the time goes** (µs per module call added over the untraced step of the same round, "
+             "medians over rounds; forward includes the loss; the boundary is what the row wraps a step in; "
+             "the steady Timeline's stop(), its resolve and write, is spread over the steps it recorded)", "",
+             "| workload | row | forward | of it, beyond the floor's | backward | step boundary | sum "
+             "| step, measured | resolve + write at the end | step + resolve + write |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for workload, result in workloads.items():
+        for name in (FLOOR, STEADY, PER_STEP):
+            part = result["breakdown"][name]
+            total = part["forward_us_per_call"] + part["backward_us_per_call"] + part["boundary_us_per_call"]
+            beyond = _num(part.get("forward_beyond_floor_us_per_call"))
+            if name == STEADY:
+                resolve = part["resolve_write_us_per_call"]
+                write, with_write = _num(resolve), _num(part["step_us_per_call"] + resolve)
+            elif name == PER_STEP:
+                write, with_write = "(in the boundary)", _num(part["step_us_per_call"])
+            else:
+                write, with_write = "–", _num(part["step_us_per_call"])
+            lines.append(f"| {workload} | {name} | {part['forward_us_per_call']:.2f} | {beyond} "
+                         f"| {part['backward_us_per_call']:.2f} | {part['boundary_us_per_call']:.2f} | {total:.2f} "
+                         f"| {part['step_us_per_call']:.2f} | {write} | {with_write} |")
+    lines += ["", "The same fixed costs in ms:", "",
+              "| workload | `with tl.step():` enter + exit, per step | steady Timeline: start() | stop() "
+              "(resolve + write) | steps it recorded | stop() per step | per-step Timeline: start + stop + write, "
+              "per step |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for workload, result in workloads.items():
+        steady, per_step = result["breakdown"][STEADY], result["breakdown"][PER_STEP]
+        lines.append(f"| {workload} | {steady['boundary_ms_per_step']:.3f} | {steady['start_ms']:.3f} "
+                     f"| {steady['stop_ms']:.2f} | {steady['steps_per_timeline']} "
+                     f"| {steady['resolve_write_ms_per_step']:.3f} | {per_step['boundary_ms_per_step']:.2f} |")
+    lines.append("")
+    return lines
+
+
+def goals_markdown(workloads: dict[str, Any]) -> list[str]:
+    lines = ["**Issue 26's goals** (medians of interleaved rounds)", "",
+             "| workload | row | goal | measured | rounds within the goal | on the other clock |",
+             "|---|---|---|---:|---:|---:|"]
+    any_goal = False
+    for workload, name, figure, limit in GOALS:
+        if workload not in workloads:
+            continue
+        any_goal = True
+        result = workloads[workload]
+        row = result["variants"][name]
+        if figure == "ratio":
+            goal, value = f"≤ {limit}× untraced", row["ratio"]
+            per_round = row["per_round_ratios"]
+        else:
+            goal, value = f"added per call ≤ {limit}× the floor's", row["vs_floor_added"]
+            per_round = [t / f for t, f in zip(row["per_round_added_us_per_call"],
+                                               result["variants"][FLOOR]["per_round_added_us_per_call"]) if f > 0]
+        within = sum(1 for r in per_round if r <= limit)
+        verdict = "met" if value is not None and value <= limit else "**not met**"
+        other = result["other_clock"]
+        other_value = other["variants"][name]["ratio" if figure == "ratio" else "vs_floor_added"]
+        lines.append(f"| {workload} | {name} | {goal} | {_num(value, 3, '×')} ({verdict}) "
+                     f"| {within} of {len(row['per_round_ratios'])} "
+                     f"| {_num(other_value, 3, '×')} ({other['clock']}) |")
+    lines.append("")
+    return lines if any_goal else []
+
+
+def markdown(results: dict[str, Any]) -> str:
+    workloads = results["workloads"]
+    if workloads:
+        clock = {"cpu": "the process's CPU time", "wall": "wall time"}[results["clock"]]
+        lines = [f"Machine: {results['machine']}; load average {results['load_average_at_start'][0]:.1f} at the "
+                 f"start, {results['load_average_at_end'][0]:.1f} at the end; medians of {results['reps']} "
+                 f"interleaved rounds (ratios and added time taken within each round); times are {clock}.", ""]
+        lines += goals_markdown(workloads)
+        for workload, result in workloads.items():
+            lines += workload_markdown(workload, result)
+        lines += breakdown_markdown(workloads)
     else:
         lines = [f"Machine: {results['machine']}.", ""]
-    for workload, result in results["workloads"].items():  # type: ignore[attr-defined]
-        lines.append(f"**{workload}** ({result['module_calls_per_step']} module calls per step, "
-                     f"untraced {result['untraced_us_per_call']:.1f} µs per call)")
-        lines.append("")
-        lines.append("| variant | step (ms) | × untraced | added µs / module call (fw+bw) |")
-        lines.append("|---|---:|---:|---:|")
-        for name, row in result["variants"].items():
-            extra = ""
-            if row.get("vs_ModuleTracker_added") is not None:
-                extra = f" ({row['vs_ModuleTracker_added']:.2f}× ModuleTracker's)"
-            lines.append(f"| {name} | {row['step_ms']:.2f} | {row['ratio']:.3f} | {row['added_us_per_call']:.2f}{extra} |")
-        lines.append("")
     if "integrations" in results:
-        lines.append(integrations_markdown(results["integrations"]))  # type: ignore[arg-type]
+        lines.append(integrations_markdown(results["integrations"]))
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=21)
-    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds of the workloads' rows")
+    parser.add_argument("--workloads", nargs="*", default=DEFAULT_WORKLOADS,
+                        help=f"of {', '.join(WORKLOADS)} (none: the integrations' table only)")
+    parser.add_argument("--steps-per-round", type=int, default=None,
+                        help="timed steps per row per round (default: about 0.12 s of untraced steps, 3 to 20)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before each row's block")
+    parser.add_argument("--no-torch-rows", action="store_true",
+                        help="leave out torch's ModuleTracker, ModTracker and torch.profiler rows")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu",
+                        help="the workloads' tables: the process's CPU time (default) or wall time; "
+                             "the JSON holds both")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (and OMP_NUM_THREADS of the record script's processes)")
     parser.add_argument("--integrations", nargs="*", default=list(INTEGRATIONS), choices=list(INTEGRATIONS),
                         help="the integrations' rows (none: --no-integrations)")
     parser.add_argument("--no-integrations", action="store_const", const=[], dest="integrations")
@@ -458,18 +814,28 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=15, help="training steps per integration run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     warnings.filterwarnings("ignore")
-    results: dict[str, object] = {"machine": machine(), "reps": args.reps, "workloads": {}}
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    results: dict[str, Any] = {"machine": machine(), "reps": args.reps, "clock": args.clock, "workloads": {},
+                               "load_average_at_start": os.getloadavg()}
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads:
-            results["workloads"][workload] = measure(workload, args.reps, Path(tmp))  # type: ignore[index]
-            print(f"measured {workload}", file=sys.stderr)
+            results["workloads"][workload] = measure(workload, args.reps, Path(tmp), args.steps_per_round,
+                                                     args.warmup_steps, not args.no_torch_rows, args.clock)
+            print(f"measured {workload} ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
         if args.integrations:
             rows = {}
             for name in args.integrations:
                 rows[name] = measure_integration(name, args.rounds, args.steps, Path(tmp))
-                print(f"measured {name}", file=sys.stderr)
+                print(f"measured {name} ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
             results["integrations"] = {"rounds": args.rounds, "steps": args.steps, "rows": rows}
+    results["load_average_at_end"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - began
     save("overhead", results, markdown(results), args.out)
     return 0
 
