@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import TraceFileError
 
@@ -80,6 +82,65 @@ def remove_leftovers(folder: str, name: str) -> list[str]:
     return removed
 
 
+# renameat2(2)'s RENAME_EXCHANGE, from the C library (Linux 3.15+, glibc 2.28+); None
+# elsewhere (then os.replace does). Looked up at the first write.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2: Any = False  # (False: not looked up yet)
+
+
+def _exchange_function() -> Any:
+    global _renameat2
+    if _renameat2 is False:
+        _renameat2 = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                function = ctypes.CDLL(None, use_errno=True).renameat2
+                function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                function.restype = ctypes.c_int
+                _renameat2 = function
+    return _renameat2
+
+
+def _exchange(first: str, second: str) -> int:
+    """Swap the two names in one atomic step; 0, or the errno why not (ENOSYS: no renameat2)."""
+    function = _exchange_function()
+    if function is None:
+        return errno.ENOSYS
+    import ctypes
+
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EINVAL
+
+
+def replace(new: str, target: str) -> None:
+    """``os.replace(new, target)``: a reader of ``target`` sees the old file or the new
+    one, never none and never half of one; ``new`` is gone afterwards.
+
+    Where an old file is there, the two names are first swapped (RENAME_EXCHANGE, one
+    atomic step) and the old file, now under ``new``, is then removed. ext4 treats a
+    rename over an existing file as a cue to push the new file's data to disk at once
+    (its auto_da_alloc); a trace overwritten at every short step (a Timeline per step)
+    then waits 3-7 ms a write on the disk, where the swap takes tens of µs. What that cue
+    gave is survival of a power loss in the next seconds, which these writes never
+    promised (no fsync, and other file systems give no such cue). Anywhere the swap is
+    not to be had (no file there yet, not Linux, a file system without it), os.replace."""
+    if _exchange(new, target) != 0:
+        os.replace(new, target)
+        return
+    try:
+        os.unlink(new)  # (the old file now)
+    except IsADirectoryError:
+        # A directory came to ``target`` since it was checked: put it back, refuse.
+        _exchange(new, target)
+        raise TraceFileError(f"cannot write trace to {target!r}: a directory is there now") from None
+    except OSError:
+        pass  # the new file is in place; the old one stays under the temporary name
+
+
 _swept: set[str] = set()  # the files whose folder was swept of leftovers by this process
 _SWEPT_KEPT = 64
 
@@ -89,7 +150,7 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """Write to a temporary file beside ``path`` and rename it over ``path`` on success.
 
     A reader sees the old file or the complete new one, never none and never half of one
-    (``os.replace`` is one atomic rename). On failure the temporary file is removed and
+    (``replace``: one atomic rename or swap). On failure the temporary file is removed and
     ``path`` is untouched; a directory at ``path`` is never moved or replaced."""
     target = os.path.expanduser(os.fspath(path))
     folder, name = os.path.split(target)
@@ -125,7 +186,7 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
         if os.path.isdir(target):
             raise TraceFileError(f"cannot write trace to {target!r}: a directory is there now")
         try:
-            os.replace(tmp_name, target)
+            replace(tmp_name, target)
         except OSError as error:
             raise TraceFileError(f"cannot write trace to {target!r}: {error.strerror or error}") from None
     except BaseException:
