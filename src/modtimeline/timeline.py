@@ -15,8 +15,6 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -123,6 +121,29 @@ _NO_MODULE_SPANS = ("the Timeline recorded no module span: no nn.Module call ran
                     "it. Likely causes: the model was compiled in place (model.compile()) before modtimeline was "
                     "imported (import modtimeline first, or let the Timeline see one eager call of the model), "
                     "the model runs in another thread, or no model ran inside the Timeline")
+
+
+class _StepBlock(contextlib.ContextDecorator):
+    """``with timeline.step():`` (a class, not a generator: it runs twice a step)."""
+
+    __slots__ = ("_timeline",)
+
+    def __init__(self, timeline: Timeline) -> None:
+        self._timeline = timeline
+
+    def __enter__(self) -> int:
+        self._timeline._life.check_step_block()
+        return self._timeline.begin_step()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self._timeline.end_step()
+            return
+        try:
+            self._timeline.end_step(exc if exc is not None else exc_type())
+        except Exception as ours:  # never replace the user's exception with ours
+            warnings.warn(f"modtimeline: could not end the step: {ours}", RuntimeWarning, stacklevel=2)
 
 
 class Timeline:
@@ -332,21 +353,10 @@ class Timeline:
                 self._nvtx.close()
 
     # -------------------------------------------------------------------- steps
-    @contextmanager
-    def step(self) -> Iterator[int]:
-        """Mark one training step; yields its number (0, 1, ...). Built on
-        ``begin_step()`` and ``end_step()``."""
-        self._life.check_step_block()
-        number = self.begin_step()
-        try:
-            yield number
-        except BaseException as error:
-            try:
-                self.end_step(error)
-            except Exception as ours:  # never replace the user's exception with ours
-                warnings.warn(f"modtimeline: could not end the step: {ours}", RuntimeWarning, stacklevel=3)
-            raise
-        self.end_step()
+    def step(self) -> contextlib.AbstractContextManager[int]:
+        """Mark one training step: ``with timeline.step() as number:`` (0, 1, ...). Built
+        on ``begin_step()`` and ``end_step()``."""
+        return _StepBlock(self)
 
     @property
     def in_step(self) -> bool:
@@ -445,7 +455,9 @@ class Timeline:
             return
         backend = self._backend
         if backend is None:
-            in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+            # (is_initialized first: it is a flag, where is_available costs µs on every step
+            # of a CPU-only torch)
+            in_use = torch.cuda.is_initialized() and torch.cuda.is_available()
             if self.device == "auto" and not in_use:
                 return
             backend = CudaBackend()
