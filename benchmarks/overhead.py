@@ -9,16 +9,18 @@ Workloads (a model and its training step: forward + loss, then ``.backward()``):
 - ``llama`` / ``gpt2``: transformers' LlamaForCausalLM / GPT2LMHeadModel from small random
   configs (hidden 64, 4 layers, vocab 256; nothing is downloaded), batch 4 x 32 tokens,
   the model's own LM loss;
-- ``transformer`` (12-layer encoder, d_model 128, batch 8 x 64), ``cnn`` (small ResNet),
-  and, only when named, ``transformer-compiled`` (the transformer under torch.compile)
-  and ``tiny-modules-16`` (100 x (Linear(16, 16), ReLU): the tiny model before issue 26).
+- ``cnn`` (a small ResNet, 8 x 3 x 32 x 32), and, only when named (they take minutes):
+  ``transformer`` (12-layer encoder, d_model 128, batch 8 x 64), ``transformer-compiled``
+  (that under torch.compile) and ``tiny-modules-16`` (100 x (Linear(16, 16), ReLU): the
+  tiny model before issue 26).
 
 Rows per workload: untraced; the floor (no-op global forward hooks: a pre-hook and an
 always-called hook, the least any global-hook tracer pays); ``Timeline`` in steady state
 (one Timeline over the round's steps, each marked ``with tl.step():``, its file written
 once after them, not timed); ``Timeline`` per step (``with Timeline(path): step()``, the
 file written every step); and on tiny-modules, tiny-modules-16, transformer, cnn and
-transformer-compiled torch's ModuleTracker, ModTracker and torch.profiler(with_modules).
+transformer-compiled torch's ModuleTracker, ModTracker and torch.profiler(with_modules)
+(at most 5 timed steps a block: they are there for comparison, and slow).
 
 Interleaved: every round runs each row once, in a fresh random order, as a block of
 --steps-per-round steps (after --warmup-steps untimed ones); a row's figure in a round is
@@ -36,6 +38,7 @@ steps: the "where the time goes" table.
     python benchmarks/overhead.py --workloads tiny-modules encoder llama gpt2 --no-integrations
     python benchmarks/overhead.py --workloads             # the integrations' table only
     python benchmarks/overhead.py --no-integrations       # the workloads' tables only
+    python benchmarks/overhead.py --render results/overhead.json   # the tables again, from the JSON
 
 Integrations (one row each; --rounds interleaved rounds, each running the untraced and the
 traced training once, in a fresh random order): a tiny random LlamaForCausalLM trained by
@@ -186,9 +189,10 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "transformer": transformer, "cnn": cnn,
     "transformer-compiled": compiled_transformer, "tiny-modules-16": tiny_modules_16,
 }
-DEFAULT_WORKLOADS = ["tiny-modules", "encoder", "llama", "gpt2", "transformer", "cnn"]
+DEFAULT_WORKLOADS = ["tiny-modules", "encoder", "llama", "gpt2", "cnn"]
 # The workloads that had torch's trackers' rows before issue 26 keep them.
 TORCH_ROWS = {"tiny-modules", "tiny-modules-16", "transformer", "cnn", "transformer-compiled"}
+TORCH_ROW_STEPS = 5  # timed steps a block at most in those rows
 
 UNTRACED = "untraced"
 FLOOR = "no-op global hooks (floor)"
@@ -235,6 +239,8 @@ class Row:
     # The steady Timeline times its own start() and stop(): (cpu, wall) seconds each.
     start_s: list[tuple[float, float]] = field(default_factory=list)
     stop_s: list[tuple[float, float]] = field(default_factory=list)
+    # At most this many timed steps a block (torch's trackers: kept for comparison, and slow).
+    max_steps: int | None = None
 
 
 def floor_row() -> Row:
@@ -298,9 +304,9 @@ def rows_for(workload: str, trace_dir: Path, torch_rows: bool) -> dict[str, Row]
         def profiler() -> contextlib.AbstractContextManager[Any]:
             return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_modules=True)
 
-        rows["torch ModuleTracker"] = Row(ModuleTracker)
-        rows["torch ModTracker"] = Row(ModTracker)
-        rows["torch.profiler"] = Row(profiler)
+        rows["torch ModuleTracker"] = Row(ModuleTracker, max_steps=TORCH_ROW_STEPS)
+        rows["torch ModTracker"] = Row(ModTracker, max_steps=TORCH_ROW_STEPS)
+        rows["torch.profiler"] = Row(profiler, max_steps=TORCH_ROW_STEPS)
     return rows
 
 
@@ -326,13 +332,23 @@ def timed_step(model: nn.Module, forward: Forward, around: ContextFactory) -> di
             "wall": {"step": w4 - w0, "forward": w2 - w1, "backward": w3 - w2, "boundary": (w1 - w0) + (w4 - w3)}}
 
 
+def _settle() -> None:
+    """Collect, then freeze what survived: the collection before each step then only walks the
+    objects made since (what a row keeps, torch's ModTracker's hooks say, would otherwise make
+    every later collection slower, up to 0.2 s each)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_block(model: nn.Module, forward: Forward, row: Row, warmup: int, steps: int) -> dict[str, Parts]:
     """The row's block of steps: each part's median over the timed steps, on each clock."""
+    steps = min(steps, row.max_steps or steps)
     row.setup()
     try:
         samples = [timed_step(model, forward, row.around) for _ in range(warmup + steps)][warmup:]
     finally:
         row.teardown()
+        _settle()
     return {clock: {part: statistics.median(s[clock][part] for s in samples) for part in PARTS} for clock in CLOCKS}
 
 
@@ -363,12 +379,11 @@ def measure(workload: str, reps: int, trace_dir: Path, steps_per_round: int | No
 
     step(model)  # (a compiled workload compiles here, outside every measurement)
     calls = max(module_calls(model, step), 1)
-    gc.collect()
-    gc.freeze()  # what exists now is never garbage: the collections before each step stay cheap
+    rows = rows_for(workload, trace_dir, torch_rows)
+    _settle()  # what exists now is never garbage: the collections before each step stay cheap
     try:
         probe = [timed_step(model, forward, contextlib.nullcontext)["cpu"]["step"] for _ in range(3)]
         steps = steps_per_round or auto_steps(statistics.median(probe), block_s)
-        rows = rows_for(workload, trace_dir, torch_rows)
         blocks: dict[str, list[dict[str, Parts]]] = {name: [] for name in rows}
         order = random.Random(0)
         for round_ in range(reps + 1):  # the first round warms up
@@ -703,6 +718,8 @@ def workload_markdown(workload: str, result: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in result["variants"].items():
         versus = _num(row.get("vs_floor_added"), 2, "×") if name in (STEADY, PER_STEP) else ""
+        if row.get("vs_ModuleTracker_added") is not None:
+            versus += f" ({row['vs_ModuleTracker_added']:.2f}× torch ModuleTracker's)"
         lines.append(f"| {name} | {row['step_ms']:.2f} | {row['ratio']:.3f} | {row['ratio_p25']:.3f}–"
                      f"{row['ratio_p75']:.3f} | {row['added_us_per_call']:.2f} | {versus} |")
     lines.append("")
@@ -813,7 +830,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the integrations' rows")
     parser.add_argument("--steps", type=int, default=15, help="training steps per integration run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: write the tables of an overhead.json again (to --out)")
     args = parser.parse_args()
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        save("overhead", saved, markdown(saved), args.out)
+        return 0
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
