@@ -69,8 +69,8 @@ class _Boundary:
         # Dropped from _BOUNDARIES when the module dies: a new module at its address must
         # not find this one's leaves (they would go into its graph unasked).
         self.ref = weakref.ref(module, lambda ref: _forget(key, ref))
-        self.open: deque[tuple[int, int, int]] = deque(maxlen=_PENDING)  # (epoch, call, index)
-        self.pending_begin: deque[tuple[int, int]] = deque(maxlen=_PENDING)  # (epoch, node)
+        self.open: deque[tuple[int, int, int]] = deque(maxlen=_PENDING)  # (generation, call, index)
+        self.pending_begin: deque[tuple[int, int]] = deque(maxlen=_PENDING)  # (generation, node)
         self.pending_end: deque[tuple[int, int]] = deque(maxlen=_PENDING)
         self.enter, self.exit = _leaves(self)
 
@@ -219,7 +219,7 @@ class CompiledDetail:
         self._buffer = buffer
         self._registry = registry
         self._calls = itertools.count(_FIRST_CALL)
-        self._epoch = 0  # marks of an older epoch point into a cleared buffer
+        self._generation = 0  # bumped when the buffer is cleared: marks of an older generation record nothing
 
     def __enter__(self) -> CompiledDetail:
         global _active
@@ -235,8 +235,8 @@ class CompiledDetail:
             compile_guard.take_traced(_HOOK_KEY)
 
     def retire(self) -> None:
-        """The buffer was cleared: marks placed so far point nowhere."""
-        self._epoch += 1
+        """The buffer was cleared: a new generation (marks placed so far point nowhere)."""
+        self._generation += 1
 
     # ---------------------------------------------- called by the leaves, at run time
     def entered(self, boundary: _Boundary) -> None:
@@ -247,27 +247,27 @@ class CompiledDetail:
         self._registry.compiled.add(index)  # (its spans say they ran compiled)
         call = next(self._calls)
         self._buffer.record(FORWARD_BEGIN, call, index)
-        boundary.open.append((self._epoch, call, index))
+        boundary.open.append((self._generation, call, index))
         node = self._buffer.synthetic_node(pack_link(call, index, False))
         if node >= 0:
-            boundary.pending_end.append((self._epoch, node))
+            boundary.pending_end.append((self._generation, node))
 
     def exited(self, boundary: _Boundary) -> None:
         if not boundary.open:
             return
-        epoch, call, index = boundary.open.pop()
-        if epoch != self._epoch:
+        generation, call, index = boundary.open.pop()
+        if generation != self._generation:
             return
         self._buffer.record(FORWARD_END, call, index)
         node = self._buffer.synthetic_node(pack_link(call, index, True))
         if node >= 0:
-            boundary.pending_begin.append((epoch, node))
+            boundary.pending_begin.append((generation, node))
 
     def node_event(self, pending: deque[tuple[int, int]], kind: int) -> None:
         """A leaf's gradients are ready: the latest mark waiting there fires (a module
         called twice has its later call's backward first)."""
         while pending:
-            epoch, node = pending.pop()
-            if epoch == self._epoch:
+            generation, node = pending.pop()
+            if generation == self._generation:
                 self._buffer.node_event(kind, node)  # in the backward pass running now
                 return
