@@ -9,10 +9,10 @@ Workloads (a model and its training step: forward + loss, then ``.backward()``):
 - ``llama`` / ``gpt2``: transformers' LlamaForCausalLM / GPT2LMHeadModel from small random
   configs (hidden 64, 4 layers, vocab 256; nothing is downloaded), batch 4 x 32 tokens,
   the model's own LM loss;
-- ``cnn`` (a small ResNet, 8 x 3 x 32 x 32), and, only when named (they take minutes):
-  ``transformer`` (12-layer encoder, d_model 128, batch 8 x 64), ``transformer-compiled``
-  (that under torch.compile) and ``tiny-modules-16`` (100 x (Linear(16, 16), ReLU): the
-  tiny model before issue 26).
+- ``cnn`` (a small ResNet, 8 x 3 x 32 x 32) and ``transformer`` (12-layer encoder,
+  d_model 128, batch 8 x 64); only when named: ``transformer-compiled`` (that under
+  torch.compile) and ``tiny-modules-16`` (100 x (Linear(16, 16), ReLU): the tiny model
+  before issue 26).
 
 Rows per workload: untraced; the floor (no-op global forward hooks: a pre-hook and an
 always-called hook, the least any global-hook tracer pays); ``Timeline`` in steady state
@@ -189,7 +189,7 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "transformer": transformer, "cnn": cnn,
     "transformer-compiled": compiled_transformer, "tiny-modules-16": tiny_modules_16,
 }
-DEFAULT_WORKLOADS = ["tiny-modules", "encoder", "llama", "gpt2", "cnn"]
+DEFAULT_WORKLOADS = ["tiny-modules", "encoder", "llama", "gpt2", "cnn", "transformer"]
 # The workloads that had torch's trackers' rows before issue 26 keep them.
 TORCH_ROWS = {"tiny-modules", "tiny-modules-16", "transformer", "cnn", "transformer-compiled"}
 TORCH_ROW_STEPS = 5  # timed steps a block at most in those rows
