@@ -776,7 +776,8 @@ class InductorDetail:
             return
         # torch.autograd.profiler.profile: the Kineto profile that torch.profiler.profile
         # wraps, without the wrapper's per-start work (~0.15 ms of a ~1.1 ms start and stop).
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        cuda = (torch.cuda.is_available() and torch.cuda.is_initialized()
+                and torch.profiler.ProfilerActivity.CUDA in torch.autograd._supported_activities())
         profiler = torch.autograd.profiler.profile(use_kineto=True, use_device="cuda" if cuda else None)
         profiler.__enter__()
         self._profiler, self._cpu_only = profiler, not cuda
