@@ -24,6 +24,7 @@ from modtimeline.capture.buffer import (
     EventBuffer,
     NativeEventBuffer,
     unpack,
+    unpack_link,
 )
 from modtimeline.capture.recorder import Recorder, native_hotpath
 
@@ -54,9 +55,19 @@ def record(model_fn, native: bool, steps: int = 2):
         for _ in range(steps):
             run(model)
             recorder.retire_marks()
-    events = [unpack(code) for code in buffer.codes]
-    links = list(zip(buffer.link_node, buffer.link_code))
+    # Module indices are handed out by a registry a recorder continues from the one before
+    # it (what a test before left alive holds indices too): compared by name.
+    names = recorder.registry.names
+    node_kinds = (GRADIENT_READY, NODE_DONE, BACKWARD_DONE)
+    events = [(kind, module if kind in node_kinds else names[module], call)
+              for kind, module, call in map(unpack, buffer.codes)]
+    links = [(node, *_named_link(unpack_link(code), names)) for node, code in zip(buffer.link_node, buffer.link_code)]
     return events, links, buffer.nodes, set(recorder.raised_calls)
+
+
+def _named_link(link, names):
+    call, module, begins = link
+    return call, names[module], begins
 
 
 def tree_model():

@@ -43,6 +43,12 @@ from torch.nn.modules import module as _torch_module
 __all__ = ["install", "uninstall", "put_traced", "take_traced", "EagerBoundary", "shim", "compiled_in_place"]
 
 _is_compiling = torch.compiler.is_compiling
+# The hooks below run on every module call, so the check is split in two cheap halves:
+# Dynamo folds is_dynamo_compiling() to True while it traces (it never reads the rest),
+# and in eager code it is one call returning False; the flag is what is_compiling() reads
+# outside Dynamo (AOT and export tracing set it), without its is_scripting() call.
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
 
 # Our keys in torch's global hook dictionaries. Negative: torch's own handles count up
 # from 0, so no hook registered through torch's API ever takes one.
@@ -62,7 +68,7 @@ _post_hooks_with_kwargs: tuple[PostHook, ...] = ()
 
 
 def _pre_forward(module: torch.nn.Module, args: Any) -> None:
-    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _pre_hooks:
         hook(module, args)
@@ -70,7 +76,7 @@ def _pre_forward(module: torch.nn.Module, args: Any) -> None:
 
 
 def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
-    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _post_hooks:
         hook(module, args, output)
@@ -79,7 +85,7 @@ def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
 
 def _post_forward_with_kwargs(module: torch.nn.Module, args: Any, *rest: Any) -> None:
     # (kwargs, output); torch leaves kwargs out when it calls it for a forward that raised
-    if _is_compiling() or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
         return None
     for hook in _post_hooks_with_kwargs:
         hook(module, args, *rest)

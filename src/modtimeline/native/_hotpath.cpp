@@ -234,8 +234,9 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   // Link `node` to a call boundary: `done` (the call's backward may end when it has run)
-  // or not (it begins when the node is about to run). Arms this store's mark on it.
-  void link(torch::autograd::Node* node, int64_t link, bool done);
+  // or not (it begins when the node is about to run). Arms this store's mark on it. The
+  // caller holds node_hooks_mutex and `mutex` (link_call takes them once per call).
+  void link_locked(torch::autograd::Node* node, int64_t link, bool done);
 };
 
 // The marks on one autograd node: a pre-hook (its gradient is ready, it is about to run)
@@ -285,11 +286,7 @@ Mark* find_mark(const Hooks& hooks, const Events* events) {
   return nullptr;
 }
 
-void Events::link(torch::autograd::Node* node, int64_t link, bool done) {
-  std::lock_guard<std::mutex> node_guard(node_hooks_mutex);
-  std::lock_guard<std::mutex> guard(mutex);
-  // A full buffer: this call's backward goes unrecorded, as its events do.
-  if (static_cast<int64_t>(codes.size()) >= capacity) return;
+void Events::link_locked(torch::autograd::Node* node, int64_t link, bool done) {
   NodeMark* before = find_mark<NodeMark>(node->pre_hooks(), this);
   NodeDoneMark* after = find_mark<NodeDoneMark>(node->post_hooks(), this);
   auto armed = [this](auto* mark) { return mark != nullptr && (mark->state.load() >> 32) == current(); };
@@ -336,17 +333,30 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
     uint64_t number = node->sequence_nr();
     return number >= first && number < last;
   };
-  // Every node met is queued once. Most calls make a handful of nodes: the queue itself
-  // is searched for them until it grows past a few dozen; then a hash set takes over.
-  constexpr size_t LINEAR_SEARCH = 32;
-  std::vector<torch::autograd::Node*> queue, sinks;
+  // Every node met is queued once. The nodes of the range have numbers in [first, last),
+  // so whether one was met is a look at its number's slot (`slots`, all empty between
+  // calls); a hash set serves a range too long for slots, and the rare node that shares
+  // its number with another one (a node made with a number given, not drawn).
+  constexpr uint64_t MOST_SLOTS = 4 * static_cast<uint64_t>(SUBGRAPH_BUDGET);
+  // (per thread, kept between calls: no allocation per call once they have grown; this
+  // function calls no Python, so nothing re-enters it on this thread meanwhile)
+  thread_local std::vector<torch::autograd::Node*> queue, sinks, slots;
+  queue.clear();
+  sinks.clear();
+  bool direct = last - first <= MOST_SLOTS;
+  if (direct && slots.size() < last - first) slots.resize(last - first, nullptr);
   std::unordered_set<torch::autograd::Node*> seen;
-  auto first_sight = [&queue, &seen](torch::autograd::Node* node) {
-    if (queue.size() < LINEAR_SEARCH) {
-      if (std::find(queue.begin(), queue.end(), node) != queue.end()) return;
-    } else {
-      if (seen.empty()) seen.insert(queue.begin(), queue.end());
-      if (!seen.insert(node).second) return;
+  auto first_sight = [&seen, direct, first](torch::autograd::Node* node) {
+    if (direct) {
+      torch::autograd::Node*& slot = slots[node->sequence_nr() - first];
+      if (slot == node) return;
+      if (slot == nullptr) {
+        slot = node;
+      } else if (!seen.insert(node).second) {
+        return;
+      }
+    } else if (!seen.insert(node).second) {
+      return;
     }
     queue.push_back(node);
   };
@@ -370,8 +380,16 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
     }
     if (sink) sinks.push_back(node);
   }
-  for (size_t i = 0; i < begins; ++i) events.link(queue[i], link_code(call, index, true), false);
-  for (auto* node : sinks) events.link(node, link_code(call, index, false), true);
+  if (direct) {
+    for (auto* node : queue) slots[node->sequence_nr() - first] = nullptr;
+  }
+  if (begins == 0 && sinks.empty()) return;
+  std::lock_guard<std::mutex> node_guard(node_hooks_mutex);
+  std::lock_guard<std::mutex> guard(events.mutex);
+  // A full buffer: this call's backward goes unrecorded, as its events do.
+  if (static_cast<int64_t>(events.codes.size()) >= events.capacity) return;
+  for (size_t i = 0; i < begins; ++i) events.link_locked(queue[i], link_code(call, index, true), false);
+  for (auto* node : sinks) events.link_locked(node, link_code(call, index, false), true);
 }
 
 // ------------------------------------------------------------------------ Store
@@ -590,6 +608,7 @@ PyTypeObject StoreType = [] {
 // --------------------------------------------------------------- ForwardHooks
 
 struct Frame {
+  PyObject* module;  // (borrowed: a module is alive while its forward runs, between our hooks)
   int64_t call;
   int64_t index;
   bool recompute;
@@ -690,13 +709,6 @@ int64_t index_of(HooksObject* self, PyObject* module) {
   return index;
 }
 
-// Whether `module` is the module recorded under `index` (a cheap identity check).
-bool is_module(HooksObject* self, PyObject* module, int64_t index) {
-  auto found = self->modules->find(module);
-  return found != self->modules->end() && found->second.index == index &&
-         PyWeakref_GetObject(found->second.ref) == module;
-}
-
 // The autograd node that made `tensor`. Under torch.vmap a module returns a batched
 // wrapper with no grad_fn of its own; autograd recorded the work on the tensor it wraps
 // (tensors.autograd_node is the Python twin).
@@ -710,15 +722,31 @@ torch::autograd::Node* autograd_node(const at::Tensor& tensor) {
   return inner->grad_fn().get();
 }
 
-// The grad_fn of every tensor in `output` that has one: a tensor here, anything else
-// (tuples, dicts, dataclasses, ModelOutput) through the callbacks. False: it raised.
+// The grad_fn of every tensor in `output` that has one: a tensor or a flat tuple or list
+// here, anything else (nested, dicts, dataclasses, ModelOutput) through the callbacks.
+// False: it raised.
 bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autograd::Node*>& nodes) {
   auto add = [&nodes](PyObject* tensor) {
     if (auto* node = autograd_node(THPVariable_Unpack(tensor))) nodes.push_back(node);
   };
+  nodes.clear();
   if (THPVariable_Check(output)) {
     add(output);
     return true;
+  }
+  // A plain tuple or list of tensors and Nones (an attention's (output, None)) is walked
+  // here; anything else in it, or any other container, by the callbacks.
+  if (PyTuple_CheckExact(output) || PyList_CheckExact(output)) {
+    PyObject** items = PySequence_Fast_ITEMS(output);
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(output);
+    bool flat = true;
+    for (Py_ssize_t i = 0; i < size && flat; ++i) flat = items[i] == Py_None || THPVariable_Check(items[i]);
+    if (flat) {
+      for (Py_ssize_t i = 0; i < size; ++i) {
+        if (items[i] != Py_None) add(items[i]);
+      }
+      return true;
+    }
   }
   // (CallMethodOneArg: with a "O" format, a tuple output would become the argument list)
   static PyObject* name = PyUnicode_InternFromString("tensors");
@@ -728,6 +756,7 @@ bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autogr
   PyObject* fast = PySequence_Fast(tensors, "RecorderCallbacks.tensors must return a sequence");
   Py_DECREF(tensors);
   if (fast == nullptr) return false;
+  nodes.clear();  // (again: the Python callback may have run a module call on this thread)
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
     PyObject* item = PySequence_Fast_GET_ITEM(fast, i);
     if (THPVariable_Check(item)) add(item);
@@ -741,7 +770,8 @@ bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autogr
 PyObject* link_output(HooksObject* self, Events& events, PyObject* output, const Frame& frame) {
   uint64_t last_node = at::sequence_number::peek();
   if (output == Py_None || last_node == frame.first_node) Py_RETURN_NONE;  // no node was made: no backward
-  std::vector<torch::autograd::Node*> nodes;
+  // (per thread, kept between calls: no allocation per call)
+  thread_local std::vector<torch::autograd::Node*> nodes;
   if (!output_nodes(self, output, nodes)) return nullptr;
   link_call(events, nodes, frame.call, frame.index, frame.first_node, last_node);
   Py_RETURN_NONE;
@@ -765,7 +795,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     if (index < 0) return nullptr;
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    (*self->other_stacks)[thread].push_back({call, index, true, at::sequence_number::peek()});
+    (*self->other_stacks)[thread].push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   int64_t index = index_of(self, args[0]);
@@ -775,11 +805,11 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
   if (task != -1) {
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
-    self->stack->push_back({call, index, true, at::sequence_number::peek()});
+    self->stack->push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
-  self->stack->push_back({call, index, false, at::sequence_number::peek()});
+  self->stack->push_back({args[0], call, index, false, at::sequence_number::peek()});
   Py_RETURN_NONE;
 }
 
@@ -797,7 +827,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     auto found = self->other_stacks->find(thread);
     if (found == self->other_stacks->end() || found->second.empty()) Py_RETURN_NONE;
     Frame frame = found->second.back();
-    if (!is_module(self, args[0], frame.index)) Py_RETURN_NONE;
+    if (args[0] != frame.module) Py_RETURN_NONE;
     found->second.pop_back();
     if (found->second.empty()) self->other_stacks->erase(found);
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
@@ -808,7 +838,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
   Frame frame = stack.back();
   // A pre-hook of ours never ran for this module (another pre-hook raised): leave the
   // open entry rather than closing somebody else's span.
-  if (!is_module(self, args[0], frame.index)) Py_RETURN_NONE;
+  if (args[0] != frame.module) Py_RETURN_NONE;
   stack.pop_back();
   if (frame.recompute) {
     // (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
