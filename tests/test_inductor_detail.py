@@ -352,8 +352,6 @@ def test_a_timeline_whose_start_fails_gives_the_config_back(monkeypatch, tmp_pat
     assert _inductor_settings() == before and not inductor_detail.PROVENANCE.installed
 
 
-@pytest.mark.xfail(strict=True, reason="timeline.py: Timeline.start() does not yet call self._kernels.undo() when "
-                                       "a step after self._kernels.start() raises (remove this mark once it does)")
 def test_a_failed_timeline_start_gives_the_config_back_at_once(monkeypatch, tmp_path):
     from modtimeline import Timeline
 

@@ -289,18 +289,24 @@ class Timeline:
             self.recorder.own_thread()  # the thread that starts records (see README: threads)
             if self._kernels is not None:
                 self._kernels.start()  # (before the model's first compiled call)
-            _pair_profiler_clock()
-            self._start_window()
-            self._maybe_start_device_clock()
-            self._life.enter(move)
+            entered = False
             try:
+                _pair_profiler_clock()
+                self._start_window()
+                self._maybe_start_device_clock()
+                self._life.enter(move)
+                entered = True
                 if self._life.hooks_at_start:
                     self._hooks(True)
                 if self._guard is not None:
                     self._guard.install()
             except BaseException:
+                # A failed start leaves nothing behind: no hook, inductor's config as it was.
                 self._hooks(False)
-                self._life.enter(self._life.check(Event.START_FAILED))
+                if self._kernels is not None:
+                    self._kernels.undo()
+                if entered:
+                    self._life.enter(self._life.check(Event.START_FAILED))
                 raise
         return self
 
