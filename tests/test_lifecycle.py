@@ -308,3 +308,25 @@ def test_what_a_signal_writes():
     life.enter(life.check(Event.END_STEP))
     life.enter(life.check(Event.BEGIN_STEP))  # step 1: first of window 0
     assert life.signal_window() == (True, 0)
+
+
+def test_a_start_that_fails_while_hooking_leaves_no_hook_behind(monkeypatch, tmp_path):
+    # The last part of the hooks (inductor detail's profiler) fails: the parts already on
+    # come off, the failure reaches the caller, and a later Timeline starts as usual.
+    from modtimeline.capture.inductor_detail import InductorDetail
+
+    def broken(self):
+        raise RuntimeError("the profiler could not start")
+
+    hooks_before = (dict(torch_module._global_forward_pre_hooks), dict(torch_module._global_forward_hooks))
+    monkeypatch.setattr(InductorDetail, "recording", broken)
+    timeline = Timeline(tmp_path / "t.json", compiled_detail=True)
+    with pytest.raises(RuntimeError, match="could not start"):
+        timeline.start()
+    monkeypatch.undo()
+    assert not timeline.started
+    assert (dict(torch_module._global_forward_pre_hooks), dict(torch_module._global_forward_hooks)) == hooks_before
+    model = torch.nn.Linear(2, 2)
+    with Timeline(tmp_path / "u.json") as later:
+        model(torch.randn(1, 2)).sum().backward()
+    assert later.written

@@ -302,11 +302,15 @@ class Timeline:
                     self._guard.install()
             except BaseException:
                 # A failed start leaves nothing behind: no hook, inductor's config as it was.
-                self._hooks(False)
-                if self._kernels is not None:
-                    self._kernels.undo()
-                if entered:
-                    self._life.enter(self._life.check(Event.START_FAILED))
+                try:
+                    self._hooks(False)
+                finally:
+                    try:
+                        if self._kernels is not None:
+                            self._kernels.undo()
+                    finally:
+                        if entered:
+                            self._life.enter(self._life.check(Event.START_FAILED))
                 raise
         return self
 
@@ -442,18 +446,33 @@ class Timeline:
 
     # ------------------------------------------------------------------ helpers
     def _hooks(self, on: bool) -> None:
+        # Each part on is taken off again if a later one fails, and each part off is taken
+        # off even if an earlier one raised: hooks are all on or all off.
         if on and not self._hooks_on:
             self.recorder.__enter__()
-            if self._detail is not None:
-                self._detail.__enter__()
-            if self._kernels is not None:
-                self._kernels.recording()
+            try:
+                if self._detail is not None:
+                    self._detail.__enter__()
+                try:
+                    if self._kernels is not None:
+                        self._kernels.recording()
+                except BaseException:
+                    if self._detail is not None:
+                        self._detail.__exit__(None, None, None)
+                    raise
+            except BaseException:
+                self.recorder.__exit__(None, None, None)
+                raise
         elif not on and self._hooks_on:
-            if self._kernels is not None:
-                self._kernels.pause()
-            if self._detail is not None:
-                self._detail.__exit__(None, None, None)
-            self.recorder.__exit__(None, None, None)
+            try:
+                if self._kernels is not None:
+                    self._kernels.pause()
+            finally:
+                try:
+                    if self._detail is not None:
+                        self._detail.__exit__(None, None, None)
+                finally:
+                    self.recorder.__exit__(None, None, None)
         self._hooks_on = on
 
     def _maybe_start_device_clock(self) -> None:

@@ -3,10 +3,11 @@
 Dynamo traces ``nn.Module.__call__`` and, with it, every global forward hook. Traced,
 our hooks would either break the graph (a compiled hook is a C function Dynamo cannot
 trace) or fail (Dynamo tracing the module registry's dictionaries). So the hooks torch
-calls are two functions of this module that first ask ``torch.compiler.is_compiling()``:
-while Dynamo traces, that is a constant True and they return at once, leaving nothing in
-the graph; when the compiled code (or eager code) runs, it is False and they call the
-hooks of every recorder and tracker now active.
+calls are two functions of this module that first ask whether torch is compiling
+(``is_dynamo_compiling()``, then the flag AOT and export tracing set): while Dynamo traces,
+that is a constant True and they return at once, leaving nothing in the graph; when the
+compiled code (or eager code) runs, it is False and they call the hooks of every recorder
+and tracker now active.
 
 Dynamo also *guards* on torch's global hook dictionaries: their keys and the hooks in
 them. A hook registered the usual way gets a new key each time (torch's handles count up

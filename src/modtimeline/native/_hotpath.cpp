@@ -381,7 +381,9 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
     if (sink) sinks.push_back(node);
   }
   if (direct) {
-    for (auto* node : queue) slots[node->sequence_nr() - first] = nullptr;
+    for (auto* node : queue) {
+      if (inside(node)) slots[node->sequence_nr() - first] = nullptr;  // (a number never changes here; checked anyway)
+    }
   }
   if (begins == 0 && sinks.empty()) return;
   std::lock_guard<std::mutex> node_guard(node_hooks_mutex);
@@ -608,7 +610,9 @@ PyTypeObject StoreType = [] {
 // --------------------------------------------------------------- ForwardHooks
 
 struct Frame {
-  PyObject* module;  // (borrowed: a module is alive while its forward runs, between our hooks)
+  // (owned while the frame is open: a forward that ends by KeyboardInterrupt skips our
+  // post-hook and leaves its frame, whose module may die and its address be reused)
+  PyObject* module;
   int64_t call;
   int64_t index;
   bool recompute;
@@ -654,6 +658,20 @@ PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   return reinterpret_cast<PyObject*>(self);
 }
 
+// Drop the open frames and the module references they hold.
+void drop_frames(HooksObject* self) {
+  if (self->stack != nullptr) {
+    for (const auto& frame : *self->stack) Py_DECREF(frame.module);
+    self->stack->clear();
+  }
+  if (self->other_stacks != nullptr) {
+    for (const auto& entry : *self->other_stacks) {
+      for (const auto& frame : entry.second) Py_DECREF(frame.module);
+    }
+    self->other_stacks->clear();
+  }
+}
+
 void forget_modules(HooksObject* self) {
   if (self->modules == nullptr) return;
   for (auto& entry : *self->modules) Py_DECREF(entry.second.ref);
@@ -675,6 +693,7 @@ int hooks_clear(HooksObject* self) {
 void hooks_dealloc(HooksObject* self) {
   PyObject_GC_UnTrack(self);
   hooks_clear(self);
+  drop_frames(self);
   forget_modules(self);
   delete self->modules;
   delete self->stack;
@@ -795,6 +814,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     if (index < 0) return nullptr;
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
+    Py_INCREF(args[0]);
     (*self->other_stacks)[thread].push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
@@ -805,10 +825,12 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
   if (task != -1) {
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
+    Py_INCREF(args[0]);
     self->stack->push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
+  Py_INCREF(args[0]);
   self->stack->push_back({args[0], call, index, false, at::sequence_number::peek()});
   Py_RETURN_NONE;
 }
@@ -829,6 +851,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     Frame frame = found->second.back();
     if (args[0] != frame.module) Py_RETURN_NONE;
     found->second.pop_back();
+    Py_DECREF(frame.module);  // (args[0] holds it for this call)
     if (found->second.empty()) self->other_stacks->erase(found);
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
     return link_output(self, events, output, frame);
@@ -840,6 +863,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
   // open entry rather than closing somebody else's span.
   if (args[0] != frame.module) Py_RETURN_NONE;
   stack.pop_back();
+  Py_DECREF(frame.module);  // (args[0] holds it for this call)
   if (frame.recompute) {
     // (Non-reentrant checkpointing stops recompute early by raising: not a failure.)
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
@@ -864,8 +888,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
 // reset(): the hooks were taken off; forget open forwards (call numbers go on).
 PyObject* hooks_reset(PyObject* obj, PyObject*) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
-  self->stack->clear();
-  self->other_stacks->clear();
+  drop_frames(self);
   Py_RETURN_NONE;
 }
 
