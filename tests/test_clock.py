@@ -232,7 +232,7 @@ def _in_step_syncs(backend, timeline_ref):
     original = backend.synchronize
 
     def synchronize(device):
-        in_step.append(timeline_ref[0]._in_step)
+        in_step.append(timeline_ref[0].in_step)
         original(device)
 
     backend.synchronize = synchronize

@@ -44,7 +44,7 @@ def test_no_sync_inside_traced_steps(tmp_path, monkeypatch):
     # set_sync_debug_mode does not see torch.cuda.synchronize or event waits: count them
     synchronize = torch.cuda.synchronize
     in_step = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (in_step.append(timeline._in_step),
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (in_step.append(timeline.in_step),
                                                                           synchronize(device)))
     with timeline:
         for _ in range(3):

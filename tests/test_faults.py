@@ -64,9 +64,9 @@ def test_user_exception_wins_over_a_full_disk_at_a_windows_end(tmp_path, monkeyp
     with pytest.warns(RuntimeWarning, match="could not write"), pytest.raises(ValueError, match="mine"):
         with Timeline(tmp_path / "t.json", schedule=Schedule(wait=0, warmup=0, active=2)) as timeline:
             for _ in range(2):
-                with timeline.step():
+                with timeline.step() as number:
                     model(torch.randn(2, 4)).sum().backward()
-                    if timeline._step == 1:  # the window's last step
+                    if number == 1:  # the window's last step
                         raise ValueError("mine")
 
 

@@ -373,15 +373,6 @@ class Timeline:
         """Whether a step is open (between ``begin_step()`` and ``end_step()``)."""
         return self._life.in_step
 
-    @property
-    def _in_step(self) -> bool:  # (tests read it from inside device callbacks)
-        return self._life.in_step
-
-    @property
-    def _step(self) -> int:
-        """The open step's number, or the next step's."""
-        return self._life.step
-
     def begin_step(self, first_call: tuple[torch.nn.Module, Any] | None = None) -> int:
         """A training step begins now; returns its number (0, 1, ...). With a schedule,
         whether it is recorded is the schedule's to say. On a Timeline already stopped

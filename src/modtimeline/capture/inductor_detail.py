@@ -351,7 +351,7 @@ class _Events:
     Flat lists of numbers, no object per event: a small step's profile holds a few
     hundred events, and reading them is paid at every profiled step."""
 
-    __slots__ = ("raws", "names", "starts", "ends", "threads", "parent", "children")
+    __slots__ = ("raws", "names", "starts", "ends", "threads", "parent", "children", "calls")
 
     def __init__(self, raws: list[Any]) -> None:
         self.raws = raws
@@ -361,8 +361,11 @@ class _Events:
         self.threads: list[int] = [raw.start_thread_id() for raw in raws]
         self.parent: list[int] = [-1] * len(raws)
         self.children: dict[int, list[int]] = {}  # graph call -> its direct children, in time order
-        calls = {i for i, name in enumerate(self.names) if name.startswith(CALL_RANGE)}
         starts, ends, parent = self.starts, self.ends, self.parent
+        # The graph calls (``## Call CompiledFxGraph ... ##`` ranges), by thread and start.
+        self.calls = sorted((i for i, name in enumerate(self.names) if name.startswith(CALL_RANGE)),
+                            key=lambda i: (self.threads[i], starts[i]))
+        calls = set(self.calls)
         stack: list[int] = []
         thread = None
         for thread_id, start, negative_end, i in sorted(zip(self.threads, starts, [-e for e in ends],
@@ -414,8 +417,7 @@ def graph_calls(raw_events: Iterable[Any], provenance: Provenance = PROVENANCE, 
     profile = Profile(brackets=_brackets(events))
     device_kernels = _device_kernels(events, device) if device else None
     functions = (FORWARD_FUNCTION, BACKWARD_FUNCTION)
-    calls = [i for i in range(len(cpu)) if names[i].startswith(CALL_RANGE)]
-    calls.sort(key=lambda i: (events.threads[i], starts[i]))
+    calls = events.calls
     enclosing = {call: events.enclosing(call, functions) for call in calls}
     forwards: dict[tuple[int, int], tuple[str | None, int]] = {}  # (thread, seq) -> (compile id, Call start)
     for call in calls:  # forwards first: their backwards pair with them
