@@ -197,6 +197,44 @@ def test_native_timeline_keeps_nothing_alive(tmp_path):
 
 
 @needs_hotpath
+def test_many_modules_and_reused_addresses_keep_their_names(tmp_path):
+    """The compiled hooks' table of modules grows well past its first size, and a module
+    made where a dead one lived (CPython hands the memory out again) is learned as itself,
+    not as the dead one."""
+    from .trace_checks import load, spans
+
+    class Kept(nn.Sequential):
+        pass
+
+    class Passing(nn.ModuleDict):
+        def forward(self, x):
+            for layer in self.values():
+                x = layer(x)
+            return x
+
+    kept = Kept(*[nn.Linear(2, 2) for _ in range(300)])
+    x = torch.randn(1, 2)
+    with Timeline(tmp_path / "t.json") as timeline:
+        for step in range(3):
+            with timeline.step():
+                kept(x).sum().backward()
+                passing = Passing({f"s{step}_{i}": nn.Linear(2, 2) for i in range(50)})
+                passing(x).sum().backward()
+                del passing
+                gc.collect()
+    trace = load(tmp_path / "t.json")
+    steps = sorted((e for e in spans(trace) if e["name"].startswith("step ")), key=lambda e: e["ts"])
+    assert len(steps) == 3
+    for number, step in enumerate(steps):
+        inside = [e["name"] for e in spans(trace) if step["ts"] <= e["ts"] < step["ts"] + step["dur"]
+                  and not e["name"].startswith("step ")]
+        expected = ["Kept"] + [f"Kept.{i}" for i in range(300)]
+        expected += ["Passing"] + [f"Passing.s{number}_{i}" for i in range(50)]
+        assert sorted(set(inside)) == sorted(expected)
+        assert len(inside) == 2 * len(expected)  # a forward and a backward span each
+
+
+@needs_hotpath
 def test_pure_python_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("MODTIMELINE_PURE_PYTHON", "1")
     assert not Timeline(tmp_path / "t.json").recorder.native

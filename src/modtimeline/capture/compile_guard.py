@@ -9,6 +9,16 @@ that is a constant True and they return at once, leaving nothing in the graph; w
 compiled code (or eager code) runs, it is False and they call the hooks of every recorder
 and tracker now active.
 
+Where the compiled hot path is built and Dynamo can be told to skip a function while it
+traces (its ``ignore_logging_functions``, torch >= 2.12), torch calls two C functions
+instead (``_hotpath.dispatch_pre``/``dispatch_post``), which ask the same and call the
+same hooks without the two Python frames of a call each; inside a compiled function, where
+Dynamo converts the Python ones' frames to nothing, they do nothing (they ask Dynamo's
+frame callback, ``torch._C``). Dynamo may load after our hooks
+went in (the first ``torch.compile`` loads it): ``_DynamoWatch`` has it skip them as soon
+as its config module has loaded, before anything can be traced, or (it cannot) puts the
+Python functions in their place.
+
 Dynamo also *guards* on torch's global hook dictionaries: their keys and the hooks in
 them. A hook registered the usual way gets a new key each time (torch's handles count up
 from 0), so every Timeline that starts (or every scheduled window) would make each
@@ -33,13 +43,17 @@ whose boundary is open on this thread, so a call is recorded once.
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 import threading
 import weakref
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch.nn.modules import module as _torch_module
+from torch.torch_version import TorchVersion
 
 __all__ = ["install", "uninstall", "put_traced", "take_traced", "EagerBoundary", "shim", "compiled_in_place"]
 
@@ -52,14 +66,16 @@ _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _compiler = torch.compiler
 
 # Our keys in torch's global hook dictionaries. Negative: torch's own handles count up
-# from 0, so no hook registered through torch's API ever takes one.
-_KEY = -0x6D74_0001
-_KEY_WITH_KWARGS = -0x6D74_0002
+# from 0, so no hook registered through torch's API ever takes one. Under 2**30 in size
+# (as the other modules' keys): torch hashes each global hook's key about six times per
+# module call, and such an int hashes without a loop.
+_KEY = -0x6D_7401
+_KEY_WITH_KWARGS = -0x6D_7402
 
 PreHook = Callable[[torch.nn.Module, Any], Any]
 PostHook = Callable[..., Any]
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # (re-entrant: Dynamo may load, and _dynamo_loaded take it, inside a section holding it)
 _owners: dict[int, tuple[PreHook, PostHook, bool]] = {}  # id(owner) -> (pre, post, post takes kwargs)
 # What the two functions below call, rebuilt when an owner comes or goes (a tuple: the
 # hot path iterates it without a lock).
@@ -69,7 +85,7 @@ _post_hooks_with_kwargs: tuple[PostHook, ...] = ()
 
 
 def _pre_forward(module: torch.nn.Module, args: Any) -> None:
-    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_open_boundaries[0] and _boundary_is_open(module)):
         return None
     for hook in _pre_hooks:
         hook(module, args)
@@ -77,7 +93,7 @@ def _pre_forward(module: torch.nn.Module, args: Any) -> None:
 
 
 def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
-    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_open_boundaries[0] and _boundary_is_open(module)):
         return None
     for hook in _post_hooks:
         hook(module, args, output)
@@ -86,7 +102,7 @@ def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
 
 def _post_forward_with_kwargs(module: torch.nn.Module, args: Any, *rest: Any) -> None:
     # (kwargs, output); torch leaves kwargs out when it calls it for a forward that raised
-    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_boundaries_open and _boundary_is_open(module)):
+    if _is_dynamo_compiling() or _compiler._is_compiling_flag or (_open_boundaries[0] and _boundary_is_open(module)):
         return None
     for hook in _post_hooks_with_kwargs:
         hook(module, args, *rest)
@@ -95,8 +111,9 @@ def _post_forward_with_kwargs(module: torch.nn.Module, args: Any, *rest: Any) ->
 
 # ------------------------------------------------------------ in-place compiled modules
 # How many EagerBoundary calls are open (all threads): the hooks above look further only
-# when some are (one global read on every module call otherwise).
-_boundaries_open = 0
+# when some are (one read on every module call otherwise). In a list: the compiled
+# dispatchers read it too.
+_open_boundaries = [0]
 _thread = threading.local()  # .open: ids of the modules whose boundary is open on this thread
 
 
@@ -136,20 +153,19 @@ class EagerBoundary:
         key = id(module)
         if key in opened:  # (re-entered: the outer call is the one recorded)
             return self.compiled(*args, **kwargs)
-        global _boundaries_open
         pres, posts, posts_with_kwargs = _pre_hooks, _post_hooks, _post_hooks_with_kwargs
         for hook in pres:
             hook(module, args)
         opened.add(key)
         with _lock:
-            _boundaries_open += 1
+            _open_boundaries[0] += 1
         output = None
         try:
             output = self.compiled(*args, **kwargs)
         finally:
             opened.discard(key)
             with _lock:
-                _boundaries_open -= 1
+                _open_boundaries[0] -= 1
             for post in posts:
                 post(module, args, output)
             for post in posts_with_kwargs:
@@ -214,8 +230,109 @@ def _rebuild() -> None:
     _pre_hooks = tuple(pre for pre, _, _ in hooks)
     _post_hooks = tuple(post for _, post, kwargs in hooks if not kwargs)
     _post_hooks_with_kwargs = tuple(post for _, post, kwargs in hooks if kwargs)
-    _place(_KEY, _pre_forward if _pre_hooks else None, _post_forward if _post_hooks else None, False)
+    pre: PreHook = _pre_forward
+    post: PostHook = _post_forward
+    dispatcher = _compiled_dispatcher()
+    if dispatcher is not None:
+        dispatcher.configure_dispatch(_pre_hooks, _post_hooks, vars(_compiler), _open_boundaries, _boundary_is_open,
+                                      _dynamo_callback)
+        pre, post = dispatcher.dispatch_pre, dispatcher.dispatch_post
+    _place(_KEY, pre if _pre_hooks else None, post if _post_hooks else None, False)
     _place(_KEY_WITH_KWARGS, None, _post_forward_with_kwargs if _post_hooks_with_kwargs else None, True)
+
+
+# ------------------------------------------------------- the compiled dispatchers
+# Which functions torch calls is decided once, when the first hooks go in, and changes
+# at most once after (Dynamo loads and cannot skip them: nothing was traced with them yet).
+_dispatcher: ModuleType | None = None  # the hot path module whose dispatchers torch calls
+_dynamo_callback: Callable[[], Any] | None
+try:  # Dynamo's frame callback on this thread (in torch._C: nothing of Dynamo is imported)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+except ImportError:
+    _dynamo_callback = None
+_dispatcher_decided = False
+_DYNAMO_CONFIG = "torch._dynamo.config"
+
+
+def _compiled_dispatcher() -> ModuleType | None:
+    """The hot path module whose ``dispatch_pre``/``dispatch_post`` torch calls as our
+    hooks, or None: our Python functions (the hot path is not built, or Dynamo cannot skip
+    a C function while it traces). The caller holds ``_lock``."""
+    global _dispatcher, _dispatcher_decided
+    if _dispatcher_decided:
+        return _dispatcher
+    _dispatcher_decided = True
+    from .recorder import native_hotpath  # (recorder imports this module)
+
+    hotpath = native_hotpath()
+    # (torch 2.11 has the ignore list, but fails to log its config, on every compile, when
+    # it holds C functions: pytorch#178455)
+    if hotpath is None or _dynamo_callback is None or TorchVersion(torch.__version__) < "2.12":
+        return None
+    config = sys.modules.get(_DYNAMO_CONFIG)
+    if config is not None:
+        _dispatcher = hotpath if _dynamo_skips(hotpath, config) else None
+    else:
+        _dispatcher = hotpath
+        sys.meta_path.insert(0, _DynamoWatch())
+    return _dispatcher
+
+
+def _dynamo_skips(hotpath: ModuleType, config: ModuleType) -> bool:
+    """Have Dynamo skip the compiled dispatchers while it traces; False: it cannot."""
+    ignored = getattr(config, "ignore_logging_functions", None)
+    if not isinstance(ignored, set):
+        return False
+    ignored.update((hotpath.dispatch_pre, hotpath.dispatch_post))
+    return True
+
+
+def _dynamo_loaded(config: ModuleType) -> None:
+    global _dispatcher
+    with _lock:
+        if _dispatcher is None or _dynamo_skips(_dispatcher, config):
+            return
+        _dispatcher = None  # (Python functions from now on; nothing traced the C ones yet)
+        _rebuild()
+
+
+class _DynamoWatch(importlib.abc.MetaPathFinder):
+    """Calls ``_dynamo_loaded`` as soon as Dynamo's config module has run (Dynamo imports
+    it before it can trace anything): finds the module as the other finders do, then
+    loads it through ``_ThenLoader``."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _DYNAMO_CONFIG:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenLoader(spec.loader)
+                return spec
+        return None
+
+
+class _ThenLoader(importlib.abc.Loader):
+    """Runs the module with the loader found for it, gives the module that loader back,
+    then tells ``_dynamo_loaded``."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader  # type: ignore[union-attr]
+        self.loader.exec_module(module)
+        _dynamo_loaded(module)
+
+    def __getattr__(self, name: str) -> Any:  # (get_source, is_package, ...: the loader's own)
+        return getattr(self.loader, name)
 
 
 def _place(key: int, pre: PreHook | None, post: PostHook | None, with_kwargs: bool) -> None:

@@ -88,7 +88,7 @@ _MAX_OPEN_CALLS = 64
 _NUMBER_ATTR = "_modtimeline_hook_number"
 # The key of the no-op global hooks, in torch's global hook dictionaries, while any
 # context is open (see compile_guard).
-_GUARD_KEY = -0x6D74_0020
+_GUARD_KEY = -0x6D_7420
 
 _numbers = itertools.count()  # never reused: a number always means one module
 _lock = threading.Lock()

@@ -53,7 +53,7 @@ _prepared: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # wrappers prep
 # The backends whose graphs take the leaves (inductor fails on them in torch 2.13).
 SUPPORTED_BACKENDS = ("eager", "aot_eager")
 # The key of the detail's hooks in torch's global hook dictionaries (see compile_guard).
-_HOOK_KEY = -0x6D74_0010
+_HOOK_KEY = -0x6D_7410
 # Call numbers of detail spans: far above the hooks' own, which count from 0.
 _FIRST_CALL = 1 << 36
 # Marks waiting for their backward, per boundary: a few calls' worth (a module called

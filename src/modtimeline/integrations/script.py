@@ -52,7 +52,7 @@ __all__ = ["Recording", "parse_schedule", "run_command"]
 
 # Our key in torch's global forward pre-hooks (negative: torch's own handles count up
 # from 0); moved to the front, so a step begins before any hook records the call.
-_STEP_TRIGGER_KEY = -0x6D74_0100
+_STEP_TRIGGER_KEY = -0x6D_7500
 
 _PYTHON = re.compile(r"python(\d+(\.\d+)?)?(\.exe)?")
 

@@ -52,7 +52,7 @@ namespace {
 using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
 
 // The Store and ForwardHooks interface (capture/recorder.py HOTPATH_API).
-constexpr long long HOTPATH_API = 1;
+constexpr long long HOTPATH_API = 2;
 
 inline bool is_begin(int64_t kind) {
   return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
@@ -619,9 +619,70 @@ struct Frame {
   uint64_t first_node;  // the sequence number the first autograd node of this call gets
 };
 
-struct KnownModule {
-  int64_t index;
-  PyObject* ref;  // weak reference to the module (owned)
+// The index of each module seen, by the module's address: open addressing (linear
+// probing, a power-of-two size, at most half full, entries never removed; a dead module's
+// entry is taken over when its address comes back). Looked up on every module call; a
+// std::unordered_map lookup (a division by a prime and a pointer chase) was 0.14 µs of it.
+class ModuleTable {
+ public:
+  struct Entry {
+    PyObject* module = nullptr;  // the address it was learned at (borrowed: not a reference)
+    PyObject* ref = nullptr;     // weak reference to the module (owned)
+    int64_t index = 0;
+  };
+
+  ModuleTable() : entries_(64) {}
+  ~ModuleTable() { clear(); }
+  ModuleTable(const ModuleTable&) = delete;
+  ModuleTable& operator=(const ModuleTable&) = delete;
+
+  // Whether the live `module` is known (not only its address, a dead module's), and as what.
+  bool find(PyObject* module, int64_t* index) const {
+    const Entry& entry = entries_[slot(module)];
+    if (entry.module != module || PyWeakref_GetObject(entry.ref) != module) return false;
+    *index = entry.index;
+    return true;
+  }
+
+  // Know `module` (alive, and `ref` a new weak reference to it) as `index`; takes `ref`.
+  void put(PyObject* module, PyObject* ref, int64_t index) {
+    Entry& entry = entries_[slot(module)];
+    if (entry.module == module) {
+      Py_DECREF(entry.ref);  // a dead module's address, reused
+      entry.ref = ref;
+      entry.index = index;
+      return;
+    }
+    entry = {module, ref, index};
+    if (++used_ * 2 > entries_.size()) grow();
+  }
+
+  void clear() {
+    for (auto& entry : entries_) Py_XDECREF(entry.ref);
+    std::fill(entries_.begin(), entries_.end(), Entry{});
+    used_ = 0;
+  }
+
+ private:
+  // Where `module` is, or the empty entry where it would go.
+  size_t slot(PyObject* module) const {
+    size_t mask = entries_.size() - 1;
+    // (Fibonacci hashing: object addresses are 16-byte aligned and close together)
+    size_t at = static_cast<size_t>((reinterpret_cast<uintptr_t>(module) >> 4) * 0x9E3779B97F4A7C15ull >> 20) & mask;
+    while (entries_[at].module != module && entries_[at].module != nullptr) at = (at + 1) & mask;
+    return at;
+  }
+
+  void grow() {
+    std::vector<Entry> old(entries_.size() * 2);
+    old.swap(entries_);
+    for (const auto& entry : old) {
+      if (entry.module != nullptr) entries_[slot(entry.module)] = entry;
+    }
+  }
+
+  std::vector<Entry> entries_;  // (size a power of two)
+  size_t used_ = 0;
 };
 
 // The recorder side of the hooks: an object with the documented callback methods of
@@ -635,7 +696,7 @@ struct HooksObject {
   std::vector<Frame>* stack;
   // Recompute frames of other threads (autograd's device threads run checkpoint recompute).
   std::unordered_map<unsigned long, std::vector<Frame>>* other_stacks;
-  std::unordered_map<PyObject*, KnownModule>* modules;  // by the module's address
+  ModuleTable* modules;
 };
 
 PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
@@ -654,7 +715,7 @@ PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   self->owner = PyThread_get_thread_ident();
   self->stack = new std::vector<Frame>();
   self->other_stacks = new std::unordered_map<unsigned long, std::vector<Frame>>();
-  self->modules = new std::unordered_map<PyObject*, KnownModule>();
+  self->modules = new ModuleTable();
   return reinterpret_cast<PyObject*>(self);
 }
 
@@ -672,11 +733,6 @@ void drop_frames(HooksObject* self) {
   }
 }
 
-void forget_modules(HooksObject* self) {
-  if (self->modules == nullptr) return;
-  for (auto& entry : *self->modules) Py_DECREF(entry.second.ref);
-  self->modules->clear();
-}
 
 int hooks_traverse(HooksObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->store);
@@ -694,7 +750,6 @@ void hooks_dealloc(HooksObject* self) {
   PyObject_GC_UnTrack(self);
   hooks_clear(self);
   drop_frames(self);
-  forget_modules(self);
   delete self->modules;
   delete self->stack;
   delete self->other_stacks;
@@ -706,10 +761,8 @@ void hooks_dealloc(HooksObject* self) {
 constexpr int64_t IGNORED = -2;
 
 int64_t index_of(HooksObject* self, PyObject* module) {
-  auto found = self->modules->find(module);
-  if (found != self->modules->end() && PyWeakref_GetObject(found->second.ref) == module) {
-    return found->second.index;
-  }
+  int64_t known;
+  if (self->modules->find(module, &known)) return known;
   static PyObject* name = PyUnicode_InternFromString("learn");
   if (name == nullptr) return -1;
   PyObject* learned = PyObject_CallMethodOneArg(self->callbacks, name, module);
@@ -719,12 +772,7 @@ int64_t index_of(HooksObject* self, PyObject* module) {
   if (index == -1 && PyErr_Occurred()) return -1;
   PyObject* ref = PyWeakref_NewRef(module, nullptr);
   if (ref == nullptr) return -1;
-  if (found != self->modules->end()) {
-    Py_DECREF(found->second.ref);  // a dead module's address, reused
-    found->second = {index, ref};
-  } else {
-    self->modules->emplace(module, KnownModule{index, ref});
-  }
+  self->modules->put(module, ref, index);
   return index;
 }
 
@@ -913,13 +961,14 @@ PyObject* hooks_adopt(PyObject* obj, PyObject* refs) {
       return nullptr;
     }
     PyObject* module = PyWeakref_GetObject(ref);  // borrowed; None once dead
-    if (module == Py_None || self->modules->count(module)) continue;
+    int64_t known;
+    if (module == Py_None || self->modules->find(module, &known)) continue;
     PyObject* own = PyWeakref_NewRef(module, nullptr);
     if (own == nullptr) {
       Py_DECREF(fast);
       return nullptr;
     }
-    self->modules->emplace(module, KnownModule{i, own});
+    self->modules->put(module, own, i);
   }
   Py_DECREF(fast);
   Py_RETURN_NONE;
@@ -960,9 +1009,118 @@ PyTypeObject HooksType = [] {
   return type;
 }();
 
+// ---------------------------------------------------------- global hook dispatch
+
+// What torch calls as its global forward hooks where this module is built: two functions
+// that stay the same for the whole process (Dynamo guards on the hooks in torch's
+// dictionaries) and call the hooks compile_guard.install() put in. compile_guard has
+// Dynamo skip them while it traces (its ignore list, torch >= 2.11), so no compiled graph
+// holds them or breaks at them; run, they are one C call each instead of two Python frames
+// (compile_guard's Python dispatchers serve where Dynamo cannot skip them).
+struct Dispatch {
+  PyObject* pre_hooks = nullptr;         // tuple of hook(module, args)
+  PyObject* post_hooks = nullptr;        // tuple of hook(module, args, output)
+  PyObject* compiler = nullptr;          // torch.compiler's namespace (a dict)
+  PyObject* open_boundaries = nullptr;   // compile_guard's count of open eager boundaries (a list of one int)
+  PyObject* boundary_is_open = nullptr;  // callable(module): its eager boundary is open on this thread
+  PyObject* dynamo_callback = nullptr;   // callable(): Dynamo's frame callback on this thread (None: off)
+};
+Dispatch dispatch_state;  // (read and changed with the GIL held)
+
+// configure_dispatch(pre_hooks, post_hooks, compiler_namespace, open_boundaries, boundary_is_open,
+//                    dynamo_callback)
+PyObject* configure_dispatch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) || !PyDict_Check(args[2]) ||
+      !PyList_Check(args[3]) || PyList_GET_SIZE(args[3]) != 1 || !PyCallable_Check(args[4]) ||
+      !PyCallable_Check(args[5])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "configure_dispatch(pre_hooks: tuple, post_hooks: tuple, compiler: dict, open_boundaries: "
+                    "[int], boundary_is_open, dynamo_callback)");
+    return nullptr;
+  }
+  PyObject** fields[] = {&dispatch_state.pre_hooks,       &dispatch_state.post_hooks,
+                         &dispatch_state.compiler,        &dispatch_state.open_boundaries,
+                         &dispatch_state.boundary_is_open, &dispatch_state.dynamo_callback};
+  for (int i = 0; i < 6; ++i) Py_XSETREF(*fields[i], Py_NewRef(args[i]));
+  Py_RETURN_NONE;
+}
+
+// 1: the call is not for the hooks (torch is tracing it, it runs inside a compiled
+// region, or its eager boundary is open); 0: it is; -1: error.
+int not_for_hooks(PyObject* module) {
+  static PyObject* flag_name = PyUnicode_InternFromString("_is_compiling_flag");
+  if (flag_name == nullptr) return -1;
+  // (what torch.compiler.is_compiling() reads: AOT and export tracing set it)
+  PyObject* compiling = PyDict_GetItemWithError(dispatch_state.compiler, flag_name);
+  if (compiling == Py_True) return 1;
+  if (compiling == nullptr && PyErr_Occurred()) return -1;
+  // Inside a compiled function, Dynamo converts each Python frame that starts: module calls
+  // it runs eagerly there (nn.Module's own call machinery, code between two graphs) call
+  // their hooks in such frames, and the Python dispatchers convert to nothing (Dynamo folds
+  // is_dynamo_compiling() to True). These do likewise. (None: no compiled function runs;
+  // False: Dynamo only runs what it compiled before, converting nothing.)
+  PyObject* callback = PyObject_CallNoArgs(dispatch_state.dynamo_callback);
+  if (callback == nullptr) return -1;
+  Py_DECREF(callback);  // (compared by address only)
+  if (callback != Py_None && callback != Py_False) return 1;
+  int open = PyObject_IsTrue(PyList_GET_ITEM(dispatch_state.open_boundaries, 0));
+  if (open <= 0) return open;
+  PyObject* is_open = PyObject_CallOneArg(dispatch_state.boundary_is_open, module);
+  if (is_open == nullptr) return -1;
+  int skip = PyObject_IsTrue(is_open);
+  Py_DECREF(is_open);
+  return skip;
+}
+
+PyObject* dispatch(PyObject* hooks, PyObject* const* args, Py_ssize_t nargs) {
+  if (hooks == nullptr || PyTuple_GET_SIZE(hooks) == 0) Py_RETURN_NONE;  // (not configured, or none)
+  int skip = not_for_hooks(args[0]);
+  if (skip < 0) return nullptr;
+  if (skip) Py_RETURN_NONE;
+  Py_INCREF(hooks);  // (a hook may let another thread install or uninstall: this tuple stays)
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hooks); ++i) {
+    PyObject* result = PyObject_Vectorcall(PyTuple_GET_ITEM(hooks, i), args, nargs, nullptr);
+    if (result == nullptr) {
+      Py_DECREF(hooks);
+      return nullptr;
+    }
+    Py_DECREF(result);
+  }
+  Py_DECREF(hooks);
+  Py_RETURN_NONE;
+}
+
+// dispatch_pre(module, args): torch's global forward pre-hook.
+PyObject* dispatch_pre(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "dispatch_pre(module, args)");
+    return nullptr;
+  }
+  return dispatch(dispatch_state.pre_hooks, args, nargs);
+}
+
+// dispatch_post(module, args, output): torch's global forward hook (always called).
+PyObject* dispatch_post(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "dispatch_post(module, args, output)");
+    return nullptr;
+  }
+  return dispatch(dispatch_state.post_hooks, args, nargs);
+}
+
+PyMethodDef hotpath_functions[] = {
+    {"configure_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(configure_dispatch)),
+     METH_FASTCALL, "configure_dispatch(pre_hooks, post_hooks, compiler_namespace, open_boundaries, boundary_is_open)"},
+    {"dispatch_pre", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_pre)), METH_FASTCALL,
+     "dispatch_pre(module, args): call every pre-hook configured"},
+    {"dispatch_post", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_post)), METH_FASTCALL,
+     "dispatch_post(module, args, output): call every post-hook configured"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT, "modtimeline.native._hotpath", "modtimeline's compiled recording hot path", -1,
-    nullptr,               nullptr,                nullptr,                                     nullptr,
+    hotpath_functions,     nullptr,                nullptr,                                     nullptr,
     nullptr,
 };
 
