@@ -41,6 +41,7 @@
 #include <atomic>
 #include <memory>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <mutex>
 #include <thread>
@@ -262,7 +263,7 @@ struct Events : std::enable_shared_from_this<Events> {
 
 // The marks on one autograd node: a pre-hook (its gradient is ready, it is about to run)
 // and a post-hook (it has run). Both carry the node's id for this generation.
-struct NodeMark : torch::autograd::FunctionPreHook {
+struct NodeMark final : torch::autograd::FunctionPreHook {
   NodeMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
@@ -281,7 +282,7 @@ struct NodeMark : torch::autograd::FunctionPreHook {
   std::atomic<uint64_t> state;  // pack_mark(generation, node id)
 };
 
-struct NodeDoneMark : torch::autograd::FunctionPostHook {
+struct NodeDoneMark final : torch::autograd::FunctionPostHook {
   NodeDoneMark(std::shared_ptr<Events> events, uint64_t state) : events(std::move(events)), state(state) {}
 
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& grad_inputs,
@@ -301,8 +302,10 @@ struct NodeDoneMark : torch::autograd::FunctionPostHook {
 template <class Mark, class Hooks>
 Mark* find_mark(const Hooks& hooks, const Events* events) {
   for (const auto& hook : hooks) {
-    auto* mark = dynamic_cast<Mark*>(hook.get());
-    if (mark != nullptr && mark->events.get() == events) return mark;
+    // (the mark types are final: comparing the type is a dynamic_cast without its walk)
+    if (typeid(*hook) != typeid(Mark)) continue;
+    auto* mark = static_cast<Mark*>(hook.get());
+    if (mark->events.get() == events) return mark;
   }
   return nullptr;
 }
