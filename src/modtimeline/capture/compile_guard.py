@@ -9,15 +9,15 @@ that is a constant True and they return at once, leaving nothing in the graph; w
 compiled code (or eager code) runs, it is False and they call the hooks of every recorder
 and tracker now active.
 
-Where the compiled hot path is built and Dynamo can be told to skip a function while it
-traces (its ``ignore_logging_functions``, torch >= 2.12), torch calls two C functions
+Where the compiled hot path is built (and torch >= 2.12), torch calls two C functions
 instead (``_hotpath.dispatch_pre``/``dispatch_post``), which ask the same and call the
 same hooks without the two Python frames of a call each; inside a compiled function, where
 Dynamo converts the Python ones' frames to nothing, they do nothing (they ask Dynamo's
-frame callback, ``torch._C``). Dynamo may load after our hooks
-went in (the first ``torch.compile`` loads it): ``_DynamoWatch`` has it skip them as soon
-as its config module has loaded, before anything can be traced, or (it cannot) puts the
-Python functions in their place.
+frame callback, ``torch._C``). Dynamo cannot trace C: it is given Python stand-ins that do
+nothing (``torch.compiler.substitute_in_graph``, one registry for every thread) as soon
+as it is imported, before anything can be traced (``_DynamoWatch``: the first
+``torch.compile`` may import it after our hooks went in); should it refuse them, the Python
+functions take the C ones' place.
 
 Dynamo also *guards* on torch's global hook dictionaries: their keys and the hooks in
 them. A hook registered the usual way gets a new key each time (torch's handles count up
@@ -75,7 +75,9 @@ _KEY_WITH_KWARGS = -0x6D_7402
 PreHook = Callable[[torch.nn.Module, Any], Any]
 PostHook = Callable[..., Any]
 
-_lock = threading.RLock()  # (re-entrant: Dynamo may load, and _dynamo_loaded take it, inside a section holding it)
+# (re-entrant: _dynamo_loaded takes it inside an import, which nothing holding it should
+# start, but a re-entered lock must not hang a training run)
+_lock = threading.RLock()
 _owners: dict[int, tuple[PreHook, PostHook, bool]] = {}  # id(owner) -> (pre, post, post takes kwargs)
 # What the two functions below call, rebuilt when an owner comes or goes (a tuple: the
 # hot path iterates it without a lock).
@@ -242,67 +244,85 @@ def _rebuild() -> None:
 
 
 # ------------------------------------------------------- the compiled dispatchers
-# Which functions torch calls is decided once, when the first hooks go in, and changes
-# at most once after (Dynamo loads and cannot skip them: nothing was traced with them yet).
+# Which functions torch calls is decided once per process, when the first hooks go in (a
+# MODTIMELINE_PURE_PYTHON set later changes the recorder, not this), and changes at most
+# once after: Dynamo loads and will not take their stand-ins (nothing was traced yet).
 _dispatcher: ModuleType | None = None  # the hot path module whose dispatchers torch calls
+_dispatcher_decided = False
+_dynamo_told = False  # Dynamo traces _traced_pre/_traced_post in place of the dispatchers
+_DYNAMO = "torch._dynamo"
 _dynamo_callback: Callable[[], Any] | None
 try:  # Dynamo's frame callback on this thread (in torch._C: nothing of Dynamo is imported)
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
 except ImportError:
     _dynamo_callback = None
-_dispatcher_decided = False
-_DYNAMO_CONFIG = "torch._dynamo.config"
+
+
+def _traced_pre(module: torch.nn.Module, args: Any) -> None:
+    """What Dynamo traces where torch calls ``dispatch_pre``: nothing."""
+    return None
+
+
+def _traced_post(module: torch.nn.Module, args: Any, output: Any) -> None:
+    """What Dynamo traces where torch calls ``dispatch_post``: nothing."""
+    return None
 
 
 def _compiled_dispatcher() -> ModuleType | None:
     """The hot path module whose ``dispatch_pre``/``dispatch_post`` torch calls as our
-    hooks, or None: our Python functions (the hot path is not built, or Dynamo cannot skip
-    a C function while it traces). The caller holds ``_lock``."""
+    hooks, or None: our Python functions (the hot path is not built, this torch is older
+    than the one they are tested with, or Dynamo would not take their stand-ins). The
+    caller holds ``_lock``."""
     global _dispatcher, _dispatcher_decided
-    if _dispatcher_decided:
-        return _dispatcher
-    _dispatcher_decided = True
-    from .recorder import native_hotpath  # (recorder imports this module)
+    if not _dispatcher_decided:
+        _dispatcher_decided = True
+        from .recorder import native_hotpath  # (recorder imports this module)
 
-    hotpath = native_hotpath()
-    # (torch 2.11 has the ignore list, but fails to log its config, on every compile, when
-    # it holds C functions: pytorch#178455)
-    if hotpath is None or _dynamo_callback is None or TorchVersion(torch.__version__) < "2.12":
-        return None
-    config = sys.modules.get(_DYNAMO_CONFIG)
-    if config is not None:
-        _dispatcher = hotpath if _dynamo_skips(hotpath, config) else None
-    else:
-        _dispatcher = hotpath
-        sys.meta_path.insert(0, _DynamoWatch())
+        hotpath = native_hotpath()
+        if hotpath is not None and _dynamo_callback is not None and TorchVersion(torch.__version__) >= "2.12":
+            _dispatcher = hotpath
+            if _DYNAMO not in sys.modules:
+                sys.meta_path.insert(0, _DynamoWatch())
+    if _dispatcher is not None and not _dynamo_told and _DYNAMO in sys.modules:
+        _tell_dynamo(_dispatcher)  # (here too: a Dynamo the watch missed is told at the next install)
     return _dispatcher
 
 
-def _dynamo_skips(hotpath: ModuleType, config: ModuleType) -> bool:
-    """Have Dynamo skip the compiled dispatchers while it traces; False: it cannot."""
-    ignored = getattr(config, "ignore_logging_functions", None)
-    if not isinstance(ignored, set):
-        return False
-    ignored.update((hotpath.dispatch_pre, hotpath.dispatch_post))
-    return True
+def _tell_dynamo(hotpath: ModuleType) -> None:
+    """Have Dynamo trace the Python no-ops above wherever torch calls the compiled
+    dispatchers (``torch.compiler.substitute_in_graph``: one registry for the process, every
+    thread), so no graph holds them or breaks at them. If it will not: our Python functions
+    from now on."""
+    global _dispatcher, _dynamo_told
+    try:
+        torch.compiler.substitute_in_graph(hotpath.dispatch_pre, skip_signature_check=True)(_traced_pre)
+        torch.compiler.substitute_in_graph(hotpath.dispatch_post, skip_signature_check=True)(_traced_post)
+        _dynamo_told = True
+    except Exception:  # (an older or newer Dynamo; registered twice: a reloaded extension)
+        _dispatcher = None
 
 
-def _dynamo_loaded(config: ModuleType) -> None:
+def _dynamo_loaded() -> None:
+    """Dynamo has just been imported: tell it, or put our Python functions in."""
     global _dispatcher
     with _lock:
-        if _dispatcher is None or _dynamo_skips(_dispatcher, config):
+        if _dispatcher is None or _dynamo_told:
             return
-        _dispatcher = None  # (Python functions from now on; nothing traced the C ones yet)
-        _rebuild()
+        try:
+            _tell_dynamo(_dispatcher)
+        finally:
+            if _dispatcher is None or not _dynamo_told:
+                _dispatcher = None
+                _rebuild()
 
 
 class _DynamoWatch(importlib.abc.MetaPathFinder):
-    """Calls ``_dynamo_loaded`` as soon as Dynamo's config module has run (Dynamo imports
-    it before it can trace anything): finds the module as the other finders do, then
-    loads it through ``_ThenLoader``."""
+    """Calls ``_dynamo_loaded`` as soon as ``torch._dynamo`` has been imported (nothing can
+    be traced before): finds the package as the other finders do, then has it loaded
+    through ``_ThenLoader``. A loader it cannot wrap: our Python functions at once."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != _DYNAMO_CONFIG:
+        if name != _DYNAMO:
             return None
         if self in sys.meta_path:
             sys.meta_path.remove(self)
@@ -311,25 +331,44 @@ class _DynamoWatch(importlib.abc.MetaPathFinder):
             spec = find(name, path, target) if find is not None else None
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _ThenLoader(spec.loader)
+                    spec.loader = _ThenLoader(spec.loader, self)
+                else:
+                    _fall_back_to_python()
                 return spec
         return None
 
 
-class _ThenLoader(importlib.abc.Loader):
-    """Runs the module with the loader found for it, gives the module that loader back,
-    then tells ``_dynamo_loaded``."""
+def _fall_back_to_python() -> None:
+    global _dispatcher
+    with _lock:
+        if _dispatcher is not None and not _dynamo_told:
+            _dispatcher = None
+            _rebuild()
 
-    def __init__(self, loader: Any) -> None:
+
+class _ThenLoader(importlib.abc.Loader):
+    """Runs the module with the loader found for it (and gives the module that loader
+    back), then calls ``_dynamo_loaded``, whose failure never fails the user's import. An
+    import that fails puts the watch back."""
+
+    def __init__(self, loader: Any, watch: _DynamoWatch) -> None:
         self.loader = loader
+        self.watch = watch
 
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         module.__loader__ = module.__spec__.loader = self.loader  # type: ignore[union-attr]
-        self.loader.exec_module(module)
-        _dynamo_loaded(module)
+        try:
+            self.loader.exec_module(module)
+        except BaseException:
+            sys.meta_path.insert(0, self.watch)
+            raise
+        try:
+            _dynamo_loaded()
+        except Exception:
+            _fall_back_to_python()
 
     def __getattr__(self, name: str) -> Any:  # (get_source, is_package, ...: the loader's own)
         return getattr(self.loader, name)

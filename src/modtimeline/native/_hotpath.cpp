@@ -1,7 +1,7 @@
 // The recording hot path of modtimeline's Recorder, compiled (optional; recorder.py
 // holds the same logic in Python and uses it when this module is not built).
 //
-// Two Python types:
+// Two Python types,
 //
 //   Store(capacity)      the event buffer: host timestamps and packed codes, node links,
 //                        as buffer.EventBuffer (same layout and capacity rules).
@@ -12,6 +12,9 @@
 //                        its backward, exactly as recorder.PythonForwardHooks; module
 //                        naming, outputs other than one tensor and a raised forward call
 //                        the documented callbacks of recorder.RecorderCallbacks.
+//
+// and the functions torch calls as its global forward hooks, dispatch_pre/dispatch_post,
+// which call the hooks compile_guard configures (configure_dispatch).
 //
 // Why it is faster than Python: besides running no bytecode, the backward "gradient
 // ready" marks are C++ FunctionPreHooks added straight to the autograd node. Torch's
@@ -66,11 +69,13 @@ inline int64_t now_ns() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
-// The locks here: held for an append or one call's links (a few µs at the most, but for a
-// flush's copy), never across a Python call or a wait, taken about five times a module call
-// (forward and backward), and almost never contended: autograd's threads append while the
-// owner's forward waits for its backward. A pthread mutex pair cost ~30 ns of each; this is
-// one atomic exchange, a store, and a yield to a holder that lost its core.
+// The locks here: held for an append or one call's links (a few µs at the most; a flush
+// also copies the columns out under it, allocating their bytes), never across a Python
+// call, the GIL or another wait; taken about five times a module call (forward and
+// backward), and almost never contended: autograd's threads append while the owner's
+// forward waits for its backward. A pthread mutex pair cost ~30 ns of each; this is one
+// atomic exchange, a store, and a yield to a holder that lost its core (a waiter never
+// sleeps: a flush's copy during a backward on another thread costs that thread its spins).
 class SpinLock {
  public:
   void lock() {
@@ -89,7 +94,7 @@ class SpinLock {
 // Adding a pre-hook to a node and looking for ours must not race with another store
 // doing the same on the same node (two Timelines in two threads over one shared
 // parameter): node pre-hook lists have no lock of their own.
-SpinLock node_hooks_mutex;
+SpinLock node_hooks_lock;
 
 // A mark's state, one atomic word: the generation it was armed in, and its node id.
 constexpr uint64_t pack_mark(uint64_t generation, int64_t node_id) {
@@ -99,7 +104,7 @@ constexpr uint64_t pack_mark(uint64_t generation, int64_t node_id) {
 // The events, shared by the Store object and every node mark (a graph can outlive
 // the Store; its marks then keep this alive, emptied, and record into nothing visible).
 struct Events : std::enable_shared_from_this<Events> {
-  SpinLock mutex;  // node marks fire on autograd's threads, without the GIL
+  SpinLock lock;  // node marks fire on autograd's threads, without the GIL
   std::vector<int64_t> timestamps, codes, link_node, link_code;
   int64_t capacity = 0, hard_limit = 0, dropped = 0, nodes = 0;
   // Bumped by clear()/retire_marks(): marks armed in an older generation are stale and
@@ -122,7 +127,7 @@ struct Events : std::enable_shared_from_this<Events> {
 
   uint32_t current() const { return static_cast<uint32_t>(generation); }
 
-  // Append one event; the caller holds `mutex`. Returns its index, or -1 if dropped.
+  // Append one event; the caller holds `lock`. Returns its index, or -1 if dropped.
   int64_t append_locked(int64_t kind, int64_t call, int64_t module) {
     auto n = static_cast<int64_t>(codes.size());
     if (n >= capacity && (n >= hard_limit || is_begin(kind))) {
@@ -135,7 +140,7 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   int64_t append(int64_t kind, int64_t call, int64_t module) {
-    std::lock_guard<SpinLock> guard(mutex);
+    std::lock_guard<SpinLock> guard(lock);
     return append_locked(kind, call, module);
   }
 
@@ -167,7 +172,7 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   // The pass of graph task `task`, a new one if none runs yet; `is_new` says so. The
-  // caller holds `mutex`.
+  // caller holds `lock`.
   int64_t pass_of_locked(int64_t task, bool* is_new) {
     for (const auto& running : running_passes) {
       if (running.first == task) return running.second;
@@ -188,7 +193,7 @@ struct Events : std::enable_shared_from_this<Events> {
     bool is_new = false;
     uint64_t generation_now;
     {
-      std::lock_guard<SpinLock> guard(mutex);
+      std::lock_guard<SpinLock> guard(lock);
       if (mark_generation != nullptr && *mark_generation != current()) return;
       generation_now = generation;
       pass = pass_of_locked(task, &is_new) & MODULE_MASK;
@@ -212,7 +217,7 @@ struct Events : std::enable_shared_from_this<Events> {
   void backward_done(uint64_t generation_then, int64_t task) {
     int64_t index = -1, pass;
     {
-      std::lock_guard<SpinLock> guard(mutex);
+      std::lock_guard<SpinLock> guard(lock);
       if (generation_then != generation) return;  // cleared meanwhile: the pass is gone
       auto found = std::find_if(running_passes.begin(), running_passes.end(),
                                 [task](const auto& running) { return running.first == task; });
@@ -225,13 +230,13 @@ struct Events : std::enable_shared_from_this<Events> {
   }
 
   bool serves(int64_t task) {
-    std::lock_guard<SpinLock> guard(mutex);
+    std::lock_guard<SpinLock> guard(lock);
     return std::any_of(running_passes.begin(), running_passes.end(),
                        [task](const auto& running) { return running.first == task; });
   }
 
   void clear() {
-    std::lock_guard<SpinLock> guard(mutex);
+    std::lock_guard<SpinLock> guard(lock);
     timestamps = {};
     codes = {};
     link_node = {};
@@ -246,7 +251,7 @@ struct Events : std::enable_shared_from_this<Events> {
   // (erasing them crashed the process), and a node holds at most one mark per store,
   // re-armed when a later step links it again.
   void retire_marks() {
-    std::lock_guard<SpinLock> guard(mutex);
+    std::lock_guard<SpinLock> guard(lock);
     retire_locked();
   }
 
@@ -257,7 +262,7 @@ struct Events : std::enable_shared_from_this<Events> {
 
   // Link `node` to a call boundary: `done` (the call's backward may end when it has run)
   // or not (it begins when the node is about to run). Arms this store's mark on it. The
-  // caller holds node_hooks_mutex and `mutex` (link_call takes them once per call).
+  // caller holds node_hooks_lock and `lock` (link_call takes them once per call).
   void link_locked(torch::autograd::Node* node, int64_t link, bool done);
 };
 
@@ -410,8 +415,8 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
     }
   }
   if (begins == 0 && sinks.empty()) return;
-  std::lock_guard<SpinLock> node_guard(node_hooks_mutex);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> node_guard(node_hooks_lock);
+  std::lock_guard<SpinLock> guard(events.lock);
   // A full buffer: this call's backward goes unrecorded, as its events do.
   if (static_cast<int64_t>(events.codes.size()) >= events.capacity) return;
   for (size_t i = 0; i < begins; ++i) events.link_locked(queue[i], link_code(call, index, true), false);
@@ -480,7 +485,7 @@ PyObject* bytes_of(const std::vector<int64_t>& column) {
 // columns() -> (timestamps, codes, link_node, link_code) as bytes of native int64.
 PyObject* store_columns(PyObject* self, PyObject*) {
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   return Py_BuildValue("(NNNN)", bytes_of(events.timestamps), bytes_of(events.codes), bytes_of(events.link_node),
                        bytes_of(events.link_code));
 }
@@ -490,7 +495,7 @@ PyObject* store_links(PyObject* self, PyObject* arg) {
   Py_ssize_t start = PyLong_AsSsize_t(arg);
   if (start == -1 && PyErr_Occurred()) return nullptr;
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   size_t from = std::min(static_cast<size_t>(std::max<Py_ssize_t>(start, 0)), events.link_node.size());
   size_t count = events.link_node.size() - from;
   return Py_BuildValue(
@@ -508,7 +513,7 @@ PyObject* store_synthetic_node(PyObject* self, PyObject* arg) {
   int64_t link = PyLong_AsLongLong(arg);
   if (link == -1 && PyErr_Occurred()) return nullptr;
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   if (static_cast<int64_t>(events.codes.size()) >= events.capacity) return PyLong_FromLong(-1);
   int64_t node = events.nodes++;
   events.link_node.push_back(node);
@@ -541,7 +546,7 @@ PyObject* store_retire_marks(PyObject* self, PyObject*) {
 
 PyObject* store_bytes_used(PyObject* self, PyObject*) {
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   size_t slots = events.timestamps.capacity() + events.codes.capacity() + events.link_node.capacity() +
                  events.link_code.capacity();
   return PyLong_FromSize_t(slots * sizeof(int64_t));
@@ -551,19 +556,19 @@ PyObject* store_now(PyObject*, PyObject*) { return PyLong_FromLongLong(now_ns())
 
 Py_ssize_t store_len(PyObject* self) {
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   return static_cast<Py_ssize_t>(events.codes.size());
 }
 
 PyObject* store_get_capacity(PyObject* self, void*) { return PyLong_FromLongLong(events_of(self).capacity); }
 PyObject* store_get_dropped(PyObject* self, void*) {
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   return PyLong_FromLongLong(events.dropped);
 }
 PyObject* store_get_nodes(PyObject* self, void*) {
   Events& events = events_of(self);
-  std::lock_guard<SpinLock> guard(events.mutex);
+  std::lock_guard<SpinLock> guard(events.lock);
   return PyLong_FromLongLong(events.nodes);
 }
 
@@ -1035,12 +1040,13 @@ PyTypeObject HooksType = [] {
 
 // ---------------------------------------------------------- global hook dispatch
 
-// What torch calls as its global forward hooks where this module is built: two functions
-// that stay the same for the whole process (Dynamo guards on the hooks in torch's
-// dictionaries) and call the hooks compile_guard.install() put in. compile_guard has
-// Dynamo skip them while it traces (its ignore list, torch >= 2.11), so no compiled graph
-// holds them or breaks at them; run, they are one C call each instead of two Python frames
-// (compile_guard's Python dispatchers serve where Dynamo cannot skip them).
+// What torch calls as its global forward hooks where this module is built (and torch >=
+// 2.12): two functions that stay the same for the whole process (Dynamo guards on the
+// hooks in torch's dictionaries) and call the hooks compile_guard.install() put in.
+// compile_guard gives Dynamo Python stand-ins for them that do nothing
+// (torch.compiler.substitute_in_graph), so no compiled graph holds them or breaks at them;
+// run, they are one C call each instead of two Python frames (compile_guard's Python
+// dispatchers serve where they cannot).
 struct Dispatch {
   PyObject* pre_hooks = nullptr;         // tuple of hook(module, args)
   PyObject* post_hooks = nullptr;        // tuple of hook(module, args, output)
@@ -1065,7 +1071,13 @@ PyObject* configure_dispatch(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   PyObject** fields[] = {&dispatch_state.pre_hooks,       &dispatch_state.post_hooks,
                          &dispatch_state.compiler,        &dispatch_state.open_boundaries,
                          &dispatch_state.boundary_is_open, &dispatch_state.dynamo_callback};
-  for (int i = 0; i < 6; ++i) Py_XSETREF(*fields[i], Py_NewRef(args[i]));
+  // All six set before any old one is let go (letting go may run Python, which may dispatch).
+  PyObject* old[6];
+  for (int i = 0; i < 6; ++i) {
+    old[i] = *fields[i];
+    *fields[i] = Py_NewRef(args[i]);
+  }
+  for (PyObject* value : old) Py_XDECREF(value);
   Py_RETURN_NONE;
 }
 
@@ -1096,21 +1108,19 @@ int not_for_hooks(PyObject* module) {
   return skip;
 }
 
-PyObject* dispatch(PyObject* hooks, PyObject* const* args, Py_ssize_t nargs) {
-  if (hooks == nullptr || PyTuple_GET_SIZE(hooks) == 0) Py_RETURN_NONE;  // (not configured, or none)
+PyObject* dispatch(PyObject* configured, PyObject* const* args, Py_ssize_t nargs) {
+  if (configured == nullptr || PyTuple_GET_SIZE(configured) == 0) Py_RETURN_NONE;  // (not configured, or none)
+  // Held from here: the check and the hooks may let another thread run, and an install or
+  // uninstall there replaces the configured tuple.
+  PyObject* hooks = Py_NewRef(configured);
   int skip = not_for_hooks(args[0]);
-  if (skip < 0) return nullptr;
-  if (skip) Py_RETURN_NONE;
-  Py_INCREF(hooks);  // (a hook may let another thread install or uninstall: this tuple stays)
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hooks); ++i) {
+  for (Py_ssize_t i = 0; skip == 0 && i < PyTuple_GET_SIZE(hooks); ++i) {
     PyObject* result = PyObject_Vectorcall(PyTuple_GET_ITEM(hooks, i), args, nargs, nullptr);
-    if (result == nullptr) {
-      Py_DECREF(hooks);
-      return nullptr;
-    }
-    Py_DECREF(result);
+    if (result == nullptr) skip = -1;
+    Py_XDECREF(result);
   }
   Py_DECREF(hooks);
+  if (skip < 0) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -1134,7 +1144,9 @@ PyObject* dispatch_post(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef hotpath_functions[] = {
     {"configure_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(configure_dispatch)),
-     METH_FASTCALL, "configure_dispatch(pre_hooks, post_hooks, compiler_namespace, open_boundaries, boundary_is_open)"},
+     METH_FASTCALL,
+     "configure_dispatch(pre_hooks, post_hooks, compiler_namespace, open_boundaries, boundary_is_open, "
+     "dynamo_callback)"},
     {"dispatch_pre", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_pre)), METH_FASTCALL,
      "dispatch_pre(module, args): call every pre-hook configured"},
     {"dispatch_post", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_post)), METH_FASTCALL,
