@@ -117,8 +117,60 @@ def beside_a_thread():
     return model, run
 
 
+def mapping_outputs():
+    """Mapping outputs as transformers returns them (an OrderedDict subclass holding
+    tensors, None, a number and a cache object), and ones the compiled path leaves to the
+    Python walk: a dataclass, a nested dict, a tuple among the values."""
+    import collections
+    import dataclasses
+
+    class Output(collections.OrderedDict):
+        pass
+
+    class Cache:  # holds tensors, but is no container the walk enters
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    @dataclasses.dataclass
+    class Pair:
+        first: torch.Tensor
+        second: torch.Tensor
+
+    class Layer(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.shape = shape
+
+        def forward(self, x):
+            h = self.linear(x)
+            if self.shape == "model output":
+                return Output(logits=h * 2, hidden=h, loss=None, count=3, cache=Cache(h + 1))
+            if self.shape == "dataclass value":
+                return {"out": h, "pair": Pair(h * 3, h * 4)}
+            if self.shape == "nested":
+                return {"out": h, "inner": {"more": h * 5}, "both": (h * 6, h * 7)}
+            return {"out": h}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer(shape) for shape in ("model output", "dataclass value", "nested",
+                                                                    "plain"))
+
+        def forward(self, x):
+            total = 0
+            for layer in self.layers:
+                out = layer(x)
+                total = total + sum(v.sum() for v in out.values() if isinstance(v, torch.Tensor))
+            return total
+
+    return Model(), lambda m: m(torch.randn(3, 4)).backward()
+
+
 @needs_hotpath
-@pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain, beside_a_thread])
+@pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain, beside_a_thread,
+                                      mapping_outputs])
 def test_native_records_what_python_records(model_fn):
     python = record(model_fn, native=False)
     native = record(model_fn, native=True)

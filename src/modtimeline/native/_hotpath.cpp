@@ -42,6 +42,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <type_traits>
 #include <typeinfo>
@@ -74,14 +75,18 @@ inline int64_t now_ns() {
 // call, the GIL or another wait; taken about five times a module call (forward and
 // backward), and almost never contended: autograd's threads append while the owner's
 // forward waits for its backward. A pthread mutex pair cost ~30 ns of each; this is one
-// atomic exchange, a store, and a yield to a holder that lost its core (a waiter never
-// sleeps: a flush's copy during a backward on another thread costs that thread its spins).
+// atomic exchange and a store. A waiter spins, then yields to a holder that lost its core,
+// then sleeps in 50 µs naps (a flush's copy, milliseconds, on an oversubscribed host).
 class SpinLock {
  public:
   void lock() {
     while (held_.exchange(true, std::memory_order_acquire)) {
       for (int spins = 0; held_.load(std::memory_order_relaxed); ++spins) {
-        if (spins >= 64) std::this_thread::yield();
+        if (spins >= 1024) {
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
+        } else if (spins >= 64) {
+          std::this_thread::yield();
+        }
       }
     }
   }
@@ -762,7 +767,6 @@ void drop_frames(HooksObject* self) {
   }
 }
 
-
 int hooks_traverse(HooksObject* self, visitproc visit, void* arg) {
   Py_VISIT(self->store);
   Py_VISIT(self->callbacks);
@@ -818,8 +822,32 @@ torch::autograd::Node* autograd_node(const at::Tensor& tensor) {
   return inner->grad_fn().get();
 }
 
-// The grad_fn of every tensor in `output` that has one: a tensor or a flat tuple or list
-// here, anything else (nested, dicts, dataclasses, ModelOutput) through the callbacks.
+// Whether tensors.grad_tensors' walk would leave `value`, an item of a mapping, alone (a
+// scalar, a string, or an object that is no container it enters: a transformers Cache);
+// 1 yes, 0 no (a tensor or a container: the walk is the callbacks'), -1 error.
+int walk_skips(PyObject* value) {
+  if (value == Py_None || PyLong_Check(value) || PyFloat_Check(value) || PyUnicode_Check(value) ||
+      PyBytes_Check(value)) {
+    return 1;
+  }
+  if (THPVariable_Check(value) || PyTuple_Check(value) || PyList_Check(value) || PyDict_Check(value)) return 0;
+  static PyObject* mapping = [] {
+    PyObject* abc = PyImport_ImportModule("collections.abc");
+    PyObject* found = abc == nullptr ? nullptr : PyObject_GetAttrString(abc, "Mapping");
+    Py_XDECREF(abc);
+    return found;  // (kept for the process)
+  }();
+  if (mapping == nullptr) return -1;
+  int is_mapping = PyObject_IsInstance(value, mapping);
+  if (is_mapping != 0) return is_mapping < 0 ? -1 : 0;
+  // (dataclasses.is_dataclass: the type has __dataclass_fields__)
+  int is_dataclass = PyObject_HasAttrString(reinterpret_cast<PyObject*>(Py_TYPE(value)), "__dataclass_fields__");
+  return is_dataclass ? 0 : 1;
+}
+
+// The grad_fn of every tensor in `output` that has one: a tensor, a flat tuple or list, or
+// a mapping (a ModelOutput) of tensors and things the walk leaves alone, here; anything
+// else (nested, dataclasses) through the callbacks, as tensors.grad_tensors walks it.
 // False: it raised.
 bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autograd::Node*>& nodes) {
   auto add = [&nodes](PyObject* tensor) {
@@ -829,6 +857,30 @@ bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autogr
   if (THPVariable_Check(output)) {
     add(output);
     return true;
+  }
+  // A dict (ModelOutput is an OrderedDict) whose values are tensors, Nones and objects the
+  // walk leaves alone (a model's cache): its values() in their order, as the walk takes them.
+  if (PyDict_Check(output)) {
+    PyObject* values = PyMapping_Values(output);
+    if (values == nullptr) return false;
+    bool flat = true;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values) && flat; ++i) {
+      PyObject* item = PyList_GET_ITEM(values, i);
+      if (THPVariable_Check(item)) continue;
+      int skips = walk_skips(item);
+      if (skips < 0) {
+        Py_DECREF(values);
+        return false;
+      }
+      flat = skips == 1;
+    }
+    if (flat) {
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(values); ++i) {
+        if (THPVariable_Check(PyList_GET_ITEM(values, i))) add(PyList_GET_ITEM(values, i));
+      }
+    }
+    Py_DECREF(values);  // (the nodes stay alive: the output holds its tensors)
+    if (flat) return true;
   }
   // A plain tuple or list of tensors and Nones (an attention's (output, None)) is walked
   // here; anything else in it, or any other container, by the callbacks.
