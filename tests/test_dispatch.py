@@ -121,3 +121,26 @@ def test_a_dynamo_that_refuses_the_stand_ins_gets_the_python_functions(tmp_path)
     assert result["hook"] == "python"
     assert result["graph_breaks"] == 0 and result["errors"] == []
     _assert_recorded(tmp_path)
+
+
+def test_non_strict_export_inside_a_timeline_leaves_no_hook_in_its_graph_and_no_span(tmp_path):
+    """torch.export(strict=False) runs the module's Python with our hooks live while it
+    traces (it sets the compiling flag the dispatchers check): its graph holds only the
+    model's ops, and the trace only the two real steps' spans."""
+    from collections import Counter
+
+    from modtimeline import Timeline
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    with Timeline(tmp_path / "t.json") as timeline:
+        with timeline.step():
+            model(x).sum().backward()
+        exported = torch.export.export(model, (x,), strict=False)
+        with timeline.step():
+            model(x).sum().backward()
+    ops = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert ops == [torch.ops.aten.linear.default, torch.ops.aten.relu.default]
+    counted = Counter((e["name"], e["cat"]) for e in spans(load(tmp_path / "t.json")) if e["cat"] != "step")
+    assert counted == {(name, cat): 2 for name in ("Sequential", "Sequential.0", "Sequential.1")
+                       for cat in ("forward", "backward")}
