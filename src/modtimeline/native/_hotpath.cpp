@@ -1151,7 +1151,11 @@ int not_for_hooks(PyObject* module) {
   if (callback == nullptr) return -1;
   Py_DECREF(callback);  // (compared by address only)
   if (callback != Py_None && callback != Py_False) return 1;
-  int open = PyObject_IsTrue(PyList_GET_ITEM(dispatch_state.open_boundaries, 0));
+  // (the count is a small int, and CPython has one object for 0: no call when none is open)
+  static PyObject* none_open = PyLong_FromLong(0);
+  PyObject* count = PyList_GET_ITEM(dispatch_state.open_boundaries, 0);
+  if (count == none_open) return 0;
+  int open = PyObject_IsTrue(count);
   if (open <= 0) return open;
   PyObject* is_open = PyObject_CallOneArg(dispatch_state.boundary_is_open, module);
   if (is_open == nullptr) return -1;
