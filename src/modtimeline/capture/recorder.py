@@ -67,7 +67,7 @@ def _peek_by_a_node() -> int:
 # The sequence number the next autograd node made on this thread gets.
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_node)
 
-# The Store and ForwardHooks interface this file uses (_hotpath.cpp HOTPATH_API).
+# The interface of Store, ForwardHooks and the dispatch functions (_hotpath.cpp HOTPATH_API).
 HOTPATH_API = 2
 
 

@@ -57,7 +57,7 @@ namespace {
 
 using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
 
-// The Store and ForwardHooks interface (capture/recorder.py HOTPATH_API).
+// The interface of Store, ForwardHooks and the dispatch functions (capture/recorder.py HOTPATH_API).
 constexpr long long HOTPATH_API = 2;
 
 inline bool is_begin(int64_t kind) {
