@@ -302,15 +302,13 @@ class Timeline:
                     self._guard.install()
             except BaseException:
                 # A failed start leaves nothing behind: no hook, inductor's config as it was.
-                try:
-                    self._hooks(False)
-                finally:
-                    try:
-                        if self._kernels is not None:
-                            self._kernels.undo()
-                    finally:
-                        if entered:
-                            self._life.enter(self._life.check(Event.START_FAILED))
+                # (each step runs even if one before it raised; the last registered first)
+                with contextlib.ExitStack() as cleanup:
+                    if entered:
+                        cleanup.callback(lambda: self._life.enter(self._life.check(Event.START_FAILED)))
+                    if self._kernels is not None:
+                        cleanup.callback(self._kernels.undo)
+                    cleanup.callback(self._hooks, False)
                 raise
         return self
 
@@ -438,32 +436,25 @@ class Timeline:
     # ------------------------------------------------------------------ helpers
     def _hooks(self, on: bool) -> None:
         # Each part on is taken off again if a later one fails, and each part off is taken
-        # off even if an earlier one raised: hooks are all on or all off.
+        # off even if an earlier one raised: hooks are all on or all off. (An ExitStack runs
+        # every callback, the last registered first, whatever one of them raises.)
         if on and not self._hooks_on:
-            self.recorder.__enter__()
-            try:
+            with contextlib.ExitStack() as undo:
+                self.recorder.__enter__()
+                undo.callback(self.recorder.__exit__, None, None, None)
                 if self._detail is not None:
                     self._detail.__enter__()
-                try:
-                    if self._kernels is not None:
-                        self._kernels.recording()
-                except BaseException:
-                    if self._detail is not None:
-                        self._detail.__exit__(None, None, None)
-                    raise
-            except BaseException:
-                self.recorder.__exit__(None, None, None)
-                raise
-        elif not on and self._hooks_on:
-            try:
+                    undo.callback(self._detail.__exit__, None, None, None)
                 if self._kernels is not None:
-                    self._kernels.pause()
-            finally:
-                try:
-                    if self._detail is not None:
-                        self._detail.__exit__(None, None, None)
-                finally:
-                    self.recorder.__exit__(None, None, None)
+                    self._kernels.recording()
+                undo.pop_all()  # all on: nothing to undo
+        elif not on and self._hooks_on:
+            with contextlib.ExitStack() as off:
+                off.callback(self.recorder.__exit__, None, None, None)
+                if self._detail is not None:
+                    off.callback(self._detail.__exit__, None, None, None)
+                if self._kernels is not None:
+                    off.callback(self._kernels.pause)
         self._hooks_on = on
 
     def _maybe_start_device_clock(self) -> None:
