@@ -283,37 +283,38 @@ def _compiled_dispatcher() -> ModuleType | None:
             _dispatcher = hotpath
             if _DYNAMO not in sys.modules:
                 sys.meta_path.insert(0, _DynamoWatch())
-    if _dispatcher is not None and not _dynamo_told and _DYNAMO in sys.modules:
-        _tell_dynamo(_dispatcher)  # (here too: a Dynamo the watch missed is told at the next install)
+    # (here too: a Dynamo the watch missed is told at the next install; if it will not take
+    # the stand-ins, the caller places our Python functions)
+    if _dispatcher is not None and not _dynamo_told and _DYNAMO in sys.modules and not _tell_dynamo(_dispatcher):
+        _dispatcher = None
     return _dispatcher
 
 
-def _tell_dynamo(hotpath: ModuleType) -> None:
+def _tell_dynamo(hotpath: ModuleType) -> bool:
     """Have Dynamo trace the Python no-ops above wherever torch calls the compiled
     dispatchers (``torch.compiler.substitute_in_graph``: one registry for the process, every
-    thread), so no graph holds them or breaks at them. If it will not: our Python functions
-    from now on."""
-    global _dispatcher, _dynamo_told
+    thread), so no graph holds them or breaks at them; False: it will not."""
+    global _dynamo_told
     try:
         torch.compiler.substitute_in_graph(hotpath.dispatch_pre, skip_signature_check=True)(_traced_pre)
         torch.compiler.substitute_in_graph(hotpath.dispatch_post, skip_signature_check=True)(_traced_post)
-        _dynamo_told = True
     except Exception:  # (an older or newer Dynamo; registered twice: a reloaded extension)
-        _dispatcher = None
+        return False
+    _dynamo_told = True
+    return True
 
 
 def _dynamo_loaded() -> None:
     """Dynamo has just been imported: tell it, or put our Python functions in."""
-    global _dispatcher
     with _lock:
         if _dispatcher is None or _dynamo_told:
             return
+        told = False
         try:
-            _tell_dynamo(_dispatcher)
+            told = _tell_dynamo(_dispatcher)
         finally:
-            if _dispatcher is None or not _dynamo_told:
-                _dispatcher = None
-                _rebuild()
+            if not told:
+                _fall_back_to_python()
 
 
 class _DynamoWatch(importlib.abc.MetaPathFinder):
@@ -339,6 +340,8 @@ class _DynamoWatch(importlib.abc.MetaPathFinder):
 
 
 def _fall_back_to_python() -> None:
+    """Our Python functions in the compiled ones' place, from now on (Dynamo has traced
+    nothing with them yet)."""
     global _dispatcher
     with _lock:
         if _dispatcher is not None and not _dynamo_told:
