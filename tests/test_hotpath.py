@@ -46,7 +46,7 @@ def test_compiled_parts_are_built():
 needs_hotpath = pytest.mark.skipif(hotpath is None, reason="modtimeline.native._hotpath is not built")
 
 
-def record(model_fn, native: bool, steps: int = 2):
+def record(model_fn, native: bool, steps: int = 2, walks_taken: list[int] | None = None):
     buffer = NativeEventBuffer(hotpath.Store(1 << 20)) if native else EventBuffer(1 << 20)
     recorder = Recorder(buffer)
     torch.manual_seed(0)
@@ -55,6 +55,8 @@ def record(model_fn, native: bool, steps: int = 2):
         for _ in range(steps):
             run(model)
             recorder.retire_marks()
+    if walks_taken is not None:
+        walks_taken.append(recorder.walks_taken)
     # Module indices are handed out by a registry a recorder continues from the one before
     # it (what a test before left alive holds indices too): compared by name.
     names = recorder.registry.names
@@ -168,15 +170,75 @@ def mapping_outputs():
     return Model(), lambda m: m(torch.randn(3, 4)).backward()
 
 
+def walks_in_part():
+    """Calls whose parent meets their output nodes in part (one output dropped), reaches
+    their inside by another way (a tensor the child kept), calls a child twice, meets a
+    child returning its input, and uses every output of a call (its walk is taken whole)."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.c = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            self.kept = h * 3
+            return self.b(h), self.c(x).exp()  # (the second output's nodes hold sinks of their own)
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.two = Two()
+            self.lin = nn.Linear(4, 4)
+            self.same = nn.Identity()
+
+        def forward(self, x):
+            first, _dropped = self.two(x)
+            y = self.lin(first) + self.two.kept
+            z, w = self.two(y)
+            return self.same(z + w) * 2
+
+    return nn.Sequential(Parent(), Parent()), lambda m: m(torch.randn(3, 4)).sum().backward()
+
+
 @needs_hotpath
 @pytest.mark.parametrize("model_fn", [tree_model, shapes_model, raising_model, deep_chain, beside_a_thread,
-                                      mapping_outputs])
+                                      mapping_outputs, walks_in_part])
 def test_native_records_what_python_records(model_fn):
     python = record(model_fn, native=False)
     native = record(model_fn, native=True)
     assert native == python
     events, links, nodes, _ = native
     assert events and (links or model_fn is raising_model)
+
+
+def _real_model(name, **options):
+    def model_fn():
+        from . import real_models
+
+        model, step = getattr(real_models, name)(**options)
+        return model, lambda m: step().backward()
+
+    return model_fn
+
+
+@needs_hotpath
+@pytest.mark.parametrize("model_fn", [_real_model("llama"), _real_model("gpt2"), _real_model("bert"),
+                                      _real_model("t5"), _real_model("mixtral"), _real_model("vit"),
+                                      _real_model("moe"), _real_model("gpt2", checkpointing=True)],
+                         ids=["llama", "gpt2", "bert", "t5", "mixtral", "vit", "moe", "gpt2-checkpointing"])
+def test_walk_shortcut_links_what_walking_each_call_links(model_fn):
+    """The compiled walk takes a finished child call's walk whole where its parent meets all
+    its output nodes (the nodes are not walked again at every level); the Python twin walks
+    every call alone. On real models: the same links, and the shortcut did run."""
+    pytest.importorskip("transformers")
+    python = record(model_fn, native=False)
+    taken: list[int] = []
+    native = record(model_fn, native=True, walks_taken=taken)
+    assert native == python
+    assert taken[0] > 0
 
 
 @needs_hotpath
