@@ -113,8 +113,7 @@ def call_nodes(outputs: list[Any], first: int, last: int) -> tuple[list[Any], li
     """(begin nodes, end nodes) of one call whose forward made the autograd nodes with
     sequence numbers in [first, last): its output nodes in that range, and the range's
     sinks, nodes none of whose edges stays in it (a node with a successor in the range
-    runs before that successor), in decreasing sequence number. No end nodes when the walk
-    passed SUBGRAPH_BUDGET."""
+    runs before that successor). No end nodes when the walk passed SUBGRAPH_BUDGET."""
     seen: set[Any] = set()
     queue = []
     for node in outputs:
@@ -138,9 +137,6 @@ def call_nodes(outputs: list[Any], first: int, last: int) -> tuple[list[Any], li
                     queue.append(next_node)
         if sink:
             sinks.append(node)
-    # (in decreasing sequence number, as the compiled walk links them: it takes its
-    # children's walks whole, so it meets the sinks in another order)
-    sinks.sort(key=lambda node: node._sequence_nr(), reverse=True)
     return begins, sinks
 
 
@@ -366,13 +362,6 @@ class Recorder:
     def native(self) -> bool:
         """Whether the compiled hot path records (else the Python twins do)."""
         return self._store is not None
-
-    @property
-    def walks_taken(self) -> int | None:
-        """How many finished calls' node walks their parent took whole instead of walking
-        the nodes again (the compiled walk's shortcut); None for the Python twin, which
-        walks every call alone."""
-        return getattr(self._forward, "walks_taken", None) if self._store is not None else None
 
     @property
     def module_names(self) -> list[str]:

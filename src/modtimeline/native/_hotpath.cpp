@@ -405,341 +405,78 @@ inline int64_t link_code(int64_t call, int64_t index, bool begins) {
   return call << LINK_SHIFT | index << 1 | (begins ? LINK_BEGIN : 0);
 }
 
-// One call's walk of its autograd nodes. A call's backward begins when the first of its
-// output nodes made in its range of sequence numbers [first, last) (numbers are per
-// thread, and the forward ran on this one) is about to run, and ends when the last of the
-// range's *sinks* has run: nodes reached from the outputs, inside the range, none of
-// whose edges stays in the range (a node with a successor in the range runs before that
-// successor). Outputs outside the range (a module returning its input) add nothing: a
-// call that created no node has no backward.
-//
-// A parent's range holds its children's: walked alone, a node is expanded once per call
-// that holds it (the model, the layer, the attention, the projection: llama's nodes four
-// or five times). So each finished call keeps its walk for its parent (CallWalks): the
-// nodes it reached, its sinks, the targets of edges leaving its range (exits), its output
-// nodes. The parent defers a child's output node when it meets it, and once it has met
-// *all* of them (nothing else left to walk) takes the child's walk whole: the child's
-// nodes are what it would have reached from them, its exits are where the walk goes on,
-// and only its sinks can be sinks of the parent (a child node with a successor in the
-// child's range has one in the parent's); they are checked against the parent's range.
-// A child whose outputs are met only in part is walked as before. The nodes, and so the
-// links, are those of the walk alone (test_hotpath checks it against the Python twin,
-// which walks alone, on real models); sinks are linked in decreasing sequence number in
-// both. Anything unusual (two nodes sharing a number, a range too long for the slots)
-// walks alone.
-struct Found {
-  torch::autograd::Node* node;
-  uint64_t number;  // its sequence number
-};
-
-// The walks of the finished calls whose parent is still open, one segment each in `items`.
-struct CallWalks {
-  struct Walk {
-    uint64_t first, last;                   // the call's range
-    // Its segment of `items`: [outputs, nodes) its output nodes in its range, [nodes,
-    // exits) the nodes it reached (outputs first), [exits, sinks) its exits, [sinks, end)
-    // its sinks.
-    size_t outputs, nodes, exits, sinks, end;
+// Link one call's backward: the autograd nodes its forward created are those with a
+// sequence number in [first, last) (numbers are per thread, and the forward ran on this
+// one). Its backward begins when the first of its output nodes in that range is about to
+// run, and ends when the last of the range's *sinks* (nodes none of whose edges stays in
+// the range) has run: a node with a successor in the range runs before that successor.
+// Outputs outside the range (a module returning its input) add nothing: a call that
+// created no node has no backward.
+void link_call(Events& events, const std::vector<torch::autograd::Node*>& outputs, int64_t call, int64_t index,
+               uint64_t first, uint64_t last) {
+  auto inside = [first, last](const torch::autograd::Node* node) {
+    uint64_t number = node->sequence_nr();
+    return number >= first && number < last;
   };
-  std::vector<Walk> walks;
-  std::vector<Found> items;
-  // At most this many nodes kept (a frame left open forever by an interrupted forward
-  // would otherwise collect its later calls' walks): past it, walks are dropped.
-  static constexpr size_t MOST_ITEMS = 4 * static_cast<size_t>(SUBGRAPH_BUDGET);
-
-  void clear() {
-    walks.clear();
-    items.clear();
-  }
-
-  // Drop the walks from `base` on (a call ended: its children's walks are used).
-  void truncate(size_t base) {
-    if (base >= walks.size()) return;
-    items.resize(walks[base].outputs);
-    walks.resize(base);
-  }
-};
-
-constexpr size_t NOT_KEPT = static_cast<size_t>(-1);  // a frame whose walk no parent takes
-
-// The walk of one call, in scratch kept per thread (no allocation per call once grown;
-// nothing here calls Python, so nothing re-enters it on this thread meanwhile).
-class Walker {
- public:
-  std::vector<Found> queue;  // the range's nodes met, in the order met (begins first)
-  std::vector<Found> taken;  // nodes of children's walks taken whole (not in queue)
-  std::vector<Found> sinks;
-  std::vector<Found> exits;  // targets of edges leaving the range
-  size_t begins = 0;
-  bool over_budget = false;
-  int64_t walks_taken = 0;  // children's walks this walk took whole
-
-  // Walk from `outputs`, taking the walks of `children` (a call's finished children) where
-  // it can. Afterwards queue[0, begins) are the begin nodes and `sinks` the end nodes, in
-  // decreasing sequence number (none past SUBGRAPH_BUDGET).
-  void walk(const std::vector<torch::autograd::Node*>& outputs, uint64_t first, uint64_t last,
-            const CallWalks* children, size_t from) {
-    first_ = first;
-    last_ = last;
-    direct_ = last - first <= MOST_SLOTS;
-    if (direct_ && slots_.size() < last - first) {
-      slots_.resize(last - first, nullptr);
-      owners_.resize(last - first, 0);
-    }
-    queue.clear();
-    taken.clear();
-    children_.clear();
-    walks_taken = 0;
-    reuse_ = direct_ && children != nullptr && from < children->walks.size();
-    if (reuse_ && !(own_children(*children, from) && walk_from(outputs, children))) {
-      forget();  // (walk alone)
-      reuse_ = false;
-      walks_taken = 0;
-    }
-    if (!reuse_) walk_from(outputs, nullptr);
-    forget();
-    if (queue.size() + taken.size() > static_cast<size_t>(SUBGRAPH_BUDGET)) over_budget = true;
-    if (over_budget) {
-      sinks.clear();
-    } else {
-      std::stable_sort(sinks.begin(), sinks.end(), [](const Found& a, const Found& b) { return a.number > b.number; });
-    }
-  }
-
-  // Keep this walk (its outputs, nodes, exits and sinks) for the parent in `walks`.
-  void keep(CallWalks& walks) const {
-    if (over_budget || begins == 0 || walks.items.size() + queue.size() + taken.size() > CallWalks::MOST_ITEMS) return;
-    auto& items = walks.items;
-    CallWalks::Walk walk{first_, last_, items.size(), 0, 0, 0, 0};
-    items.insert(items.end(), queue.begin(), queue.begin() + static_cast<std::ptrdiff_t>(begins));
-    walk.nodes = items.size();
-    items.insert(items.end(), queue.begin(), queue.end());
-    items.insert(items.end(), taken.begin(), taken.end());
-    walk.exits = items.size();
-    items.insert(items.end(), exits.begin(), exits.end());
-    walk.sinks = items.size();
-    items.insert(items.end(), sinks.begin(), sinks.end());
-    walk.end = items.size();
-    walks.walks.push_back(walk);
-  }
-
- private:
-  static constexpr uint64_t MOST_SLOTS = 4 * static_cast<uint64_t>(SUBGRAPH_BUDGET);
-  // Slot k is node number first + k once met (all empty between calls); owners_[k] is
-  // 1 + the child whose output node has number first + k (0: none).
-  std::vector<torch::autograd::Node*> slots_;
-  std::vector<uint32_t> owners_;
-  std::unordered_set<torch::autograd::Node*> seen_;  // (a range too long for slots; shared numbers)
-  uint64_t first_ = 0, last_ = 0;
-  bool direct_ = false, reuse_ = false;
-  // Per child of this walk: its outputs met, and whether it was taken or given up.
-  struct Child {
-    const CallWalks::Walk* walk;
-    size_t met;
-    bool taken, given_up;
-  };
-  std::vector<Child> children_;
-  std::vector<size_t> deferred_;  // queue positions of children's outputs met, not expanded
-  std::vector<size_t> owned_;     // the owners_ entries set
-
-  bool inside(uint64_t number) const { return number >= first_ && number < last_; }
-
-  // Whether the children's walks can be taken: each within this range, their output nodes
-  // with numbers of their own. Sets owners_ (forget() clears them).
-  bool own_children(const CallWalks& walks, size_t from) {
-    for (size_t c = from; c < walks.walks.size(); ++c) {
-      const auto& walk = walks.walks[c];
-      if (walk.first < first_ || walk.last > last_) return false;
-      children_.push_back({&walk, 0, false, false});
-      for (size_t i = walk.outputs; i < walk.nodes; ++i) {
-        size_t k = walks.items[i].number - first_;
-        if (owners_[k] != 0) return false;
-        owners_[k] = static_cast<uint32_t>(children_.size());
-        owned_.push_back(k);
-      }
-    }
-    return true;
-  }
-
-  // Mark `found` met; queue it if it is new. False: a second node with its number while
-  // taking walks (then everything is walked alone).
-  bool meet(const Found& found) {
-    if (direct_) {
-      torch::autograd::Node*& slot = slots_[found.number - first_];
-      if (slot == found.node) return true;
+  // Every node met is queued once. The nodes of the range have numbers in [first, last),
+  // so whether one was met is a look at its number's slot (`slots`, all empty between
+  // calls); a hash set serves a range too long for slots, and the rare node that shares
+  // its number with another one (a node made with a number given, not drawn).
+  constexpr uint64_t MOST_SLOTS = 4 * static_cast<uint64_t>(SUBGRAPH_BUDGET);
+  // (per thread, kept between calls: no allocation per call once they have grown; this
+  // function calls no Python, so nothing re-enters it on this thread meanwhile)
+  thread_local std::vector<torch::autograd::Node*> queue, sinks, slots;
+  queue.clear();
+  sinks.clear();
+  bool direct = last - first <= MOST_SLOTS;
+  if (direct && slots.size() < last - first) slots.resize(last - first, nullptr);
+  std::unordered_set<torch::autograd::Node*> seen;
+  auto first_sight = [&seen, direct, first](torch::autograd::Node* node) {
+    if (direct) {
+      torch::autograd::Node*& slot = slots[node->sequence_nr() - first];
+      if (slot == node) return;
       if (slot == nullptr) {
-        slot = found.node;
-      } else if (reuse_ || !seen_.insert(found.node).second) {
-        return !reuse_;
+        slot = node;
+      } else if (!seen.insert(node).second) {
+        return;
       }
-    } else if (!seen_.insert(found.node).second) {
-      return true;
+    } else if (!seen.insert(node).second) {
+      return;
     }
-    queue.push_back(found);
-    return true;
+    queue.push_back(node);
+  };
+  for (auto* node : outputs) {
+    if (inside(node)) first_sight(node);
   }
-
-  // Expand a node: meet its successors in the range, note its exits, say if it is a sink.
-  bool expand(const Found& found) {
+  size_t begins = queue.size();
+  for (size_t head = 0; head < queue.size(); ++head) {
+    if (queue.size() > static_cast<size_t>(SUBGRAPH_BUDGET)) {
+      sinks.clear();
+      break;
+    }
+    torch::autograd::Node* node = queue[head];
     bool sink = true;
-    for (const auto& edge : found.node->next_edges()) {
+    for (const auto& edge : node->next_edges()) {
       torch::autograd::Node* next = edge.function.get();
-      if (next == nullptr) continue;
-      uint64_t number = next->sequence_nr();
-      if (inside(number)) {
+      if (next != nullptr && inside(next)) {
         sink = false;
-        if (!meet({next, number})) return false;
-      } else if (number != UINT64_MAX) {  // (AccumulateGrad's: in no call's range)
-        exits.push_back({next, number});
+        first_sight(next);
       }
     }
-    if (sink) sinks.push_back(found);
-    return true;
+    if (sink) sinks.push_back(node);
   }
-
-  // The child whose output node `found` is, if its walk may still be taken. A node met is
-  // alive; one with the address and number a child's output had is that output: a node
-  // made after the child's call ended draws a number past its range (torch gives a
-  // number only to nodes in no range: UINT64_MAX), so its address was not taken by
-  // another since. Then the child's walk is alive too (its nodes hang on that output's edges).
-  Child* output_of(const Found& found, const CallWalks& walks) {
-    uint32_t owner = owners_[found.number - first_];
-    if (owner == 0) return nullptr;
-    Child& child = children_[owner - 1];
-    if (child.taken || child.given_up) return nullptr;
-    const auto& walk = *child.walk;
-    for (size_t i = walk.outputs; i < walk.nodes; ++i) {
-      if (walks.items[i].node == found.node && walks.items[i].number == found.number) return &child;
-    }
-    return nullptr;
-  }
-
-  // Whether slot `number` holds `node` as a deferred output of `child` or not at all: a
-  // node of the child's walk the parent has not expanded itself.
-  enum class Seen { NO, DEFERRED, EXPANDED, OTHER };
-  Seen seen(const Found& found, const Child& child) const {
-    torch::autograd::Node* slot = slots_[found.number - first_];
-    if (slot == nullptr) return Seen::NO;
-    if (slot != found.node) return Seen::OTHER;
-    uint32_t owner = owners_[found.number - first_];
-    return owner != 0 && &children_[owner - 1] == &child ? Seen::DEFERRED : Seen::EXPANDED;
-  }
-
-  // Take a child's walk whole. False: two nodes share a number.
-  bool take(Child& child, const CallWalks& walks) {
-    const auto& walk = *child.walk;
-    const auto& items = walks.items;
-    child.taken = true;
-    // Its sinks the parent has not expanded: sinks of the parent unless an edge stays in
-    // the parent's range.
-    for (size_t i = walk.sinks; i < walk.end; ++i) {
-      Seen state = seen(items[i], child);
-      if (state == Seen::OTHER) return false;
-      if (state == Seen::EXPANDED) continue;
-      bool sink = true;
-      for (const auto& edge : items[i].node->next_edges()) {
-        torch::autograd::Node* next = edge.function.get();
-        if (next != nullptr && inside(next->sequence_nr())) {
-          sink = false;
-          break;
-        }
-      }
-      if (sink) sinks.push_back(items[i]);
-    }
-    for (size_t i = walk.nodes; i < walk.exits; ++i) {
-      Seen state = seen(items[i], child);
-      if (state == Seen::OTHER) return false;
-      if (state == Seen::NO) {
-        slots_[items[i].number - first_] = items[i].node;
-        taken.push_back(items[i]);
-      }
-    }
-    for (size_t i = walk.exits; i < walk.sinks; ++i) {
-      if (inside(items[i].number)) {
-        if (!meet(items[i])) return false;
-      } else {
-        exits.push_back(items[i]);
-      }
-    }
-    return true;
-  }
-
-  // The walk; false: give up taking walks (walk alone instead).
-  bool walk_from(const std::vector<torch::autograd::Node*>& outputs, const CallWalks* walks) {
-    queue.clear();
-    taken.clear();
-    sinks.clear();
-    exits.clear();
-    deferred_.clear();
-    over_budget = false;
-    for (auto* node : outputs) {
-      uint64_t number = node->sequence_nr();
-      if (inside(number) && !meet({node, number})) return false;
-    }
-    begins = queue.size();
-    size_t head = 0;
-    while (true) {
-      while (head < queue.size()) {
-        if (queue.size() + taken.size() > static_cast<size_t>(SUBGRAPH_BUDGET)) {
-          over_budget = true;
-          return true;
-        }
-        const Found found = queue[head++];
-        if (reuse_) {
-          if (Child* child = output_of(found, *walks)) {
-            ++child->met;
-            deferred_.push_back(head - 1);
-            continue;
-          }
-        }
-        if (!expand(found)) return false;
-      }
-      if (!reuse_) return true;
-      // Drained: take every child whose outputs were all met; the walk goes on from its exits.
-      bool took = false;
-      for (auto& child : children_) {
-        if (child.taken || child.given_up || child.met < child.walk->nodes - child.walk->outputs) continue;
-        if (!take(child, *walks)) return false;
-        took = true;
-        ++walks_taken;
-      }
-      if (took) continue;
-      // Children met only in part: their outputs met are walked as any other node.
-      bool expanded = false;
-      for (size_t position : deferred_) {
-        const Found found = queue[position];
-        Child& child = children_[owners_[found.number - first_] - 1];
-        if (child.taken) continue;
-        child.given_up = true;
-        if (!expand(found)) return false;
-        expanded = true;
-      }
-      deferred_.clear();
-      if (!expanded) return true;
+  if (direct) {
+    for (auto* node : queue) {
+      if (inside(node)) slots[node->sequence_nr() - first] = nullptr;  // (a number never changes here; checked anyway)
     }
   }
-
-  // Empty the slots and owners this walk used.
-  void forget() {
-    if (direct_) {
-      for (const auto& found : queue) slots_[found.number - first_] = nullptr;
-      for (const auto& found : taken) slots_[found.number - first_] = nullptr;
-    }
-    for (size_t k : owned_) owners_[k] = 0;
-    owned_.clear();
-    if (!seen_.empty()) seen_.clear();  // (clear() would sweep every bucket ever grown)
-  }
-};
-
-// Link one call's backward: its begin and end nodes, as `walker` found them.
-void link_call(Events& events, const Walker& walker, int64_t call, int64_t index) {
-  if (walker.begins == 0 && walker.sinks.empty()) return;
+  if (begins == 0 && sinks.empty()) return;
   std::lock_guard<SpinLock> node_guard(node_hooks_lock);
   std::lock_guard<SpinLock> guard(events.lock);
   // A full buffer: this call's backward goes unrecorded, as its events do.
   if (static_cast<int64_t>(events.codes.size()) >= events.capacity) return;
-  for (size_t i = 0; i < walker.begins; ++i) events.link_locked(walker.queue[i].node, link_code(call, index, true), false);
-  for (const auto& found : walker.sinks) events.link_locked(found.node, link_code(call, index, false), true);
+  for (size_t i = 0; i < begins; ++i) events.link_locked(queue[i], link_code(call, index, true), false);
+  for (auto* node : sinks) events.link_locked(node, link_code(call, index, false), true);
 }
 
 // ------------------------------------------------------------------------ Store
@@ -965,7 +702,6 @@ struct Frame {
   int64_t index;
   bool recompute;
   uint64_t first_node;  // the sequence number the first autograd node of this call gets
-  size_t walks_base;    // the children's walks are walks[walks_base:] (NOT_KEPT: walks alone)
 };
 
 // The index of each module seen, by the module's address: open addressing (linear
@@ -1046,8 +782,6 @@ struct HooksObject {
   // Recompute frames of other threads (autograd's device threads run checkpoint recompute).
   std::unordered_map<unsigned long, std::vector<Frame>>* other_stacks;
   ModuleTable* modules;
-  CallWalks* walks;  // the walks of the owner's finished forwards whose parent is open
-  int64_t walks_taken;  // children's walks taken whole, in all (tests: the shortcut ran)
 };
 
 PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
@@ -1067,8 +801,6 @@ PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   self->stack = new std::vector<Frame>();
   self->other_stacks = new std::unordered_map<unsigned long, std::vector<Frame>>();
   self->modules = new ModuleTable();
-  self->walks = new CallWalks();
-  self->walks_taken = 0;
   return reinterpret_cast<PyObject*>(self);
 }
 
@@ -1078,7 +810,6 @@ void drop_frames(HooksObject* self) {
     for (const auto& frame : *self->stack) Py_DECREF(frame.module);
     self->stack->clear();
   }
-  if (self->walks != nullptr) self->walks->clear();
   if (self->other_stacks != nullptr) {
     for (const auto& entry : *self->other_stacks) {
       for (const auto& frame : entry.second) Py_DECREF(frame.module);
@@ -1106,7 +837,6 @@ void hooks_dealloc(HooksObject* self) {
   delete self->modules;
   delete self->stack;
   delete self->other_stacks;
-  delete self->walks;
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
@@ -1237,28 +967,12 @@ bool output_nodes(HooksObject* self, PyObject* output, std::vector<torch::autogr
 // Link the backward of the call that just returned `output` (a recomputed call's too: a
 // reentrant checkpoint runs the backward of what it recomputed right after).
 PyObject* link_output(HooksObject* self, Events& events, PyObject* output, const Frame& frame) {
-  // (the children's walks are used here or never: a call that made no node, raised or
-  // walked alone leaves them to nobody)
-  CallWalks* walks = frame.walks_base == NOT_KEPT ? nullptr : self->walks;
   uint64_t last_node = at::sequence_number::peek();
-  if (output == Py_None || last_node == frame.first_node) {  // no node was made: no backward
-    if (walks != nullptr) walks->truncate(frame.walks_base);
-    Py_RETURN_NONE;
-  }
+  if (output == Py_None || last_node == frame.first_node) Py_RETURN_NONE;  // no node was made: no backward
   // (per thread, kept between calls: no allocation per call)
   thread_local std::vector<torch::autograd::Node*> nodes;
-  if (!output_nodes(self, output, nodes)) {
-    if (walks != nullptr) walks->truncate(frame.walks_base);
-    return nullptr;
-  }
-  thread_local Walker walker;
-  walker.walk(nodes, frame.first_node, last_node, walks, frame.walks_base);
-  link_call(events, walker, frame.call, frame.index);
-  self->walks_taken += walker.walks_taken;
-  if (walks != nullptr) {
-    walks->truncate(frame.walks_base);
-    if (!self->stack->empty()) walker.keep(*walks);  // (for the parent; a call with none keeps nothing)
-  }
+  if (!output_nodes(self, output, nodes)) return nullptr;
+  link_call(events, nodes, frame.call, frame.index, frame.first_node, last_node);
   Py_RETURN_NONE;
 }
 
@@ -1281,7 +995,7 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     int64_t call = self->next_call++;
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
     Py_INCREF(args[0]);
-    (*self->other_stacks)[thread].push_back({args[0], call, index, true, at::sequence_number::peek(), NOT_KEPT});
+    (*self->other_stacks)[thread].push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   int64_t index = index_of(self, args[0]);
@@ -1292,12 +1006,12 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     // Forward inside backward: activation-checkpoint recompute.
     if (!events.record(RECOMPUTE_BEGIN, call, index)) return nullptr;
     Py_INCREF(args[0]);
-    self->stack->push_back({args[0], call, index, true, at::sequence_number::peek(), NOT_KEPT});
+    self->stack->push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
   }
   if (!events.record(FORWARD_BEGIN, call, index)) return nullptr;
   Py_INCREF(args[0]);
-  self->stack->push_back({args[0], call, index, false, at::sequence_number::peek(), self->walks->walks.size()});
+  self->stack->push_back({args[0], call, index, false, at::sequence_number::peek()});
   Py_RETURN_NONE;
 }
 
@@ -1407,13 +1121,8 @@ PyObject* hooks_get_next_call(PyObject* obj, void*) {
   return PyLong_FromLongLong(reinterpret_cast<HooksObject*>(obj)->next_call);
 }
 
-PyObject* hooks_get_walks_taken(PyObject* obj, void*) {
-  return PyLong_FromLongLong(reinterpret_cast<HooksObject*>(obj)->walks_taken);
-}
-
 PyGetSetDef hooks_getset[] = {
     {"next_call", hooks_get_next_call, nullptr, "the number the next module call gets", nullptr},
-    {"walks_taken", hooks_get_walks_taken, nullptr, "children's walks taken whole by their parents, in all", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 
