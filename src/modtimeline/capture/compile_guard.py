@@ -222,8 +222,8 @@ def install(owner: object, pre: PreHook, post: PostHook, *, post_with_kwargs: bo
 
 def uninstall(owner: object) -> None:
     with _lock:
-        _owners.pop(id(owner), None)
-        _rebuild()
+        if _owners.pop(id(owner), None) is not None:  # (a second uninstall has nothing to rebuild)
+            _rebuild()
 
 
 def _rebuild() -> None:
