@@ -388,6 +388,24 @@ def test_no_module_span_is_said_once(tmp_path):
     assert "no_module_spans" in load(path)["metadata"]
 
 
+def test_compiled_in_place_after_it_was_learnt_is_flagged(tmp_path):
+    """A model traced eagerly, then compiled in place (``model.compile()``): the next
+    Timeline flags its calls as compiled; the eager trace before stays unflagged."""
+    dynamo.reset()
+    model = MLP()
+    x = torch.randn(4, 16)
+    with Timeline(tmp_path / "eager.json"):
+        model(x).sum().backward()
+    model.compile(backend="aot_eager")
+    with Timeline(tmp_path / "compiled.json"):
+        model(x).sum().backward()
+    eager = [e for e in spans(load(tmp_path / "eager.json")) if e["name"] == "MLP"]
+    compiled = [e for e in spans(load(tmp_path / "compiled.json")) if e["name"] == "MLP"]
+    assert sorted(e["cat"] for e in compiled) == ["backward", "forward"]
+    assert all(e["args"].get("compiled") for e in compiled)
+    assert eager and not any(e["args"].get("compiled") for e in eager)
+
+
 def test_compiled_in_place_compiles_nothing_again_across_timelines(tmp_path):
     """The boundary reads nothing Dynamo guards on: a model compiled in place inside one
     Timeline runs the same graph in every later one, and between them."""

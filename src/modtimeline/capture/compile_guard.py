@@ -184,6 +184,12 @@ def compiled_in_place(module: torch.nn.Module) -> Any:
     return compiled.compiled if isinstance(compiled, EagerBoundary) else compiled
 
 
+# The modules this process saw compiled in place (by ``Module.compile`` since import, or
+# found so when named): a trace flags their calls as compiled regions without looking
+# at every module it knows at every write.
+_compiled_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def shim(module: torch.nn.Module) -> bool:
     """Put the eager boundary on ``module`` if it is compiled in place; True if it is.
     (Dynamo caches by ``_call_impl``'s code, not by this attribute: a module that already
@@ -193,7 +199,14 @@ def shim(module: torch.nn.Module) -> bool:
         return False
     if not isinstance(compiled, EagerBoundary):
         module._compiled_call_impl = EagerBoundary(module, compiled)
+    _compiled_modules.add(module)
     return True
+
+
+def modules_compiled_in_place() -> list[torch.nn.Module]:
+    """The live modules seen compiled in place: by ``Module.compile`` since modtimeline
+    was imported, or compiled before and met since (``shim``)."""
+    return list(_compiled_modules)
 
 
 _torch_compile_method = torch.nn.Module.compile

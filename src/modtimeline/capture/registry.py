@@ -234,11 +234,12 @@ class ModuleRegistry:
 
     def compiled_indices(self) -> set[int]:
         """The indices of the modules whose calls are compiled regions: torch.compile
-        wrappers, and modules compiled in place (also those compiled after they were learnt)."""
+        wrappers, and modules compiled in place (also those compiled after they were
+        learnt, by ``Module.compile``). Per write: the modules compiled, not all known."""
         found = set(self.compiled)
-        for index, ref in enumerate(self._refs):
-            module = ref()
-            if module is not None and module.__dict__.get("_compiled_call_impl") is not None:
+        for module in compile_guard.modules_compiled_in_place():
+            index = self._index_by_id.get(id(module))
+            if index is not None and self._refs[index]() is module:
                 found.add(index)
         return found
 
