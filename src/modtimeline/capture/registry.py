@@ -32,9 +32,9 @@ class _Named:
         self.ref: weakref.ref[torch.nn.Module] = weakref.ref(module, lambda ref: _forget(key, ref))
         self.fqn = fqn
         self.root = root if root is not None else self.ref
-        # (a torch.compile wrapper, or a module compiled in place: its call is the compiled region)
-        self.is_compiled_wrapper = (_class_name(module) in _NAMELESS_WRAPPERS
-                                    or module.__dict__.get("_compiled_call_impl") is not None)
+        # (a torch.compile wrapper: its call is the compiled region. A module compiled in
+        # place is compile_guard's to know: _name_tree shims it before naming it.)
+        self.is_compiled_wrapper = _class_name(module) in _NAMELESS_WRAPPERS
 
 
 # Every module named so far, for the whole process, by id(). (Not a WeakKeyDictionary:
