@@ -41,6 +41,12 @@ def in_memory(count: int, steps: int, seed: int, **kwargs) -> Trace:
 
 def write(path: Path, count: int, steps: int, seed: int, **kwargs) -> Path:
     """The same trace written by the real writer, as a file."""
+    write_trace(trace_data(count, steps, seed, **kwargs), path)
+    return path
+
+
+def trace_data(count: int, steps: int, seed: int, **kwargs) -> TraceData:
+    """The same trace as the writers take it."""
     names = module_names(count)
     columns = SpanColumns()
     t = 0
@@ -62,5 +68,4 @@ def write(path: Path, count: int, steps: int, seed: int, **kwargs) -> Path:
     data = TraceData(0, 0, names + [f"step {s}" for s in range(steps)],
                      [Track(STEPS_TRACK, "steps"), Track(FORWARD_TRACK, "forward"), Track(BACKWARD_TRACK, "backward")],
                      columns, metadata={"tool": "modtimeline", "steps": list(range(steps))})
-    write_trace(data, path)
-    return path
+    return data

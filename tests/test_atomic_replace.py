@@ -1,4 +1,5 @@
-"""writers/atomic.replace: a swap and an unlink where it can (no ext4 flush at every
+"""writers/atomic: the checks before a write, the stream a write goes through, and
+replace: a swap and an unlink where it can (no ext4 flush at every
 rewrite), os.replace elsewhere; either way a reader sees the old file or the new one."""
 
 from __future__ import annotations
@@ -64,3 +65,63 @@ def test_a_directory_that_comes_at_the_last_moment_is_swapped_back(tmp_path, mon
             stream.write(b"new")
     assert real_isdir(path) and (path / "inside").read_bytes() == b"keep"
     assert _names(tmp_path) == ["t.json"]
+
+
+def test_the_output_stream_writes_everything_through_short_writes(tmp_path, monkeypatch):
+    """The stream on the new file's descriptor: every byte reaches the file, in order,
+    however few bytes each os.write takes, whatever kind of bytes a writer hands it."""
+    real_write = os.write
+    sizes = []
+
+    def short_write(fd, data):
+        sizes.append(len(data))
+        return real_write(fd, bytes(data[:999]))
+
+    monkeypatch.setattr(atomic.os, "write", short_write)
+    pieces = [bytes([k % 251]) * (k * 7919 % 300_000) for k in range(40)]  # ~6 MB: several flushes
+    reused = bytearray(b"changed later")
+    path = tmp_path / "t.bin"
+    with atomic_output(path) as stream:
+        for k, piece in enumerate(pieces):
+            assert stream.write(piece if k % 3 else memoryview(piece)) == len(piece)
+        stream.write(reused)
+        reused[:] = b"XXXXXXX"  # a caller's buffer changed after the write: the file keeps what was written
+    expected = b"".join(pieces) + b"changed later"
+    assert path.read_bytes() == expected and stream.bytes_written == len(expected)
+    assert max(sizes) >= atomic.FileOutput.FLUSH_BYTES  # written a MiB and more at a time, not piece by piece
+
+
+@pytest.mark.parametrize("name", ["t.json", "t.json.gz", "t.pftrace"])
+def test_writers_return_the_size_of_the_file_they_wrote(tmp_path, name):
+    from .synthetic import trace_data
+
+    from modtimeline.writers import write_processes, write_trace
+
+    data = trace_data(count=6, steps=3, seed=1)
+    assert write_trace(data, tmp_path / name) == (tmp_path / name).stat().st_size > 0
+    merged = tmp_path / ("merged." + name)
+    assert write_processes(merged, {"tool": "modtimeline"}, [(data, "rank 0", 0)]) == merged.stat().st_size > 0
+
+
+def test_check_writable_says_why_a_path_cannot_be_written(tmp_path, monkeypatch):
+    (tmp_path / "adir.json").mkdir()
+    with pytest.raises(TraceFileError, match="it is a directory"):
+        atomic.check_writable(tmp_path / "adir.json")
+    with pytest.raises(TraceFileError, match="folder .* does not exist"):
+        atomic.check_writable(tmp_path / "missing" / "t.json")
+    assert atomic.check_writable(tmp_path / "made" / "t.json", create_folders=True) == tmp_path / "made" / "t.json"
+    assert (tmp_path / "made").is_dir()
+    (tmp_path / "t.json").write_bytes(b"old")
+    assert atomic.check_writable(tmp_path / "t.json") == tmp_path / "t.json"
+    # (as root every access() says yes: what a read-only folder or file answers, told by hand)
+    real_access = os.access
+    refused = set()
+    monkeypatch.setattr(atomic.os, "access", lambda p, mode: os.fspath(p) not in refused and real_access(p, mode))
+    refused.add(os.fspath(tmp_path / "t.json"))
+    with pytest.raises(TraceFileError, match="the existing file is read-only"):
+        atomic.check_writable(tmp_path / "t.json")
+    refused.add(os.fspath(tmp_path))
+    with pytest.raises(TraceFileError, match="is not writable"):
+        atomic.check_writable(tmp_path / "new.json")
+    with pytest.raises(TraceFileError, match="it is a directory"):
+        atomic.check_writable(tmp_path / "adir.json")

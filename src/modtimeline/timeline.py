@@ -7,6 +7,7 @@ resolve -> writer -> file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -53,6 +54,12 @@ def _local_rank() -> int:
         return int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
         return 0
+
+
+@functools.cache
+def _hostname() -> str:
+    """This machine's name, asked once per process (not a system call at every write)."""
+    return socket.gethostname()
 
 
 PROFILER_CLOCK_PAIRS = 3
@@ -517,15 +524,16 @@ class Timeline:
         close_ns = time.perf_counter_ns()
         marks = self._clock.resolve() if self._clock is not None else None
         self.buffer.warn_if_overflowed()
+        rank, world_size = distributed_world()
         metadata: dict[str, Any] = {
             "tool": TOOL,
             "version": __version__,
             "torch": torch.__version__,
             "base_wall_time_ns": self._base_wall_ns,
             "run_id": self._run_id,
-            "world_size": distributed_world()[1],
+            "world_size": world_size,
             "local_rank": _local_rank(),
-            "hostname": socket.gethostname(),
+            "hostname": _hostname(),
             "clock": "perf_counter_ns",
             "steps": list(self._life.window_steps),
             "events_dropped": self.buffer.dropped,
@@ -564,7 +572,7 @@ class Timeline:
             self.recorder.module_names,
             close_ns,
             links=(link_node, link_code),
-            rank=distributed_world()[0],
+            rank=rank,
             base_ns=self._base_ns,
             marks=marks,
             metadata=metadata,

@@ -192,8 +192,8 @@ class ModuleRegistry:
         recorder (a Timeline made per step would otherwise learn every module again); an
         empty one once most of them died, so the indices never pile up over models."""
         successor = ModuleRegistry()
-        alive = sum(ref() is not None for ref in self._refs)
-        if alive * 2 >= len(self._refs):
+        dead = list(map(weakref.ref.__call__, self._refs)).count(None)  # (no Python frame per module)
+        if dead * 2 <= len(self._refs):
             successor.names = self.names.copy()
             successor._refs = self._refs.copy()
             successor._index_by_id = self._index_by_id.copy()

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..format import TraceData
 
 from ..errors import TraceFileError
+from .atomic import FileOutput, atomic_output
 
 FORMATS = ("json", "json.gz", "pftrace")
 
@@ -40,20 +41,21 @@ def format_for(path: str | Path, format: str | None = None) -> str:
 def trace_output(path: str | Path, fmt: str) -> Iterator[BinaryIO]:
     """The stream to write a trace to: a file that replaces ``path`` atomically when the
     block ends (for ``json.gz``, compressing into it)."""
-    from .atomic import atomic_output
+    with _trace_file(path, fmt) as (stream, _):
+        yield stream
 
+
+@contextmanager
+def _trace_file(path: str | Path, fmt: str) -> Iterator[tuple[BinaryIO, FileOutput]]:
+    """``trace_output``'s stream and the file under it (whose size it counts)."""
     with atomic_output(path) as file:
         if fmt == "json.gz":
             import gzip
 
             with gzip.GzipFile(fileobj=file, mode="wb", compresslevel=6, mtime=0) as gz:
-                yield cast(BinaryIO, gz)
+                yield cast(BinaryIO, gz), file
         else:
-            yield file
-
-
-def _size(path: str | Path) -> int:
-    return os.stat(os.path.expanduser(os.fspath(path))).st_size
+            yield cast(BinaryIO, file), file
 
 
 def write_trace(data: TraceData, path: str | Path, format: str | None = None) -> int:
@@ -61,14 +63,14 @@ def write_trace(data: TraceData, path: str | Path, format: str | None = None) ->
     from .chrome import write_chrome_json
 
     fmt = format_for(path, format)
-    with trace_output(path, fmt) as stream:
+    with _trace_file(path, fmt) as (stream, file):
         if fmt == "pftrace":
             from .perfetto import write_pftrace  # protobuf classes load only when needed
 
             write_pftrace(data, stream)
         else:
             write_chrome_json(data, stream)
-    return _size(path)
+    return file.bytes_written
 
 
 def write_processes(path: str | Path, metadata: dict[str, Any], processes: Iterable[tuple[TraceData, str, int]],
@@ -79,7 +81,7 @@ def write_processes(path: str | Path, metadata: dict[str, Any], processes: Itera
     from .chrome import ChromeWriter
 
     fmt = format_for(path, format)
-    with trace_output(path, fmt) as stream:
+    with _trace_file(path, fmt) as (stream, file):
         if fmt == "pftrace":
             from .perfetto import PftraceWriter
 
@@ -91,4 +93,4 @@ def write_processes(path: str | Path, metadata: dict[str, Any], processes: Itera
             for data, name, flow_base in processes:
                 chrome.add_process(data, name, flow_base)
             chrome.close()
-    return _size(path)
+    return file.bytes_written
