@@ -8,7 +8,7 @@ import sys
 import orjson
 import pytest
 
-from modtimeline.analysis.diff import IMPROVED, INCONCLUSIVE, REGRESSED, DiffConfig, diff, load_config
+from modtimeline.analysis.diff import IMPROVED, INCONCLUSIVE, REGRESSED, UNCHANGED, DiffConfig, diff, load_config
 from modtimeline.analysis.reader import read_trace, samples
 from modtimeline.analysis.stats import benjamini_hochberg, holm, mann_whitney_u
 from modtimeline.analysis.summary import summarize
@@ -94,10 +94,34 @@ def test_big_change_without_significance_is_inconclusive_not_a_pass():
     assert any("noisy" in w for w in report.warnings)
 
 
-def test_too_few_steps_is_inconclusive_with_a_warning():
-    report = diff([synthetic.in_memory(5, 3, seed=1)], [synthetic.in_memory(5, 3, seed=2)], DiffConfig(warmup=0))
-    assert {m.verdict for m in report.modules} == {INCONCLUSIVE}
+def test_too_few_steps_is_inconclusive_and_judges_nothing():
+    report = diff([synthetic.in_memory(5, 3, seed=1)], [synthetic.in_memory(5, 3, seed=2, slow={2: 3.0})],
+                  DiffConfig(warmup=0))
+    slowed = next(m for m in report.modules if (m.fqn, m.phase) == ("Model.layers.1", "forward"))
+    assert slowed.verdict == INCONCLUSIVE and any("too few steps" in note for note in slowed.notes)
+    # a change under the thresholds is no change, however few the steps
+    assert all(m.verdict == UNCHANGED for m in report.modules if abs(m.ratio - 1) <= 0.05)
     assert any("few steps" in w for w in report.warnings)
+    assert "no module has 5 steps per side" in report.cannot_judge
+
+
+def test_steps_too_few_for_the_correction_judge_nothing():
+    """5 steps a side pass min_samples, but over 24 module rows the rank test's smallest
+    p after Holm (24 x 0.0079) is past alpha: a module 3x slower could not fail the gate,
+    and the report must say so rather than pass."""
+    base = [synthetic.in_memory(12, 5, seed=1)]
+    candidate = [synthetic.in_memory(12, 5, seed=2, slow={3: 3.0})]
+    report = diff(base, candidate, DiffConfig(warmup=0))
+    slowed = next(m for m in report.modules if (m.fqn, m.phase) == ("Model.layers.2", "forward"))
+    assert slowed.verdict == INCONCLUSIVE and any("steps cannot be" in note for note in slowed.notes)
+    assert not report.regressed
+    assert "record at least 7 steps per side" in report.cannot_judge
+    assert report.to_json()["cannot_judge"] == report.cannot_judge
+    # with enough steps the same slowdown is found, and the report judged
+    enough = diff([synthetic.in_memory(12, 8, seed=1)], [synthetic.in_memory(12, 8, seed=2, slow={3: 3.0})],
+                  DiffConfig(warmup=0))
+    assert ("Model.layers.2", "forward") in {(m.fqn, m.phase) for m in enough.regressed}
+    assert enough.cannot_judge is None
 
 
 def test_improvement_and_structural_changes():
@@ -156,6 +180,18 @@ def test_cli_diff_exit_codes_and_outputs(tmp_path, capsys, monkeypatch):
     report = orjson.loads(capsys.readouterr().out)
     assert report["counts"]["regressed"] == 2
     assert {m["fqn"] for m in report["modules"] if m["verdict"] == "regressed"} == {"Model.layers.6"}
+
+
+def test_cli_diff_that_cannot_judge_exits_2_and_says_why(tmp_path, capsys):
+    """6 steps a trace (5 after the warm-up step) over 24 module rows: no slowdown could
+    be significant, so the gate neither passes nor fails quietly."""
+    base = synthetic.write(tmp_path / "base.json", 12, 6, seed=1)
+    slower = synthetic.write(tmp_path / "slower.json", 12, 6, seed=3, slow={4: 3.0})
+    assert main(["diff", str(base), str(slower)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("CANNOT JUDGE: with 5 steps per side") and "record at least 7 steps" in out
+    assert main(["diff", "--json", str(base), str(slower)]) == 2
+    assert "record at least 7 steps" in orjson.loads(capsys.readouterr().out)["cannot_judge"]
 
 
 def test_cli_pools_several_traces_per_side(tmp_path, capsys):

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import ConfigError, TraceFormatError
 from .reader import Key, Sample, Trace, samples
-from .stats import benjamini_hochberg, holm, mann_whitney_u, median, relative_spread
+from .stats import benjamini_hochberg, holm, mann_whitney_u, median, relative_spread, smallest_p
 
 REGRESSED, IMPROVED, UNCHANGED, INCONCLUSIVE = "regressed", "improved", "unchanged", "inconclusive"
 
@@ -218,6 +218,9 @@ class DiffReport:
     candidate_files: list[str]
     config: DiffConfig
     drift: float = 1.0  # candidate/base common shift the base was scaled by
+    # Why no module could have been found slower, if none could (too few steps for the
+    # test to reach significance over this many modules): the gate judged nothing.
+    cannot_judge: str | None = None
 
     @property
     def regressed(self) -> list[ModuleDiff]:
@@ -238,6 +241,7 @@ class DiffReport:
             "base": self.base_files,
             "candidate": self.candidate_files,
             "drift": self.drift,
+            "cannot_judge": self.cannot_judge,
             "settings": {"alpha": self.config.alpha, "correction": self.config.correction,
                          "warmup": self.config.warmup, "threshold": self.config.default.threshold,
                          "floor_us": self.config.default.floor_us},
@@ -296,8 +300,10 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         if approximate:
             row.notes.append(f"{approximate} call(s) with an approximate backward end (an upper bound)")
         if len(a) < config.min_samples or len(b) < config.min_samples:
-            row.verdict = INCONCLUSIVE
-            row.notes.append(f"too few steps ({len(a)} vs {len(b)}; need {config.min_samples})")
+            if _practical(row, rule):
+                row.verdict = INCONCLUSIVE
+                row.notes.append(f"{row.ratio - 1:+.1%}, too few steps to judge ({len(a)} vs {len(b)}; "
+                                 f"need {config.min_samples})")
         else:
             row.p_value = mann_whitney_u(a_us, b_us)
             tested.append(len(rows))
@@ -308,16 +314,26 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         rows.append(row)
 
     adjust = holm if config.correction == "holm" else benjamini_hochberg
+    decidable = 0  # rows whose steps could give a significant result
     for index, p_adjusted in zip(tested, adjust([rows[i].p_value for i in tested])):
         row = rows[index]
         row.p_adjusted = p_adjusted
-        rule = config.rule_for(row.fqn)
-        practical = abs(row.delta_us) > rule.floor_us and abs(row.ratio - 1) > rule.threshold
-        if practical and p_adjusted < config.alpha:
+        # A module that changed alone gets, at best, the smallest p its steps allow times
+        # the number of rows (Holm's first step; Benjamini-Hochberg's too, for one row).
+        best = min(1.0, len(tested) * smallest_p(row.base_steps, row.candidate_steps))
+        decidable += best < config.alpha
+        if not _practical(row, config.rule_for(row.fqn)):
+            continue
+        if p_adjusted < config.alpha:
             row.verdict = REGRESSED if row.delta_us > 0 else IMPROVED
-        elif practical:
+        else:
             row.verdict = INCONCLUSIVE
-            row.notes.append(f"{row.ratio - 1:+.1%} but not significant (p={p_adjusted:.2g} after correction)")
+            row.notes.append(f"{row.ratio - 1:+.1%} but not significant (p={p_adjusted:.2g} after correction)"
+                             + ("" if best < config.alpha else
+                                f"; {row.base_steps} vs {row.candidate_steps} steps cannot be (p ≥ {best:.2g})"))
+    cannot_judge = None
+    if rows and not decidable:
+        cannot_judge = _why_nothing_can_be_judged(rows, len(tested), config)
 
     steps_base = min((len(v) for v in base_samples.values()), default=0)
     steps_candidate = min((len(v) for v in candidate_samples.values()), default=0)
@@ -331,7 +347,25 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
                         f"e.g. {noisy[0]}: interleave base and candidate runs on one machine")
     rows.sort(key=lambda r: -abs(r.delta_us))
     return DiffReport(rows, structural, warnings, [str(t.path) for t in base], [str(t.path) for t in candidate], config,
-                      drift)
+                      drift, cannot_judge)
+
+
+def _practical(row: ModuleDiff, rule: Rule) -> bool:
+    """Past both thresholds: a change worth a verdict, if the test can tell."""
+    return abs(row.delta_us) > rule.floor_us and abs(row.ratio - 1) > rule.threshold
+
+
+def _why_nothing_can_be_judged(rows: list[ModuleDiff], tested: int, config: DiffConfig) -> str:
+    steps = min(min(row.base_steps, row.candidate_steps) for row in rows)
+    if not tested:
+        return (f"no module has {config.min_samples} steps per side after warm-up (the fewest: {steps}); "
+                f"record at least {config.min_samples} steps per side, plus the warm-up")
+    needed = steps + 1
+    while needed < 100_000 and tested * smallest_p(needed, needed) >= config.alpha:
+        needed += 1
+    return (f"with {steps} steps per side, the rank test over {tested} module rows cannot reach alpha "
+            f"{config.alpha:g} after correction (its smallest p is {min(1.0, tested * smallest_p(steps, steps)):.2g}), "
+            f"so no regression could be found; record at least {needed} steps per side after warm-up")
 
 
 def _machine_drift(base: dict[Key, list[Sample]], candidate: dict[Key, list[Sample]], common: list[Key],

@@ -138,7 +138,12 @@ _DIFF_RIGHT = {4, 5, 6, 7, 8, 9, 10}
 def _headline(report: DiffReport) -> str:
     counts = report.counts()
     words = ", ".join(f"{counts[v]} {v}" for v in (REGRESSED, IMPROVED, INCONCLUSIVE, UNCHANGED))
-    verdict = "FAIL: slower beyond noise" if counts[REGRESSED] else "OK: no module slower beyond noise"
+    if counts[REGRESSED]:
+        verdict = "FAIL: slower beyond noise"
+    elif report.cannot_judge is not None:
+        return f"CANNOT JUDGE: {report.cannot_judge} ({words})"
+    else:
+        verdict = "OK: no module slower beyond noise"
     return f"{verdict} ({words})"
 
 

@@ -88,6 +88,12 @@ def mann_whitney_u(a: Sequence[float], b: Sequence[float]) -> float:
     return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2)))
 
 
+def smallest_p(n1: int, n2: int) -> float:
+    """The smallest p-value ``mann_whitney_u`` gives samples of these sizes: every value
+    of one below every value of the other. (How few steps can never be significant.)"""
+    return mann_whitney_u(range(n1), range(n1, n1 + n2))
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (family-wise error control)."""
     m = len(p_values)

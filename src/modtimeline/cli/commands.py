@@ -160,7 +160,10 @@ def _diff(args: argparse.Namespace) -> int:
                 stream.write((markdown or render_diff_markdown(report)) + "\n")
         except OSError as error:
             print(f"modtimeline: warning: cannot append to GITHUB_STEP_SUMMARY: {error}", file=sys.stderr)
-    return EXIT_REGRESSION if any(m.verdict == REGRESSED for m in report.modules) else EXIT_OK
+    if any(m.verdict == REGRESSED for m in report.modules):
+        return EXIT_REGRESSION
+    # (a gate that could not have failed must not pass)
+    return EXIT_ERROR if report.cannot_judge is not None else EXIT_OK
 
 
 def _merge(args: argparse.Namespace) -> int:
