@@ -38,6 +38,35 @@ def test_demo_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == "modtimeline: error: --device cuda was asked for, but CUDA is not available on this machine\n"
 
 
+def test_demo_whose_trace_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """(A folder in which no file can be made, as /proc is: the demo said a warning, then
+    died in a traceback on the file it had not written.)"""
+    import os
+
+    from modtimeline.writers import atomic
+
+    real_open = os.open
+
+    def no_file_here(path, *args, **kwargs):
+        if os.fspath(path).startswith(os.fspath(tmp_path)):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", no_file_here)
+    assert main(["demo", "--steps", "1", "-o", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("modtimeline: error: cannot write trace to") and "No such file or directory" in err
+    assert "keeps disappearing" not in err and "Traceback" not in err
+
+
+def test_record_help_shows_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["record", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--schedule" in out and "-- python train.py ARGS" in out
+
+
 def test_info_names_versions_and_compiled_parts(capsys, monkeypatch):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modtimeline import Schedule, Timeline
+from modtimeline.errors import ConfigError
 from modtimeline.schedule import StepAction
 
 from .trace_checks import load, spans
@@ -77,6 +78,17 @@ def test_invalid_schedule_is_rejected():
         Schedule(wait=-1)
     with pytest.raises(ValueError, match="skip_first_wait"):
         Schedule(skip_first_wait=-1)
+    with pytest.raises(TypeError, match="whole number"):
+        Schedule(active="2")
+
+
+@pytest.mark.parametrize("schedule", [torch.profiler.schedule(wait=1, warmup=1, active=2), (1, 1, 2), 3, "5"],
+                         ids=["torch.profiler.schedule", "tuple", "int", "str"])
+def test_a_schedule_of_another_kind_is_refused_when_the_timeline_is_made(tmp_path, schedule):
+    """Not at the first step, where the error would stop training (and leave no trace)."""
+    with pytest.raises(ConfigError, match="must be a modtimeline.Schedule"):
+        Timeline(tmp_path / "sub" / "t.json", schedule=schedule)
+    assert not (tmp_path / "sub").exists()  # refused before any folder is made
 
 
 def _train(timeline, model, steps):

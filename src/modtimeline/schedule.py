@@ -32,6 +32,10 @@ class Schedule:
     skip_first_wait: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("wait", "warmup", "active", "repeat", "skip_first", "skip_first_wait"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Schedule({name}=...) must be a whole number, got {value!r}")
         for name in ("wait", "warmup", "repeat", "skip_first", "skip_first_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Schedule({name}=...) must be >= 0, got {getattr(self, name)}")

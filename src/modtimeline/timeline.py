@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .capture.buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
 from .device.clock import CudaBackend, DeviceBackend, DeviceClock
-from .errors import DeviceError, ModTimelineError, RankSyncError, TraceFileError
+from .errors import ConfigError, DeviceError, ModTimelineError, RankSyncError, TraceFileError
 from .gc_pause import paused_gc
 from .format import PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, TOOL, TraceData
 from .format import STEP as STEP_CATEGORY
@@ -224,6 +224,12 @@ class Timeline:
         strict: bool = False,
         record_between_steps: bool = True,
     ) -> None:
+        if schedule is not None and not isinstance(schedule, Schedule):
+            # (torch.profiler.schedule(...) returns a function: refused here, not at the
+            # first step, where it would stop training; before any folder is made)
+            raise ConfigError(f"schedule must be a modtimeline.Schedule, e.g. Schedule(wait=1, warmup=1, active=3) "
+                              f"(it takes torch.profiler.schedule's arguments); got {type(schedule).__name__} "
+                              f"{schedule!r:.60}")
         rank_path = _rank_path(path)
         self.format = format_for(rank_path, format)  # (before any folder is made for it)
         self.path = check_writable(rank_path, create_folders=True)

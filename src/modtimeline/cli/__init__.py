@@ -24,7 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     path = run_demo(args.output, steps=args.steps, device=args.device)
     size = path.stat().st_size
-    emit(f"wrote {path} ({size / 1024:.0f} KiB): {args.steps} training steps of a small transformer\n"
+    steps = f"{args.steps} training step{'s' if args.steps != 1 else ''}"
+    emit(f"wrote {path} ({size / 1024:.0f} KiB): {steps} of a small transformer\n"
          f"open it: `modtimeline open {path}` (or drag the file onto https://ui.perfetto.dev); "
          f"`modtimeline summary {path}` for a per-module table")
     return EXIT_OK
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions and compiled parts in use (for bug reports)")
     info.set_defaults(run=_info)
 
-    building = commands.add_parser("build", help="compile the fast paths for the torch installed now (about a minute)",
+    building = commands.add_parser("build", help="compile the fast paths for the torch installed now (under a minute)",
                                    description="Compile the optional C/C++ parts (the recording hot path above all) "
                                                "against the installed torch, into a cache folder that modtimeline "
                                                "loads them from when the install has none that import.")
@@ -144,10 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     script_command: list[str] | None = None
     if words[:1] == ["record"]:
         # Everything after the first -- is the script's, untouched by our parser.
-        if "--" not in words:
+        if "--" not in words and not {"-h", "--help"} & set(words):
             parser.error("record needs the command after --: modtimeline record -o OUT -- python train.py ARGS")
-        cut = words.index("--")
-        words, script_command = words[:cut], words[cut + 1:]
+        if "--" in words:
+            cut = words.index("--")
+            words, script_command = words[:cut], words[cut + 1:]
     args = parser.parse_args(split_candidates(words))
     if script_command is not None:
         args.script_command = script_command

@@ -55,7 +55,8 @@ def run_demo(path: str | Path, steps: int = 4, device: str = "cpu") -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 256, (8, 33), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    with Timeline(path, device="auto" if device != "cpu" else "cpu") as timeline:
+    # (strict: a trace that cannot be written is the demo's failure, said in one line)
+    with Timeline(path, device="auto" if device != "cpu" else "cpu", strict=True) as timeline:
         for _ in range(steps):
             with timeline.step():
                 logits = model(inputs)

@@ -241,7 +241,10 @@ def atomic_output(path: str | Path) -> Iterator[FileOutput]:
             break
         except FileExistsError:
             continue
-        except FileNotFoundError:
+        except FileNotFoundError as error:
+            if os.path.isdir(folder or "."):
+                # The folder is there, yet no file can be made in it (/proc, /sys): say what the system said.
+                raise TraceFileError(f"cannot write trace to {target!r}: {error.strerror or error}") from None
             if made_folder:
                 raise TraceFileError(f"cannot write trace to {target!r}: folder {folder or '.'!r} "
                                      "keeps disappearing") from None
