@@ -372,3 +372,14 @@ def test_approximate_flag_reads_back_from_every_format(tmp_path, suffix):
     write_trace(data, path)
     spans = {s.phase: s for s in read_trace(path).spans}
     assert spans["backward"].approximate and not spans["forward"].approximate
+
+
+def test_summary_whose_steps_are_all_warm_up_says_so(tmp_path, capsys):
+    """A one-step trace (`modtimeline demo --steps 1`, a window of Schedule(active=1)): the
+    table was empty under '1 step(s)'."""
+    path = synthetic.write(tmp_path / "one.json", count=3, steps=1, seed=1)
+    assert main(["summary", str(path)]) == 2
+    assert "every marked step is warm-up" in capsys.readouterr().err
+    assert main(["summary", "--warmup", "0", "--format", "json", str(path)]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["steps"] == 1 and len(shown["modules"]) == 3

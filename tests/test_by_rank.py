@@ -98,3 +98,35 @@ def test_summary_and_diff_of_a_merged_file_count_each_ranks_steps(tmp_path, caps
         assert a["calls"] == b["calls"]
     # and diff of the merged file against its own rank 0 finds nothing changed
     assert main(["diff", "--json", str(paths[0]), str(tmp_path / "job.json")]) == 0
+
+
+def test_a_recording_read_twice_is_counted_once(tmp_path, capsys):
+    """A merged file beside its rank files (merge's README example leaves it there), or a
+    file named twice: summary and diff count each rank's steps once, and say so."""
+    paths = _rank_files(tmp_path / "ranks", {})
+    assert main(["summary", "--format", "json", str(tmp_path / "ranks")]) == 0
+    alone = orjson.loads(capsys.readouterr().out)
+    assert main(["merge", str(tmp_path / "ranks"), "-o", str(tmp_path / "ranks" / "job.json")]) == 0
+    capsys.readouterr()
+    assert main(["summary", "--format", "json", str(tmp_path / "ranks")]) == 0
+    out = capsys.readouterr()
+    beside = orjson.loads(out.out)
+    assert beside["steps"] == alone["steps"] == 4 * 5  # 4 ranks, 6 steps less the warm-up
+    assert out.err.count("counted once") == 4 and out.err.count("job.json") == 4  # (job.json is read first)
+    assert [m["total_us"] for m in beside["modules"]] == [m["total_us"] for m in alone["modules"]]
+    assert main(["summary", "--format", "json", "--pool-runs", str(paths[0]), str(paths[0])]) == 0
+    assert orjson.loads(capsys.readouterr().out)["steps"] == 5
+    # two recordings that are not the same one are both counted
+    assert main(["summary", "--format", "json", "--pool-runs", str(paths[0]), str(paths[1])]) == 0
+    assert orjson.loads(capsys.readouterr().out)["steps"] == 10
+
+
+def test_merge_never_reads_or_overwrites_its_own_output(tmp_path, capsys):
+    paths = _rank_files(tmp_path / "ranks", {})
+    before = paths[0].read_bytes()
+    assert main(["merge", str(paths[0]), str(paths[1]), "-o", str(paths[0])]) == 2
+    assert "is one of the traces to merge" in capsys.readouterr().err and paths[0].read_bytes() == before
+    # merged into the folder it reads, twice: the second merge leaves the first one out
+    for _ in range(2):
+        assert main(["merge", str(tmp_path / "ranks"), "-o", str(tmp_path / "ranks" / "job.json")]) == 0
+        assert "merged 4 file(s) of 4 rank(s)" in capsys.readouterr().out

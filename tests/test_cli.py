@@ -25,6 +25,7 @@ def test_demo_writes_a_trace_and_says_how_to_open_it(tmp_path, capsys):
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
+    """(argparse's own errors)"""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -121,3 +122,8 @@ def test_open_serves_the_trace_for_ui_perfetto_dev_and_stops(tmp_path):
 def test_open_a_missing_file_is_one_line(capsys):
     assert main(["open", "missing.json", "--no-browser"]) == 2
     assert capsys.readouterr().err == "modtimeline: error: missing.json: no such file\n"
+
+
+def test_diff_with_nothing_after_the_bare_dashes_is_one_line(capsys):
+    assert main(["diff", "a.json", "--"]) == 2
+    assert capsys.readouterr().err == "modtimeline: error: no candidate traces after --: give BASE... -- CANDIDATE...\n"

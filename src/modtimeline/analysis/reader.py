@@ -122,6 +122,27 @@ def per_rank(trace: Trace) -> list[Trace]:
                   {rank: dict(trace.rank_step_ns.get(rank, {}))}) for rank in ranks]
 
 
+def distinct_recordings(traces: list[Trace]) -> tuple[list[Trace], list[str]]:
+    """Each recording once: a trace holding the same rank's same steps as one before it (a
+    file named twice, a merged file beside its rank files) is left out, and a note says
+    which. Same: run id, rank, steps and span count equal, and every span's length summed
+    to within a nanosecond a span (a merge moves spans to another time base, by rounding)."""
+    kept: list[Trace] = []
+    notes: list[str] = []
+    by_shape: dict[tuple[Any, ...], list[tuple[Trace, int]]] = {}
+    for trace in traces:
+        shape = (trace.metadata.get("rank", 0), tuple(trace.steps()), len(trace.spans), trace.metadata.get("run_id"))
+        total = sum(span.end_ns - span.begin_ns for span in trace.spans)
+        twin = next((other for other, other_total in by_shape.get(shape, [])
+                     if abs(other_total - total) <= len(trace.spans)), None)
+        if twin is not None:
+            notes.append(f"{trace.path} holds the same steps of rank {shape[0]} as {twin.path}: counted once")
+            continue
+        by_shape.setdefault(shape, []).append((trace, total))
+        kept.append(trace)
+    return kept, notes
+
+
 def trace_files(paths: Sequence[str | Path]) -> list[Path]:
     """The trace files named by ``paths``; a directory stands for the traces inside it."""
     files: list[Path] = []

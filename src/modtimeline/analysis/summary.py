@@ -116,7 +116,10 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
             selfs.setdefault(key, []).append(sum(s.self_ns for s in per_step.values()))
             if key[1] == "forward" and key[2] == "cpu":
                 calls.setdefault(key[0], []).extend(s.calls for s in per_step.values())
-    steps = max(steps, 1)
+    if not steps:
+        marked = sum(len(trace.kept_steps(0)) for trace in traces)
+        raise TraceFormatError(f"every marked step is warm-up (--warmup {warmup} a trace; {marked} marked step(s) in "
+                               f"{len(traces)} trace(s)): pass --warmup 0 to see them, or record more steps")
     step_us = sum(step_times) / len(step_times) / 1000 if step_times else None
 
     rows: dict[str, ModuleRow] = {}

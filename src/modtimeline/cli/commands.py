@@ -15,7 +15,7 @@ from ..errors import ModTimelineError
 from ..analysis.by_rank import DEFAULT_THRESHOLD, DEFAULT_UNEVEN_FLOOR_US, DEFAULT_UNEVEN_THRESHOLD
 from ..analysis.diff import REGRESSED, DiffConfig, Rule, diff, load_config
 from ..readers.decoding import DEFAULT_LIMITS, ReadLimits
-from ..analysis.reader import Trace, per_rank, read_trace, trace_files
+from ..analysis.reader import Trace, distinct_recordings, per_rank, read_trace, trace_files
 from ..analysis.render import (
     render_by_rank_markdown,
     render_by_rank_text,
@@ -96,8 +96,11 @@ def _limits(args: argparse.Namespace) -> ReadLimits:
 
 
 def _read_all(paths: list[str], limits: ReadLimits) -> list[Trace]:
-    """Every trace named, a merged one as its ranks."""
-    return [rank for path in trace_files(paths) for rank in per_rank(read_trace(path, limits))]
+    """Every trace named, a merged one as its ranks; each recording once."""
+    traces, notes = distinct_recordings([rank for path in trace_files(paths) for rank in per_rank(read_trace(path, limits))])
+    for note in notes:
+        print(f"modtimeline: note: {note}", file=sys.stderr)
+    return traces
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -125,7 +128,9 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    if args.candidates:
+    if args.candidates is not None:
+        if not args.candidates:
+            raise ModTimelineError("no candidate traces after --: give BASE... -- CANDIDATE...")
         base_paths, candidate_paths = args.traces, args.candidates
     elif len(args.traces) == 2:
         base_paths, candidate_paths = args.traces[:1], args.traces[1:]
@@ -171,7 +176,13 @@ def _merge(args: argparse.Namespace) -> int:
         return _merge_profiler(args)
     from ..analysis.merge import merge
 
-    paths = trace_files(args.traces)
+    output = os.path.realpath(os.path.expanduser(args.output))
+    if any(os.path.realpath(path) == output for path in args.traces):
+        raise ModTimelineError(f"{args.output} is one of the traces to merge: write the merge to another file")
+    # (a folder's own earlier merge, found in it: replaced, not merged again)
+    paths = [path for path in trace_files(args.traces) if os.path.realpath(path) != output]
+    if not paths:
+        raise ModTimelineError(f"no trace to merge besides {args.output}")
     result = merge(paths, args.output, _limits(args), force=args.force)
     lines = [f"merged {result.files} file(s) of {len(result.ranks)} rank(s) into {result.output}, on rank 0's clock:"]
     for rank in result.ranks:
@@ -237,7 +248,8 @@ def add_analysis_commands(commands: Any) -> None:
                     "regression, 1 regression, 2 error. Several traces per side: BASE... -- CANDIDATE... "
                     "(options before the --); a directory stands for the traces in it.")
     compare.add_argument("traces", nargs="+", help="BASE CANDIDATE, or the base traces before --")
-    compare.add_argument("--candidates", nargs="+", help=argparse.SUPPRESS)
+    # (after a bare --; "*": none after it is said by _diff, not as an option nobody typed)
+    compare.add_argument("--candidates", nargs="*", help=argparse.SUPPRESS)
     output = compare.add_mutually_exclusive_group()
     output.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     output.add_argument("--markdown", dest="format", action="store_const", const="markdown",
