@@ -397,3 +397,53 @@ def test_a_profiler_trace_points_at_merge_profiler(tmp_path, capsys):
     assert main(["merge", "--profiler", str(kineto), str(trace), "-o", str(tmp_path / "merged.json")]) == 0
     capsys.readouterr()
     assert _summary_json(capsys, tmp_path / "merged.json", "--warmup", "0")["modules"]
+
+
+# ------------------------------------------ checkpointing: whose backward pays the recompute
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 32))
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.blk, x, use_reentrant=False))
+
+
+def test_a_checkpointed_regions_recompute_is_not_charged_to_the_layer_that_set_it_off(tmp_path):
+    """The recompute of `blk` runs inside the backward span of `blk.4` (its last layer
+    needs a saved tensor first): summary charged all of it to that Linear's backward, and
+    diff called its siblings its "children". Counted from the trace's own spans: the
+    layer's backward is its span less the recompute inside it; `blk` and the root keep it."""
+    from modtimeline.analysis.reader import read_trace, samples
+
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    path = tmp_path / "ckpt.json"
+    with Timeline(path) as timeline:
+        for _ in range(3):
+            with timeline.step():
+                model(torch.randn(16, 32)).sum().backward()
+    trace = read_trace(path)
+    per_key = samples(trace, warmup=0)
+    by_step: dict[tuple[str, str, int], int] = {}
+    for span in trace.spans:
+        by_step[(span.name, span.phase, span.step)] = by_step.get((span.name, span.phase, span.step), 0) + \
+            span.end_ns - span.begin_ns
+    recomputes = [s for s in trace.spans if s.phase == "recompute" and s.name == "_Checkpointed.blk"]
+    assert len(recomputes) == 3
+    for step in range(3):
+        recompute = by_step[("_Checkpointed.blk", "recompute", step)]
+        leaf = per_key[("_Checkpointed.blk.4", "backward", "cpu")][step]
+        # the recompute happened inside the leaf's backward span ...
+        outer = next(s for s in trace.spans if s.name == "_Checkpointed.blk.4" and s.phase == "backward"
+                     and s.step == step)
+        inner = next(s for s in recomputes if s.step == step)
+        assert outer.begin_ns <= inner.begin_ns and inner.end_ns <= outer.end_ns
+        # ... and is not the leaf's: its inclusive time leaves it out, its self time too
+        assert leaf.inclusive_ns == by_step[("_Checkpointed.blk.4", "backward", step)] - recompute
+        assert leaf.self_ns <= leaf.inclusive_ns
+        for holder in ("_Checkpointed.blk", "_Checkpointed"):  # the region and its parent keep it
+            assert per_key[(holder, "backward", "cpu")][step].inclusive_ns == by_step[(holder, "backward", step)]

@@ -7,6 +7,8 @@ Never imports torch: a CI job that only compares traces does not need it.
 
 from __future__ import annotations
 
+import re
+
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -182,8 +184,10 @@ def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:
     outer one. So a wrapper's backward, which covers exactly the module it wraps
     (``Net (DistributedDataParallel)`` around ``Net``), has no self time, and the wrapped
     module has it, whatever order a file lists the two in (rank files, merged files,
-    ``.json`` and ``.pftrace`` alike). Only the steps of ``Trace.kept_steps(warmup)``
-    count.
+    ``.json`` and ``.pftrace`` alike). A checkpointed region's recompute counts in the
+    backward of the region and the modules above it, not in that of the module whose
+    backward set it off (``_leave_out_foreign_recompute``). Only the steps of
+    ``Trace.kept_steps(warmup)`` count.
     """
     with paused_gc():
         return _samples(trace, warmup)
@@ -202,7 +206,8 @@ def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
         spans.sort(key=attrgetter("call"))
         spans.sort(key=attrgetter("end_ns"), reverse=True)
         spans.sort(key=attrgetter("begin_ns"))
-        own = [s.end_ns - s.begin_ns for s in spans]
+        inclusive = [s.end_ns - s.begin_ns for s in spans]
+        own = inclusive.copy()
         stack: list[int] = []
         ends: list[int] = []
         for i, span in enumerate(spans):
@@ -211,22 +216,51 @@ def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
                 ends.pop()
                 stack.pop()
             if stack:
+                parent = spans[stack[-1]]
                 own[stack[-1]] -= span.end_ns - begin
+                if span.phase == "recompute" and parent.phase != "recompute":
+                    _leave_out_foreign_recompute(spans, stack, span, inclusive)
             stack.append(i)
             ends.append(span.end_ns)
-        for span, self_ns in zip(spans, own):
+        for span, inclusive_ns, self_ns in zip(spans, inclusive, own):
             if span.step not in kept:
                 continue
             key = (span.name, span.phase, span.device, span.step)
             total = totals.get(key)
             if total is None:
-                totals[key] = [span.end_ns - span.begin_ns, max(self_ns, 0), 1, int(span.approximate)]
+                totals[key] = [inclusive_ns, max(self_ns, 0), 1, int(span.approximate)]
             else:
-                total[0] += span.end_ns - span.begin_ns
+                total[0] += inclusive_ns
                 total[1] += max(self_ns, 0)  # (a parent widened over a child's late hook)
                 total[2] += 1
                 total[3] += span.approximate
     result: dict[Key, dict[int, Sample]] = defaultdict(dict)
-    for (name, phase, device, step), (inclusive, self_ns, calls, approximate) in totals.items():
-        result[(name, phase, device)][step] = Sample(inclusive, self_ns, calls, approximate)
+    for (name, phase, device, step), (inclusive_ns, self_ns, calls, approximate) in totals.items():
+        result[(name, phase, device)][step] = Sample(inclusive_ns, self_ns, calls, approximate)
     return dict(result)
+
+
+_WRAPPER_SUFFIX = re.compile(r" \([^()]*\)$")  # "blocks.0 (CheckpointWrapper)": the wrapper of blocks.0
+
+
+def _module_path(fqn: str) -> str:
+    return _WRAPPER_SUFFIX.sub("", fqn)
+
+
+def _leave_out_foreign_recompute(spans: list[Span], stack: list[int], recompute: Span, inclusive: list[int]) -> None:
+    """A checkpointed region is recomputed inside the backward of whichever of its modules
+    needs a saved tensor first (often its last, smallest layer): that backward span covers
+    the whole recompute. The recompute is the region's cost (its own ``recompute`` rows),
+    not that module's: it is left out of the inclusive backward time of every enclosing
+    backward span whose module does not hold the recomputed one (the region and the
+    modules above it keep it)."""
+    path = _module_path(recompute.name)
+    duration = recompute.end_ns - recompute.begin_ns
+    for index in reversed(stack):
+        outer = spans[index]
+        if outer.phase != "backward":
+            continue
+        outer_path = _module_path(outer.name)
+        if path == outer_path or path.startswith(outer_path + "."):
+            return  # this one and those around it hold the recomputed module
+        inclusive[index] -= duration
