@@ -67,12 +67,14 @@ def _plain_and_named(rank: int, world: int, folder: str) -> None:
             model(torch.randn(2, 4)).sum().backward()
     with Timeline(os.path.join(folder, "named-{rank}.json")):
         model(torch.randn(2, 4)).sum().backward()
+    with Timeline(os.path.join(folder, "padded-{rank:03d}.json")):
+        model(torch.randn(2, 4)).sum().backward()
 
 
 def test_each_rank_writes_its_own_trace(tmp_path):
     spawn(_plain_and_named, 2, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [
-        "named-0.json", "named-1.json", "run.rank0.json", "run.rank1.json"]
+        "named-0.json", "named-1.json", "padded-000.json", "padded-001.json", "run.rank0.json", "run.rank1.json"]
     for rank in (0, 1):
         trace = load(tmp_path / f"run.rank{rank}.json")
         assert trace["metadata"]["rank"] == rank

@@ -151,3 +151,19 @@ def test_record_under_torchrun_each_rank_its_own_file(tmp_path, script):
         assert metadata["rank"] == rank and metadata["world_size"] == 2
         assert metadata["clock_sync"]["samples"]  # compared with rank 0 at start and before destroy
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["run.rank0.json", "run.rank1.json"]
+
+
+def test_record_says_when_the_python_named_is_not_the_one_that_runs(tmp_path, script):
+    """`record -- /usr/bin/python3 train.py` runs train.py in record's own Python: said, not silent."""
+    import warnings
+
+    from modtimeline.integrations.script import _target
+
+    other = tmp_path / "python3"
+    other.write_text("")  # (some other interpreter's path)
+    with pytest.warns(RuntimeWarning, match=r"runs the script in this Python .*, not .*python3"):
+        assert _target([str(other), str(script)])[:2] == ("path", str(script))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for same in (sys.executable, "python", "python3"):
+            assert _target([same, str(script)])[:2] == ("path", str(script))

@@ -121,6 +121,12 @@ def test_unwritable_path_fails_before_training(tmp_path):
         Timeline(tmp_path)
 
 
+def test_the_rank_in_a_path_can_be_formatted(tmp_path):
+    assert Timeline(tmp_path / "t{rank:02d}.json").path == tmp_path / "t00.json"  # (one process: rank 0)
+    with pytest.raises(TraceFileError, match="cannot put the rank into"):
+        Timeline(tmp_path / "t{rank:q}.json")
+
+
 def test_missing_folders_are_made(tmp_path, tree):
     model, optimizer = tree
     path = tmp_path / "traces" / "deep" / "run.json"

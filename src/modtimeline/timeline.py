@@ -10,6 +10,7 @@ import contextlib
 import functools
 import itertools
 import os
+import re
 import signal
 import socket
 import sys
@@ -110,13 +111,20 @@ def _with_infix(path: Path, infix: str) -> Path:
 
 
 def _rank_path(path: str | os.PathLike[str]) -> Path:
-    """One file per rank: ``{rank}`` in the path is replaced by the global rank; without
-    it, a job of several ranks writes ``out.rank<N>.json`` so ranks never share a file."""
+    """One file per rank: ``{rank}`` in the path is replaced by the global rank (``{rank:03d}``:
+    formatted so); without it, a job of several ranks writes ``out.rank<N>.json`` so ranks
+    never share a file."""
     rank, world = distributed_world()
     text = os.fspath(path)
-    if "{rank}" in text:
-        return Path(text.replace("{rank}", str(rank)))
+    if _RANK_FIELD.search(text):
+        try:
+            return Path(_RANK_FIELD.sub(lambda field: format(rank, field["spec"] or ""), text))
+        except ValueError as error:
+            raise TraceFileError(f"cannot put the rank into {text!r}: {error}") from None
     return _with_infix(Path(text), f"rank{rank}") if world > 1 else Path(text)
+
+
+_RANK_FIELD = re.compile(r"\{rank(?::(?P<spec>[^{}]*))?\}")
 
 
 _COMPILED_AUTOGRAD = ("compiled autograd ran a backward pass: it runs as one compiled graph, without the marks "

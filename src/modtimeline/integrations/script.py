@@ -196,6 +196,9 @@ def _target(command: Sequence[str]) -> tuple[str, str, list[str]]:
         raise ModTimelineError("record needs a command after --: modtimeline record -o OUT -- python train.py ARGS")
     first = os.path.basename(words[0])
     if _PYTHON.fullmatch(first) or os.path.realpath(words[0]) == os.path.realpath(sys.executable):
+        if os.sep in words[0] and os.path.realpath(words[0]) != os.path.realpath(sys.executable):
+            warnings.warn(f"modtimeline: record runs the script in this Python ({sys.executable}), not {words[0]}",
+                          RuntimeWarning, stacklevel=2)
         words = words[1:]
         while words and words[0] in ("-u", "-B"):  # harmless here; others change the interpreter
             words = words[1:]
