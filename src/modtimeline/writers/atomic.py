@@ -184,23 +184,31 @@ class FileOutput:
         self.bytes_written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        size = len(data)
+        if size >= self.FLUSH_BYTES // 8:
+            self.flush()  # (a big piece, a chunk of rows: written as it is, never copied)
+            self._write_all(data)
+            return size
         # (a copy of what a caller may change later; writers pass bytes, kept as they are)
-        piece = data if type(data) is bytes else bytes(data)
-        self._pending.append(piece)
-        self._pending_bytes += len(piece)
+        self._pending.append(data if type(data) is bytes else bytes(data))
+        self._pending_bytes += size
         if self._pending_bytes >= self.FLUSH_BYTES:
             self.flush()
-        return len(piece)
+        return size
 
     def flush(self) -> None:
         if not self._pending:
             return
-        data = memoryview(b"".join(self._pending))
+        data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
+        self._write_all(data)
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
             self.bytes_written += written
 
     def close(self) -> None:
