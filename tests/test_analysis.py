@@ -102,7 +102,7 @@ def test_too_few_steps_is_inconclusive_and_judges_nothing():
     # a change under the thresholds is no change, however few the steps
     assert all(m.verdict == UNCHANGED for m in report.modules if abs(m.ratio - 1) <= 0.05)
     assert any("few steps" in w for w in report.warnings)
-    assert "no module has 5 steps per side" in report.cannot_judge
+    assert "no module has 5 steps a side" in report.cannot_judge
 
 
 def test_steps_too_few_for_the_correction_judge_nothing():
@@ -113,9 +113,9 @@ def test_steps_too_few_for_the_correction_judge_nothing():
     candidate = [synthetic.in_memory(12, 5, seed=2, slow={3: 3.0})]
     report = diff(base, candidate, DiffConfig(warmup=0))
     slowed = next(m for m in report.modules if (m.fqn, m.phase) == ("Model.layers.2", "forward"))
-    assert slowed.verdict == INCONCLUSIVE and any("steps cannot be" in note for note in slowed.notes)
+    assert slowed.verdict == INCONCLUSIVE and any("steps cannot reach significance" in note for note in slowed.notes)
     assert not report.regressed
-    assert "record at least 7 steps per side" in report.cannot_judge
+    assert "record at least 7 steps a side" in report.cannot_judge
     assert report.to_json()["cannot_judge"] == report.cannot_judge
     # with enough steps the same slowdown is found, and the report judged
     enough = diff([synthetic.in_memory(12, 8, seed=1)], [synthetic.in_memory(12, 8, seed=2, slow={3: 3.0})],
@@ -182,16 +182,26 @@ def test_cli_diff_exit_codes_and_outputs(tmp_path, capsys, monkeypatch):
     assert {m["fqn"] for m in report["modules"] if m["verdict"] == "regressed"} == {"Model.layers.6"}
 
 
-def test_cli_diff_that_cannot_judge_exits_2_and_says_why(tmp_path, capsys):
-    """6 steps a trace (5 after the warm-up step) over 24 module rows: no slowdown could
-    be significant, so the gate neither passes nor fails quietly."""
+def test_cli_diff_that_cannot_judge_exits_3_and_says_why(tmp_path, capsys):
+    """6 steps a trace (5 after the warm-up step) over 24 module rows: under Holm no
+    slowdown could be significant, so the gate neither passes nor fails quietly."""
     base = synthetic.write(tmp_path / "base.json", 12, 6, seed=1)
     slower = synthetic.write(tmp_path / "slower.json", 12, 6, seed=3, slow={4: 3.0})
-    assert main(["diff", str(base), str(slower)]) == 2
+    assert main(["diff", str(base), str(slower)]) == 3
     out = capsys.readouterr().out
-    assert out.startswith("CANNOT JUDGE: with 5 steps per side") and "record at least 7 steps" in out
-    assert main(["diff", "--json", str(base), str(slower)]) == 2
+    assert out.startswith("CANNOT JUDGE: with 5 steps a side") and "record at least 7 steps" in out
+    assert main(["diff", "--json", str(base), str(slower)]) == 3
     assert "record at least 7 steps" in orjson.loads(capsys.readouterr().out)["cannot_judge"]
+    # Benjamini-Hochberg's best case with the same steps can reach alpha (every row moving
+    # together): those traces can be judged, and the slower module is found
+    assert main(["diff", "--json", "--correction", "bh", str(base), str(slower)]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["cannot_judge"] is None
+    assert ("Model.layers.3", "forward") in {(m["fqn"], m["phase"]) for m in report["modules"]
+                                             if m["verdict"] == "regressed"}
+    same = synthetic.write(tmp_path / "same.json", 12, 6, seed=2)
+    assert main(["diff", "--correction", "bh", str(base), str(same)]) == 0
+    assert capsys.readouterr().out.startswith("OK")
 
 
 def test_cli_pools_several_traces_per_side(tmp_path, capsys):
@@ -383,3 +393,26 @@ def test_summary_whose_steps_are_all_warm_up_says_so(tmp_path, capsys):
     assert main(["summary", "--warmup", "0", "--format", "json", str(path)]) == 0
     shown = orjson.loads(capsys.readouterr().out)
     assert shown["steps"] == 1 and len(shown["modules"]) == 3
+
+
+def test_recompute_is_charged_to_its_region_also_under_a_wrapper_and_when_it_overhangs():
+    """`_charge_recompute_to_its_region` on hand-made spans: a region wrapped by
+    CheckpointWrapper (its wrapper span named `Net.blk (CheckpointWrapper)`), recomputed
+    inside its last layer's backward; a second step whose recompute was stamped past the
+    end of that backward span (a late hook) takes off only what lies inside it."""
+    from modtimeline.analysis.reader import Span, Trace
+
+    def step(number, t, recompute_end):
+        return [Span("Net", "backward", "cpu", (0, 3), number, t, t + 100),
+                Span("Net.blk (CheckpointWrapper)", "backward", "cpu", (0, 3), number, t + 5, t + 95),
+                Span("Net.blk", "backward", "cpu", (0, 3), number, t + 5, t + 95),
+                Span("Net.blk.c", "backward", "cpu", (0, 3), number, t + 10, t + 90),
+                Span("Net.blk", "recompute", "cpu", (0, 3), number, t + 50, t + recompute_end),
+                Span("Net.blk.a", "recompute", "cpu", (0, 3), number, t + 55, t + 60)]
+
+    found = samples(Trace(Path("t.json"), {}, step(0, 0, 80) + step(1, 1000, 94)))
+    leaf = found[("Net.blk.c", "backward", "cpu")]
+    assert leaf[0].inclusive_ns == 80 - 30 and leaf[1].inclusive_ns == 80 - 40  # (94 overhangs 90: 40 inside)
+    for holder, length in (("Net.blk (CheckpointWrapper)", 90), ("Net.blk", 90), ("Net", 100)):
+        assert [found[(holder, "backward", "cpu")][n].inclusive_ns for n in (0, 1)] == [length, length]
+    assert found[("Net.blk", "recompute", "cpu")][0].inclusive_ns == 30

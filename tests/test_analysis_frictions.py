@@ -84,7 +84,7 @@ def test_diff_of_traces_without_steps_says_to_mark_them(tmp_path, capsys):
     path = tmp_path / "plain.json"
     with Timeline(path):
         model(torch.randn(4, 8)).sum().backward()
-    assert main(["diff", "--json", str(path), str(path)]) == 2  # one step a side: nothing can be judged
+    assert main(["diff", "--json", str(path), str(path)]) == 3  # one step a side: nothing can be judged
     report = orjson.loads(capsys.readouterr().out)
     assert any("timeline.step()" in warning for warning in report["warnings"])
     assert report["cannot_judge"]

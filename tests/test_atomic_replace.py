@@ -125,3 +125,43 @@ def test_check_writable_says_why_a_path_cannot_be_written(tmp_path, monkeypatch)
         atomic.check_writable(tmp_path / "new.json")
     with pytest.raises(TraceFileError, match="it is a directory"):
         atomic.check_writable(tmp_path / "adir.json")
+
+
+def test_a_file_standing_where_a_folder_should_be_is_refused(tmp_path):
+    """(An executable file answers access(W_OK | X_OK) as a folder would.)"""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    for create_folders in (False, True):
+        with pytest.raises(TraceFileError, match="is a file, not a folder"):
+            atomic.check_writable(script / "out.json", create_folders=create_folders)
+
+
+@linux_only
+def test_a_link_to_a_directory_is_refused_not_replaced(tmp_path):
+    from .synthetic import trace_data
+
+    from modtimeline.writers import write_trace
+
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "t.json"
+    link.symlink_to(tmp_path / "real")
+    with pytest.raises(TraceFileError, match="a directory is there now"):
+        write_trace(trace_data(count=3, steps=1, seed=1), link)
+    assert link.is_symlink() and (tmp_path / "real").is_dir()
+    assert _names(tmp_path) == ["real", "t.json"]  # no temporary file left
+
+
+def test_the_output_stream_counts_bytes_and_leaves_nothing_when_the_write_fails(tmp_path):
+    from array import array
+
+    numbers = array("q", range(10))
+    path = tmp_path / "t.bin"
+    with atomic_output(path) as stream:
+        assert stream.write(memoryview(numbers)) == 80
+    assert path.read_bytes() == numbers.tobytes() and stream.bytes_written == 80
+    with pytest.raises(RuntimeError, match="the writer's own"):
+        with atomic_output(tmp_path / "u.bin") as stream:
+            stream.write(b"pending")
+            raise RuntimeError("the writer's own")
+    assert _names(tmp_path) == ["t.bin"]

@@ -128,7 +128,7 @@ def test_ddp_names_are_the_unwrapped_models_and_diff_matches_a_plain_run(tmp_pat
     for rank in (0, 1):
         assert _names(tmp_path / f"ddp-{rank}.json") == MODEL_NAMES | {"Net (DistributedDataParallel)"}
     assert main(["diff", "--json", "--warmup", "1", "--min-samples", "3", str(tmp_path / "plain.json"),
-                 str(tmp_path / "ddp-0.json")]) in (0, 1, 2)  # (what is compared is the point, not verdicts)
+                 str(tmp_path / "ddp-0.json")]) in (0, 1, 3)  # (what is compared is the point, not verdicts)
     report = orjson.loads(capsys.readouterr().out)
     assert {(s["fqn"], s["change"]) for s in report["structural"]} <= {
         ("Net (DistributedDataParallel)", "added")}

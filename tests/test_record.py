@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -161,8 +162,12 @@ def test_record_says_when_the_python_named_is_not_the_one_that_runs(tmp_path, sc
 
     other = tmp_path / "python3"
     other.write_text("")  # (some other interpreter's path)
-    with pytest.warns(RuntimeWarning, match=r"runs the script in this Python .*, not .*python3"):
-        assert _target([str(other), str(script)])[:2] == ("path", str(script))
+    venv_python = tmp_path / "venv" / "bin" / "python"  # another virtual environment of this very interpreter
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(os.path.realpath(sys.executable))
+    for named in (other, venv_python):
+        with pytest.warns(RuntimeWarning, match=r"runs the script in this Python .*, not .*python"):
+            assert _target([str(named), str(script)])[:2] == ("path", str(script))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for same in (sys.executable, "python", "python3"):

@@ -163,3 +163,14 @@ def test_schedule_without_steps_warns_instead_of_writing_nothing_silently(tmp_pa
         with Timeline(tmp_path / "run.json", schedule=Schedule(active=2)):
             model(torch.randn(2, 4)).sum().backward()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_schedule_takes_any_whole_number_type():
+    class Count:  # (as numpy's and torch's integers are: __index__)
+        def __index__(self) -> int:
+            return 2
+
+    schedule = Schedule(wait=Count(), active=Count())
+    assert (schedule.wait, schedule.active) == (2, 2) and type(schedule.wait) is int
+    with pytest.raises(TypeError, match="whole number"):
+        Schedule(active=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,8 +35,13 @@ class Schedule:
     def __post_init__(self) -> None:
         for name in ("wait", "warmup", "active", "repeat", "skip_first", "skip_first_wait"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"Schedule({name}=...) must be a whole number, got {value!r}")
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                number = operator.index(value)  # (a numpy or torch integer is one)
+            except TypeError:
+                raise TypeError(f"Schedule({name}=...) must be a whole number, got {value!r}") from None
+            object.__setattr__(self, name, number)
         for name in ("wait", "warmup", "repeat", "skip_first", "skip_first_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Schedule({name}=...) must be >= 0, got {getattr(self, name)}")

@@ -9,7 +9,10 @@ A module (FQN, phase, device) *regressed* only when all three agree:
   relative noise is large never fail a build.
 
 A change past both thresholds without significance is *inconclusive* (too noisy or
-too few steps), never a silent pass. Thresholds can be set per FQN glob.
+too few steps), never a silent pass. Steps too few for any module to reach significance
+after the correction (or fewer than ``min_samples``) make the whole report *cannot judge*
+(``DiffReport.cannot_judge`` says why): the gate neither passes nor fails. Thresholds can
+be set per FQN glob.
 
 Machine drift: base and candidate recorded one after the other on a shared machine
 differ by however much the machine's speed changed in between, in every module alike.
@@ -304,6 +307,8 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
                 row.verdict = INCONCLUSIVE
                 row.notes.append(f"{row.ratio - 1:+.1%}, too few steps to judge ({len(a)} vs {len(b)}; "
                                  f"need {config.min_samples})")
+            else:
+                row.notes.append(f"too few steps to judge ({len(a)} vs {len(b)}), within the thresholds")
         else:
             row.p_value = mann_whitney_u(a_us, b_us)
             tested.append(len(rows))
@@ -314,14 +319,13 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         rows.append(row)
 
     adjust = holm if config.correction == "holm" else benjamini_hochberg
-    decidable = 0  # rows whose steps could give a significant result
-    for index, p_adjusted in zip(tested, adjust([rows[i].p_value for i in tested])):
+    # The best each row's steps allow (every value of one side below every value of the
+    # other), corrected as the real p-values are: no row below alpha means no module could
+    # have been found slower, whatever the traces held.
+    best = adjust([smallest_p(rows[i].base_steps, rows[i].candidate_steps) for i in tested])
+    for index, p_adjusted, best_adjusted in zip(tested, adjust([rows[i].p_value for i in tested]), best):
         row = rows[index]
         row.p_adjusted = p_adjusted
-        # A module that changed alone gets, at best, the smallest p its steps allow times
-        # the number of rows (Holm's first step; Benjamini-Hochberg's too, for one row).
-        best = min(1.0, len(tested) * smallest_p(row.base_steps, row.candidate_steps))
-        decidable += best < config.alpha
         if not _practical(row, config.rule_for(row.fqn)):
             continue
         if p_adjusted < config.alpha:
@@ -329,11 +333,13 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
         else:
             row.verdict = INCONCLUSIVE
             row.notes.append(f"{row.ratio - 1:+.1%} but not significant (p={p_adjusted:.2g} after correction)"
-                             + ("" if best < config.alpha else
-                                f"; {row.base_steps} vs {row.candidate_steps} steps cannot be (p ≥ {best:.2g})"))
+                             + ("" if best_adjusted < config.alpha else
+                                f"; {row.base_steps} vs {row.candidate_steps} steps cannot reach significance "
+                                f"(p ≥ {best_adjusted:.2g})"))
     cannot_judge = None
-    if rows and not decidable:
-        cannot_judge = _why_nothing_can_be_judged(rows, len(tested), config)
+    judged = any(row.verdict in (REGRESSED, IMPROVED) for row in rows)
+    if rows and not judged and not any(p < config.alpha for p in best):
+        cannot_judge = _why_nothing_can_be_judged([rows[i] for i in tested], len(rows), config)
 
     steps_base = min((len(v) for v in base_samples.values()), default=0)
     steps_candidate = min((len(v) for v in candidate_samples.values()), default=0)
@@ -355,17 +361,21 @@ def _practical(row: ModuleDiff, rule: Rule) -> bool:
     return abs(row.delta_us) > rule.floor_us and abs(row.ratio - 1) > rule.threshold
 
 
-def _why_nothing_can_be_judged(rows: list[ModuleDiff], tested: int, config: DiffConfig) -> str:
-    steps = min(min(row.base_steps, row.candidate_steps) for row in rows)
-    if not tested:
-        return (f"no module has {config.min_samples} steps per side after warm-up (the fewest: {steps}); "
-                f"record at least {config.min_samples} steps per side, plus the warm-up")
-    needed = steps + 1
-    while needed < 100_000 and tested * smallest_p(needed, needed) >= config.alpha:
+def _why_nothing_can_be_judged(tested: list[ModuleDiff], rows: int, config: DiffConfig) -> str:
+    """Why no row could be significant, and how many steps a side would let one be (with
+    ``rows`` rows tested, the correction's best case)."""
+    adjust = holm if config.correction == "holm" else benjamini_hochberg
+    needed = config.min_samples
+    while needed < 100_000 and min(adjust([smallest_p(needed, needed)] * rows)) >= config.alpha:
         needed += 1
-    return (f"with {steps} steps per side, the rank test over {tested} module rows cannot reach alpha "
-            f"{config.alpha:g} after correction (its smallest p is {min(1.0, tested * smallest_p(steps, steps)):.2g}), "
-            f"so no regression could be found; record at least {needed} steps per side after warm-up")
+    if not tested:
+        return (f"no module has {config.min_samples} steps a side after warm-up; record at least {needed} steps a "
+                "side, plus the warm-up")
+    steps = min(min(row.base_steps, row.candidate_steps) for row in tested)
+    best = min(adjust([smallest_p(row.base_steps, row.candidate_steps) for row in tested]))
+    return (f"with {steps} step{'s' if steps != 1 else ''} a side, the rank test over {len(tested)} module rows "
+            f"cannot reach alpha {config.alpha:g} after correction (its smallest p is {best:.2g}), so no regression "
+            f"could be found; record at least {needed} steps a side after warm-up")
 
 
 def _machine_drift(base: dict[Key, list[Sample]], candidate: dict[Key, list[Sample]], common: list[Key],

@@ -8,7 +8,6 @@ Never imports torch: a CI job that only compares traces does not need it.
 from __future__ import annotations
 
 import re
-
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,24 +124,38 @@ def per_rank(trace: Trace) -> list[Trace]:
 
 
 def distinct_recordings(traces: list[Trace]) -> tuple[list[Trace], list[str]]:
-    """Each recording once: a trace holding the same rank's same steps as one before it (a
-    file named twice, a merged file beside its rank files) is left out, and a note says
-    which. Same: run id, rank, steps and span count equal, and every span's length summed
-    to within a nanosecond a span (a merge moves spans to another time base, by rounding)."""
+    """Each recording once: a trace of the same window of the same rank of the same run as
+    one before it (a file named twice; a merged file beside its rank files) is left out,
+    and a note says which. A window is known by its run id, rank, start (wall clock, ns)
+    and steps, which a merge keeps (its times move to rank 0's clock; those do not)."""
     kept: list[Trace] = []
     notes: list[str] = []
-    by_shape: dict[tuple[Any, ...], list[tuple[Trace, int]]] = {}
+    seen: dict[tuple[Any, ...], Trace] = {}
     for trace in traces:
-        shape = (trace.metadata.get("rank", 0), tuple(trace.steps()), len(trace.spans), trace.metadata.get("run_id"))
-        total = sum(span.end_ns - span.begin_ns for span in trace.spans)
-        twin = next((other for other, other_total in by_shape.get(shape, [])
-                     if abs(other_total - total) <= len(trace.spans)), None)
-        if twin is not None:
-            notes.append(f"{trace.path} holds the same steps of rank {shape[0]} as {twin.path}: counted once")
+        key = _recording(trace)
+        first = seen.get(key)
+        if first is not None:
+            notes.append(f"{trace.path} holds the same steps of rank {key[1]} as {first.path}: counted once")
             continue
-        by_shape.setdefault(shape, []).append((trace, total))
+        seen[key] = trace
         kept.append(trace)
     return kept, notes
+
+
+def _recording(trace: Trace) -> tuple[Any, ...]:
+    """What tells one recorded window from another (see ``distinct_recordings``); a trace
+    without a run id or start (written by another tool) is known by its file only."""
+    metadata = trace.metadata
+    rank = metadata.get("rank", trace.spans[0].track[0] if trace.spans else 0)
+    start = metadata.get("base_wall_time_ns")
+    if metadata.get("merged"):
+        # (a merged file's rank: its first window's start, as merge kept it under "ranks")
+        entry = next((r for r in metadata.get("ranks", []) if isinstance(r, dict) and r.get("rank") == rank), {})
+        start = entry.get("base_wall_time_ns")
+    run = metadata.get("run_id")
+    if isinstance(run, str) and isinstance(start, int):
+        return ("window", rank, run, start, tuple(trace.steps()))
+    return ("file", rank, str(trace.path.resolve()))
 
 
 def trace_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -186,7 +199,7 @@ def samples(trace: Trace, warmup: int = 0) -> dict[Key, dict[int, Sample]]:
     module has it, whatever order a file lists the two in (rank files, merged files,
     ``.json`` and ``.pftrace`` alike). A checkpointed region's recompute counts in the
     backward of the region and the modules above it, not in that of the module whose
-    backward set it off (``_leave_out_foreign_recompute``). Only the steps of
+    backward set it off (``_charge_recompute_to_its_region``). Only the steps of
     ``Trace.kept_steps(warmup)`` count.
     """
     with paused_gc():
@@ -219,7 +232,7 @@ def _samples(trace: Trace, warmup: int) -> dict[Key, dict[int, Sample]]:
                 parent = spans[stack[-1]]
                 own[stack[-1]] -= span.end_ns - begin
                 if span.phase == "recompute" and parent.phase != "recompute":
-                    _leave_out_foreign_recompute(spans, stack, span, inclusive)
+                    _charge_recompute_to_its_region(spans, stack, span, inclusive)
             stack.append(i)
             ends.append(span.end_ns)
         for span, inclusive_ns, self_ns in zip(spans, inclusive, own):
@@ -247,7 +260,7 @@ def _module_path(fqn: str) -> str:
     return _WRAPPER_SUFFIX.sub("", fqn)
 
 
-def _leave_out_foreign_recompute(spans: list[Span], stack: list[int], recompute: Span, inclusive: list[int]) -> None:
+def _charge_recompute_to_its_region(spans: list[Span], stack: list[int], recompute: Span, inclusive: list[int]) -> None:
     """A checkpointed region is recomputed inside the backward of whichever of its modules
     needs a saved tensor first (often its last, smallest layer): that backward span covers
     the whole recompute. The recompute is the region's cost (its own ``recompute`` rows),
@@ -255,7 +268,6 @@ def _leave_out_foreign_recompute(spans: list[Span], stack: list[int], recompute:
     backward span whose module does not hold the recomputed one (the region and the
     modules above it keep it)."""
     path = _module_path(recompute.name)
-    duration = recompute.end_ns - recompute.begin_ns
     for index in reversed(stack):
         outer = spans[index]
         if outer.phase != "backward":
@@ -263,4 +275,5 @@ def _leave_out_foreign_recompute(spans: list[Span], stack: list[int], recompute:
         outer_path = _module_path(outer.name)
         if path == outer_path or path.startswith(outer_path + "."):
             return  # this one and those around it hold the recomputed module
-        inclusive[index] -= duration
+        # (what of the recompute lies inside this span: a hook stamped late may overhang)
+        inclusive[index] -= max(0, min(recompute.end_ns, outer.end_ns) - max(recompute.begin_ns, outer.begin_ns))

@@ -88,6 +88,7 @@ def mann_whitney_u(a: Sequence[float], b: Sequence[float]) -> float:
     return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2)))
 
 
+@lru_cache(maxsize=1024)
 def smallest_p(n1: int, n2: int) -> float:
     """The smallest p-value ``mann_whitney_u`` gives samples of these sizes: every value
     of one below every value of the other. (How few steps can never be significant.)"""

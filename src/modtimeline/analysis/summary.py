@@ -118,8 +118,9 @@ def summarize(traces: list[Trace], warmup: int = 1, depth: int | None = None, to
                 calls.setdefault(key[0], []).extend(s.calls for s in per_step.values())
     if not steps:
         marked = sum(len(trace.kept_steps(0)) for trace in traces)
-        raise TraceFormatError(f"every marked step is warm-up (--warmup {warmup} a trace; {marked} marked step(s) in "
-                               f"{len(traces)} trace(s)): pass --warmup 0 to see them, or record more steps")
+        raise TraceFormatError(f"every marked step is warm-up: {len(traces)} trace(s) with {marked} marked step(s), "
+                               f"and --warmup leaves out the first {warmup} of each; pass --warmup 0 to see them, "
+                               "or record more steps")
     step_us = sum(step_times) / len(step_times) / 1000 if step_times else None
 
     rows: dict[str, ModuleRow] = {}

@@ -27,7 +27,7 @@ from ..analysis.render import (
 )
 from ..analysis.summary import summarize
 
-EXIT_OK, EXIT_REGRESSION, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_REGRESSION, EXIT_ERROR, EXIT_CANNOT_JUDGE = 0, 1, 2, 3
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -168,7 +168,7 @@ def _diff(args: argparse.Namespace) -> int:
     if any(m.verdict == REGRESSED for m in report.modules):
         return EXIT_REGRESSION
     # (a gate that could not have failed must not pass)
-    return EXIT_ERROR if report.cannot_judge is not None else EXIT_OK
+    return EXIT_CANNOT_JUDGE if report.cannot_judge is not None else EXIT_OK
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -196,6 +196,9 @@ def _merge(args: argparse.Namespace) -> int:
 def _merge_profiler(args: argparse.Namespace) -> int:
     from ..analysis.profiler import merge_profiler
 
+    output = os.path.realpath(os.path.expanduser(args.output))
+    if any(os.path.realpath(path) == output for path in [args.profiler, *args.traces]):
+        raise ModTimelineError(f"{args.output} is one of the traces to merge: write the merge to another file")
     paths = trace_files(args.traces)
     if len(paths) != 1:
         raise ModTimelineError("--profiler merges one trace (the rank that ran under that profiler) into the "
@@ -245,7 +248,8 @@ def add_analysis_commands(commands: Any) -> None:
         "diff", help="compare base and candidate traces; exit 1 if a module got slower beyond noise",
         description="Per module, phase and device: Mann-Whitney U on per-step times, corrected for testing "
                     "every module, plus a relative threshold and an absolute floor. Exit codes: 0 no "
-                    "regression, 1 regression, 2 error. Several traces per side: BASE... -- CANDIDATE... "
+                    "regression, 1 regression, 2 error, 3 too few steps for any module to reach "
+                    "significance (cannot judge). Several traces per side: BASE... -- CANDIDATE... "
                     "(options before the --); a directory stands for the traces in it.")
     compare.add_argument("traces", nargs="+", help="BASE CANDIDATE, or the base traces before --")
     # (after a bare --; "*": none after it is said by _diff, not as an option nobody typed)

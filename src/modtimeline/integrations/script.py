@@ -188,6 +188,18 @@ def _world_size() -> int:
         return 1
 
 
+def _another_python(word: str) -> bool:
+    """A path to a Python other than this one (another virtual environment of the same
+    interpreter counts: its packages differ). A bare ``python`` means this one."""
+    if not any(sep in word for sep in (os.sep, os.altsep) if sep):
+        return False
+    path = os.path.abspath(word)
+    if path == os.path.abspath(sys.executable):
+        return False
+    same_binary = os.path.realpath(path) == os.path.realpath(sys.executable)
+    return not (same_binary and os.path.dirname(os.path.dirname(path)) == os.path.abspath(sys.prefix))
+
+
 def _target(command: Sequence[str]) -> tuple[str, str, list[str]]:
     """("path" | "module", what, its argv) of ``python SCRIPT ARGS`` / ``python -m MODULE ARGS``
     / ``SCRIPT.py ARGS``."""
@@ -196,7 +208,7 @@ def _target(command: Sequence[str]) -> tuple[str, str, list[str]]:
         raise ModTimelineError("record needs a command after --: modtimeline record -o OUT -- python train.py ARGS")
     first = os.path.basename(words[0])
     if _PYTHON.fullmatch(first) or os.path.realpath(words[0]) == os.path.realpath(sys.executable):
-        if os.sep in words[0] and os.path.realpath(words[0]) != os.path.realpath(sys.executable):
+        if _another_python(words[0]):
             warnings.warn(f"modtimeline: record runs the script in this Python ({sys.executable}), not {words[0]}",
                           RuntimeWarning, stacklevel=2)
         words = words[1:]

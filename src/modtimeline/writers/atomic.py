@@ -36,8 +36,12 @@ def check_writable(path: str | Path, create_folders: bool = False) -> Path:
             raise TraceFileError(f"cannot write trace to {text!r}: folder {folder!r} is not writable")
     try:
         mode = os.stat(text).st_mode
-    except OSError:
+    except FileNotFoundError:
         return Path(text)  # nothing there yet
+    except NotADirectoryError:  # (an executable file passes access(W_OK | X_OK) as a folder)
+        raise TraceFileError(f"cannot write trace to {text!r}: {folder!r} is a file, not a folder") from None
+    except OSError as error:
+        raise TraceFileError(f"cannot write trace to {text!r}: {error.strerror or error}") from None
     if stat.S_ISDIR(mode):
         raise TraceFileError(f"cannot write trace to {text!r}: it is a directory")
     if not os.access(text, os.W_OK):
@@ -157,7 +161,9 @@ def replace(new: str, target: str) -> None:
         os.unlink(new)  # (the old file now)
     except IsADirectoryError:
         # A directory came to ``target`` since it was checked: put it back, refuse.
-        _exchange(new, target)
+        if _exchange(new, target) != 0:
+            raise TraceFileError(f"cannot write trace to {target!r}: a directory came there while it was written, "
+                                 f"and could not be put back: it is now {new!r}") from None
         raise TraceFileError(f"cannot write trace to {target!r}: a directory is there now") from None
     except OSError:
         pass  # the new file is in place; the old one stays under the temporary name
@@ -184,7 +190,7 @@ class FileOutput:
         self.bytes_written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        size = len(data)
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
         if size >= self.FLUSH_BYTES // 8:
             self.flush()  # (a big piece, a chunk of rows: written as it is, never copied)
             self._write_all(data)
@@ -218,6 +224,13 @@ class FileOutput:
         try:
             self.flush()
         finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close the file, what is pending left unwritten (a write that failed: its file
+        is removed, and its error is the one to see, not a later one from this)."""
+        self._pending.clear()
+        if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
@@ -245,7 +258,8 @@ def atomic_output(path: str | Path) -> Iterator[FileOutput]:
     while True:
         tmp_name = _temporary_name(folder, name)
         try:
-            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_BINARY", 0), 0o644)  # (O_BINARY: Windows would translate newlines)
             break
         except FileExistsError:
             continue
@@ -264,10 +278,13 @@ def atomic_output(path: str | Path) -> Iterator[FileOutput]:
         stream = FileOutput(fd)
         try:
             yield stream
-        finally:
-            stream.close()
-        # (No check for a directory at ``path`` first: the swap or rename meets it, and
-        # ``replace`` refuses it.)
+        except BaseException:
+            stream.abandon()
+            raise
+        stream.close()
+        # (os.path.isdir follows a link: a link to a directory is refused too, not replaced)
+        if os.path.isdir(target):
+            raise TraceFileError(f"cannot write trace to {target!r}: a directory is there now")
         try:
             replace(tmp_name, target)
         except TraceFileError:
