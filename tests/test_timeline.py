@@ -1,5 +1,6 @@
 """Timeline end to end, through written files."""
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -271,6 +272,40 @@ def test_temporary_file_skips_a_leftover_and_respects_umask(tmp_path, monkeypatc
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o640
     assert leftover.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [leftover.name, "out.json"]
+
+
+@dataclasses.dataclass
+class _OutputWithExtras:
+    """A model output whose unset field is looked up in a dict: reading it raises KeyError."""
+
+    logits: torch.Tensor
+    aux: torch.Tensor = dataclasses.field(init=False)  # set only sometimes
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        return self.extras[name]
+
+
+def test_an_output_that_raises_when_read_never_stops_training(tmp_path):
+    """(Found by a hostile trial: the recorder read the dataclass's fields in its hook, and
+    the KeyError came out of model(x).)"""
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return _OutputWithExtras(self.lin(x))
+
+    model, x = Heads(), torch.randn(3, 4)
+    with Timeline(tmp_path / "t.json"):
+        for _ in range(2):
+            model(x).logits.sum().backward()
+    events = spans(load(tmp_path / "t.json"))
+    assert {(e["name"], e["cat"]) for e in events} >= {("Heads", "forward"), ("Heads.lin", "forward"),
+                                                         ("Heads.lin", "backward")}
+    assert_nested(load(tmp_path / "t.json"))
 
 
 def test_a_timeline_after_another_learns_no_module_again(tmp_path, monkeypatch):

@@ -43,7 +43,13 @@ def grad_tensors(value: Any, batched: bool = False) -> list[torch.Tensor]:
     if isinstance(value, _Tensor):
         return [value] if wanted(value) else []
     found: list[torch.Tensor] = []
-    _walk(value, found, 0, [0], wanted)
+    try:
+        _walk(value, found, 0, [0], wanted)
+    except Exception:
+        # A user's container that raises when read (a dataclass whose __getattr__ raises
+        # KeyError for a field left unset, a mapping whose values() fails): training goes
+        # on; the call links to the tensors found before it (none: its children's hull).
+        pass
     return found
 
 
