@@ -30,3 +30,55 @@ def test_a_small_trace_after_a_big_model_stays_small(tmp_path, suffix):
     trace = read_trace(tmp_path / f"after{suffix}")
     assert {span.name for span in trace.spans} == {"Linear"}
     assert len(big) == 3000
+
+
+class _Swappable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).relu())
+
+
+def _forward_names(path) -> set[str]:
+    return {s.name for s in read_trace(path).spans if s.phase == "forward"}
+
+
+def test_a_module_added_to_a_named_model_is_named_by_its_place(tmp_path):
+    """A head swapped in after the model was named (fine-tuning, LoRA wrappers,
+    resize_token_embeddings) was named as a root of its own, `Sequential.1`, for the rest
+    of the process (found by a hostile-conditions trial)."""
+    model = _Swappable()
+    with Timeline(tmp_path / "a.json"):
+        model(torch.randn(3, 4)).sum().backward()
+    model.head = nn.Sequential(nn.Dropout(0.0), nn.Linear(8, 5))
+    with Timeline(tmp_path / "b.json"):
+        model(torch.randn(3, 4)).sum().backward()
+    assert _forward_names(tmp_path / "b.json") == {"_Swappable", "_Swappable.body", "_Swappable.head",
+                                                   "_Swappable.head.0", "_Swappable.head.1"}
+    # a module called on its own, by user code, is still a root of its own
+    alone = nn.Linear(2, 2)
+    with Timeline(tmp_path / "c.json"):
+        alone(torch.randn(1, 2)).sum().backward()
+    assert _forward_names(tmp_path / "c.json") == {"Linear"}
+
+
+def test_a_model_whose_call_began_before_recording_names_its_parts_under_it(tmp_path):
+    class Starter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+            self.timeline = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.timeline is not None:
+                self.timeline.start()  # (recording starts inside this call)
+            return self.b(self.a(x))
+
+    model = Starter()
+    model.timeline = Timeline(tmp_path / "t.json")
+    model(torch.randn(2, 4)).sum().backward()
+    model.timeline.stop()
+    assert _forward_names(tmp_path / "t.json") == {"Starter.a", "Starter.b"}

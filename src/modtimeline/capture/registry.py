@@ -62,9 +62,39 @@ def named(module: torch.nn.Module) -> _Named:
     (a wrapper by the model it wraps)."""
     entry = _named(module)
     if entry is None:
+        parent = _calling_parent(module)
+        if parent is not None:
+            # Added to a model after it was named (a head swapped in, a LoRA wrapper), or a
+            # model whose call began before recording: named under the parent calling it.
+            parent_entry = named(parent)
+            entry = _named(module)  # (naming an unnamed parent named its children too)
+            if entry is None:
+                child_name = next(name for name, child in parent._modules.items() if child is module)
+                _name_tree(module, f"{parent_entry.fqn}.{child_name}", parent_entry.root)
+                entry = _NAMED[id(module)]
+            return entry
         _name_tree(module, _class_name(_unwrapped(module)), None)
         entry = _NAMED[id(module)]
     return entry
+
+
+_PARENT_FRAMES_SEARCHED = 24
+
+
+def _calling_parent(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose code is calling ``module`` (a frame above, whose ``self`` holds it
+    as a direct child), if any; a wrapper (DDP, torch.compile's) is not one: it names its
+    model itself. Looked for once per module, on first sight."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_PARENT_FRAMES_SEARCHED):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, torch.nn.Module) and owner is not module \
+                and any(child is module for child in owner._modules.values()):
+            return None if _class_name(owner) in _WRAPPER_CHILDREN else owner
+        frame = frame.f_back
+    return None
 
 
 def fqn_of(module: torch.nn.Module) -> tuple[str, weakref.ref[torch.nn.Module]]:
