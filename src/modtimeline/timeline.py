@@ -135,7 +135,9 @@ _COMPILED_AUTOGRAD = ("compiled autograd ran a backward pass: it runs as one com
 _NO_MODULE_SPANS = ("the Timeline recorded no module span: no nn.Module call ran eagerly on the thread that entered "
                     "it. Likely causes: the model was compiled in place (model.compile()) before modtimeline was "
                     "imported (import modtimeline first, or let the Timeline see one eager call of the model), "
-                    "the model runs in another thread, or no model ran inside the Timeline")
+                    "the model runs in another thread, the model is called from inside a torch.compile'd function "
+                    "(torch.compile(lambda x: model(x)): compile the model itself instead), "
+                    "or no model ran inside the Timeline")
 
 
 class _StepBlock(contextlib.ContextDecorator):
