@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,7 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
                 noisy.append(key[0])
         rows.append(row)
 
-    adjust = holm if config.correction == "holm" else benjamini_hochberg
+    adjust = _correction(config)
     # The best each row's steps allow (every value of one side below every value of the
     # other), corrected as the real p-values are: no row below alpha means no module could
     # have been found slower, whatever the traces held.
@@ -339,7 +340,7 @@ def diff(base: list[Trace], candidate: list[Trace], config: DiffConfig | None = 
     cannot_judge = None
     judged = any(row.verdict in (REGRESSED, IMPROVED) for row in rows)
     if rows and not judged and not any(p < config.alpha for p in best):
-        cannot_judge = _why_nothing_can_be_judged([rows[i] for i in tested], len(rows), config)
+        cannot_judge = _why_nothing_can_be_judged([rows[i] for i in tested], min(best, default=1.0), len(rows), config)
 
     steps_base = min((len(v) for v in base_samples.values()), default=0)
     steps_candidate = min((len(v) for v in candidate_samples.values()), default=0)
@@ -361,10 +362,15 @@ def _practical(row: ModuleDiff, rule: Rule) -> bool:
     return abs(row.delta_us) > rule.floor_us and abs(row.ratio - 1) > rule.threshold
 
 
-def _why_nothing_can_be_judged(tested: list[ModuleDiff], rows: int, config: DiffConfig) -> str:
-    """Why no row could be significant, and how many steps a side would let one be (with
-    ``rows`` rows tested, the correction's best case)."""
-    adjust = holm if config.correction == "holm" else benjamini_hochberg
+def _correction(config: DiffConfig) -> Callable[[Sequence[float]], list[float]]:
+    return holm if config.correction == "holm" else benjamini_hochberg
+
+
+def _why_nothing_can_be_judged(tested: list[ModuleDiff], best: float, rows: int, config: DiffConfig) -> str:
+    """Why no row could be significant (``best``: the smallest corrected p the tested rows'
+    steps allow), and how many steps a side would let one be (with ``rows`` rows tested,
+    the correction's best case)."""
+    adjust = _correction(config)
     needed = config.min_samples
     while needed < 100_000 and min(adjust([smallest_p(needed, needed)] * rows)) >= config.alpha:
         needed += 1
@@ -372,7 +378,6 @@ def _why_nothing_can_be_judged(tested: list[ModuleDiff], rows: int, config: Diff
         return (f"no module has {config.min_samples} steps a side after warm-up; record at least {needed} steps a "
                 "side, plus the warm-up")
     steps = min(min(row.base_steps, row.candidate_steps) for row in tested)
-    best = min(adjust([smallest_p(row.base_steps, row.candidate_steps) for row in tested]))
     return (f"with {steps} step{'s' if steps != 1 else ''} a side, the rank test over {len(tested)} module rows "
             f"cannot reach alpha {config.alpha:g} after correction (its smallest p is {best:.2g}), so no regression "
             f"could be found; record at least {needed} steps a side after warm-up")

@@ -62,14 +62,14 @@ def named(module: torch.nn.Module) -> _Named:
     (a wrapper by the model it wraps)."""
     entry = _named(module)
     if entry is None:
-        parent = _calling_parent(module)
-        if parent is not None:
+        caller = _calling_parent(module)
+        if caller is not None:
             # Added to a model after it was named (a head swapped in, a LoRA wrapper), or a
             # model whose call began before recording: named under the parent calling it.
+            parent, child_name = caller
             parent_entry = named(parent)
             entry = _named(module)  # (naming an unnamed parent named its children too)
             if entry is None:
-                child_name = next(name for name, child in parent._modules.items() if child is module)
                 _name_tree(module, f"{parent_entry.fqn}.{child_name}", parent_entry.root)
                 entry = _NAMED[id(module)]
             return entry
@@ -81,18 +81,20 @@ def named(module: torch.nn.Module) -> _Named:
 _PARENT_FRAMES_SEARCHED = 24
 
 
-def _calling_parent(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The module whose code is calling ``module`` (a frame above, whose ``self`` holds it
-    as a direct child), if any; a wrapper (DDP, torch.compile's) is not one: it names its
-    model itself. Looked for once per module, on first sight."""
+def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+    """(parent, the name it holds ``module`` by) of the module whose code is calling
+    ``module`` (a frame above, whose ``self`` holds it as a direct child), if any; a
+    wrapper (DDP, torch.compile's) is not one: it names its model itself. Looked for once
+    per module, on first sight."""
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_PARENT_FRAMES_SEARCHED):
         if frame is None:
             return None
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, torch.nn.Module) and owner is not module \
-                and any(child is module for child in owner._modules.values()):
-            return None if _class_name(owner) in _WRAPPER_CHILDREN else owner
+        if isinstance(owner, torch.nn.Module) and owner is not module:
+            name = next((name for name, child in owner._modules.items() if child is module), None)
+            if name is not None:
+                return None if _class_name(owner) in _WRAPPER_CHILDREN else (owner, name)
         frame = frame.f_back
     return None
 

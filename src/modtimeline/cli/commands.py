@@ -171,14 +171,20 @@ def _diff(args: argparse.Namespace) -> int:
     return EXIT_CANNOT_JUDGE if report.cannot_judge is not None else EXIT_OK
 
 
+def _output_not_among(output: str, inputs: list[str]) -> str:
+    """The real path of a merge's ``output``, refused if it is one of the ``inputs`` named."""
+    real = os.path.realpath(os.path.expanduser(output))
+    if any(os.path.realpath(path) == real for path in inputs):
+        raise ModTimelineError(f"{output} is one of the traces to merge: write the merge to another file")
+    return real
+
+
 def _merge(args: argparse.Namespace) -> int:
     if args.profiler:
         return _merge_profiler(args)
     from ..analysis.merge import merge
 
-    output = os.path.realpath(os.path.expanduser(args.output))
-    if any(os.path.realpath(path) == output for path in args.traces):
-        raise ModTimelineError(f"{args.output} is one of the traces to merge: write the merge to another file")
+    output = _output_not_among(args.output, args.traces)
     # (a folder's own earlier merge, found in it: replaced, not merged again)
     paths = [path for path in trace_files(args.traces) if os.path.realpath(path) != output]
     if not paths:
@@ -196,9 +202,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _merge_profiler(args: argparse.Namespace) -> int:
     from ..analysis.profiler import merge_profiler
 
-    output = os.path.realpath(os.path.expanduser(args.output))
-    if any(os.path.realpath(path) == output for path in [args.profiler, *args.traces]):
-        raise ModTimelineError(f"{args.output} is one of the traces to merge: write the merge to another file")
+    _output_not_among(args.output, [args.profiler, *args.traces])
     paths = trace_files(args.traces)
     if len(paths) != 1:
         raise ModTimelineError("--profiler merges one trace (the rank that ran under that profiler) into the "
