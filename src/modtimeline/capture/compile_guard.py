@@ -19,6 +19,12 @@ as it is imported, before anything can be traced (``_DynamoWatch``: the first
 ``torch.compile`` may import it after our hooks went in); should it refuse them, the Python
 functions take the C ones' place.
 
+While the compiled dispatchers serve a recorder, ``nn.Module._call_impl`` is ours too
+(``_module_call_impl``, below): what any global hook costs each module call in torch's
+``_call_impl`` was more than the rest of our work, and the hot path's ``module_call``
+skips it wherever the outcome is torch's own. Dynamo traces torch's ``_call_impl`` in its
+place, and skips it as a frame of its own, as it skips torch's.
+
 Dynamo also *guards* on torch's global hook dictionaries: their keys and the hooks in
 them. A hook registered the usual way gets a new key each time (torch's handles count up
 from 0), so every Timeline that starts (or every scheduled window) would make each
@@ -248,12 +254,57 @@ def _rebuild() -> None:
     pre: PreHook = _pre_forward
     post: PostHook = _post_forward
     dispatcher = _compiled_dispatcher()
+    fast_calls = dispatcher is not None and bool(_pre_hooks) and bool(_post_hooks)
     if dispatcher is not None:
         dispatcher.configure_dispatch(_pre_hooks, _post_hooks, vars(_compiler), _open_boundaries, _boundary_is_open,
                                       _dynamo_callback)
+        dispatcher.configure_module_call(
+            fast_calls, _torch_call_impl, _torch_module._global_forward_pre_hooks,
+            _torch_module._global_forward_hooks, _torch_module._global_backward_pre_hooks,
+            _torch_module._global_backward_hooks, torch._C._get_tracing_state)
         pre, post = dispatcher.dispatch_pre, dispatcher.dispatch_post
     _place(_KEY, pre if _pre_hooks else None, post if _post_hooks else None, False)
     _place(_KEY_WITH_KWARGS, None, _post_forward_with_kwargs if _post_hooks_with_kwargs else None, True)
+    _place_module_call(dispatcher if fast_calls else None)
+
+
+# ------------------------------------------------------------------- module calls
+# While our hooks are on and the compiled dispatchers serve them, nn.Module._call_impl is
+# _module_call_impl: the hot path's module_call runs a module's forward between our hooks
+# as torch's _call_impl would, without its slow path (what any global hook costs every
+# module call: ~2 µs, more than the rest of our work), wherever the outcome is the same
+# (our hooks are the only ones, the module has none of its own, nothing traces); anything
+# else goes to torch's own _call_impl. Dynamo, which inlines _call_impl (a Python function
+# here too), traces torch's own in module_call's place (_traced_module_call, given with the
+# dispatchers' stand-ins). Put back when our hooks go, so that Dynamo's shortcuts see
+# torch's own again; left alone if somebody else replaced torch's. (_call_impl, not
+# __call__: setting a dunder on nn.Module updates a slot of each of its hundreds of
+# subclasses, ~0.1 ms; this is one attribute.)
+_torch_call_impl = torch.nn.Module._call_impl
+_call_module: Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], Any] = (
+    lambda module, args, kwargs: _torch_call_impl(module, *args, **kwargs))
+
+
+def _module_call_impl(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return _call_module(self, args, kwargs)
+
+
+def _traced_module_call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What Dynamo traces where ``_module_call_impl`` calls the compiled ``module_call``:
+    torch's own ``Module._call_impl``."""
+    return _torch_call_impl(module, *args, **kwargs)
+
+
+def _place_module_call(dispatcher: ModuleType | None) -> None:
+    """``Module._call_impl`` is ``_module_call_impl`` (given the hot path) or torch's own (None)."""
+    global _call_module
+    current = torch.nn.Module.__dict__.get("_call_impl")
+    if dispatcher is not None:
+        _call_module = dispatcher.module_call
+        if current is _torch_call_impl:
+            torch.nn.Module._call_impl = _module_call_impl  # type: ignore[method-assign]
+    elif current is _module_call_impl:
+        torch.nn.Module._call_impl = _torch_call_impl  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------- the compiled dispatchers
@@ -311,6 +362,15 @@ def _tell_dynamo(hotpath: ModuleType) -> bool:
     try:
         torch.compiler.substitute_in_graph(hotpath.dispatch_pre, skip_signature_check=True)(_traced_pre)
         torch.compiler.substitute_in_graph(hotpath.dispatch_post, skip_signature_check=True)(_traced_post)
+        torch.compiler.substitute_in_graph(hotpath.module_call, skip_signature_check=True)(_traced_module_call)
+        # Run as a frame of its own (torch.compile(module) calls the module's __call__ with
+        # Dynamo on), _module_call_impl is skipped as torch's _call_impl is (torch.nn is
+        # inlined only when called from traced code): the first frame Dynamo compiles is
+        # the forward, with or without our hooks on, so a model compiled before a Timeline
+        # is not compiled again in it. Inlined, it is traced as before.
+        from torch._dynamo.eval_frame import skip_code
+
+        skip_code(_module_call_impl.__code__)
     except Exception:  # (an older or newer Dynamo; registered twice: a reloaded extension)
         return False
     _dynamo_told = True

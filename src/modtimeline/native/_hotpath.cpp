@@ -58,7 +58,7 @@ namespace {
 using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
 
 // The interface of Store, ForwardHooks and the dispatch functions (capture/recorder.py HOTPATH_API).
-constexpr long long HOTPATH_API = 2;
+constexpr long long HOTPATH_API = 3;
 
 inline bool is_begin(int64_t kind) {
   return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
@@ -1249,6 +1249,189 @@ PyObject* dispatch_post(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return dispatch(dispatch_state.post_hooks, args, nargs);
 }
 
+// ------------------------------------------------------------------ module calls
+
+// What nn.Module._call_impl runs while a recorder's hooks are on (compile_guard puts in a
+// Python function that calls module_call): the module's forward between those hooks, as
+// torch's _call_impl runs them, without its slow path. Once torch's global hook
+// dictionaries hold anything, every module call takes that path (a closure, an import, a
+// set, the dictionaries' items copied, each hook key looked up in four more dictionaries:
+// ~2 µs a call on this project's CPU machines, the "floor" of issue 26). Here: a few
+// reads. Only where the outcome is the same as torch's: our hooks are the only ones in
+// torch's dictionaries, the module has none of its own, torch is not tracing (jit,
+// export, Dynamo); anything else goes to torch's own _call_impl, unchanged.
+struct ModuleCall {
+  bool on = false;               // our hooks are in torch's dictionaries, called by the dispatchers above
+  PyObject* torch_call = nullptr;     // torch's own Module._call_impl
+  PyObject* forward_pre = nullptr;    // torch's _global_forward_pre_hooks
+  PyObject* forward_post = nullptr;   // torch's _global_forward_hooks
+  PyObject* backward_pre = nullptr;   // torch's _global_backward_pre_hooks
+  PyObject* backward_post = nullptr;  // torch's _global_backward_hooks
+  PyObject* tracing_state = nullptr;  // torch._C._get_tracing_state
+};
+ModuleCall call_state;  // (read and changed with the GIL held)
+
+// configure_module_call(on, torch_call, forward_pre, forward_post, backward_pre, backward_post, tracing_state)
+PyObject* configure_module_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 7 || !PyBool_Check(args[0]) || !PyCallable_Check(args[1]) || !PyDict_Check(args[2]) ||
+      !PyDict_Check(args[3]) || !PyDict_Check(args[4]) || !PyDict_Check(args[5]) || !PyCallable_Check(args[6])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "configure_module_call(on: bool, torch_call, forward_pre: dict, forward_post: dict, "
+                    "backward_pre: dict, backward_post: dict, tracing_state)");
+    return nullptr;
+  }
+  PyObject** fields[] = {&call_state.torch_call,   &call_state.forward_pre,   &call_state.forward_post,
+                         &call_state.backward_pre, &call_state.backward_post, &call_state.tracing_state};
+  PyObject* old[6];
+  for (int i = 0; i < 6; ++i) {
+    old[i] = *fields[i];
+    *fields[i] = Py_NewRef(args[i + 1]);
+  }
+  call_state.on = args[0] == Py_True;
+  for (PyObject* value : old) Py_XDECREF(value);
+  Py_RETURN_NONE;
+}
+
+// torch's own Module._call_impl(module, *args, **kwargs).
+PyObject* torch_module_call(PyObject* module, PyObject* args, PyObject* kwargs) {
+  if (call_state.torch_call == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "module_call: configure_module_call() was never called");
+    return nullptr;
+  }
+  Py_ssize_t size = PyTuple_GET_SIZE(args);
+  std::vector<PyObject*> stack(static_cast<size_t>(size) + 1);
+  stack[0] = module;
+  for (Py_ssize_t i = 0; i < size; ++i) stack[i + 1] = PyTuple_GET_ITEM(args, i);
+  return PyObject_VectorcallDict(call_state.torch_call, stack.data(), stack.size(), kwargs);
+}
+
+// 1: the module's own hook dictionary `name` is empty; 0: it is not (or the module lacks
+// it: torch's path says so); -1: error.
+int hooks_are_empty(PyObject* module, PyObject* name) {
+  PyObject* value = PyObject_GetAttr(module, name);
+  if (value == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+    PyErr_Clear();
+    return 0;
+  }
+  int empty = PyDict_Check(value) && PyDict_GET_SIZE(value) == 0;
+  Py_DECREF(value);
+  return empty;
+}
+
+// 1: the call can skip torch's hook machinery with the same outcome; 0: it cannot; -1: error.
+int fast_call_applies(PyObject* module) {
+  if (!call_state.on || dispatch_state.pre_hooks == nullptr || dispatch_state.post_hooks == nullptr) return 0;
+  // (ours: one pre-hook and one always-called post-hook without kwargs; anybody else's, or
+  // a tracker's post-hook with kwargs, makes more)
+  if (PyDict_GET_SIZE(call_state.forward_pre) != 1 || PyDict_GET_SIZE(call_state.forward_post) != 1 ||
+      PyDict_GET_SIZE(call_state.backward_pre) != 0 || PyDict_GET_SIZE(call_state.backward_post) != 0 ||
+      PyTuple_GET_SIZE(dispatch_state.pre_hooks) == 0 || PyTuple_GET_SIZE(dispatch_state.post_hooks) == 0) {
+    return 0;
+  }
+  static PyObject* names[] = {
+      PyUnicode_InternFromString("_forward_pre_hooks"), PyUnicode_InternFromString("_forward_hooks"),
+      PyUnicode_InternFromString("_backward_pre_hooks"), PyUnicode_InternFromString("_backward_hooks"),
+  };
+  for (PyObject* name : names) {
+    if (name == nullptr) return -1;
+    int empty = hooks_are_empty(module, name);
+    if (empty <= 0) return empty;
+  }
+  PyObject* tracing = PyObject_CallNoArgs(call_state.tracing_state);  // (torch.jit.trace: _slow_forward)
+  if (tracing == nullptr) return -1;
+  Py_DECREF(tracing);  // (compared by address only)
+  if (tracing != Py_None) return 0;
+  int skip = not_for_hooks(module);
+  return skip < 0 ? -1 : !skip;
+}
+
+// Call each of `hooks` (a tuple) with `args`; a hook's result other than None replaces
+// *result when `result` is given (torch's forward hooks may replace the output). False:
+// one raised.
+bool call_hooks(PyObject* hooks, PyObject* const* args, Py_ssize_t nargs, PyObject** result) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hooks); ++i) {
+    PyObject* returned = PyObject_Vectorcall(PyTuple_GET_ITEM(hooks, i), args, nargs, nullptr);
+    if (returned == nullptr) return false;
+    if (result != nullptr && returned != Py_None) {
+      Py_SETREF(*result, returned);
+    } else {
+      Py_DECREF(returned);
+    }
+  }
+  return true;
+}
+
+// A forward raised an Exception (the error is set): torch calls each always-called hook
+// with (module, args, None) while it handles the error, warns of a hook that raised too,
+// and raises the forward's error. (Not for a BaseException: KeyboardInterrupt skips them.)
+void after_raise(PyObject* hooks, PyObject* module, PyObject* args) {
+  if (!PyErr_ExceptionMatches(PyExc_Exception)) return;
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
+  PyErr_NormalizeException(&type, &value, &traceback);
+  if (traceback != nullptr) PyException_SetTraceback(value, traceback);
+  PyObject *was_type, *was_value, *was_traceback;  // (what sys.exc_info() gave before)
+  PyErr_GetExcInfo(&was_type, &was_value, &was_traceback);
+  PyErr_SetExcInfo(Py_NewRef(type), Py_NewRef(value), Py_XNewRef(traceback));  // (the hooks see it)
+  PyObject* call_args[] = {module, args, Py_None};
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hooks); ++i) {
+    PyObject* returned = PyObject_Vectorcall(PyTuple_GET_ITEM(hooks, i), call_args, 3, nullptr);
+    if (returned != nullptr) {
+      Py_DECREF(returned);
+      continue;
+    }
+    PyObject *hook_type, *hook_error, *hook_traceback;
+    PyErr_Fetch(&hook_type, &hook_error, &hook_traceback);
+    if (PyErr_WarnFormat(PyExc_UserWarning, 1,
+                         "global module forward hook with ``always_call=True`` raised an exception that was "
+                         "silenced as another error was raised in forward: %S",
+                         hook_error != nullptr ? hook_error : Py_None) < 0) {
+      PyErr_Clear();
+    }
+    Py_XDECREF(hook_type);
+    Py_XDECREF(hook_error);
+    Py_XDECREF(hook_traceback);
+  }
+  PyErr_SetExcInfo(was_type, was_value, was_traceback);
+  PyErr_Restore(type, value, traceback);
+}
+
+// module_call(module, args, kwargs): nn.Module._call_impl(module, *args, **kwargs).
+PyObject* module_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !PyTuple_Check(args[1]) || !PyDict_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "module_call(module, args: tuple, kwargs: dict)");
+    return nullptr;
+  }
+  PyObject* module = args[0];
+  int fast = fast_call_applies(module);
+  if (fast < 0) return nullptr;
+  if (fast == 0) return torch_module_call(module, args[1], args[2]);
+  // Held from here: a hook may let another thread run, and an uninstall there replaces them.
+  PyObject* pre_hooks = Py_NewRef(dispatch_state.pre_hooks);
+  PyObject* post_hooks = Py_NewRef(dispatch_state.post_hooks);
+  PyObject* result = nullptr;
+  PyObject* call_args[] = {module, args[1], nullptr};
+  // (our pre-hooks return None: torch would take another value as the new args)
+  if (call_hooks(pre_hooks, call_args, 2, nullptr)) {
+    static PyObject* forward_name = PyUnicode_InternFromString("forward");
+    PyObject* forward = forward_name == nullptr ? nullptr : PyObject_GetAttr(module, forward_name);
+    if (forward != nullptr) {
+      result = PyObject_Call(forward, args[1], PyDict_GET_SIZE(args[2]) ? args[2] : nullptr);
+      Py_DECREF(forward);
+    }
+  }
+  if (result == nullptr) {  // (a pre-hook or the forward raised: torch calls the post-hooks so too)
+    after_raise(post_hooks, module, args[1]);
+  } else {
+    call_args[2] = result;
+    if (!call_hooks(post_hooks, call_args, 3, &result)) Py_CLEAR(result);
+  }
+  Py_DECREF(pre_hooks);
+  Py_DECREF(post_hooks);
+  return result;
+}
+
 PyMethodDef hotpath_functions[] = {
     {"configure_dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(configure_dispatch)),
      METH_FASTCALL,
@@ -1258,6 +1441,11 @@ PyMethodDef hotpath_functions[] = {
      "dispatch_pre(module, args): call every pre-hook configured"},
     {"dispatch_post", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_post)), METH_FASTCALL,
      "dispatch_post(module, args, output): call every post-hook configured"},
+    {"configure_module_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(configure_module_call)),
+     METH_FASTCALL,
+     "configure_module_call(on, torch_call, forward_pre, forward_post, backward_pre, backward_post, tracing_state)"},
+    {"module_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(module_call)), METH_FASTCALL,
+     "module_call(module, args, kwargs): nn.Module._call_impl(module, *args, **kwargs)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
