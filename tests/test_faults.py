@@ -145,3 +145,20 @@ def test_signal_handling_can_be_turned_off_and_is_restored(tmp_path):
     with Timeline(tmp_path / "b.json"):
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_handler_set_inside_the_timeline_stays_and_an_ignored_signal_stays_ignored(tmp_path):
+    def theirs(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with Timeline(tmp_path / "a.json"):
+            signal.signal(signal.SIGTERM, theirs)  # (a framework's, set while recording)
+        assert signal.getsignal(signal.SIGTERM) is theirs
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with Timeline(tmp_path / "b.json"):
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

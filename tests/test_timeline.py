@@ -349,3 +349,40 @@ def test_module_indices_start_afresh_once_most_modules_died(tmp_path):
         del model, timeline
         gc.collect()
     assert max(sizes) <= 2 * 21, sizes
+
+
+def test_each_run_has_its_own_id_and_a_forked_child_draws_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ids = []
+    for name in ("a", "b"):
+        with Timeline(tmp_path / f"{name}.json"):
+            pass
+        ids.append(load(tmp_path / f"{name}.json")["metadata"]["run_id"])
+    assert ids[0] != ids[1]
+    assert all(len(run_id) == 32 and int(run_id, 16) >= 0 for run_id in ids)  # (a uuid's 32 hex digits)
+    if not hasattr(os, "fork"):
+        return
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: the next id it makes, to the parent
+        try:
+            with Timeline(tmp_path / "child.json", handle_signals=False, device="cpu"):
+                pass
+            os.write(writer, load(tmp_path / "child.json")["metadata"]["run_id"].encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child_id = pipe.read()
+    os.waitpid(child, 0)
+    with Timeline(tmp_path / "parent.json"):
+        pass
+    parent_id = load(tmp_path / "parent.json")["metadata"]["run_id"]
+    assert len(child_id) == 32 and child_id[:16] != parent_id[:16]
+
+
+def test_torchrun_names_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    with Timeline(tmp_path / "t.json"):
+        pass
+    assert load(tmp_path / "t.json")["metadata"]["run_id"] == "job-7"

@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -49,8 +48,11 @@ DEVICES = ("auto", "cpu", "cuda")
 SIGNAL_WAIT_S = 30.0
 
 
+@functools.cache
 def _local_rank() -> int:
-    """The rank on this host: torchrun's LOCAL_RANK, else 0."""
+    """The rank on this host: torchrun's LOCAL_RANK, else 0 (read once per process: a
+    launcher sets it before the process starts; a lookup in os.environ costs tens of µs
+    right after a step, at every write of a Timeline made per step)."""
     try:
         return int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
@@ -110,18 +112,38 @@ def _with_infix(path: Path, infix: str) -> Path:
     return path.with_name(f"{name}.{infix}")
 
 
-def _rank_path(path: str | os.PathLike[str]) -> Path:
+def _rank_path(path: str | os.PathLike[str], rank: int, world: int) -> str:
     """One file per rank: ``{rank}`` in the path is replaced by the global rank (``{rank:03d}``:
     formatted so); without it, a job of several ranks writes ``out.rank<N>.json`` so ranks
-    never share a file."""
-    rank, world = distributed_world()
+    never share a file. (A string: a Timeline made per step makes one Path, not three.)"""
     text = os.fspath(path)
-    if _RANK_FIELD.search(text):
+    if "{" in text and _RANK_FIELD.search(text):
         try:
-            return Path(_RANK_FIELD.sub(lambda field: format(rank, field["spec"] or ""), text))
+            return _RANK_FIELD.sub(lambda field: format(rank, field["spec"] or ""), text)
         except ValueError as error:
             raise TraceFileError(f"cannot put the rank into {text!r}: {error}") from None
-    return _with_infix(Path(text), f"rank{rank}") if world > 1 else Path(text)
+    return os.fspath(_with_infix(Path(text), f"rank{rank}")) if world > 1 else text
+
+
+# A run's id: this process's random part and a count, the 32 hex digits of a uuid4 (which
+# costs tens of µs right after a training step, and a Timeline made per step makes one
+# each step). A forked child draws its own random part.
+_run_numbers = itertools.count()
+_process_part = os.urandom(8).hex()
+
+
+def _new_run_id() -> str:
+    return f"{_process_part}{next(_run_numbers):016x}"
+
+
+def _forked() -> None:
+    global _process_part, _run_numbers
+    _process_part = os.urandom(8).hex()
+    _run_numbers = itertools.count()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 _RANK_FIELD = re.compile(r"\{rank(?::(?P<spec>[^{}]*))?\}")
@@ -240,7 +262,8 @@ class Timeline:
             raise ConfigError(f"schedule must be a modtimeline.Schedule, e.g. Schedule(wait=1, warmup=1, active=3) "
                               f"(it takes torch.profiler.schedule's arguments); got {type(schedule).__name__} "
                               f"{schedule!r:.60}")
-        rank_path = _rank_path(path)
+        rank, world = distributed_world()
+        rank_path = _rank_path(path, rank, world)
         self.format = format_for(rank_path, format)  # (before any folder is made for it)
         self.path = check_writable(rank_path, create_folders=True)
         self.strict = strict
@@ -274,11 +297,11 @@ class Timeline:
         self.written: list[Path] = []
         self._guard = TerminationGuard(self._write_on_signal) if handle_signals else None
         # One id for every file of this run (its windows; under torchrun, every rank's).
-        self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex
+        self._run_id = os.environ.get("TORCHELASTIC_RUN_ID") or _new_run_id()
         self._said_compiled_autograd = False
         self._said_no_module_spans = False
         # Several ranks: clock samples against rank 0 (at entry and at every write).
-        self._rank_clock = RankClock(rank_timeout_s) if align_ranks and distributed_world()[1] > 1 else None
+        self._rank_clock = RankClock(rank_timeout_s) if align_ranks and world > 1 else None
         self._clock_samples: list[ClockSample] = []
         self._clock_sync_problem: str | None = None
         # With a torch.profiler.profile: its exported trace gets our spans by itself.

@@ -86,10 +86,21 @@ def compiled_part(name: str, api: int) -> ModuleType | None:
     takes the arguments the Python side passes (its API version): the one handshake of
     every compiled part. The reason of a refusal is in ``why_not``."""
     module = compiled(name)
-    if module is not None and getattr(module, "LAYOUT", None) != {**shared_constants(), "API": api}:
+    if module is None:
+        return None
+    expected = shared_constants()
+    if _accepted.get((name, api)) == (module, id(expected)):  # (as checked before: the same module, constants)
+        return module
+    if getattr(module, "LAYOUT", None) != {**expected, "API": api}:
         why_not[name] = "built from another version of modtimeline (its constants or arguments differ)"
         return None
+    _accepted[(name, api)] = (module, id(expected))
     return module
+
+
+# The handshakes that passed, by (name, API): the module and the constants' dict it was
+# checked against (a Timeline made per step asks at every step).
+_accepted: dict[tuple[str, int], tuple[ModuleType, int]] = {}
 
 
 def compiled(name: str) -> ModuleType | None:
@@ -97,8 +108,12 @@ def compiled(name: str) -> ModuleType | None:
     if pure_python():
         why_not[name] = "turned off by MODTIMELINE_PURE_PYTHON"
         return None
+    # (Imported already, as every time after the first: importlib's own lookup costs tens of
+    # µs right after a training step, and a Timeline made per step asks each step.)
+    module = sys.modules.get(f"modtimeline.{name}")
     try:
-        module = importlib.import_module(f"modtimeline.{name}")
+        if module is None:
+            module = importlib.import_module(f"modtimeline.{name}")
     except ImportError as error:
         if isinstance(error, ModuleNotFoundError) and error.name == f"modtimeline.{name}":
             why_not[name] = (f"not built (the install had no C++ compiler, or could not see torch): "
