@@ -330,3 +330,32 @@ def test_a_start_that_fails_while_hooking_leaves_no_hook_behind(monkeypatch, tmp
     with Timeline(tmp_path / "u.json") as later:
         model(torch.randn(1, 2)).sum().backward()
     assert later.written
+
+
+@pytest.mark.parametrize("schedule, between", [(None, True), (None, False), (Schedule(wait=1, warmup=1, active=2), True)])
+def test_the_plain_step_makes_the_tables_move_or_changes_nothing(schedule, between):
+    # Every event in every state: plain_step either leaves the life cycle as it was (None)
+    # or leaves it as enter(check(event)) does, returning that move's step.
+    taken = 0
+    for state in State:
+        for event in _PUBLIC_EVENTS:
+            for step in (0, 3):
+                plain = Lifecycle(schedule, between)
+                plain.state, plain.step, plain.window_steps = state, step, [9]
+                by_table = Lifecycle(schedule, between)
+                by_table.state, by_table.step, by_table.window_steps = state, step, [9]
+                before = (plain.state, plain.step, list(plain.window_steps), plain.plan)
+                number = plain.plain_step(event)
+                if number is None:
+                    assert (plain.state, plain.step, plain.window_steps, plain.plan) == before, (state, event)
+                    continue
+                taken += 1
+                move = by_table.check(event)
+                by_table.enter(move)
+                # (the work the Timeline then skips: hooks stay on, no window is written or thrown away)
+                assert number == move.step and move.plan.recorded and not by_table.hooks_off_after(move)
+                assert move.plan.at_end is WindowEnd.KEEP
+                assert (plain.state, plain.step, plain.window_steps, plain.plan) == \
+                    (by_table.state, by_table.step, by_table.window_steps, by_table.plan), (state, event)
+    # Only the two step boundaries of a recording Timeline without a schedule, hooks on between steps.
+    assert taken == (4 if schedule is None and between else 0)

@@ -21,7 +21,8 @@ nothing instead of raising::
 ``Lifecycle.check(event)`` answers with the ``Move`` (or raises the documented
 ``ModTimelineError``); the Timeline does the move's ``work`` and calls ``enter(move)`` at
 the point the state changes. The only other move: a ``start()`` whose hooks fail to go
-on ends ``STOPPED`` (``Event.START_FAILED``).
+on ends ``STOPPED`` (``Event.START_FAILED``). ``plain_step(event)`` makes the two step
+moves of a Timeline without a schedule in one call, as check and enter would.
 
 **Steps under a schedule** (``STEP_PLANS``, as ``torch.profiler`` keeps its schedule
 actions in one table). The schedule gives each step an action; the action says whether
@@ -201,6 +202,28 @@ class Lifecycle:
             if move.plan.at_end in (WindowEnd.KEEP, WindowEnd.WRITE):
                 self.window_steps.append(move.step)
         self.state = move.target
+
+    def plain_step(self, event: Event) -> int | None:
+        """The common step boundary in one call (it runs twice a step, right after the
+        step's work, where each call of check and enter costs µs): without a schedule and
+        with hooks on between steps, ``BEGIN_STEP`` between steps and ``END_STEP`` in a step
+        are the table's moves with the plan ``RECORD`` (hooks stay on, the step joins the
+        one window), made here as ``enter(check(event))`` would make them. Returns the
+        step's number; None, changing nothing, for any other event or state (then
+        ``check`` and ``enter``)."""
+        if self.schedule is not None or not self.record_between_steps:
+            return None
+        if event is Event.BEGIN_STEP and self.state is State.BETWEEN_STEPS:
+            self.plan = _RECORD
+            self.state = State.IN_STEP
+            return self.step
+        if event is Event.END_STEP and self.state is State.IN_STEP:
+            step = self.step
+            self.step = step + 1
+            self.window_steps.append(step)
+            self.state = State.BETWEEN_STEPS
+            return step
+        return None
 
     def step_plan(self, step: int) -> StepPlan:
         """What step number ``step`` does (every step is recorded without a schedule)."""

@@ -424,6 +424,15 @@ class Timeline:
         module call being made now, from a forward pre-hook, that begins the step: torch
         took that call's hooks before recording was on, so its start is recorded here."""
         with self._lock.held():
+            if first_call is None and self._hooks_on and self._clock is None and self._kernels is None:
+                # The common boundary (no schedule, no device, hooks on): the plan's work
+                # is the step's begin recorded (and the profiler's clock paired).
+                self._maybe_start_device_clock()  # (a GPU used since: the general path anchors it)
+                step = self._life.plain_step(Event.BEGIN_STEP) if self._clock is None else None
+                if step is not None:
+                    _pair_profiler_clock()
+                    self.buffer.record(STEP_BEGIN, step, 0)
+                    return step
             move = self._life.check(Event.BEGIN_STEP)
             if move.work is Work.NOTHING:  # stopped: its end_step() is a no-op too
                 self._life.enter(move)
@@ -440,6 +449,13 @@ class Timeline:
         an active window writes the window: a write that fails warns and training goes
         on (``strict=True``: it raises, unless ``error`` is given)."""
         with self._lock.held():
+            step = self._life.plain_step(Event.END_STEP)
+            if step is not None:  # the common boundary: the step's end recorded, nothing else
+                if error is not None:
+                    self._raised_steps.add(step)
+                self.buffer.record(STEP_END, step, 0)
+                _pair_profiler_clock()
+                return
             move = self._life.check(Event.END_STEP)
             self._life.enter(move)
             if move.work is Work.NOTHING:  # stop() closed it already

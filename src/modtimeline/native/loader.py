@@ -89,18 +89,19 @@ def compiled_part(name: str, api: int) -> ModuleType | None:
     if module is None:
         return None
     expected = shared_constants()
-    if _accepted.get((name, api)) == (module, id(expected)):  # (as checked before: the same module, constants)
+    accepted = _accepted.get((name, api))
+    if accepted is not None and accepted[0] is module and accepted[1] is expected:  # (checked before)
         return module
     if getattr(module, "LAYOUT", None) != {**expected, "API": api}:
         why_not[name] = "built from another version of modtimeline (its constants or arguments differ)"
         return None
-    _accepted[(name, api)] = (module, id(expected))
+    _accepted[(name, api)] = (module, expected)
     return module
 
 
 # The handshakes that passed, by (name, API): the module and the constants' dict it was
 # checked against (a Timeline made per step asks at every step).
-_accepted: dict[tuple[str, int], tuple[ModuleType, int]] = {}
+_accepted: dict[tuple[str, int], tuple[ModuleType, dict[str, int]]] = {}
 
 
 def compiled(name: str) -> ModuleType | None:
