@@ -424,9 +424,11 @@ class Timeline:
         module call being made now, from a forward pre-hook, that begins the step: torch
         took that call's hooks before recording was on, so its start is recorded here."""
         with self._lock.held():
-            if first_call is None and self._hooks_on and self._clock is None and self._kernels is None:
-                # The common boundary (no schedule, no device, hooks on): the plan's work
-                # is the step's begin recorded (and the profiler's clock paired).
+            if (first_call is None and self.schedule is None and self._hooks_on and self._clock is None
+                    and self._kernels is None):
+                # The common boundary (no schedule: every step recorded; no device, hooks
+                # on): the plan's work is the step's begin recorded (and the profiler's
+                # clock paired).
                 self._maybe_start_device_clock()  # (a GPU used since: the general path anchors it)
                 step = self._life.plain_step(Event.BEGIN_STEP) if self._clock is None else None
                 if step is not None:
