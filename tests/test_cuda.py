@@ -3,8 +3,10 @@ span times that agree with torch.profiler's kernel times and with events paired 
 hand. Skipped without CUDA; the same clock code runs on the CPU in test_clock.py through
 the strict fake backend."""
 
+import contextlib
 import re
 import time
+import warnings
 
 import pytest
 import torch
@@ -203,3 +205,120 @@ def test_a_side_stream_modules_backward_lands_on_its_streams_track(tmp_path):
     tracks = {names[e["tid"]] for e in spans(trace) if e["name"] == "SideStream.lin" and e["cat"] == "backward"
               and names[e["tid"]].startswith("cuda")}
     assert tracks == {f"cuda:0 stream {model.stream.stream_id}"}, tracks
+
+
+def _sync_warnings(run) -> int:
+    """CUDA synchronisations ``run()`` makes, as torch's sync debug mode warns of them."""
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: seen.append(str(message))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in message for message in seen)
+
+
+@pytest.mark.slow
+def test_a_llama_training_step_adds_no_sync_and_its_gpu_spans_nest(tmp_path, monkeypatch):
+    """A real transformers Llama (random init) with an optimizer: whatever syncs the model
+    makes itself, the traced step makes no more, and never calls torch.cuda.synchronize."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 512, (2, 64), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    untraced = _sync_warnings(step)
+    path = tmp_path / "t.json"
+    calls = []
+    synchronize = torch.cuda.synchronize
+    with Timeline(path, device="cuda") as timeline:
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: (calls.append(timeline.in_step),
+                                                                              synchronize(device)))
+        traced = []
+        for _ in range(3):
+            with timeline.step():
+                traced.append(_sync_warnings(step))
+    assert traced == [untraced] * 3
+    assert not any(calls)
+    trace = load(path)
+    assert_nested(trace)
+    names = thread_names(trace)
+    gpu = {(e["name"], e["cat"]) for e in spans(trace) if names[e["tid"]].startswith("cuda:")}
+    for layer in ("LlamaForCausalLM.model.layers.0", "LlamaForCausalLM.model.layers.1"):
+        for part in ("", ".self_attn", ".mlp", ".mlp.down_proj"):
+            assert {(layer + part, "forward"), (layer + part, "backward")} <= gpu, (layer + part, sorted(gpu))
+
+
+@pytest.mark.slow
+def test_an_inductor_compiled_model_on_the_gpu_is_measured_from_its_kernels(tmp_path):
+    """torch.compile (inductor, Triton kernels) with compiled_detail=True: no graph break,
+    the same gradients, the compiled model's GPU spans, and its layers' spans measured from
+    the kernels that ran."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def train(path):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256),
+                                    torch.nn.LayerNorm(256)).cuda()
+        compiled = torch.compile(model)
+        x = torch.randn(64, 256, device="cuda")
+        counters.clear()
+        timeline = Timeline(path, device="cuda", compiled_detail=True) if path else None
+        with timeline if timeline else contextlib.nullcontext():
+            for _ in range(3):
+                with timeline.step() if timeline else contextlib.nullcontext():
+                    compiled(x).square().mean().backward()
+        torch.cuda.synchronize()
+        return sum(counters["graph_break"].values()), [p.grad.clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    breaks, grads = train(None)
+    torch._dynamo.reset()
+    path = tmp_path / "t.json"
+    traced_breaks, traced_grads = train(path)
+    assert traced_breaks == breaks == 0
+    for a, b in zip(grads, traced_grads):
+        torch.testing.assert_close(a, b)
+    trace = load(path)
+    assert_nested(trace)
+    detail = trace["metadata"]["compiled_detail"]
+    assert detail["coverage"] >= 0.9, detail
+    names = thread_names(trace)
+    found = {(e["name"], e["cat"], names[e["tid"]].split(" ")[0]) for e in spans(trace)
+             if e["cat"] in ("forward", "backward") and e["args"].get("compiled") and e["args"]["step"] >= 1}
+    assert ("Sequential", "forward", "cuda:0") in found and ("Sequential", "backward", "cuda:0") in found, sorted(found)
+    measured = {name for name, cat, where in found if where == "cuda:0" and name.startswith("Sequential.")}
+    assert {"Sequential.0", "Sequential.2"} <= measured, sorted(found)
+
+
+def test_nvtx_ranges_are_opened_and_closed_once_per_module_span(tmp_path, monkeypatch):
+    """nvtx=True on a CUDA build: torch.cuda.nvtx's ranges (the real ones, counted), one
+    per forward and backward span, all closed."""
+    opened, closed = [], []
+    start, end = torch.cuda.nvtx.range_start, torch.cuda.nvtx.range_end
+    monkeypatch.setattr(torch.cuda.nvtx, "range_start", lambda message: (opened.append(message), start(message))[1])
+    monkeypatch.setattr(torch.cuda.nvtx, "range_end", lambda range_id: (closed.append(range_id), end(range_id))[1])
+    model = Heavy(256).cuda()
+    x = torch.randn(64, 256, device="cuda")
+    path = tmp_path / "t.json"
+    with Timeline(path, device="cuda", nvtx=True) as timeline:
+        _steps(model, x, timeline, 2)
+    trace = load(path)
+    names = thread_names(trace)
+    host = [e for e in spans(trace) if e["cat"] in ("forward", "backward") and not names[e["tid"]].startswith("cuda")]
+    expected = sorted(e["name"] + (" backward" if e["cat"] == "backward" else "") for e in host)
+    assert sorted(opened) == expected
+    assert len(closed) == len(opened)
