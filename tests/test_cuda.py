@@ -320,5 +320,6 @@ def test_nvtx_ranges_are_opened_and_closed_once_per_module_span(tmp_path, monkey
     names = thread_names(trace)
     host = [e for e in spans(trace) if e["cat"] in ("forward", "backward") and not names[e["tid"]].startswith("cuda")]
     expected = sorted(e["name"] + (" backward" if e["cat"] == "backward" else "") for e in host)
-    assert sorted(opened) == expected
+    ours = [message for message in opened if message != "modtimeline: NVTX check"]  # (torch_nvtx's own check)
+    assert sorted(ours) == expected
     assert len(closed) == len(opened)

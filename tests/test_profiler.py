@@ -166,6 +166,40 @@ def test_kernels_are_attributed_to_the_modules_that_launched_them(tmp_path, caps
                    ("Net", "backward"): 25_000}
 
 
+def test_a_gpu_timelines_event_spans_neither_take_kernels_nor_add_to_their_time(tmp_path, capsys):
+    """A device="cuda" Timeline's trace has GPU tracks in device time, which on a GPU
+    running behind the host lie over later launches: kernels go by host spans alone, and
+    the merged file's GPU time is the kernels', not kernels plus event spans (found on an
+    H200: a Llama's kernels were attributed twice, to the wrong modules)."""
+    from modtimeline.format import FORWARD, FORWARD_TRACK, GPU_TRACK_BASE, SpanColumns, Track, TraceData
+    from modtimeline.writers import write_trace
+
+    base_ns, wall = 5_000_000_000, 1_000_000_000_000
+    gpu_track = GPU_TRACK_BASE
+    spans = SpanColumns()
+    for name, begin, end in ((0, 0, 100), (1, 10, 40), (2, 50, 90)):
+        spans.append(FORWARD_TRACK, base_ns + begin * 1000, base_ns + end * 1000, name, FORWARD, name, 0)
+    # the GPU ran Net.a's work 50 µs late: its event span covers Net.b's launch (60 µs)
+    for name, begin, end in ((0, 55, 160), (1, 55, 110), (2, 110, 160)):
+        spans.append(gpu_track, base_ns + begin * 1000, base_ns + end * 1000, name, FORWARD, name, 0)
+    write_trace(TraceData(0, base_ns, ["Net", "Net.a", "Net.b"],
+                          [Track(FORWARD_TRACK, "forward"), Track(gpu_track, "cuda:0 stream 7")], spans,
+                          metadata={"tool": "modtimeline", "base_wall_time_ns": wall, "steps": [0]}), tmp_path / "t.json")
+    launches = [(1_000 + 20.0, 1), (1_000 + 60.0, 2)]
+    kernels = [(1_000 + 60.0, 50.0, 1), (1_000 + 110.0, 50.0, 2)]
+    path = _kineto(tmp_path, wall - 1_000_000, launches, kernels)
+    assert main(["merge", "--profiler", str(path), str(tmp_path / "t.json"), "-o", str(tmp_path / "m.json")]) == 0
+    assert "2 of 2 GPU kernels attributed" in capsys.readouterr().out
+    per_key = samples(read_trace(tmp_path / "m.json"))
+    gpu = {(name, phase): sum(s.inclusive_ns for s in by_step.values())
+           for (name, phase, device), by_step in per_key.items() if device == "cuda"}
+    assert gpu == {("Net.a", "forward"): 50_000, ("Net.b", "forward"): 50_000, ("Net", "forward"): 100_000}
+    merged = orjson.loads((tmp_path / "m.json").read_bytes())
+    names = {e["tid"]: e["args"]["name"] for e in merged["traceEvents"] if e.get("name") == "thread_name"}
+    assert {names[e["tid"]] for e in merged["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "forward"} == \
+        {"modtimeline forward", "cuda:0 stream 7", "cuda:0 stream 7 (kernels)"}  # the event spans are still shown
+
+
 def test_a_profiler_passed_to_the_timeline_exports_with_the_spans_in(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import shutil

@@ -75,6 +75,10 @@ PROFILER_CLOCK_MARK = "modtimeline.clock "
 PROFILER_CLOCK_MARK_AFTER = "modtimeline.clock-after "
 
 GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"
+# ``merge --profiler``'s per-stream tracks of kernels under their modules: "cuda:0 stream 7
+# (kernels)". Where a file has them, they are its GPU time (exact kernel time); the event
+# spans of a ``device="cuda"`` Timeline stay in the file to be seen, not counted again.
+KERNEL_TRACK_SUFFIX = " (kernels)"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from ..errors import TraceFormatError
-from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
+from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
                       TraceData)
 from ..readers.load import load_trace
 from ..readers.decoding import ReadLimits, guarded_read, read_bytes
@@ -207,8 +207,8 @@ def _main_pid(events: list[Any]) -> Any:
 
 
 def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tuple[int, int]:
-    """Per GPU kernel, a span for each module span (forward, backward, recompute) around
-    its CPU launch, on a kernels track of its stream. Returns (attributed, kernels)."""
+    """Per GPU kernel, a span for each host module span (forward, backward, recompute)
+    around its CPU launch, on a kernels track of its stream. Returns (attributed, kernels)."""
     launches: dict[Any, int] = {}  # correlation -> launch time (profiler ns)
     kernels = []
     for event in events:
@@ -231,9 +231,12 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
     timed = sorted((launches[k["args"]["correlation"]], n) for n, k in enumerate(kernels)
                    if k["args"]["correlation"] in launches)
     covering: dict[int, list[int]] = {n: [] for _, n in timed}
+    # Host tracks only: a launch is a host time, and a GPU track's spans are device times
+    # (a GPU running behind the host has them tens of ms later than the launches).
+    device_tracks = {track.tid for track in ours.tracks if track.name.startswith(GPU_TRACK_PREFIX)}
     by_track: dict[int, list[int]] = {}
     for row in range(len(spans)):
-        if spans.category[row] != STEP:
+        if spans.category[row] != STEP and spans.track[row] not in device_tracks:
             by_track.setdefault(spans.track[row], []).append(row)
     for rows in by_track.values():
         stack: list[int] = []
@@ -261,7 +264,7 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
         tid = kernel_tracks.get((device, stream))
         if tid is None:
             tid = kernel_tracks[device, stream] = KERNEL_TID_BASE + len(kernel_tracks)
-            ours.tracks.append(Track(tid, f"{GPU_TRACK_PREFIX}:{device} stream {stream} (kernels)"))
+            ours.tracks.append(Track(tid, f"{GPU_TRACK_PREFIX}:{device} stream {stream}{KERNEL_TRACK_SUFFIX}"))
         begin = base_ns + round(float(kernel["ts"]) * 1000)
         end = begin + round(float(kernel.get("dur", 0)) * 1000)
         for r in rows:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TraceFileError, TraceFormatError
-from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, STEP
+from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, STEP
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
 from ..readers.decoding import DEFAULT_LIMITS as DEFAULT_LIMITS  # (where the CLI and callers have always found them)
@@ -70,7 +70,9 @@ class Trace:
     @classmethod
     def of(cls, file: TraceFile) -> Trace:
         """The view of a decoded file: its spans (step spans give the steps' durations), a
-        span's device told by its track's name, its track by (rank, tid)."""
+        span's device told by its track's name, its track by (rank, tid). In a file merged
+        with a profiler's kernels, the GPU time is the kernels' (``KERNEL_TRACK_SUFFIX``):
+        event spans of the same modules on other GPU tracks are not read as well."""
         spans: list[Span] = []
         step_ns: dict[int, int] = {}
         rank_step_ns: dict[int, dict[int, int]] = {}
@@ -78,6 +80,8 @@ class Trace:
             for data in file.processes:
                 rank = data.rank
                 gpu = {track.tid for track in data.tracks if track.name.startswith(GPU_TRACK_PREFIX)}
+                kernels = {track.tid for track in data.tracks if track.name.endswith(KERNEL_TRACK_SUFFIX)}
+                counted_twice = gpu - kernels if kernels else set()  # event spans beside kernel time
                 names = data.names
                 columns = data.spans
                 for tid, begin, end, name, category, call, step, flags in zip(
@@ -86,7 +90,7 @@ class Trace:
                     if category == STEP:
                         step_ns[step] = end - begin
                         rank_step_ns.setdefault(rank, {})[step] = end - begin
-                    else:
+                    elif tid not in counted_twice:
                         spans.append(Span(names[name], CATEGORIES[category], "cuda" if tid in gpu else "cpu",
                                           (rank, tid), step, begin, end, bool(flags & APPROXIMATE), call))
         return cls(file.path, file.metadata, spans, step_ns, rank_step_ns)
