@@ -14,12 +14,15 @@ Event spans include any idle gap between a module's kernels, kernel sums do not:
 launch-bound step (a small model on a big GPU) they differ by the gaps. ``--size bound``
 (the default) is big enough to keep the GPU busy; ``--size small`` shows the gap.
 
-    python benchmarks/gpu_llama.py [--size bound|small] [--steps 6] [--out benchmarks/results]
+    python benchmarks/gpu_llama.py [--size bound|small] [--steps 6] [--out benchmarks/results] [--keep DIR]
+
+``--keep DIR`` keeps the three traces (ours, the profiler's, the merged one), gzipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import subprocess
 import sys
 import tempfile
@@ -204,6 +207,7 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="bound")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--keep", type=Path, help="keep the traces here, gzipped")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/gpu_llama.py needs CUDA; none here.", file=sys.stderr)
@@ -217,6 +221,10 @@ def main() -> int:
         results: dict[str, Any] = {"device": where, "size": args.size, "config": SIZES[args.size],
                                    "syncs": sync_check(step, 3, Path(tmp)),
                                    "agreement": agreement(step, args.steps, Path(tmp))}
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for name in ("llama.json", "kineto.json", "merged.json"):
+                (args.keep / f"{args.size}-{name}.gz").write_bytes(gzip.compress((Path(tmp) / name).read_bytes(), 6))
     rows = results["agreement"]["rows"]
     total = sum(r["kernel_us"] for r in rows if r["module"] == "LlamaForCausalLM")
     big = [r for r in rows if r["kernel_us"] >= 0.01 * total]  # modules with >= 1 % of the step's kernel time

@@ -29,6 +29,7 @@ compile under inductor (torch 2.13): the detail stays out of inductor regions.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 import weakref
@@ -103,6 +104,17 @@ def _leaves(boundary: _Boundary) -> tuple[Any, Any]:
     return _leaf(entered, inputs_done), _leaf(exited, outputs_ready)
 
 
+@functools.cache
+def leaves_available() -> bool:
+    """Whether this torch's leaf functions take a multi-grad hook (torch 2.11's do not:
+    making a boundary there would raise inside the user's forward)."""
+    try:
+        from torch._dynamo.decorators import leaf_function
+    except ImportError:
+        return False
+    return hasattr(leaf_function(lambda *tensors: None), "register_multi_grad_hook")
+
+
 def _leaf(run: Callable[[], None], on_gradients: Callable[[], None]) -> Any:
     """A leaf function of any tensors: ``run`` when the compiled code reaches it,
     ``on_gradients`` once the gradients of its inputs that need one are computed."""
@@ -157,6 +169,11 @@ def _prepare(wrapper: torch.nn.Module) -> None:
         return
     _prepared.add(wrapper)
     backend = _backend_name(wrapper)
+    if backend in SUPPORTED_BACKENDS and not leaves_available():
+        warnings.warn(f"modtimeline: compiled_detail needs torch's leaf functions with gradient hooks (torch >= 2.12) "
+                      f"for regions compiled with {backend}; with torch {torch.__version__} this region shows as one "
+                      "span", RuntimeWarning, stacklevel=4)
+        return
     if backend not in SUPPORTED_BACKENDS:
         for module in root.modules():  # (leaves made for another compile of them: not here)
             boundary = _BOUNDARIES.get(id(module))
