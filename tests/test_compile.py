@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 from modtimeline import ModuleTracker, Timeline
+from modtimeline.capture import compiled_detail
+
+# compiled_detail's leaves under eager/aot_eager need leaf functions with multi-grad hooks
+# (torch >= 2.12); without them the detail says so and shows the region as one span.
+needs_leaves = pytest.mark.skipif(not compiled_detail.leaves_available(),
+                                  reason="this torch's leaf functions take no multi-grad hook")
 
 from .trace_checks import assert_nested, load, spans
 
@@ -191,6 +197,7 @@ def test_compiled_autograd_never_breaks_the_backward(switched_on, tmp_path):
         assert all(e["args"].get("incomplete") or e["args"].get("approximate") for e in backward)
 
 
+@needs_leaves
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_detail_spans_every_submodule_call(backend, tmp_path):
     """compiled_detail=True: forward and backward spans for every submodule call inside
@@ -231,6 +238,24 @@ def test_compiled_detail_spans_every_submodule_call(backend, tmp_path):
         assert span("MLP.fc1", "backward")["args"].get("approximate")
 
 
+def test_compiled_detail_without_leaf_gradient_hooks_says_so_and_compiles_as_before(tmp_path, monkeypatch):
+    """torch 2.11's leaf functions take no multi-grad hook: making the leaves raised an
+    AttributeError inside the user's forward (found on the GPU machine). Now a warning,
+    the region as one span, the compile and gradients unchanged."""
+    breaks, grads, _ = compiled_step("mlp", "aot_eager", True, "whole", _nothing)
+    monkeypatch.setattr(compiled_detail, "leaves_available", lambda: False)
+    path = tmp_path / "t.json"
+    with pytest.warns(RuntimeWarning, match="leaf functions with gradient hooks"):
+        traced_breaks, traced_grads, _ = compiled_step("mlp", "aot_eager", True, "whole",
+                                                       lambda: Timeline(path, compiled_detail=True))
+    assert traced_breaks == breaks == 0
+    for a, b in zip(grads, traced_grads):
+        torch.testing.assert_close(a, b)
+    found = {(e["name"], e["cat"]) for e in spans(load(path)) if e["cat"] in ("forward", "backward")}
+    assert found == {("MLP", "forward"), ("MLP", "backward")}
+
+
+@needs_leaves
 def test_compiled_detail_inside_per_block_compile(tmp_path):
     """Every child compiled on its own (aot_eager): each block's submodules get spans,
     under the block's FQN; the model around them runs and is recorded eagerly."""
@@ -266,6 +291,7 @@ def test_compiled_detail_measures_inductor_regions_from_their_kernels(tmp_path):
     assert_nested(load(path))
 
 
+@needs_leaves
 @pytest.mark.parametrize("detail", [False, True])
 def test_timeline_after_timeline_compiles_nothing_again(detail, tmp_path):
     """Dynamo guards on torch's global hook dictionaries. Hooks registered anew for each
@@ -289,6 +315,7 @@ def test_timeline_after_timeline_compiles_nothing_again(detail, tmp_path):
     assert all(e["args"].get("compiled") for e in last)  # still compiled, never eager
 
 
+@needs_leaves
 def test_compiled_detail_keeps_no_leaves_for_dead_modules_or_inductor(tmp_path):
     """Leaves belong to live modules only (a new module at a dead one's address must not
     get them into its graph), and a model compiled for the detail under aot_eager and then

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from array import array
 
+import importlib
+
 import pytest
 import torch
 
@@ -441,10 +443,13 @@ def test_inductor_regions_show_every_layer_measured_from_kernels(model_name, how
     def users(graph):  # the user's own post-grad pass: still runs, once per graph
         ran.append(1)
 
-    stats, breaks, grads = _train(model_name, how, False, user_pass=[users])
+    # torch 2.13 takes a list of post-grad passes, 2.11 one callable: the user's, as they would
+    lists = hasattr(importlib.import_module("torch._inductor.custom_graph_pass"), "get_custom_graph_passes")
+    user_pass = [users] if lists else users
+    stats, breaks, grads = _train(model_name, how, False, user_pass=user_pass)
     untraced_passes, ran[:] = len(ran), []
     path = tmp_path / "t.json"
-    traced_stats, traced_breaks, traced_grads = _train(model_name, how, True, path, user_pass=[users])
+    traced_stats, traced_breaks, traced_grads = _train(model_name, how, True, path, user_pass=user_pass)
     assert (traced_stats, traced_breaks) == (stats, breaks)
     assert len(ran) == untraced_passes > 0
     for a, b in zip(grads, traced_grads):

@@ -143,16 +143,21 @@ def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
 _COMPILER_PACKAGES = ("torch._dynamo.", "torch._functorch.", "torch._inductor.")
 _FRAMES_SEARCHED = 64
 _COMPILED_AUTOGRAD_GRAPH = re.compile(r"CompiledAutograd\d+")
+_GRAPH_WRAPPER = "GmWrapper"  # torch._dynamo.utils's module around a graph it flattened the inputs of
 
 
 def is_compiler_graph(module: torch.nn.Module) -> bool:
     """A graph torch.compile made and runs: aot_eager's forward and backward graphs,
     compiled autograd's backward graph (``CompiledAutograd0``, itself run compiled),
-    Dynamo's graphs (named after the compiled function, ``<lambda>``). That is an
+    Dynamo's graphs (named after the compiled function, ``<lambda>``), and Dynamo's
+    ``GmWrapper`` around a graph of nested inputs (torch 2.11 runs compiled autograd's
+    graph in one). That is an
     ``fx.GraphModule`` that belongs to no model and is called from torch's compiler; its
     work is the compiled module's (recorded under the user's name) or the backward's. A
     user's own fx-traced model is called from the user's code: recorded as any model.
     (The compiled hot path asks once per module and keeps the answer.)"""
+    if type(module).__name__ == _GRAPH_WRAPPER and type(module).__module__ == "torch._dynamo.utils":
+        return True  # (torch <= 2.11 wraps a graph of nested inputs, compiled autograd's, in one)
     fx = sys.modules.get("torch.fx")
     graph = _unwrapped(module)  # (compiled autograd runs its graph torch.compile'd)
     if fx is None or not isinstance(graph, fx.GraphModule):
