@@ -85,13 +85,26 @@ def mark_parts() -> dict[str, float]:
     stream = cuda.current_stream(0)
     backend = CudaBackend()
     cycle = iter(events * 1000)
+    done_a, done_b = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)  # (outside the cycle)
+    done_a.record()
+    done_b.record()
+    torch.cuda.synchronize()
+
+    def record_as_before() -> None:  # (CudaBackend.record before 2026-12-04)
+        event = next(cycle)
+        stream = cuda.current_stream(0)
+        event.record(stream)
+
     parts = {
         "torch.cuda.current_stream(0)": timed(lambda: cuda.current_stream(0)),
         "torch._C._cuda_getCurrentStream(0)": timed(lambda: torch._C._cuda_getCurrentStream(0)),
         "torch.cuda.current_device()": timed(cuda.current_device),
         "torch.cuda.is_current_stream_capturing()": timed(cuda.is_current_stream_capturing),
         "Event.record(stream)": timed(lambda: next(cycle).record(stream)),
-        "CudaBackend.record (current_stream + record)": timed(lambda: backend.record(next(cycle), 0)),
+        "a record as before (current_stream + Event.record)": timed(record_as_before),
+        "CudaBackend.record (cached stream, torch._C record)": timed(lambda: backend.record(next(cycle), 0)),
+        "Event.query() (completed)": timed(done_b.query),
+        "Event.elapsed_time (completed)": timed(lambda: done_a.elapsed_time(done_b)),
         "time.perf_counter_ns()": timed(time.perf_counter_ns),
     }
     # The whole mark, as a forward begin of a module on device 0 (pool refilled outside).
@@ -108,7 +121,51 @@ def mark_parts() -> dict[str, float]:
         torch.cuda.synchronize()
         whole.append(timed(mark, loops=2000, repeats=1))
     parts["DeviceClock.record_event (one whole mark)"] = statistics.median(whole)
+    # The boundary's read of completed marks, per mark (2000 marks a boundary).
+    harvest = []
+    for _ in range(5):
+        clock.begin_step()
+        for _ in range(2000):
+            mark()
+        torch.cuda.synchronize()
+        start = time.perf_counter_ns()
+        clock.begin_step()
+        harvest.append((time.perf_counter_ns() - start) / 2000)
+    parts["DeviceClock.begin_step, per completed mark read"] = statistics.median(harvest)
     return parts
+
+
+def step_split(folder: Path, steps: int = 20) -> dict[str, Any]:
+    """Host ms per step of the tiny modules: the model's work (forward, backward) and the
+    Timeline's step boundaries apart, untraced, host spans, GPU spans."""
+    model, x = workloads("cuda")["tiny-modules"]
+    results: dict[str, Any] = {}
+    for variant, device in (("untraced", None), ("Timeline device=cpu", "cpu"), ("Timeline device=cuda", "cuda")):
+        work, boundary = [], []
+        timeline = Timeline(folder / f"split-{variant}.json", device=device) if device else None
+        with timeline if timeline is not None else _nothing():
+            for _ in range(steps + 2):
+                torch.cuda.synchronize()
+                start = time.perf_counter_ns()
+                step = timeline.step() if timeline is not None else _nothing()
+                step.__enter__()
+                entered = time.perf_counter_ns()
+                model(x).sum().backward()
+                worked = time.perf_counter_ns()
+                step.__exit__(None, None, None)
+                done = time.perf_counter_ns()
+                work.append((worked - entered) / 1e6)
+                boundary.append((entered - start + done - worked) / 1e6)
+        results[variant] = {"work_ms": statistics.median(work[2:]), "boundaries_ms": statistics.median(boundary[2:])}
+    return results
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def main() -> int:
@@ -122,6 +179,8 @@ def main() -> int:
         results: dict[str, Any] = {"device": where, "marks": marks_per_call(device, Path(tmp))}
     if gpu:
         results["mark_parts_ns"] = mark_parts()
+        with tempfile.TemporaryDirectory() as tmp:
+            results["step_split"] = step_split(Path(tmp))
     lines = [f"{where}.", "", "| workload | module calls | marks per call | by kind (one step) |", "|---|---:|---:|---|"]
     for name, row in results["marks"].items():
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(row["marks"].items()))
@@ -129,6 +188,10 @@ def main() -> int:
     if gpu:
         lines += ["", "| part of a mark | host ns |", "|---|---:|"]
         lines += [f"| {part} | {ns:.0f} |" for part, ns in results["mark_parts_ns"].items()]
+        lines += ["", "| tiny modules, host ms a step | model's work (forward, backward) | step boundaries |",
+                  "|---|---:|---:|"]
+        lines += [f"| {variant} | {row['work_ms']:.2f} | {row['boundaries_ms']:.2f} |"
+                  for variant, row in results["step_split"].items()]
     save("gpu-marks" if gpu else "gpu-marks-fake", results, "\n".join(lines), args.out)
     return 0
 

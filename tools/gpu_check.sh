@@ -71,11 +71,12 @@ if want marks; then
 fi
 if want bench; then
   stamp "benchmarks/gpu.py"
-  $python benchmarks/gpu.py --out "$out/results"
+  $python benchmarks/gpu.py --out "$out/results" ${BENCH_ARGS:-}
 fi
 if want suite; then
   stamp "the suite's tests that behave differently where CUDA is available (parallel)"
-  timeout "${SUITE_TIMEOUT:-240}" "${pytest[@]}" -n 12 -m "not browser" tests/test_clock.py tests/test_nvtx.py tests/test_profiler.py \
+  # (SIGINT at the limit: pytest still prints which tests failed so far)
+  timeout -s INT "${SUITE_TIMEOUT:-240}" "${pytest[@]}" --tb=line -n 12 -m "not browser" tests/test_clock.py tests/test_nvtx.py tests/test_profiler.py \
     tests/test_merge.py tests/test_inductor_detail.py tests/test_compile.py tests/test_cli.py tests/test_timeline.py \
     tests/test_hotpath.py tests/test_real_models.py tests/test_threads.py tests/test_faults.py
 fi
