@@ -199,7 +199,7 @@ class Timeline:
     ``path``: ``.json``, ``.json.gz`` or ``.pftrace`` (or ``format=``). With a
     ``schedule``, only the steps marked with ``timeline.step()`` that the schedule makes
     active are recorded, and each active window is written to ``<stem>.<window><suffix>``
-    as soon as it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use),
+    as soon as it ends. ``device``: ``"auto"`` (CUDA spans when the model is on a GPU),
     ``"cpu"`` (host only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated
     counter track. ``capacity`` bounds the events held between flushes.
     ``handle_signals``: on SIGTERM inside the Timeline (main thread only), write the
