@@ -94,7 +94,7 @@ def test_a_real_model_gets_balanced_backward_ranges(tmp_path):
 
 
 def test_nvtx_without_a_cuda_build_is_a_clear_error(tmp_path):
-    if torch.cuda.is_available():
+    if torch.version.cuda is not None:  # (a CUDA build has NVTX, with or without a GPU)
         pytest.skip("this torch has NVTX")
     with pytest.raises(DeviceError, match="nvtx=True needs NVTX"):
         Timeline(tmp_path / "t.json", nvtx=True)
