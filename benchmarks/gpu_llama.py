@@ -11,7 +11,9 @@ Two things are measured, each against something the Timeline does not compute it
   launch by ``modtimeline merge --profiler``, the CLI run as a user runs it).
 
 Event spans include any idle gap between a module's kernels, kernel sums do not: on a
-launch-bound step (a small model on a big GPU) they differ by the gaps. ``--size bound``
+launch-bound step (a small model on a big GPU) they differ by the gaps. Our own event
+records are among the gaps' causes: the profiler's trace says which gaps had one issued in
+them (``record_gaps``). ``--size bound``
 (the default) is big enough to keep the GPU busy; ``--size small`` shows the gap.
 
     python benchmarks/gpu_llama.py [--size bound|small] [--steps 6] [--out benchmarks/results] [--keep DIR]
@@ -178,6 +180,34 @@ def nesting_errors(path: Path) -> int:
     return errors
 
 
+def record_gaps(kineto: Path) -> dict[str, Any]:
+    """The GPU's gaps between consecutive operations (kernels, memsets, copies), split by
+    whether one of our CUDA event records was issued between them: what a record costs
+    the GPU, read off the profiler's own trace (launches and records carry correlation
+    ids in issue order)."""
+    import bisect
+    import statistics
+
+    trace = orjson.loads(kineto.read_bytes())
+    events = [e for e in trace["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X"]
+    records = sorted(e["args"]["correlation"] for e in events
+                     if e.get("cat") in ("cuda_runtime", "cuda_driver") and str(e.get("name")).startswith("cudaEventRecord")
+                     and "correlation" in e.get("args", {}))
+    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")
+                   and "correlation" in e.get("args", {})), key=lambda e: e["ts"])
+    split: dict[str, list[float]] = {"with our records": [], "without": []}
+    for a, b in zip(work, work[1:]):
+        first, second = a["args"]["correlation"], b["args"]["correlation"]
+        if second < first:
+            continue  # (issued out of order: another stream)
+        ours = bisect.bisect_left(records, second) - bisect.bisect_right(records, first)
+        split["with our records" if ours else "without"].append(b["ts"] - (a["ts"] + a["dur"]))
+    profiled_us = work[-1]["ts"] + work[-1]["dur"] - work[0]["ts"] if work else 0.0
+    return {"first_to_last_operation_us": profiled_us, "records": len(records),
+            **{name: {"gaps": len(gaps), "median_us": statistics.median(gaps) if gaps else None,
+                      "sum_us": sum(g for g in gaps if g > 0)} for name, gaps in split.items()}}
+
+
 def agreement(step: Callable[[], None], steps: int, folder: Path) -> dict[str, Any]:
     ours, kineto, merged = folder / "llama.json", folder / "kineto.json", folder / "merged.json"
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -199,7 +229,8 @@ def agreement(step: Callable[[], None], steps: int, folder: Path) -> dict[str, A
         if t["kernels"] > 0:
             rows.append({"module": name, "phase": phase, "event_us": t["events"], "kernel_us": t["kernels"],
                          "ratio": t["events"] / t["kernels"] if t["kernels"] else None})
-    return {"rows": rows, "nesting_errors": nesting_errors(ours), "merge_stderr": done.stderr.strip()}
+    return {"rows": rows, "nesting_errors": nesting_errors(ours), "merge_stderr": done.stderr.strip(),
+            "record_gaps": record_gaps(kineto)}
 
 
 def main() -> int:
@@ -245,6 +276,11 @@ def main() -> int:
     if worst is not None:
         lines += ["", f"Largest difference among modules with >= 1 % of the kernel time ({len(big)} rows): "
                       f"{worst['module']} {worst['phase']} ratio {worst['ratio']:.4f}."]
+    gaps = results["agreement"]["record_gaps"]
+    lines += ["", "GPU gaps between consecutive operations, " + "; ".join(
+        f"{name}: {row['gaps']} gaps, median {row['median_us']:.2f} µs, {row['sum_us'] / 1e3:.2f} ms in all"
+        for name, row in gaps.items() if isinstance(row, dict) and row["median_us"] is not None)
+        + f" ({gaps['records']} records, {gaps['first_to_last_operation_us'] / 1e3:.1f} ms from the first GPU operation to the last)."]
     save(f"gpu-llama-{args.size}", results, "\n".join(lines), args.out)
     return 0
 
