@@ -426,51 +426,6 @@ def test_cuda_backend_calls_through_a_stand_in_torch_cuda(tmp_path):
     assert backend._cuda.synchronized  # anchoring and resolving synchronise, outside the step
 
 
-def _gpu_tracks(path) -> set[str]:
-    trace = load(path)
-    names = thread_names(trace)
-    return {names[e["tid"]] for e in spans(trace) if names[e["tid"]].startswith("cuda")}
-
-
-@pytest.mark.parametrize("steps", [0, 3])
-def test_auto_gives_a_model_on_the_cpu_no_gpu_spans_where_cuda_is_in_use(tmp_path, steps):
-    """device="auto" where CUDA is initialised (another model, a library): a model on the
-    CPU got GPU spans of its own, its marks on the current GPU (found on the GPU machine:
-    CPU-model tests doubled their span counts once a test before them had used CUDA). Its
-    clock is on trial until the model is known, then goes, without a synchronisation."""
-    backend = FakeBackend()  # (a device_backend stands for CUDA in use)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
-    path = tmp_path / "t.json"
-    with Timeline(path, device="auto", device_backend=backend) as timeline:
-        for _ in range(steps):
-            with timeline.step():
-                model(torch.randn(2, 4)).sum().backward()
-        if not steps:
-            model(torch.randn(2, 4)).sum().backward()
-    assert load(path)["metadata"]["device"] == "cpu"
-    assert _gpu_tracks(path) == set()
-    assert backend.synchronizations == 0
-    with Timeline(tmp_path / "again.json", device="auto", device_backend=backend) as timeline:  # (model known)
-        with timeline.step():
-            model(torch.randn(2, 4)).sum().backward()
-    assert _gpu_tracks(tmp_path / "again.json") == set() and backend.synchronizations == 0
-
-
-def test_auto_gives_a_model_on_a_gpu_its_gpu_spans_from_the_first_step(tmp_path):
-    backend = FakeBackend()
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
-    backend.place(model, 0)
-    path = tmp_path / "t.json"
-    with Timeline(path, device="auto", device_backend=backend) as timeline:
-        for _ in range(2):
-            with timeline.step():
-                model(torch.randn(2, 4)).sum().backward()
-    trace = load(path)
-    names = thread_names(trace)
-    gpu_steps = {e["args"]["step"] for e in spans(trace) if names[e["tid"]].startswith("cuda")}
-    assert gpu_steps == {0, 1} and trace["metadata"]["device"] == "cuda"
-
-
 def test_a_boundary_reads_a_finished_streams_marks_after_one_query():
     """Work on a stream completes in order: once a stream's newest mark is done, every
     mark before it is, so the boundary queries it once, not once a mark (on an H200 a query

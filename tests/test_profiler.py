@@ -200,6 +200,46 @@ def test_a_gpu_timelines_event_spans_neither_take_kernels_nor_add_to_their_time(
         {"modtimeline forward", "cuda:0 stream 7", "cuda:0 stream 7 (kernels)"}  # the event spans are still shown
 
 
+def test_event_spans_still_count_in_the_steps_the_profile_did_not_cover(tmp_path, capsys):
+    """A profiler that records some steps only (its schedule): the steps it covered have
+    kernel time, the others keep their event spans' (review of the fix above)."""
+    from modtimeline.format import FORWARD, FORWARD_TRACK, GPU_TRACK_BASE, SpanColumns, Track, TraceData
+    from modtimeline.writers import write_trace
+
+    base_ns, wall = 5_000_000_000, 1_000_000_000_000
+    spans = SpanColumns()
+    for step, offset in ((0, 0), (1, 1_000)):  # step 1 a ms later, outside the profile
+        spans.append(FORWARD_TRACK, base_ns + (offset + 10) * 1000, base_ns + (offset + 40) * 1000, 0, FORWARD, step, step)
+        spans.append(GPU_TRACK_BASE, base_ns + (offset + 15) * 1000, base_ns + (offset + 95) * 1000, 0, FORWARD, step,
+                     step)
+    write_trace(TraceData(0, base_ns, ["Net"], [Track(FORWARD_TRACK, "forward"), Track(GPU_TRACK_BASE, "cuda:0 stream 7")],
+                          spans, metadata={"tool": "modtimeline", "base_wall_time_ns": wall, "steps": [0, 1]}),
+                tmp_path / "t.json")
+    path = _kineto(tmp_path, wall - 1_000_000, [(1_000 + 20.0, 1)], [(1_000 + 30.0, 50.0, 1)])
+    assert main(["merge", "--profiler", str(path), str(tmp_path / "t.json"), "-o", str(tmp_path / "m.json")]) == 0
+    per_step = samples(read_trace(tmp_path / "m.json"))[("Net", "forward", "cuda")]
+    assert {step: sample.inclusive_ns for step, sample in per_step.items()} == {0: 50_000, 1: 80_000}
+
+
+def test_a_host_track_named_kernels_is_not_a_profilers_kernel_track(tmp_path):
+    """inductor's detail on the CPU writes a host track "compiled forward (kernels)": it
+    must not make the reader drop a file's GPU event spans (review of the fix above)."""
+    from modtimeline.format import FORWARD, FORWARD_TRACK, GPU_TRACK_BASE, SpanColumns, Track, TraceData
+    from modtimeline.writers import write_trace
+
+    base_ns = 5_000_000_000
+    spans = SpanColumns()
+    spans.append(FORWARD_TRACK, base_ns, base_ns + 40_000, 0, FORWARD, 0, 0)
+    spans.append(4000, base_ns + 1_000, base_ns + 30_000, 1, FORWARD, 1, 0)
+    spans.append(GPU_TRACK_BASE, base_ns + 5_000, base_ns + 65_000, 0, FORWARD, 0, 0)
+    write_trace(TraceData(0, base_ns, ["Net", "Net.fc"], [Track(FORWARD_TRACK, "forward"),
+                                                          Track(4000, "compiled forward (kernels)"),
+                                                          Track(GPU_TRACK_BASE, "cuda:0 stream 7")], spans,
+                          metadata={"tool": "modtimeline", "steps": [0]}), tmp_path / "t.json")
+    per_key = samples(read_trace(tmp_path / "t.json"))
+    assert per_key[("Net", "forward", "cuda")][0].inclusive_ns == 60_000
+
+
 def test_a_profiler_passed_to_the_timeline_exports_with_the_spans_in(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import shutil

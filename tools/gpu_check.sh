@@ -49,6 +49,7 @@ print("compiled hot path:", native_hotpath() is not None, "| not loaded:", dict(
 PY
 
 pytest=($python -m pytest -q -p no:cacheprovider -rfEs)
+failed=""  # the parts that failed: the exit status says so (1), not only the log
 slow=""
 if want slow; then
   stamp "the two-minute GPU test, in the background"
@@ -57,34 +58,35 @@ if want slow; then
 fi
 if want tests; then
   stamp "tests/test_cuda.py"
-  "${pytest[@]}" tests/test_cuda.py -k "not two_minutes"
+  "${pytest[@]}" tests/test_cuda.py -k "not two_minutes" || failed+=" tests"
 fi
 if want llama; then
   stamp "benchmarks/gpu_llama.py --size bound"
-  $python benchmarks/gpu_llama.py --size bound --out "$out/results" --keep "$out/traces"
+  $python benchmarks/gpu_llama.py --size bound --out "$out/results" --keep "$out/traces" || failed+=" llama"
   stamp "benchmarks/gpu_llama.py --size small"
-  $python benchmarks/gpu_llama.py --size small --out "$out/results"
+  $python benchmarks/gpu_llama.py --size small --out "$out/results" || failed+=" llama-small"
 fi
 if want marks; then
   stamp "benchmarks/gpu_marks.py"
-  $python benchmarks/gpu_marks.py --out "$out/results"
+  $python benchmarks/gpu_marks.py --out "$out/results" || failed+=" marks"
 fi
 if want bench; then
   stamp "benchmarks/gpu.py"
-  $python benchmarks/gpu.py --out "$out/results" ${BENCH_ARGS:-}
+  $python benchmarks/gpu.py --out "$out/results" ${BENCH_ARGS:-} || failed+=" bench"
 fi
 if want suite; then
   stamp "the suite's tests that behave differently where CUDA is available (parallel)"
   # (SIGINT at the limit: pytest still prints which tests failed so far)
   timeout -s INT "${SUITE_TIMEOUT:-240}" "${pytest[@]}" --tb=line -n 12 -m "not browser" tests/test_clock.py tests/test_nvtx.py tests/test_profiler.py \
     tests/test_merge.py tests/test_inductor_detail.py tests/test_compile.py tests/test_cli.py tests/test_timeline.py \
-    tests/test_hotpath.py tests/test_real_models.py tests/test_threads.py tests/test_faults.py
+    tests/test_hotpath.py tests/test_real_models.py tests/test_threads.py tests/test_faults.py || failed+=" suite"
 fi
 if [ -n "$slow" ]; then
   stamp "waiting for the two-minute test"
-  wait $slow
+  wait $slow || failed+=" slow"
   tail -5 "$out/slow.log"
 fi
 tar -czf "$out/results.tar.gz" -C "$out" results && rm -rf "$out/results"
 tar -cf "$out/traces.tar" -C "$out" traces && rm -rf "$out/traces"
-stamp "done"
+stamp "done; failed:${failed:- none}"
+[ -z "$failed" ]

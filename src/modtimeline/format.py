@@ -76,9 +76,37 @@ PROFILER_CLOCK_MARK_AFTER = "modtimeline.clock-after "
 
 GPU_TRACK_PREFIX = "cuda"  # GPU track names: "cuda:0 stream 7", "cuda:0 across streams"
 # ``merge --profiler``'s per-stream tracks of kernels under their modules: "cuda:0 stream 7
-# (kernels)". Where a file has them, they are its GPU time (exact kernel time); the event
-# spans of a ``device="cuda"`` Timeline stay in the file to be seen, not counted again.
+# (kernels)". In the steps a file has them for, they are its GPU time (exact kernel time);
+# the event spans of a ``device="cuda"`` Timeline stay in the file to be seen, not counted
+# again in those steps.
 KERNEL_TRACK_SUFFIX = " (kernels)"
+
+
+def gpu_stream_track(device: object, stream: object) -> str:
+    """A device="cuda" Timeline's track of the spans whose work ran on one stream."""
+    return f"{GPU_TRACK_PREFIX}:{device} stream {stream}"
+
+
+def gpu_spread_track(device: object) -> str:
+    """Its track of the spans whose work began on one stream and ended on another."""
+    return f"{GPU_TRACK_PREFIX}:{device} across streams"
+
+
+def is_gpu_event_track(name: str) -> bool:
+    """One of the two above: spans timed by CUDA events (not kernels, not counters)."""
+    head, _, tail = name.partition(" ")
+    device = head[len(GPU_TRACK_PREFIX) + 1:]
+    if not head.startswith(GPU_TRACK_PREFIX + ":") or not device.isdigit():
+        return False
+    if tail == "across streams":
+        return True
+    word, _, stream = tail.partition(" ")
+    return word == "stream" and stream.lstrip("-").isdigit()
+
+
+def is_kernel_track(name: str) -> bool:
+    """``merge --profiler``'s kernels of one stream (``gpu_stream_track`` + the suffix)."""
+    return name.endswith(KERNEL_TRACK_SUFFIX) and is_gpu_event_track(name[:-len(KERNEL_TRACK_SUFFIX)])
 
 
 @dataclass

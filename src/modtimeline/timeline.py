@@ -199,7 +199,7 @@ class Timeline:
     ``path``: ``.json``, ``.json.gz`` or ``.pftrace`` (or ``format=``). With a
     ``schedule``, only the steps marked with ``timeline.step()`` that the schedule makes
     active are recorded, and each active window is written to ``<stem>.<window><suffix>``
-    as soon as it ends. ``device``: ``"auto"`` (CUDA spans when the model is on a GPU),
+    as soon as it ends. ``device``: ``"auto"`` (CUDA spans when CUDA is in use),
     ``"cpu"`` (host only) or ``"cuda"``. ``memory=True`` adds a CUDA memory-allocated
     counter track. ``capacity`` bounds the events held between flushes.
     ``handle_signals``: on SIGTERM inside the Timeline (main thread only), write the
@@ -281,8 +281,6 @@ class Timeline:
         # (inductor regions: kernels measured by torch.profiler, named by inductor's provenance)
         self._kernels = InductorDetail(profiler, _pair_profiler_clock) if compiled_detail else None
         self._clock: DeviceClock | None = None
-        self._clock_on_trial = False  # started before any module was known ("auto")
-        self._gpu_modules_checked = 0  # modules of the registry looked at for GPU tensors
         # The state, steps and window (lifecycle.py: its table says what each call does).
         # record_between_steps=False (integrations, `record`): hooks on only inside steps,
         # so evaluation between steps is left out.
@@ -524,66 +522,20 @@ class Timeline:
         self._hooks_on = on
 
     def _maybe_start_device_clock(self) -> None:
-        """Between steps: start the device clock where GPU spans are wanted. ``"auto"``
-        wants them where CUDA is in use *by the recorded model*: CUDA initialised in the
-        process (by another model, a library) gave a model on the CPU GPU spans of its own
-        (its marks went to the current GPU). Before any module is known the clock starts
-        on trial, and goes at the first boundary that knows the model is on the CPU."""
-        if self._clock is not None:
-            if self._clock_on_trial:
-                self._decide_clock_on_trial()
-            return
-        if self.device == "cpu":
+        if self._clock is not None or self.device == "cpu":
             return
         backend = self._backend
-        on_trial = False
-        if self.device == "auto":
-            if backend is None:
-                # (is_initialized first: it is a flag, where is_available costs µs on every
-                # step of a CPU-only torch)
-                if not (torch.cuda.is_initialized() and torch.cuda.is_available()):
-                    return
-            backend = backend or CudaBackend()
-            on_gpu = self._model_on_gpu(backend)
-            if on_gpu is False:
+        if backend is None:
+            # (is_initialized first: it is a flag, where is_available costs µs on every step
+            # of a CPU-only torch)
+            in_use = torch.cuda.is_initialized() and torch.cuda.is_available()
+            if self.device == "auto" and not in_use:
                 return
-            on_trial = on_gpu is None
-        backend = backend or CudaBackend()
+            backend = CudaBackend()
         # Nothing is synchronised here: a device is anchored at the first step boundary
         # after it is first used, and at each write.
         self._clock = DeviceClock(backend, sample_memory=self.memory, module_device=self._module_device)
-        self._clock_on_trial = on_trial
         self._wire_events()
-
-    def _model_on_gpu(self, backend: DeviceBackend) -> bool | None:
-        """Whether a module recorded so far keeps a tensor on a GPU (True), none does
-        (False), or no module is known yet (None). Looks at the modules learnt since the
-        last look (one parameter or buffer each); a new window looks at all again."""
-        refs = self.recorder.registry.refs
-        if not refs:
-            return None
-        for index in range(self._gpu_modules_checked, len(refs)):
-            module = refs[index]()
-            if module is None:
-                continue
-            for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
-                if backend.tensor_device(tensor) is not None:
-                    self._gpu_modules_checked = index
-                    return True
-                break
-        self._gpu_modules_checked = len(refs)
-        return False
-
-    def _decide_clock_on_trial(self) -> None:
-        assert self._clock is not None
-        on_gpu = self._model_on_gpu(self._clock.backend)
-        if on_gpu is None:
-            return
-        self._clock_on_trial = False
-        if not on_gpu:
-            self._clock.discard()  # (without synchronising: its marks are dropped)
-            self._clock = None
-            self._wire_events()
 
     def _wire_events(self) -> None:
         """Each recorded event goes to the device clock and to NVTX, as they are on."""
@@ -601,7 +553,6 @@ class Timeline:
         return None
 
     def _start_window(self) -> None:
-        self._gpu_modules_checked = 0  # (a model may have moved to a GPU since)
         if self._nvtx is not None:
             self._nvtx.reset()
         self.buffer.clear()
@@ -628,8 +579,6 @@ class Timeline:
     def trace_data(self, exception: BaseException | str | None = None) -> TraceData:
         """Resolve what has been recorded so far into spans (closing what is open)."""
         close_ns = time.perf_counter_ns()
-        if self._clock is not None and self._clock_on_trial:
-            self._decide_clock_on_trial()
         marks = self._clock.resolve() if self._clock is not None else None
         self.buffer.warn_if_overflowed()
         rank, world_size = distributed_world()

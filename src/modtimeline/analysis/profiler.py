@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from ..errors import TraceFormatError
-from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
+from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, NO_LAG, gpu_stream_track, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
                       TraceData)
 from ..readers.load import load_trace
 from ..readers.decoding import ReadLimits, guarded_read, read_bytes
@@ -264,7 +264,7 @@ def _attribute_kernels(events: list[Any], ours: TraceData, base_ns: int) -> tupl
         tid = kernel_tracks.get((device, stream))
         if tid is None:
             tid = kernel_tracks[device, stream] = KERNEL_TID_BASE + len(kernel_tracks)
-            ours.tracks.append(Track(tid, f"{GPU_TRACK_PREFIX}:{device} stream {stream}{KERNEL_TRACK_SUFFIX}"))
+            ours.tracks.append(Track(tid, gpu_stream_track(device, stream) + KERNEL_TRACK_SUFFIX))
         begin = base_ns + round(float(kernel["ts"]) * 1000)
         end = begin + round(float(kernel.get("dur", 0)) * 1000)
         for r in rows:

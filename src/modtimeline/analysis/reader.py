@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TraceFileError, TraceFormatError
-from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, STEP
+from ..format import APPROXIMATE, CATEGORIES, GPU_TRACK_PREFIX, STEP, is_gpu_event_track, is_kernel_track
 from ..gc_pause import paused_gc
 from ..writers import TRACE_SUFFIXES
 from ..readers.decoding import DEFAULT_LIMITS as DEFAULT_LIMITS  # (where the CLI and callers have always found them)
@@ -71,8 +71,8 @@ class Trace:
     def of(cls, file: TraceFile) -> Trace:
         """The view of a decoded file: its spans (step spans give the steps' durations), a
         span's device told by its track's name, its track by (rank, tid). In a file merged
-        with a profiler's kernels, the GPU time is the kernels' (``KERNEL_TRACK_SUFFIX``):
-        event spans of the same modules on other GPU tracks are not read as well."""
+        with a profiler's kernels, the GPU time of the steps they cover is the kernels'
+        (``format.is_kernel_track``): the event spans of those steps are not read as well."""
         spans: list[Span] = []
         step_ns: dict[int, int] = {}
         rank_step_ns: dict[int, dict[int, int]] = {}
@@ -80,17 +80,20 @@ class Trace:
             for data in file.processes:
                 rank = data.rank
                 gpu = {track.tid for track in data.tracks if track.name.startswith(GPU_TRACK_PREFIX)}
-                kernels = {track.tid for track in data.tracks if track.name.endswith(KERNEL_TRACK_SUFFIX)}
-                counted_twice = gpu - kernels if kernels else set()  # event spans beside kernel time
                 names = data.names
                 columns = data.spans
+                # Merged with a profiler's kernels: in the steps they cover, the kernels are
+                # the GPU time, and the event spans beside them are not counted again.
+                kernels = {track.tid for track in data.tracks if is_kernel_track(track.name)}
+                events = {track.tid for track in data.tracks if is_gpu_event_track(track.name)} if kernels else set()
+                kernel_steps = {step for tid, step in zip(columns.track, columns.step) if tid in kernels}
                 for tid, begin, end, name, category, call, step, flags in zip(
                         columns.track, columns.begin, columns.end, columns.name, columns.category, columns.call,
                         columns.step, columns.flags):
                     if category == STEP:
                         step_ns[step] = end - begin
                         rank_step_ns.setdefault(rank, {})[step] = end - begin
-                    elif tid not in counted_twice:
+                    elif tid not in events or step not in kernel_steps:
                         spans.append(Span(names[name], CATEGORIES[category], "cuda" if tid in gpu else "cpu",
                                           (rank, tid), step, begin, end, bool(flags & APPROXIMATE), call))
         return cls(file.path, file.metadata, spans, step_ns, rank_step_ns)

@@ -51,6 +51,7 @@ ANCHOR_READINGS = 5  # (host clock, event) pairs per anchor; the tightest one is
 POOL_CHUNK = 256  # events created at once, outside steps
 MAX_EVENTS_PER_DEVICE = 1 << 17  # the pool's bound: marks past it are dropped and counted
 MEMORY_INTERVAL_NS = 1_000_000  # memory sampled at most once per ms (and at each step boundary)
+MAX_STREAMS_KEPT = 256  # CudaBackend's stream objects, one per stream marks were recorded on
 
 _FORWARD_KINDS = frozenset((FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END))
 _MARKED_KINDS = _FORWARD_KINDS | {GRADIENT_READY, NODE_DONE, BACKWARD_DONE}
@@ -428,6 +429,8 @@ class CudaBackend:
         key = self._current_stream(device)
         stream = self._streams.get(key)
         if stream is None:  # (a stream object is its three numbers: one per stream is kept)
+            if len(self._streams) >= MAX_STREAMS_KEPT:  # (external streams' ids are pointers: no bound)
+                self._streams.clear()
             stream = self._streams[key] = self._cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
         self._record(event, stream)
         return (device, key[0])

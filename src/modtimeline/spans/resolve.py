@@ -73,6 +73,8 @@ from ..format import (
     SpanColumns,
     TraceData,
     Track,
+    gpu_spread_track,
+    gpu_stream_track,
 )
 
 # The arguments _resolve_cpu.spans() takes and the columns it returns (_resolve_cpu.cpp RESOLVE_API).
@@ -463,11 +465,11 @@ def _add_gpu_spans(out: SpanColumns, tracks: list[Track], counters: list[Counter
         device, stream_id = marks.streams[b_stream]
         if b_stream == e_stream:
             tid = GPU_TRACK_BASE + 16 * b_stream
-            track_name[tid] = f"{GPU_TRACK_PREFIX}:{device} stream {stream_id}"
+            track_name[tid] = gpu_stream_track(device, stream_id)
         else:
             # Began on one stream and ended on another: it cannot nest on either.
             tid = spread_tid.setdefault(device, GPU_TRACK_BASE + 16 * (len(marks.streams) + len(spread_tid)))
-            track_name[tid] = f"{GPU_TRACK_PREFIX}:{device} across streams"
+            track_name[tid] = gpu_spread_track(device)
         begin = time_of[b_ev]
         gpu = [begin, max(time_of[e_ev], begin), s[_NAME], s[_CAT], s[_CALL], s[_STEP], 0, b_ev, e_ev,
                begin - timestamps[b_ev], _pass_of(s)]
