@@ -13,12 +13,12 @@ from torch import nn
 from modtimeline import ModuleTracker, Timeline
 from modtimeline.capture import compiled_detail
 
+from .trace_checks import assert_nested, load, spans
+
 # compiled_detail's leaves under eager/aot_eager need leaf functions with multi-grad hooks
 # (torch >= 2.12); without them the detail says so and shows the region as one span.
 needs_leaves = pytest.mark.skipif(not compiled_detail.leaves_available(),
                                   reason="this torch's leaf functions take no multi-grad hook")
-
-from .trace_checks import assert_nested, load, spans
 
 pytestmark = [pytest.mark.twin, pytest.mark.slow]
 

@@ -7,9 +7,8 @@ route on real inductor compiles (CPU) of a model of ours and a tiny random
 
 from __future__ import annotations
 
-from array import array
-
 import importlib
+from array import array
 
 import pytest
 import torch
