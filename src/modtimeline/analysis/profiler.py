@@ -31,8 +31,8 @@ from typing import Any
 import orjson
 
 from ..errors import TraceFormatError
-from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, NO_LAG, gpu_stream_track, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER, STEP, SpanColumns, Track,
-                      TraceData)
+from ..format import (FLOW_NONE, GPU_TRACK_PREFIX, KERNEL_TRACK_SUFFIX, NO_LAG, PROFILER_CLOCK_MARK, PROFILER_CLOCK_MARK_AFTER,
+                      STEP, SpanColumns, Track, TraceData, gpu_stream_track)
 from ..readers.load import load_trace
 from ..readers.decoding import ReadLimits, guarded_read, read_bytes
 

@@ -84,9 +84,13 @@ class Trace:
                 columns = data.spans
                 # Merged with a profiler's kernels: in the steps they cover, the kernels are
                 # the GPU time, and the event spans beside them are not counted again.
+                # (A file without kernel tracks, nearly every one, costs no pass over its spans.)
                 kernels = {track.tid for track in data.tracks if is_kernel_track(track.name)}
-                events = {track.tid for track in data.tracks if is_gpu_event_track(track.name)} if kernels else set()
-                kernel_steps = {step for tid, step in zip(columns.track, columns.step) if tid in kernels}
+                events: set[int] = set()
+                kernel_steps: set[int] = set()
+                if kernels:
+                    events = {track.tid for track in data.tracks if is_gpu_event_track(track.name)}
+                    kernel_steps = {step for tid, step in zip(columns.track, columns.step) if tid in kernels}
                 for tid, begin, end, name, category, call, step, flags in zip(
                         columns.track, columns.begin, columns.end, columns.name, columns.category, columns.call,
                         columns.step, columns.flags):
