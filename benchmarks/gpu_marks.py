@@ -13,6 +13,7 @@ of each part of one mark (medians of repeated loops), so a cut can aim at what c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -143,11 +144,11 @@ def step_split(folder: Path, steps: int = 20) -> dict[str, Any]:
     for variant, device in (("untraced", None), ("Timeline device=cpu", "cpu"), ("Timeline device=cuda", "cuda")):
         work, boundary = [], []
         timeline = Timeline(folder / f"split-{variant}.json", device=device) if device else None
-        with timeline if timeline is not None else _nothing():
+        with timeline if timeline is not None else contextlib.nullcontext():
             for _ in range(steps + 2):
                 torch.cuda.synchronize()
                 start = time.perf_counter_ns()
-                step = timeline.step() if timeline is not None else _nothing()
+                step = timeline.step() if timeline is not None else contextlib.nullcontext()
                 step.__enter__()
                 entered = time.perf_counter_ns()
                 model(x).sum().backward()
@@ -158,14 +159,6 @@ def step_split(folder: Path, steps: int = 20) -> dict[str, Any]:
                 boundary.append((entered - start + done - worked) / 1e6)
         results[variant] = {"work_ms": statistics.median(work[2:]), "boundaries_ms": statistics.median(boundary[2:])}
     return results
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> int:
