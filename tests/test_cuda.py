@@ -135,11 +135,18 @@ def test_a_sleeping_module_is_timed_like_paired_events_after_two_minutes(tmp_pat
     model.register_forward_pre_hook(pre)
     model.register_forward_hook(post)
     path = tmp_path / "t.json"
+    # The GPU is kept 50 ms behind before each forward: our mark and the paired event are
+    # then reached back to back on the device. On an idle GPU each is reached when the host
+    # records it, and the host time between them (ours is recorded first: tens of µs on a
+    # loaded machine) was measured as well (2.4 % over, on an H200 running the suite).
+    behind = _sleep_cycles(50)
     with Timeline(path) as timeline:
         with timeline.step():
+            torch.cuda._sleep(behind)
             model(x).sum().backward()
         time.sleep(120)  # one window, two minutes long: float32 from one anchor would blur it
         with timeline.step():
+            torch.cuda._sleep(behind)
             model(x).sum().backward()
     torch.cuda.synchronize()
     trace = load(path)
