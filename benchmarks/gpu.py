@@ -40,6 +40,7 @@ from report import machine, save  # noqa: E402
 from modtimeline import Schedule, Timeline  # noqa: E402
 from modtimeline.native import loader as _native  # noqa: E402
 from modtimeline.analysis.reader import read_trace, samples  # noqa: E402
+from modtimeline.device.clock import CudaBackend  # noqa: E402
 from modtimeline.device.fake import FakeBackend  # noqa: E402
 from modtimeline.capture.recorder import native_hotpath  # noqa: E402
 
@@ -76,15 +77,22 @@ Variant = Callable[[Path], Any]
 def variants(fake: bool) -> dict[str, Variant]:
     schedule = dict(wait=1, warmup=1, repeat=1)
 
-    def timeline(device: str, memory: bool = False) -> Variant:
+    def timeline(device: str, memory: bool = False, python_marks: bool = False) -> Variant:
         def make(path: Path) -> Timeline:
-            backend = FakeBackend(lag_ns=5_000) if fake and device == "cuda" else None
+            backend: Any = None
+            if device == "cuda" and (fake or python_marks):
+                backend = FakeBackend(lag_ns=5_000, native_marks=not python_marks) if fake else CudaBackend()
+                backend.marks_type = None if python_marks else backend.marks_type
             return Timeline(path, device=device, memory=memory, device_backend=backend,
                             schedule=Schedule(active=1 << 30, **schedule))
         return make
 
+    # device=cuda: the marks inside steps in C++ where _cuda_marks is built (the default);
+    # "marks in Python": as before it (and as wherever it is not built).
     return {"untraced": lambda path: None, "Timeline device=cpu": timeline("cpu"),
-            "Timeline device=cuda": timeline("cuda"), "Timeline device=cuda, memory": timeline("cuda", memory=True)}
+            "Timeline device=cuda": timeline("cuda"),
+            "Timeline device=cuda, marks in Python": timeline("cuda", python_marks=True),
+            "Timeline device=cuda, memory": timeline("cuda", memory=True)}
 
 
 def sync(device: str) -> None:
@@ -177,10 +185,13 @@ def main() -> int:
         return 2
     hot = native_hotpath() is not None
     hot_text = "compiled hot path in use" if hot else f"pure-Python hot path ({_native.why_not.get('native._hotpath')})"
+    compiled_marks = not args.fake and CudaBackend().marks_type is not None
+    hot_text += "; compiled device marks in use" if compiled_marks or args.fake else \
+        f"; device marks in Python ({_native.why_not.get('native._cuda_marks')})"
     where = f"{machine()}, fake device backend" if args.fake else \
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     with tempfile.TemporaryDirectory() as tmp:
-        results: dict[str, Any] = {"device": where, "compiled_hot_path": hot,
+        results: dict[str, Any] = {"device": where, "compiled_hot_path": hot, "compiled_device_marks": compiled_marks,
                                    "steady_state": steady_state(args.rounds, args.steps, args.fake, Path(tmp))}
         if not args.fake:
             results["profiler"] = profiler_agreement(Path(tmp))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import tempfile
@@ -53,7 +54,8 @@ def marks_per_call(device: str, folder: Path) -> dict[str, Any]:
 
         DeviceClock.record_event = counting  # type: ignore[method-assign]
         try:
-            backend = FakeBackend() if device == "cpu" else None
+            backend: Any = FakeBackend() if device == "cpu" else CudaBackend()
+            backend.marks_type = None  # (counted where Python makes them: the same marks)
             with Timeline(folder / f"{name}.json", device="cuda", device_backend=backend) as timeline:
                 model(x).sum().backward()  # (the first step: devices seen and anchored)
                 seen.clear()
@@ -122,6 +124,16 @@ def mark_parts() -> dict[str, float]:
         torch.cuda.synchronize()
         whole.append(timed(mark, loops=2000, repeats=1))
     parts["DeviceClock.record_event (one whole mark)"] = statistics.median(whole)
+    if backend.marks_type is not None:  # the same mark made in C++ (_cuda_marks), called from Python here
+        compiled = DeviceClock(backend, module_device=lambda module: 0, marks_type=backend.marks_type)
+        assert compiled.marks is not None
+        compiled_mark = functools.partial(compiled.marks.mark, 0, buffer.FORWARD_BEGIN, 0)
+        whole = []
+        for _ in range(7):
+            compiled.begin_step()  # (takes the marks back, lends events for the next 2000)
+            torch.cuda.synchronize()
+            whole.append(timed(compiled_mark, loops=2000, repeats=1))
+        parts["CudaMarks.mark (compiled, one whole mark, from Python)"] = statistics.median(whole)
     # The boundary's read of completed marks, per mark (2000 marks a boundary).
     harvest = []
     for _ in range(5):
@@ -141,9 +153,16 @@ def step_split(folder: Path, steps: int = 20) -> dict[str, Any]:
     Timeline's step boundaries apart, untraced, host spans, GPU spans."""
     model, x = workloads("cuda")["tiny-modules"]
     results: dict[str, Any] = {}
-    for variant, device in (("untraced", None), ("Timeline device=cpu", "cpu"), ("Timeline device=cuda", "cuda")):
+    def python_marks() -> CudaBackend:
+        backend = CudaBackend()
+        backend.marks_type = None
+        return backend
+
+    for variant, device, backend in (("untraced", None, None), ("Timeline device=cpu", "cpu", None),
+                                     ("Timeline device=cuda, marks in Python", "cuda", python_marks()),
+                                     ("Timeline device=cuda", "cuda", None)):
         work, boundary = [], []
-        timeline = Timeline(folder / f"split-{variant}.json", device=device) if device else None
+        timeline = Timeline(folder / f"split-{variant}.json", device=device, device_backend=backend) if device else None
         with timeline if timeline is not None else contextlib.nullcontext():
             for _ in range(steps + 2):
                 torch.cuda.synchronize()

@@ -450,3 +450,109 @@ def test_a_boundary_reads_a_finished_streams_marks_after_one_query():
     assert len(queries) <= 2 + 2, len(queries)  # one a stream, and the references'
     marks = clock.resolve()
     assert len(marks.host_event) == 201 and len({marks.streams[i] for i in marks.stream}) == 2
+
+
+# ------------------------------------------------- marks made outside Python (C++ on a GPU)
+# FakeMarks is the compiled _cuda_marks.CudaMarks's twin over the fake: these drive
+# DeviceClock's side of it (lending events, naming references, taking marks back at
+# boundaries) on the CPU; tests/test_cuda.py runs the compiled one on a GPU.
+def _gpu_track_spans(trace):
+    names = thread_names(trace)
+    return sorted((names[e["tid"]], e["name"], e["cat"], e["args"]["step"]) for e in spans(trace)
+                  if names[e["tid"]].startswith("cuda"))
+
+
+def test_native_marks_give_the_same_gpu_spans_as_marks_made_in_python(tmp_path):
+    traces = {}
+    for native in (False, True):
+        backend = FakeBackend(lag_ns=30_000, native_marks=native)
+        backend.work_ns = 20_000
+        torch.manual_seed(0)
+        model = Tree()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        path = tmp_path / f"{native}.json"
+        with Timeline(path, device="cuda", device_backend=backend) as timeline:
+            for _ in range(3):
+                with timeline.step():
+                    train_step(model, optimizer)
+            marks = timeline._clock.marks
+        traces[native] = load(path)
+        assert (marks is not None) == native
+        if native:
+            assert marks.calls > 0 and marks.outstanding(0)[1] == 0  # all taken back
+    gpu = _gpu_track_spans(traces[True])
+    assert gpu and gpu == _gpu_track_spans(traces[False])
+    assert {cat for _, _, cat, _ in gpu} == {"forward", "backward", "recompute"}
+    assert_nested(traces[True])
+
+
+def test_native_marks_map_to_the_host_clock_exactly(monkeypatch):
+    backend = FakeBackend(lag_ns=5_000, native_marks=True)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, marks_type=backend.marks_type)
+    clock.marks.mark(0, FW, 1)  # no reference, no event yet: it asks the clock for both
+    manual.advance(7_000)
+    clock.marks.mark(1, FE, 1)
+    manual.advance(600_000_000)  # past the reference interval: a new reference is asked for
+    clock.marks.mark(2, ND, 0)
+    recorded = list(backend.recorded)
+    marks = clock.resolve()
+    assert list(marks.host_event) == [0, 1, 2]
+    # recorded: reference, 0, 1, reference, 2 (then the anchor's readings)
+    expected = [done - 5_000 for _, done in (recorded[1], recorded[2], recorded[4])]
+    # (the marks before the second reference are timed through the 600 ms between the two
+    # references, a float32 count of ms: good to ~30 ns, as in Python)
+    assert all(abs(a - b) <= 64 for a, b in zip(marks.time_ns, expected)), (list(marks.time_ns), expected)
+    assert backend.synchronizations == 2  # only resolve's anchor
+
+
+def test_native_marks_stay_bounded_when_the_gpu_never_catches_up(monkeypatch):
+    backend = FakeBackend(lag_ns=10**15, native_marks=True)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, max_events_per_device=500, marks_type=backend.marks_type)
+    for step in range(10):
+        clock.begin_step() if step else None
+        for i in range(100):
+            clock.marks.mark(i, FW, 1)
+        manual.advance(1_000)
+    clock.begin_step()
+    # as in Python: the first boundary's anchor completes the first 100; after it the clock
+    # holds at most 500 marks, the rest are dropped and counted, and no event is made for them
+    assert clock.pending() <= 500 and clock.pending() + clock.dropped == 900
+    assert clock.dropped >= 400 and backend.events_created < 800
+
+
+def test_native_marks_skip_captures_and_recycle_their_events(monkeypatch):
+    backend = FakeBackend(lag_ns=10_000, native_marks=True)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, marks_type=backend.marks_type)
+    for step in range(2_000):
+        clock.begin_step()
+        backend.capture = step == 5
+        for i in range(20):
+            clock.marks.mark(i, FW if i % 3 else BACKWARD_DONE, 1)
+            manual.advance(2_000)
+        backend.capture = False
+        manual.advance(100_000)
+    assert clock.skipped_in_capture == 20
+    assert clock.pending() < 40 and backend.events_created < 1_000  # 40,000 marks
+    clock.discard()
+    assert clock.pending() == 0
+
+
+def test_native_marks_follow_a_module_to_its_device(tmp_path):
+    backend = FakeBackend(native_marks=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    backend.place(model, 1)
+    path = tmp_path / "t.json"
+    with Timeline(path, device="cuda", device_backend=backend, schedule=Schedule(wait=0, warmup=1, active=2,
+                                                                                   repeat=1)) as timeline:
+        for _ in range(3):
+            with timeline.step():
+                model(torch.randn(2, 4)).sum().backward()
+    trace = load(tmp_path / "t.000.json")
+    names = thread_names(trace)
+    forward_gpu = {names[e["tid"]] for e in spans(trace) if e["cat"] == "forward" and names[e["tid"]].startswith("cuda")}
+    assert forward_gpu == {"cuda:1 stream 7"}
+    assert {step for *_, step in _gpu_track_spans(trace)} == {1, 2}  # (step 0 warm-up, discarded)
+    assert_nested(trace)

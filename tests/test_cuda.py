@@ -157,6 +157,76 @@ def test_a_sleeping_module_is_timed_like_paired_events_after_two_minutes(tmp_pat
     assert gpu and gpu[0]["dur"] == pytest.approx(expected_us, rel=0.02)
 
 
+def _gpu_spans(trace):
+    names = thread_names(trace)
+    return sorted((names[e["tid"]], e["name"], e["cat"], e["args"]["step"]) for e in spans(trace)
+                  if names[e["tid"]].startswith("cuda"))
+
+
+def _cuda_backend(compiled_marks: bool):
+    from modtimeline.device.clock import CudaBackend
+    from modtimeline.native import loader
+
+    backend = CudaBackend()
+    if compiled_marks and backend.marks_type is None:
+        pytest.skip(f"the compiled device marks are not built here ({loader.why_not.get('native._cuda_marks')})")
+    if not compiled_marks:
+        backend.marks_type = None  # (marks made in Python, as before them)
+    return backend
+
+
+def test_compiled_device_marks_give_the_spans_python_marks_give(tmp_path):
+    model = Heavy(256).cuda()
+    x = torch.randn(64, 256, device="cuda")
+    side = torch.cuda.Stream()
+    traces = {}
+    for compiled in (True, False):
+        path = tmp_path / f"{compiled}.json"
+        with Timeline(path, device="cuda", device_backend=_cuda_backend(compiled)) as timeline:
+            _steps(model, x, timeline, 2)
+            with timeline.step(), torch.cuda.stream(side):
+                model(x).backward()
+            assert (timeline._clock.marks is not None) == compiled
+        traces[compiled] = load(path)
+    compiled_spans = _gpu_spans(traces[True])
+    assert compiled_spans and compiled_spans == _gpu_spans(traces[False])
+    assert {cat for _, _, cat, _ in compiled_spans} == {"forward", "backward"}
+    assert len({track for track, *_ in compiled_spans}) >= 2  # the side stream's own track
+    assert_nested(traces[True])
+    assert traces[True]["metadata"].get("gpu_marks_dropped", 0) == 0
+
+
+def test_compiled_device_marks_time_a_sleeping_module_like_paired_events(tmp_path):
+    model = Sleeper(_sleep_cycles(5)).cuda()
+    x = torch.ones(4, device="cuda")
+    paired = []
+
+    def pre(module, args):
+        paired.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        paired[-1][0].record()
+
+    def post(module, args, output):
+        paired[-1][1].record()
+
+    model.register_forward_pre_hook(pre)
+    model.register_forward_hook(post)
+    behind = _sleep_cycles(50)  # (both marks of a pair then reached back to back: see the two-minute test)
+    path = tmp_path / "t.json"
+    with Timeline(path, device="cuda", device_backend=_cuda_backend(True)) as timeline:
+        for _ in range(3):
+            with timeline.step():
+                torch.cuda._sleep(behind)
+                model(x).sum().backward()
+    torch.cuda.synchronize()
+    trace = load(path)
+    names = thread_names(trace)
+    gpu = sorted((e["args"]["step"], e["dur"]) for e in spans(trace) if e["name"] == "Sleeper"
+                 and e["cat"] == "forward" and names[e["tid"]].startswith("cuda"))
+    assert [step for step, _ in gpu] == [0, 1, 2]
+    for (_, dur), (start, end) in zip(gpu, paired):
+        assert dur == pytest.approx(start.elapsed_time(end) * 1000, rel=0.02)
+
+
 def test_a_gpu_sleep_at_step_start_does_not_slow_the_host_step(tmp_path):
     cycles = _sleep_cycles(200)
     model = Heavy(256).cuda()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from modtimeline.capture.recorder import HOTPATH_API
+from modtimeline.device.clock import CUDA_MARKS_API
 from modtimeline.native import loader
 
 HEADER = Path(loader.__file__).with_name("_layout.h")
@@ -49,7 +50,7 @@ def test_a_drifted_copy_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("part, api", [("native._hotpath", HOTPATH_API), ("native._resolve_cpu", 1), ("writers._chrome_rows", 3),
-                                       ("writers._pftrace_rows", 3)])
+                                       ("writers._pftrace_rows", 3), ("native._cuda_marks", CUDA_MARKS_API)])
 def test_each_built_part_exports_the_shared_constants(part, api):
     module = loader.compiled(part)
     if module is None:

@@ -18,12 +18,13 @@ import time
 import warnings
 from pathlib import Path
 from types import TracebackType
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 
 from . import __version__
-from .capture.buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END
+from .capture.buffer import DEFAULT_CAPACITY, STEP_BEGIN, STEP_END, NativeEventBuffer
 from .device.clock import CudaBackend, DeviceBackend, DeviceClock
 from .errors import ConfigError, DeviceError, ModTimelineError, RankSyncError, TraceFileError
 from .gc_pause import paused_gc
@@ -534,13 +535,25 @@ class Timeline:
             backend = CudaBackend()
         # Nothing is synchronised here: a device is anchored at the first step boundary
         # after it is first used, and at each write.
-        self._clock = DeviceClock(backend, sample_memory=self.memory, module_device=self._module_device)
+        # (memory sampling is Python's, at most once a ms between marks: those stay in Python)
+        marks_type = None if self.memory else getattr(backend, "marks_type", None)
+        self._clock = DeviceClock(backend, sample_memory=self.memory, module_device=self._module_device,
+                                  marks_type=marks_type)
         self._wire_events()
 
     def _wire_events(self) -> None:
-        """Each recorded event goes to the device clock and to NVTX, as they are on."""
-        self.buffer.on_recorded = chained(self._clock.record_event if self._clock is not None else None,
-                                          self._nvtx.on_event if self._nvtx is not None else None)
+        """Each recorded event goes to the device clock and to NVTX, as they are on: to
+        compiled device marks straight from the compiled buffer where both are built."""
+        device_marks: Callable[[int, int, int, int], None] | None = None
+        if self._clock is not None:
+            marks = self._clock.marks
+            if marks is None:
+                device_marks = self._clock.record_event
+            elif isinstance(self.buffer, NativeEventBuffer) and hasattr(marks, "capsule"):
+                self.buffer.device_marker = marks
+            else:
+                device_marks = marks.mark
+        self.buffer.on_recorded = chained(device_marks, self._nvtx.on_event if self._nvtx is not None else None)
 
     def _module_device(self, index: int) -> int | None:
         """The GPU a module's forward runs on: that of its first parameter or buffer."""

@@ -220,6 +220,16 @@ class NativeEventBuffer(_OverflowReport):
     def on_recorded(self, callback: Callable[[int, int, int, int], None] | None) -> None:
         self.store.on_recorded = callback
 
+    @property
+    def device_marker(self) -> Any:
+        """Compiled device marks (``_cuda_marks.CudaMarks``) told of each stored event
+        before ``on_recorded``, from C++ to C++; or None."""
+        return self.store.device_marker
+
+    @device_marker.setter
+    def device_marker(self, marks: Any) -> None:
+        self.store.device_marker = marks
+
     def __len__(self) -> int:
         return len(self.store)
 

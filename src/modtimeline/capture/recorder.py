@@ -68,7 +68,7 @@ def _peek_by_a_node() -> int:
 _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", _peek_by_a_node)
 
 # The interface of Store, ForwardHooks and the dispatch functions (_hotpath.cpp HOTPATH_API).
-HOTPATH_API = 3
+HOTPATH_API = 4
 
 
 def native_hotpath() -> Any | None:

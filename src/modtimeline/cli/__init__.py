@@ -83,7 +83,8 @@ def _info(args: argparse.Namespace) -> int:
     except ImportError:
         lines.append("torch not installed (summary and diff work without it; Timeline needs it)")
     lines += [f"orjson {installed('orjson')}", f"perfetto {installed('perfetto')}", "compiled parts:"]
-    for part in _native.PARTS:
+    cuda_build = "torch" in sys.modules and bool(sys.modules["torch"].version.cuda)
+    for part in _native.PARTS + (_native.CUDA_PARTS if cuda_build else ()):
         if part not in _native.why_not:
             _native.compiled(part)
         reason = _native.why_not.get(part)

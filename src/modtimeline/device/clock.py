@@ -24,6 +24,11 @@ How a device time becomes a host time:
   dropped (counted), never queued without limit.
 * **CUDA graphs.** While a stream is being captured nothing is marked (an event recorded
   into a graph cannot be timed); the marks skipped are counted.
+* **Marks made in C++.** Where the compiled ``native._cuda_marks`` is built (a CUDA torch)
+  the marks inside a step are made there, without Python or the GIL (``marks_type``): it
+  records events this clock lends it against the reference this clock names, and calls
+  ``_need`` when it has no fresh reference or no event left; each step boundary takes
+  its marks back (``_drain``) before timing them here, exactly as marks made in Python.
 
 The arithmetic lives in ``DeviceClock``; the device primitives in a ``DeviceBackend``:
 ``CudaBackend`` on real GPUs, ``fake.FakeBackend`` on the CPU. The fake keeps CUDA's rules
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -53,8 +59,30 @@ MAX_EVENTS_PER_DEVICE = 1 << 17  # the pool's bound: marks past it are dropped a
 MEMORY_INTERVAL_NS = 1_000_000  # memory sampled at most once per ms (and at each step boundary)
 MAX_STREAMS_KEPT = 256  # CudaBackend's stream objects, one per stream marks were recorded on
 
+# The interface of native._cuda_marks.CudaMarks (_cuda_marks.cpp CUDA_MARKS_API).
+CUDA_MARKS_API = 1
+
 _FORWARD_KINDS = frozenset((FORWARD_BEGIN, FORWARD_END, RECOMPUTE_BEGIN, RECOMPUTE_END))
 _MARKED_KINDS = _FORWARD_KINDS | {GRADIENT_READY, NODE_DONE, BACKWARD_DONE}
+
+
+def _mask(kinds: frozenset[int] | set[int]) -> int:
+    return sum(1 << kind for kind in kinds)
+
+
+class NativeMarks(Protocol):
+    """Marks made outside Python (``_cuda_marks.CudaMarks``; ``fake.FakeMarks`` on the CPU),
+    made as ``marks_type(need, module_device, marked_kinds, forward_kinds,
+    reference_interval_ns)`` (kinds as bit masks)."""
+
+    def mark(self, index: int, kind: int, module: int, call: int = 0) -> None:
+        """Mark stored event ``index`` (buffer.on_recorded's arguments; ``call`` unused)."""
+    def give(self, device: int, events: list[Any]) -> None: ...
+    def set_reference(self, device: int, reference: int, host_ns: int) -> None: ...
+    def outstanding(self, device: int) -> tuple[int, int]:
+        """(events in the pool, marks not drained yet) of ``device``."""
+    def drain(self) -> tuple[list[Any], bytes, bytes, bytes, bytes, int, int, str]: ...
+    def forget_modules(self) -> None: ...
 
 
 class DeviceBackend(Protocol):
@@ -84,6 +112,9 @@ class DeviceBackend(Protocol):
     def tensor_device(self, tensor: Any) -> int | None:
         """The GPU ``tensor`` lives on; None for a tensor on the host."""
 
+    # Makes the marks inside steps outside Python (``NativeMarks``), or None: Python does.
+    marks_type: Callable[..., NativeMarks] | None
+
 
 @dataclass
 class DeviceMarks:
@@ -102,10 +133,11 @@ class DeviceMarks:
 
 
 class _Reference:
-    __slots__ = ("event", "position", "users")
+    __slots__ = ("event", "position", "users", "ident")
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: Any, ident: int) -> None:
         self.event = event
+        self.ident = ident  # (how marks made in C++ name it)
         self.position: float | None = None  # device ns after the chain's first reference
         self.users = 0  # marks waiting to be timed against it
 
@@ -137,7 +169,8 @@ class DeviceClock:
 
     def __init__(self, backend: DeviceBackend, sample_memory: bool = False,
                  module_device: Callable[[int], int | None] | None = None,
-                 max_events_per_device: int = MAX_EVENTS_PER_DEVICE) -> None:
+                 max_events_per_device: int = MAX_EVENTS_PER_DEVICE,
+                 marks_type: Callable[..., NativeMarks] | None = None) -> None:
         self.backend = backend
         self.sample_memory = sample_memory
         self.module_device = module_device or (lambda index: None)
@@ -154,6 +187,14 @@ class DeviceClock:
         self.synchronizations = 0  # ours: all at anchors and resolve, outside steps
         # Marks come from the main thread and autograd's device threads at once.
         self._lock = threading.Lock()
+        self._references: dict[int, _Reference] = {}  # unreleased, by ident
+        self._next_reference = 0
+        self._marks_error_told = False
+        # Marks made outside Python, or None: record_event then makes them.
+        self.marks: NativeMarks | None = None
+        if marks_type is not None:
+            self.marks = marks_type(self._need, self.module_device, _mask(_MARKED_KINDS), _mask(_FORWARD_KINDS),
+                                    REFERENCE_INTERVAL_NS)
 
     # ------------------------------------------------------------------ hot path
     def record_event(self, host_event: int, kind: int, module: int, call: int = 0) -> None:
@@ -172,9 +213,7 @@ class DeviceClock:
             device = self._device_of_module(module)
         else:
             device = backend.thread_device()
-        state = self._devices.get(device)
-        if state is None:
-            state = self._devices[device] = _Device(device)
+        state = self._state(device)
         if state.pending >= self.max_events_per_device:
             self.dropped += 1
             return
@@ -194,6 +233,55 @@ class DeviceClock:
         if self.sample_memory and now - self._last_memory_ns >= MEMORY_INTERVAL_NS:
             self._last_memory_ns = now
             self._sample_memory(now, device)
+
+    def _state(self, device: int) -> _Device:
+        state = self._devices.get(device)
+        if state is None:
+            state = self._devices[device] = _Device(device)
+        return state
+
+    def _need(self, device: int) -> None:
+        """``marks``' call inside a step: a fresh reference on ``device`` and events to
+        lend (none past the bound: its marks are then dropped and counted)."""
+        assert self.marks is not None
+        with self._lock:
+            state = self._state(device)
+            now = time.perf_counter_ns()
+            if state.current is None or now - state.current_host_ns > REFERENCE_INTERVAL_NS:
+                self._add_reference(state, now)
+            pooled, undrained = self.marks.outstanding(device)
+            lend = min(POOL_CHUNK // 4, self.max_events_per_device - state.pending - undrained) if pooled == 0 else 0
+            if lend > 0:
+                self.marks.give(device, [self._take(state) for _ in range(lend)])
+
+    def _drain(self) -> None:
+        """Take back the marks ``marks`` made since the last boundary, into the queues
+        record_event fills (the caller holds the lock)."""
+        if self.marks is None:
+            return
+        events, host_events, devices, streams, references, skipped, dropped, error = self.marks.drain()
+        self.skipped_in_capture += skipped
+        self.dropped += dropped
+        if error and not self._marks_error_told:
+            self._marks_error_told = True  # (the first line: torch's own message follows it with a C++ stack)
+            warnings.warn(f"modtimeline: a device mark failed and was dropped: {error.splitlines()[0]}",
+                          RuntimeWarning, stacklevel=2)
+        columns = [array("q") for _ in range(4)]
+        for column, data in zip(columns, (host_events, devices, streams, references)):
+            column.frombytes(data)
+        for event, host_event, device, stream, ident in zip(events, *columns):
+            state = self._devices[device]
+            reference = self._references.get(ident)
+            if reference is None:  # (made against a reference released meanwhile: another thread's boundary)
+                state.pool.append(event)
+                self.dropped += 1
+                continue
+            queue = state.waiting.get((device, stream))
+            if queue is None:
+                queue = state.waiting[(device, stream)] = deque()
+            queue.append((event, host_event, reference))
+            reference.users += 1
+            state.pending += 1
 
     def _device_of_module(self, module: int) -> int:
         cache = self._module_devices
@@ -217,7 +305,9 @@ class DeviceClock:
         return self.backend.new_event(state.index)
 
     def _add_reference(self, state: _Device, now: int) -> None:
-        reference = _Reference(self._take(state))
+        reference = _Reference(self._take(state), self._next_reference)
+        self._next_reference += 1
+        self._references[reference.ident] = reference
         self.backend.record(reference.event, state.index)
         if state.current is None and state.tail is None:
             reference.position = 0.0  # the chain's origin
@@ -225,6 +315,8 @@ class DeviceClock:
         state.references.append(reference)
         state.current = reference
         state.current_host_ns = now
+        if self.marks is not None:
+            self.marks.set_reference(state.index, reference.ident, now)
 
     def _sample_memory(self, host_ns: int, device: int) -> None:
         self._memory_time.append(host_ns)
@@ -238,6 +330,7 @@ class DeviceClock:
         if self.backend.capturing():
             return
         with self._lock:
+            self._drain()
             now = time.perf_counter_ns()
             for state in self._devices.values():
                 self._harvest(state)
@@ -250,6 +343,14 @@ class DeviceClock:
 
     def _refill(self, state: _Device) -> None:
         wanted = min(max(state.used_since_refill, POOL_CHUNK), self.max_events_per_device - state.pending)
+        if self.marks is not None:
+            # The marks of a step are made in C++: lend it the events; this pool keeps what the
+            # boundaries' own records need (a reference, an anchor's readings).
+            pooled, _ = self.marks.outstanding(state.index)  # (none undrained: the boundary drained them)
+            lend = wanted - pooled
+            if lend > 0:
+                self.marks.give(state.index, [self._take(state) for _ in range(lend)])
+            wanted = min(wanted, 2 * ANCHOR_READINGS)
         backend = self.backend
         while len(state.pool) < wanted and state.created < self.max_events_per_device + 2 * ANCHOR_READINGS:
             state.pool.append(backend.new_event(state.index))
@@ -289,7 +390,9 @@ class DeviceClock:
         # References no mark waits on, older than the tail, go back to the pool.
         while references and references[0] is not tail and references[0] is not state.current \
                 and references[0].users == 0 and references[0].position is not None:
-            state.pool.append(references.popleft().event)
+            released = references.popleft()
+            del self._references[released.ident]
+            state.pool.append(released.event)
 
     def _anchor(self, state: _Device) -> None:
         """Pin the chain to the host clock (synchronises the device: outside steps only)."""
@@ -324,6 +427,7 @@ class DeviceClock:
         """Every mark of the window on the host clock; outside steps (it synchronises).
         The anchor taken here also starts the next window."""
         with self._lock:
+            self._drain()
             return self._resolve()
 
     def _resolve(self) -> DeviceMarks:
@@ -345,14 +449,17 @@ class DeviceClock:
                 stream_index.append(index)
             self._start_window(state)
         marks = DeviceMarks(host_event, time_ns, stream_index, streams, self._memory_time, self._memory_device,
-                            self._memory_bytes, self.skipped_in_capture, self.dropped)
+                              self._memory_bytes, self.skipped_in_capture, self.dropped)
         self._reset_counts()
+        if self.marks is not None:
+            self.marks.forget_modules()  # (a model may have moved)
         return marks
 
     def discard(self) -> None:
         """Forget the window's marks without synchronising (warm-up steps): their events
         go back to the pools, the reference chains go on."""
         with self._lock:
+            self._drain()
             self._discard()
 
     def _discard(self) -> None:
@@ -416,6 +523,11 @@ class CudaBackend:
         self._record: Callable[[Any, Any], None] = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) \
             or (lambda event, stream: event.record(stream))
         self._streams: dict[tuple[int, int, int], Any] = {}  # (id, device, type) -> torch.cuda.Stream
+        # The marks inside steps in C++ where the compiled part is built (a CUDA torch).
+        from ..native.loader import compiled_part
+
+        part = compiled_part("native._cuda_marks", CUDA_MARKS_API) if torch.version.cuda else None
+        self.marks_type: Callable[..., NativeMarks] | None = part.CudaMarks if part is not None else None
 
     def new_event(self, device: int) -> Any:
         cuda = self._cuda

@@ -1,12 +1,16 @@
 """``FakeBackend``: a ``DeviceBackend`` for the CPU that keeps CUDA's rules, so the CPU
 tests (and ``benchmarks/gpu.py --fake``) drive exactly the ``DeviceClock`` code a GPU
-runs. Not used when recording on a real device."""
+runs; ``FakeMarks``: the twin of the compiled ``_cuda_marks.CudaMarks`` over it. Not used
+when recording on a real device."""
 
 from __future__ import annotations
 
+import functools
 import struct
+import threading
 import time
 from collections.abc import Callable
+from array import array
 from typing import Any
 
 from .clock import StreamKey
@@ -33,9 +37,13 @@ class FakeBackend:
       module's (CPU) parameters "on" a device.
     * ``now`` is the host clock it reads and ``wait(until_ns)`` how it waits for the
       device; tests that move time by hand replace both (and ``time.perf_counter_ns``).
+    * ``native_marks=True``: the marks inside steps are made by ``FakeMarks`` (as where
+      the compiled ``_cuda_marks`` is built), not by ``DeviceClock.record_event``.
     """
 
-    def __init__(self, lag_ns: int = 20_000, rate: float = 1.0, offset_ns: int = 123_456_789) -> None:
+    def __init__(self, lag_ns: int = 20_000, rate: float = 1.0, offset_ns: int = 123_456_789,
+                 native_marks: bool = False) -> None:
+        self.marks_type: Callable[..., FakeMarks] | None = functools.partial(FakeMarks, self) if native_marks else None
         self.lag_ns = lag_ns
         self.rate = rate
         self.offset_ns = offset_ns
@@ -132,3 +140,88 @@ class FakeBackend:
 def _sleep_until(until_ns: int) -> None:
     while time.perf_counter_ns() < until_ns:
         time.sleep(max(until_ns - time.perf_counter_ns(), 0) / 1e9)
+
+
+class FakeMarks:
+    """``_cuda_marks.CudaMarks`` (``clock.NativeMarks``) in Python over a ``FakeBackend``:
+    the same rules (a mark needs a fresh reference and a lent event, else it calls
+    ``need`` once; captured marks are skipped; a forward's device is its module's, else
+    the last forward's), so the CPU tests drive DeviceClock's side of the compiled marks."""
+
+    def __init__(self, backend: FakeBackend, need: Callable[[int], None], module_device: Callable[[int], int | None],
+                 marked_kinds: int, forward_kinds: int, reference_interval_ns: int) -> None:
+        self._backend = backend
+        self._need = need
+        self._module_device = module_device
+        self._marked = marked_kinds
+        self._forward = forward_kinds
+        self._interval = reference_interval_ns
+        self._lock = threading.Lock()
+        self._pool: dict[int, list[Any]] = {}
+        self._reference: dict[int, tuple[int, int]] = {}  # device -> (reference, host ns)
+        self._undrained: dict[int, int] = {}
+        self._made: list[tuple[Any, int, int, int, int]] = []  # (event, host event, device, stream, reference)
+        self._module_devices: dict[int, int | None] = {}
+        self._forward_device: int | None = None
+        self._skipped = 0
+        self._dropped = 0
+        self.calls = 0  # marks asked for (the tests count them)
+
+    def mark(self, index: int, kind: int, module: int, call: int = 0) -> None:
+        if not (self._marked >> kind) & 1:
+            return
+        self.calls += 1
+        device = self._device_of_forward(module) if (self._forward >> kind) & 1 else self._backend.thread_device()
+        if self._backend.capturing():
+            self._skipped += 1
+            return
+        now = time.perf_counter_ns()
+        for attempt in (0, 1):
+            with self._lock:
+                pool = self._pool.setdefault(device, [])
+                reference, since = self._reference.get(device, (-1, 0))
+                if reference >= 0 and now - since <= self._interval and pool:
+                    _, stream = self._backend.record(pool[-1], device)
+                    self._made.append((pool.pop(), index, device, stream, reference))
+                    self._undrained[device] = self._undrained.get(device, 0) + 1
+                    return
+                if attempt:
+                    self._dropped += 1
+                    return
+            self._need(device)
+
+    def _device_of_forward(self, module: int) -> int:
+        if module not in self._module_devices:
+            self._module_devices[module] = self._module_device(module)
+        device = self._module_devices[module]
+        if device is None:
+            if self._forward_device is None:
+                self._forward_device = self._backend.thread_device()
+            return self._forward_device
+        self._forward_device = device
+        return device
+
+    def give(self, device: int, events: list[Any]) -> None:
+        with self._lock:
+            self._pool.setdefault(device, []).extend(events)
+
+    def set_reference(self, device: int, reference: int, host_ns: int) -> None:
+        with self._lock:
+            self._reference[device] = (reference, host_ns)
+
+    def outstanding(self, device: int) -> tuple[int, int]:
+        with self._lock:
+            return len(self._pool.get(device, ())), self._undrained.get(device, 0)
+
+    def drain(self) -> tuple[list[Any], bytes, bytes, bytes, bytes, int, int, str]:
+        with self._lock:
+            made, self._made = self._made, []
+            skipped, dropped, self._skipped, self._dropped = self._skipped, self._dropped, 0, 0
+            self._undrained.clear()
+        columns = [array("q", (row[i] for row in made)).tobytes() for i in range(1, 5)]
+        return [row[0] for row in made], columns[0], columns[1], columns[2], columns[3], skipped, dropped, ""
+
+    def forget_modules(self) -> None:
+        with self._lock:
+            self._module_devices.clear()
+            self._forward_device = None

@@ -31,6 +31,7 @@
 #include <ATen/SequenceNumber.h>
 #include <c10/core/GradMode.h>
 
+#include "_device_marks.h"
 #include "_layout.h"
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
@@ -58,7 +59,7 @@ namespace {
 using namespace modtimeline_layout;  // every constant shared with Python (_layout.h)
 
 // The interface of Store, ForwardHooks and the dispatch functions (capture/recorder.py HOTPATH_API).
-constexpr long long HOTPATH_API = 3;
+constexpr long long HOTPATH_API = 4;
 
 inline bool is_begin(int64_t kind) {
   return kind == FORWARD_BEGIN || kind == RECOMPUTE_BEGIN || kind == STEP_BEGIN || kind == GRADIENT_READY;
@@ -126,6 +127,10 @@ struct Events : std::enable_shared_from_this<Events> {
   int64_t passes = 0;
   static constexpr size_t MAX_RUNNING_PASSES = 1024;
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
+  // A compiled device marker (_device_marks.h) told of every stored event before
+  // on_recorded, without the GIL; its owner object is held by the Store. Set and unset
+  // with the GIL held, between steps.
+  std::atomic<const device_marker*> marker{nullptr};
   // Compiled autograd met our marks (it asks every node hook to describe itself): that
   // backward runs as a compiled graph without them, so its spans go unrecorded.
   std::atomic<bool> compiled_autograd_seen{false};
@@ -149,10 +154,16 @@ struct Events : std::enable_shared_from_this<Events> {
     return append_locked(kind, call, module);
   }
 
+  void mark_on_device(int64_t index, int64_t kind, int64_t module) {
+    const device_marker* device = marker.load(std::memory_order_acquire);
+    if (device != nullptr && index >= 0) device->mark(device->state, index, kind, module);
+  }
+
   // Tell on_recorded (the device clock, NVTX) about event `index`: (index, kind, module,
   // call); node events have their pass as module and the node's id as call. The caller
   // holds the GIL.
   bool notify_with_gil(int64_t index, int64_t kind, int64_t module, int64_t call) {
+    mark_on_device(index, kind, module);
     PyObject* callback = on_recorded.load();
     if (index < 0 || callback == nullptr) return true;
     PyObject* result = PyObject_CallFunction(callback, "LLLL", static_cast<long long>(index),
@@ -170,6 +181,7 @@ struct Events : std::enable_shared_from_this<Events> {
   // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
   // an error in it cannot propagate into autograd, so it is reported as unraisable.
   void notify(int64_t index, int64_t kind, int64_t module, int64_t call) {
+    mark_on_device(index, kind, module);
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
     if (!notify_with_gil(index, kind, module, call)) PyErr_WriteUnraisable(nullptr);
@@ -484,6 +496,7 @@ void link_call(Events& events, const std::vector<torch::autograd::Node*>& output
 struct StoreObject {
   PyObject_HEAD
   std::shared_ptr<Events>* events;
+  PyObject* device_marker;  // the owner of events->marker (owned), or nullptr
 };
 
 PyObject* store_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
@@ -506,6 +519,8 @@ PyObject* store_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
 void store_dealloc(StoreObject* self) {
   if (self->events != nullptr) {
     Py_XDECREF((*self->events)->on_recorded.exchange(nullptr));
+    (*self->events)->marker.store(nullptr);
+    Py_CLEAR(self->device_marker);
     (*self->events)->clear();  // marks left on retained graphs keep only an empty shell
     delete self->events;
   }
@@ -650,6 +665,27 @@ int store_set_on_recorded(PyObject* self, PyObject* value, void*) {
   return 0;
 }
 
+PyObject* store_get_device_marker(PyObject* self, void*) {
+  PyObject* owner = reinterpret_cast<StoreObject*>(self)->device_marker;
+  return Py_NewRef(owner != nullptr ? owner : Py_None);
+}
+
+// device_marker = an object whose `capsule` holds a device_marker table (_device_marks.h), or None.
+int store_set_device_marker(PyObject* self, PyObject* value, void*) {
+  const device_marker* table = nullptr;
+  if (value != nullptr && value != Py_None) {
+    PyObject* capsule = PyObject_GetAttrString(value, "capsule");
+    if (capsule == nullptr) return -1;
+    table = static_cast<const device_marker*>(PyCapsule_GetPointer(capsule, DEVICE_MARKER_CAPSULE));
+    Py_DECREF(capsule);
+    if (table == nullptr) return -1;
+  }
+  auto* store = reinterpret_cast<StoreObject*>(self);
+  events_of(self).marker.store(table, std::memory_order_release);
+  Py_XSETREF(store->device_marker, table != nullptr ? Py_NewRef(value) : nullptr);
+  return 0;
+}
+
 PyMethodDef store_methods[] = {
     {"record", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(store_record)), METH_FASTCALL,
      "record(kind, call, module): store one event stamped now"},
@@ -673,6 +709,8 @@ PyGetSetDef store_getset[] = {
      "whether compiled autograd ran a backward past our marks (they record nothing there)", nullptr},
     {"on_recorded", store_get_on_recorded, store_set_on_recorded, "called with (index, kind, module, call) of each stored event",
      nullptr},
+    {"device_marker", store_get_device_marker, store_set_device_marker,
+     "a compiled device marker told of each stored event first (_device_marks.h), or None", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 

@@ -13,6 +13,8 @@ from typing import Any
 LAYOUT_HEADER = "native/_layout.h"
 # What both compiled writers share (an output buffer, column views).
 WRITERS_HEADER = "writers/_columns.h"
+# How the hot path hands events to the compiled device marks.
+DEVICE_MARKS_HEADER = "native/_device_marks.h"
 
 
 def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
@@ -43,13 +45,49 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
     parts.append(CppExtension(
         "modtimeline.native._hotpath",
         [source("native/_hotpath.cpp")],
-        depends=[header],
+        depends=[header, source(DEVICE_MARKS_HEADER)],
         extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
                             "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         extra_link_args=[f"-Wl,-rpath,{path}" for path in library_paths()],
         optional=True,
     ))
+    runtime = _cuda_runtime(torch)
+    if runtime is not None:
+        # The device marks in C++ (_cuda_marks.cpp): against torch's device interface and
+        # the CUDA runtime torch itself loads (the same file: one runtime in the process).
+        parts.append(CppExtension(
+            "modtimeline.native._cuda_marks",
+            [source("native/_cuda_marks.cpp")],
+            depends=[header, source(DEVICE_MARKS_HEADER)],
+            extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
+                                "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+            extra_link_args=[f"-L{runtime.parent}", f"-l:{runtime.name}"]
+            + [f"-Wl,-rpath,{path}" for path in [*library_paths(), str(runtime.parent)]],
+            optional=True,
+        ))
     return parts
+
+
+def _cuda_runtime(torch: Any) -> Path | None:
+    """The CUDA runtime library a CUDA build of torch loads: from the nvidia-* wheels beside
+    torch (pip's CUDA torch brings them), CUDA_HOME / CUDA_PATH, or /usr/local/cuda; of the
+    major version torch was built for. None for a CPU torch or where none is found."""
+    if not getattr(torch.version, "cuda", None):
+        return None
+    import os
+
+    roots = []
+    wheels = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    if wheels.is_dir():
+        roots += sorted(path for path in wheels.iterdir() if path.is_dir())
+    roots += [Path(os.environ[name]) for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)]
+    roots.append(Path("/usr/local/cuda"))
+    name = f"libcudart.so.{str(torch.version.cuda).split('.')[0]}"
+    for root in roots:
+        for folder in (root / "lib", root / "lib64"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
 
 
 def _torch_for_the_build() -> tuple[Any, Any, Any]:

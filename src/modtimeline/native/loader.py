@@ -1,6 +1,7 @@
 """The optional compiled parts (setup.py), each with a pure-Python twin that does the
 same work: ``native._hotpath`` (recording), ``native._resolve_cpu`` (host-only resolve),
-``writers._chrome_rows`` (JSON rows) and ``writers._pftrace_rows`` (.pftrace packets).
+``writers._chrome_rows`` (JSON rows), ``writers._pftrace_rows`` (.pftrace packets) and,
+against a CUDA torch only, ``native._cuda_marks`` (GPU marks inside steps).
 ``MODTIMELINE_PURE_PYTHON=1`` turns them all off.
 
 A part that is missing or fails to import (built for another torch: an ABI break) is
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 PARTS = ("native._hotpath", "native._resolve_cpu", "writers._chrome_rows", "writers._pftrace_rows")
+CUDA_PARTS = ("native._cuda_marks",)  # (built and asked for only where torch is a CUDA build)
 BUILD_COMMAND = "modtimeline build"
 
 # Why a part is not in use: part -> reason.
