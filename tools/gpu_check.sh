@@ -45,7 +45,10 @@ $python setup.py -q build_ext --inplace -j 16 >"$out/results/build.log" 2>&1 || 
 $python - <<'PY'
 from modtimeline.native import loader
 from modtimeline.capture.recorder import native_hotpath
-print("compiled hot path:", native_hotpath() is not None, "| not loaded:", dict(loader.why_not) or "none")
+from modtimeline.device.clock import CUDA_MARKS_API
+marks = loader.compiled_part("native._cuda_marks", CUDA_MARKS_API) is not None
+print("compiled hot path:", native_hotpath() is not None, "| compiled device marks:", marks,
+      "| not loaded:", dict(loader.why_not) or "none")
 PY
 
 pytest=($python -m pytest -q -p no:cacheprovider -rfEs)

@@ -68,6 +68,27 @@ inline int64_t now_ns() {  // CLOCK_MONOTONIC: Python's time.perf_counter_ns on 
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
+// Holds a mutex, and never waits for it holding the GIL: a mark holds it across a record,
+// and torch's GPU trace hooks (torch.cuda._sanitizer) take the GIL inside a record.
+class Locked {
+ public:
+  explicit Locked(std::mutex& mutex) : mutex_(mutex) {
+    if (mutex_.try_lock()) return;
+    if (PyGILState_Check()) {
+      Py_BEGIN_ALLOW_THREADS mutex_.lock();
+      Py_END_ALLOW_THREADS
+    } else {
+      mutex_.lock();
+    }
+  }
+  ~Locked() { mutex_.unlock(); }
+  Locked(const Locked&) = delete;
+  Locked& operator=(const Locked&) = delete;
+
+ private:
+  std::mutex& mutex_;
+};
+
 struct Lent {
   void* handle;  // the cudaEvent_t
   PyObject* event;  // the torch.cuda.Event it belongs to (owned)
@@ -89,7 +110,7 @@ struct DeviceState {
 };
 
 struct Marks {
-  std::mutex lock;  // never held across a Python call, the GIL or another wait
+  std::mutex lock;  // never held across a Python call; taken through Locked
   std::vector<DeviceState> devices;
   std::vector<Mark> marks;
   std::vector<int32_t> module_devices;  // by module index
@@ -106,46 +127,46 @@ struct Marks {
     return devices[static_cast<size_t>(device)];
   }
 
-  // Call a Python callable with one int, holding the GIL whatever the thread; its result
-  // (new reference) or nullptr after reporting its error as unraisable.
-  static PyObject* call_python(PyObject* callable, int64_t value) {
+  // callable(value) with the GIL taken whatever the thread (never with `lock` held);
+  // `use` reads its result, the GIL still held. An error is reported as unraisable.
+  template <typename Use>
+  static void call_python(PyObject* callable, int64_t value, Use use) {
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject* result = PyObject_CallFunction(callable, "L", static_cast<long long>(value));
-    if (result == nullptr) PyErr_WriteUnraisable(callable);
+    if (result == nullptr) {
+      PyErr_WriteUnraisable(callable);
+    } else {
+      use(result);
+      Py_DECREF(result);
+    }
     PyGILState_Release(gil);
-    return result;
   }
 
   // The GPU a forward event's work goes to: its module's, else the caller's.
   int32_t device_of_forward(int64_t module) {
     int32_t device = DEVICE_UNKNOWN;
     {
-      std::lock_guard<std::mutex> guard(lock);
+      Locked guard(lock);
       if (module >= 0 && static_cast<size_t>(module) < module_devices.size()) device = module_devices[module];
     }
     if (device == DEVICE_UNKNOWN && module >= 0) {
       device = DEVICE_NONE;
-      PyObject* result = call_python(module_device, module);
-      if (result != nullptr) {
-        PyGILState_STATE gil = PyGILState_Ensure();
-        if (result != Py_None) {
-          long value = PyLong_AsLong(result);
-          if (value == -1 && PyErr_Occurred()) {
-            PyErr_WriteUnraisable(module_device);
-          } else if (value >= 0 && value < MAX_DEVICES) {
-            device = static_cast<int32_t>(value);
-          }
+      call_python(module_device, module, [this, &device](PyObject* result) {
+        if (result == Py_None) return;
+        long value = PyLong_AsLong(result);
+        if (value == -1 && PyErr_Occurred()) {
+          PyErr_WriteUnraisable(module_device);
+        } else if (value >= 0 && value < MAX_DEVICES) {
+          device = static_cast<int32_t>(value);
         }
-        Py_DECREF(result);
-        PyGILState_Release(gil);
-      }
-      std::lock_guard<std::mutex> guard(lock);
+      });
+      Locked guard(lock);
       if (static_cast<size_t>(module) >= module_devices.size()) {
         module_devices.resize(static_cast<size_t>(module) + 1, DEVICE_UNKNOWN);
       }
       module_devices[module] = device;
     }
-    std::lock_guard<std::mutex> guard(lock);
+    Locked guard(lock);
     if (device >= 0) return forward_device = device;
     if (forward_device < 0) forward_device = current_device();
     return forward_device;
@@ -162,14 +183,14 @@ struct Marks {
     if (code != CUDA_SUCCESS || capture != CAPTURE_STATUS_NONE) {
       // (an event recorded into a graph cannot be timed: skipped, as in Python)
       if (code != CUDA_SUCCESS) (void)cudaGetLastError();
-      std::lock_guard<std::mutex> guard(lock);
+      Locked guard(lock);
       ++skipped_in_capture;
       return;
     }
     int64_t now = now_ns();
     for (int attempt = 0;; ++attempt) {
       {
-        std::lock_guard<std::mutex> guard(lock);
+        Locked guard(lock);
         DeviceState& state = this->state(device);
         if (state.reference >= 0 && now - state.reference_ns <= reference_interval_ns && !state.pool.empty()) {
           Lent lent = state.pool.back();
@@ -186,12 +207,7 @@ struct Marks {
           return;
         }
       }
-      PyObject* result = call_python(need, device);  // (a reference, events)
-      if (result != nullptr) {
-        PyGILState_STATE gil = PyGILState_Ensure();
-        Py_DECREF(result);
-        PyGILState_Release(gil);
-      }
+      call_python(need, device, [](PyObject*) {});  // (DeviceClock records a reference, lends events)
     }
   }
 
@@ -199,7 +215,7 @@ struct Marks {
   void release() {
     std::vector<PyObject*> held;
     {
-      std::lock_guard<std::mutex> guard(lock);
+      Locked guard(lock);
       for (auto& state : devices) {
         for (const Lent& lent : state.pool) held.push_back(lent.event);
         state.pool.clear();
@@ -216,7 +232,7 @@ void mark_from_hot_path(void* state, int64_t index, int64_t kind, int64_t module
   try {
     static_cast<Marks*>(state)->mark(index, kind, module);
   } catch (const std::exception& error) {  // (c10::Error from torch's CUDA calls: never into the caller)
-    std::lock_guard<std::mutex> guard(static_cast<Marks*>(state)->lock);
+    Locked guard(static_cast<Marks*>(state)->lock);
     if (static_cast<Marks*>(state)->error.empty()) static_cast<Marks*>(state)->error = error.what();
     ++static_cast<Marks*>(state)->dropped;
   }
@@ -310,7 +326,7 @@ PyObject* marks_give(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   }
   for (const Lent& each : lent) Py_INCREF(each.event);
   Marks& marks = marks_of(self);
-  std::lock_guard<std::mutex> guard(marks.lock);
+  Locked guard(marks.lock);
   auto& pool = marks.state(device).pool;
   pool.insert(pool.end(), lent.begin(), lent.end());
   Py_RETURN_NONE;
@@ -327,7 +343,7 @@ PyObject* marks_set_reference(PyObject* self, PyObject* const* args, Py_ssize_t 
   long long reference = PyLong_AsLongLong(args[1]), host_ns = PyLong_AsLongLong(args[2]);
   if (PyErr_Occurred()) return nullptr;
   Marks& marks = marks_of(self);
-  std::lock_guard<std::mutex> guard(marks.lock);
+  Locked guard(marks.lock);
   DeviceState& state = marks.state(device);
   state.reference = reference;
   state.reference_ns = host_ns;
@@ -339,7 +355,7 @@ PyObject* marks_outstanding(PyObject* self, PyObject* arg) {
   int32_t device;
   if (!parse_device(arg, &device)) return nullptr;
   Marks& marks = marks_of(self);
-  std::lock_guard<std::mutex> guard(marks.lock);
+  Locked guard(marks.lock);
   DeviceState& state = marks.state(device);
   return Py_BuildValue("(nL)", static_cast<Py_ssize_t>(state.pool.size()), static_cast<long long>(state.undrained));
 }
@@ -358,7 +374,7 @@ PyObject* marks_drain(PyObject* self, PyObject*) {
   int64_t skipped, dropped;
   std::string error;
   {
-    std::lock_guard<std::mutex> guard(marks.lock);
+    Locked guard(marks.lock);
     taken.swap(marks.marks);
     for (auto& state : marks.devices) state.undrained = 0;
     skipped = marks.skipped_in_capture;
@@ -389,7 +405,7 @@ PyObject* marks_drain(PyObject* self, PyObject*) {
 // forget_modules(): ask module_device again (a window starts: a model may have moved).
 PyObject* marks_forget_modules(PyObject* self, PyObject*) {
   Marks& marks = marks_of(self);
-  std::lock_guard<std::mutex> guard(marks.lock);
+  Locked guard(marks.lock);
   marks.module_devices.clear();
   marks.forward_device = DEVICE_NONE;
   Py_RETURN_NONE;
