@@ -2,6 +2,7 @@
 bound to a device, float32 millisecond elapsed times between completed events, capture
 mode, synchronisations counted): the same code a GPU runs."""
 
+import gc
 import random
 import time
 
@@ -414,15 +415,20 @@ def test_cuda_backend_calls_through_a_stand_in_torch_cuda(tmp_path):
     model = Tree()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     path = tmp_path / "cuda.json"
-    with Timeline(path, device="cuda", device_backend=backend, memory=True) as timeline:
-        with timeline.step():
-            train_step(model, optimizer)
+    gc.disable()  # (a collection between a host event and its record is a real lag: ~1 ms, seen here)
+    try:
+        with Timeline(path, device="cuda", device_backend=backend, memory=True) as timeline:
+            with timeline.step():
+                train_step(model, optimizer)
+    finally:
+        gc.enable()
     trace = load(path)
     names = thread_names(trace)
     gpu = [e for e in spans(trace) if names[e["tid"]] == "cuda:0 stream 7"]
     assert len(gpu) == len([e for e in spans(trace) if names[e["tid"]] in ("forward", "backward")])
     # every event, the anchor too, completes 10 µs after its record: that offset cancels
-    assert all(-50.0 < e["args"]["launch_lag_us"] < 1000.0 for e in gpu)
+    lags = [e["args"]["launch_lag_us"] for e in gpu]
+    assert all(-50.0 < lag < 1000.0 for lag in lags), (min(lags), max(lags))
     assert backend._cuda.synchronized  # anchoring and resolving synchronise, outside the step
 
 
@@ -556,3 +562,22 @@ def test_native_marks_follow_a_module_to_its_device(tmp_path):
     assert forward_gpu == {"cuda:1 stream 7"}
     assert {step for *_, step in _gpu_track_spans(trace)} == {1, 2}  # (step 0 warm-up, discarded)
     assert_nested(trace)
+
+
+def test_native_marks_are_lent_a_steps_worth_of_events_at_each_boundary(monkeypatch):
+    backend = FakeBackend(lag_ns=10_000, native_marks=True)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, marks_type=backend.marks_type)
+    needs = []
+    for step in range(20):
+        clock.begin_step()
+        before = clock.marks.needs
+        for i in range(700):  # (more than a pool chunk)
+            clock.marks.mark(i, FW, 1)
+            manual.advance(1_000)
+        needs.append(clock.marks.needs - before)
+        manual.advance(100_000)
+    # the first step asks as it goes (no events yet); from then on the boundary lends what
+    # the step before used, and a step never calls back into Python
+    assert needs[0] > 0 and needs[2:] == [0] * 18, needs
+    assert clock.dropped == 0 and backend.events_created < 2 * 700 + 50

@@ -252,7 +252,7 @@ class DeviceClock:
             pooled, undrained = self.marks.outstanding(device)
             lend = min(POOL_CHUNK // 4, self.max_events_per_device - state.pending - undrained) if pooled == 0 else 0
             if lend > 0:
-                self.marks.give(device, [self._take(state) for _ in range(lend)])
+                self.marks.give(device, self._lend(state, lend))
 
     def _drain(self) -> None:
         """Take back the marks ``marks`` made since the last boundary, into the queues
@@ -271,6 +271,7 @@ class DeviceClock:
             column.frombytes(data)
         for event, host_event, device, stream, ident in zip(events, *columns):
             state = self._devices[device]
+            state.used_since_refill += 1  # (the next boundary lends as many as this step used)
             reference = self._references.get(ident)
             if reference is None:  # (made against a reference released meanwhile: another thread's boundary)
                 state.pool.append(event)
@@ -296,6 +297,13 @@ class DeviceClock:
             return device
         self._forward_device = device
         return device
+
+    def _lend(self, state: _Device, count: int) -> list[Any]:
+        """``count`` events for ``marks`` (counted as used when they come back as marks)."""
+        lent = [state.pool.pop() for _ in range(min(count, len(state.pool)))]
+        state.created += count - len(lent)
+        lent += [self.backend.new_event(state.index) for _ in range(count - len(lent))]
+        return lent
 
     def _take(self, state: _Device) -> Any:
         state.used_since_refill += 1
@@ -349,7 +357,7 @@ class DeviceClock:
             pooled, _ = self.marks.outstanding(state.index)  # (none undrained: the boundary drained them)
             lend = wanted - pooled
             if lend > 0:
-                self.marks.give(state.index, [self._take(state) for _ in range(lend)])
+                self.marks.give(state.index, self._lend(state, lend))
             wanted = min(wanted, 2 * ANCHOR_READINGS)
         backend = self.backend
         while len(state.pool) < wanted and state.created < self.max_events_per_device + 2 * ANCHOR_READINGS:

@@ -165,7 +165,8 @@ class FakeMarks:
         self._forward_device: int | None = None
         self._skipped = 0
         self._dropped = 0
-        self.calls = 0  # marks asked for (the tests count them)
+        self.calls = 0  # marks asked for and calls of need (the tests count them)
+        self.needs = 0
 
     def mark(self, index: int, kind: int, module: int, call: int = 0) -> None:
         if not (self._marked >> kind) & 1:
@@ -188,6 +189,7 @@ class FakeMarks:
                 if attempt:
                     self._dropped += 1
                     return
+            self.needs += 1
             self._need(device)
 
     def _device_of_forward(self, module: int) -> int:
