@@ -118,22 +118,27 @@ class Sleeper(torch.nn.Module):
         return x * self.scale
 
 
-def test_a_sleeping_module_is_timed_like_paired_events_after_two_minutes(tmp_path):
-    model = Sleeper(_sleep_cycles(20)).cuda()
-    x = torch.ones(4, device="cuda")
+def _paired_events(model: torch.nn.Module) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+    """(start, end) timing events the model's own hooks record around each of its forwards
+    (the independent measure its GPU forward spans are checked against)."""
     paired = []
 
     def pre(module, args):
-        module.start = torch.cuda.Event(enable_timing=True)
-        module.start.record()
+        paired.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        paired[-1][0].record()
 
     def post(module, args, output):
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        paired.append((module.start, end))
+        paired[-1][1].record()
 
     model.register_forward_pre_hook(pre)
     model.register_forward_hook(post)
+    return paired
+
+
+def test_a_sleeping_module_is_timed_like_paired_events_after_two_minutes(tmp_path):
+    model = Sleeper(_sleep_cycles(20)).cuda()
+    x = torch.ones(4, device="cuda")
+    paired = _paired_events(model)
     path = tmp_path / "t.json"
     # The GPU is kept 50 ms behind before each forward: our mark and the paired event are
     # then reached back to back on the device. On an idle GPU each is reached when the host
@@ -199,17 +204,7 @@ def test_compiled_device_marks_give_the_spans_python_marks_give(tmp_path):
 def test_compiled_device_marks_time_a_sleeping_module_like_paired_events(tmp_path):
     model = Sleeper(_sleep_cycles(5)).cuda()
     x = torch.ones(4, device="cuda")
-    paired = []
-
-    def pre(module, args):
-        paired.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-        paired[-1][0].record()
-
-    def post(module, args, output):
-        paired[-1][1].record()
-
-    model.register_forward_pre_hook(pre)
-    model.register_forward_hook(post)
+    paired = _paired_events(model)
     behind = _sleep_cycles(50)  # (both marks of a pair then reached back to back: see the two-minute test)
     path = tmp_path / "t.json"
     with Timeline(path, device="cuda", device_backend=_cuda_backend(True)) as timeline:

@@ -42,29 +42,24 @@ def extensions(package_dir: str | Path, prefix: str = "") -> list[Any]:
     # torch's own definition (its headers, libraries and language); the C++ standard, the
     # ABI macro and the run path are ours, as torch's BuildExtension would set them.
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    parts.append(CppExtension(
-        "modtimeline.native._hotpath",
-        [source("native/_hotpath.cpp")],
-        depends=[header, source(DEVICE_MARKS_HEADER)],
-        extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
-                            "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-        extra_link_args=[f"-Wl,-rpath,{path}" for path in library_paths()],
-        optional=True,
-    ))
-    runtime = _cuda_runtime(torch)
-    if runtime is not None:
-        # The device marks in C++ (_cuda_marks.cpp): against torch's device interface and
-        # the CUDA runtime torch itself loads (the same file: one runtime in the process).
-        parts.append(CppExtension(
-            "modtimeline.native._cuda_marks",
-            [source("native/_cuda_marks.cpp")],
+
+    def against_torch(name: str, link_args: list[str], run_paths: list[str]) -> Any:
+        return CppExtension(
+            f"modtimeline.native.{name}",
+            [source(f"native/{name}.cpp")],
             depends=[header, source(DEVICE_MARKS_HEADER)],
             extra_compile_args=["-std=c++20", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-fvisibility=hidden",
                                 "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-            extra_link_args=[f"-L{runtime.parent}", f"-l:{runtime.name}"]
-            + [f"-Wl,-rpath,{path}" for path in [*library_paths(), str(runtime.parent)]],
+            extra_link_args=link_args + [f"-Wl,-rpath,{path}" for path in [*library_paths(), *run_paths]],
             optional=True,
-        ))
+        )
+
+    parts.append(against_torch("_hotpath", [], []))
+    runtime = _cuda_runtime(torch)
+    if runtime is not None:
+        # The device marks in C++: against torch's device interface and the CUDA runtime
+        # torch itself loads (the same file: one runtime in the process).
+        parts.append(against_torch("_cuda_marks", [f"-L{runtime.parent}", f"-l:{runtime.name}"], [str(runtime.parent)]))
     return parts
 
 
