@@ -2,9 +2,12 @@
 bound to a device, float32 millisecond elapsed times between completed events, capture
 mode, synchronisations counted): the same code a GPU runs."""
 
+import ctypes
+import functools
 import gc
 import random
 import time
+import weakref
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ import torch
 from modtimeline import Schedule, Timeline
 from modtimeline.capture.buffer import BACKWARD_DONE, FORWARD_BEGIN, FORWARD_END, NODE_DONE
 from modtimeline.device.clock import DeviceClock
-from modtimeline.device.fake import FakeBackend
+from modtimeline.capture.recorder import native_hotpath
+from modtimeline.device.fake import FakeBackend, FakeMarks
 
 from .models import Tree, train_step
 from .trace_checks import assert_nested, load, spans, thread_names
@@ -581,3 +585,123 @@ def test_native_marks_are_lent_a_steps_worth_of_events_at_each_boundary(monkeypa
     # the step before used, and a step never calls back into Python
     assert needs[0] > 0 and needs[2:] == [0] * 18, needs
     assert clock.dropped == 0 and backend.events_created < 2 * 700 + 50
+
+
+class CapsuleMarks(FakeMarks):
+    """FakeMarks reached as the compiled marks are: through a C table in a capsule
+    (_device_marks.h) the compiled buffer calls from any thread without the GIL (ctypes
+    takes it for the call)."""
+
+    _MARK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+
+    class _Table(ctypes.Structure):
+        _fields_ = [("state", ctypes.c_void_p), ("mark", ctypes.c_void_p)]
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.seen: list[int] = []  # host events, as often as the buffer told us of them
+        self._callback = self._MARK(lambda state, index, kind, module: self._told(index, kind, module))
+        self._table = self._Table(None, ctypes.cast(self._callback, ctypes.c_void_p))
+
+    def _told(self, index: int, kind: int, module: int) -> None:
+        self.seen.append(index)
+        self.mark(index, kind, module)
+
+    @property
+    def capsule(self):
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return new(ctypes.addressof(self._table), b"modtimeline.native.device_marker", None)
+
+
+def _capsule_backend(**kwargs):
+    backend = FakeBackend(**kwargs)
+    backend.marks_type = functools.partial(CapsuleMarks, backend)
+    return backend
+
+
+@pytest.mark.skipif(native_hotpath() is None, reason="the compiled hot path is not built")
+def test_the_compiled_buffer_tells_its_device_marker_of_each_event_once_nvtx_or_not(tmp_path):
+    from .test_nvtx import StandInNvtx
+
+    traces = {}
+    for nvtx in (None, StandInNvtx()):
+        backend = _capsule_backend(lag_ns=20_000)
+        model = Tree()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        path = tmp_path / f"{nvtx is not None}.json"
+        with Timeline(path, device="cuda", device_backend=backend, nvtx=nvtx or False) as timeline:
+            for _ in range(2):
+                with timeline.step():
+                    train_step(model, optimizer)
+            marks = timeline._clock.marks
+        assert isinstance(marks, CapsuleMarks) and timeline.buffer.device_marker is marks
+        assert marks.seen and len(marks.seen) == len(set(marks.seen))  # (NVTX on: backward events were told twice)
+        traces[nvtx is not None] = load(path)
+    assert _gpu_track_spans(traces[True]) == _gpu_track_spans(traces[False])
+    assert {cat for _, _, cat, _ in _gpu_track_spans(traces[True])} == {"forward", "backward", "recompute"}
+
+
+@pytest.mark.parametrize("marks", ["python", "fake", "capsule"])
+def test_a_timeline_with_a_device_clock_is_freed_when_dropped(tmp_path, marks):
+    if marks == "capsule" and native_hotpath() is None:
+        pytest.skip("the compiled hot path is not built")
+    backend = _capsule_backend() if marks == "capsule" else FakeBackend(native_marks=marks == "fake")
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Timeline(tmp_path / "t.json", device="cuda", device_backend=backend) as timeline:
+        with timeline.step():
+            train_step(model, optimizer)
+    dropped = weakref.ref(timeline)
+    del timeline
+    gc.collect()
+    assert dropped() is None  # (the compiled buffer's callbacks held it in a cycle nothing collected)
+
+
+def test_native_marks_past_the_bound_do_not_ask_again_until_the_boundary(monkeypatch):
+    backend = FakeBackend(lag_ns=10**15, native_marks=True)  # nothing ever completes
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, max_events_per_device=300, marks_type=backend.marks_type)
+    needs = []
+    for step in range(6):
+        clock.begin_step() if step else None
+        before = clock.marks.needs
+        for i in range(200):
+            clock.marks.mark(i, FW, 1)
+        needs.append(clock.marks.needs - before)
+        manual.advance(1_000)
+    # once the clock can lend no more, a step's marks are dropped without calling back
+    # into Python each (one call, then dropped at once)
+    assert clock.dropped > 0 and max(needs[3:]) <= 1, needs
+
+
+def _compiled_marks():
+    from modtimeline.device.clock import CUDA_MARKS_API
+    from modtimeline.native import loader
+
+    part = loader.compiled_part("native._cuda_marks", CUDA_MARKS_API)
+    return part.CudaMarks if part is not None else None
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or _compiled_marks() is None,
+                    reason="needs the compiled marks (a CUDA torch) on a machine without a GPU")
+def test_the_compiled_marks_without_a_gpu_fail_softly_and_free_the_timeline(tmp_path):
+    """The real CudaMarks where CUDA cannot run: every mark fails inside it (no driver),
+    none raises into the step, the write says why, and the Timeline is still freed (the
+    compiled object is not garbage-collected: it must hold nothing that holds it)."""
+    backend = FakeBackend()
+    backend.marks_type = _compiled_marks()
+    model = Tree()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "t.json"
+    with pytest.warns(RuntimeWarning, match="dropped, a GPU mark failed"):
+        with Timeline(path, device="cuda", device_backend=backend) as timeline:
+            for _ in range(2):
+                with timeline.step():
+                    train_step(model, optimizer)
+    metadata = load(path)["metadata"]
+    assert metadata["gpu_marks_dropped"] > 0 and metadata["gpu_marks_error"]
+    dropped = weakref.ref(timeline)
+    del timeline
+    gc.collect()
+    assert dropped() is None

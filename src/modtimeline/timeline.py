@@ -616,7 +616,11 @@ class Timeline:
                 warnings.warn(f"modtimeline: {marks.skipped_in_capture:,} GPU marks were skipped while a CUDA graph "
                               "was being captured (an event recorded into a graph cannot be timed); the captured "
                               "calls have CPU spans only", RuntimeWarning, stacklevel=3)
-            if marks.dropped:
+            if marks.error:
+                metadata["gpu_marks_error"] = marks.error
+                warnings.warn(f"modtimeline: {marks.dropped:,} GPU marks were dropped, a GPU mark failed (their "
+                              f"spans are missing): {marks.error}", RuntimeWarning, stacklevel=3)
+            elif marks.dropped:
                 warnings.warn(f"modtimeline: {marks.dropped:,} GPU marks were dropped: more device events were "
                               "waiting for the GPU than the pool holds", RuntimeWarning, stacklevel=3)
         store = getattr(self.buffer, "store", None)

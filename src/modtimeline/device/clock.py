@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
+import types
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -129,7 +130,8 @@ class DeviceMarks:
     memory_device: array = field(default_factory=lambda: array("q"))
     memory_bytes: array = field(default_factory=lambda: array("q"))
     skipped_in_capture: int = 0  # marks not made while a CUDA graph was being captured
-    dropped: int = 0  # marks not made because the pool was at its bound
+    dropped: int = 0  # marks not made because the pool was at its bound (or failed: error)
+    error: str = ""  # the first failure of a mark made in C++ ("" if none)
 
 
 class _Reference:
@@ -189,12 +191,14 @@ class DeviceClock:
         self._lock = threading.Lock()
         self._references: dict[int, _Reference] = {}  # unreleased, by ident
         self._next_reference = 0
-        self._marks_error_told = False
-        # Marks made outside Python, or None: record_event then makes them.
+        self._marks_error = ""
+        # Marks made outside Python, or None: record_event then makes them. (They are given
+        # this clock's callbacks weakly: the compiled ones are not garbage-collected, and a
+        # bound method would keep the clock and the Timeline alive with them.)
         self.marks: NativeMarks | None = None
         if marks_type is not None:
-            self.marks = marks_type(self._need, self.module_device, _mask(_MARKED_KINDS), _mask(_FORWARD_KINDS),
-                                    REFERENCE_INTERVAL_NS)
+            self.marks = marks_type(_weakly(self._need), _weakly(self.module_device), _mask(_MARKED_KINDS),
+                                    _mask(_FORWARD_KINDS), REFERENCE_INTERVAL_NS)
 
     # ------------------------------------------------------------------ hot path
     def record_event(self, host_event: int, kind: int, module: int, call: int = 0) -> None:
@@ -240,9 +244,10 @@ class DeviceClock:
             state = self._devices[device] = _Device(device)
         return state
 
-    def _need(self, device: int) -> None:
+    def _need(self, device: int) -> bool:
         """``marks``' call inside a step: a fresh reference on ``device`` and events to
-        lend (none past the bound: its marks are then dropped and counted)."""
+        lend; False when none can be lent (the bound: its marks are then dropped and
+        counted, without asking again until the next boundary)."""
         assert self.marks is not None
         with self._lock:
             state = self._state(device)
@@ -253,6 +258,7 @@ class DeviceClock:
             lend = min(POOL_CHUNK // 4, self.max_events_per_device - state.pending - undrained) if pooled == 0 else 0
             if lend > 0:
                 self.marks.give(device, self._lend(state, lend))
+            return pooled > 0 or lend > 0
 
     def _drain(self) -> None:
         """Take back the marks ``marks`` made since the last boundary, into the queues
@@ -262,10 +268,8 @@ class DeviceClock:
         events, host_events, devices, streams, references, skipped, dropped, error = self.marks.drain()
         self.skipped_in_capture += skipped
         self.dropped += dropped
-        if error and not self._marks_error_told:
-            self._marks_error_told = True  # (the first line: torch's own message follows it with a C++ stack)
-            warnings.warn(f"modtimeline: a device mark failed and was dropped: {error.splitlines()[0]}",
-                          RuntimeWarning, stacklevel=2)
+        if error and not self._marks_error:  # (said at the write; its first line: torch's adds a C++ stack)
+            self._marks_error = error.splitlines()[0]
         columns = [array("q") for _ in range(4)]
         for column, data in zip(columns, (host_events, devices, streams, references)):
             column.frombytes(data)
@@ -457,7 +461,7 @@ class DeviceClock:
                 stream_index.append(index)
             self._start_window(state)
         marks = DeviceMarks(host_event, time_ns, stream_index, streams, self._memory_time, self._memory_device,
-                              self._memory_bytes, self.skipped_in_capture, self.dropped)
+                            self._memory_bytes, self.skipped_in_capture, self.dropped, self._marks_error)
         self._reset_counts()
         if self.marks is not None:
             self.marks.forget_modules()  # (a model may have moved)
@@ -492,6 +496,7 @@ class DeviceClock:
         self._module_devices.clear()  # (a model may have moved)
 
     def _reset_counts(self) -> None:
+        self._marks_error = ""
         self._memory_time = array("q")
         self._memory_device = array("q")
         self._memory_bytes = array("q")
@@ -503,6 +508,20 @@ class DeviceClock:
 
     def events_created(self) -> int:
         return sum(state.created for state in self._devices.values())
+
+
+def _weakly(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback``, a bound method, without holding its object: once that is gone, a
+    call does nothing and returns None. (Anything else is returned as it is.)"""
+    if not isinstance(callback, types.MethodType):
+        return callback
+    method = weakref.WeakMethod(callback)
+
+    def call(*args: Any) -> Any:
+        bound = method()
+        return None if bound is None else bound(*args)
+
+    return call
 
 
 def _host_mapping(anchors: list[tuple[float, int]]) -> Callable[[float], int]:

@@ -9,8 +9,9 @@ import functools
 import struct
 import threading
 import time
-from collections.abc import Callable
+import traceback
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from .clock import StreamKey
@@ -145,11 +146,15 @@ def _sleep_until(until_ns: int) -> None:
 class FakeMarks:
     """``_cuda_marks.CudaMarks`` (``clock.NativeMarks``) in Python over a ``FakeBackend``:
     the same rules (a mark needs a fresh reference and a lent event, else it calls
-    ``need`` once; captured marks are skipped; a forward's device is its module's, else
-    the last forward's), so the CPU tests drive DeviceClock's side of the compiled marks."""
+    ``need`` once, and after a ``need`` that could lend nothing drops at once until
+    ``give`` or ``set_reference``; captured marks are skipped; a forward's device is its
+    module's, else the last forward's; nothing raises into the caller: a failed record is
+    dropped, its error drained, a callback's error printed), so the CPU
+    tests drive DeviceClock's side of the compiled marks."""
 
-    def __init__(self, backend: FakeBackend, need: Callable[[int], None], module_device: Callable[[int], int | None],
-                 marked_kinds: int, forward_kinds: int, reference_interval_ns: int) -> None:
+    def __init__(self, backend: FakeBackend, need: Callable[[int], bool | None],
+                 module_device: Callable[[int], int | None], marked_kinds: int, forward_kinds: int,
+                 reference_interval_ns: int) -> None:
         self._backend = backend
         self._need = need
         self._module_device = module_device
@@ -160,11 +165,13 @@ class FakeMarks:
         self._pool: dict[int, list[Any]] = {}
         self._reference: dict[int, tuple[int, int]] = {}  # device -> (reference, host ns)
         self._undrained: dict[int, int] = {}
+        self._exhausted: set[int] = set()
         self._made: list[tuple[Any, int, int, int, int]] = []  # (event, host event, device, stream, reference)
         self._module_devices: dict[int, int | None] = {}
         self._forward_device: int | None = None
         self._skipped = 0
         self._dropped = 0
+        self._error = ""
         self.calls = 0  # marks asked for and calls of need (the tests count them)
         self.needs = 0
 
@@ -182,19 +189,26 @@ class FakeMarks:
                 pool = self._pool.setdefault(device, [])
                 reference, since = self._reference.get(device, (-1, 0))
                 if reference >= 0 and now - since <= self._interval and pool:
-                    _, stream = self._backend.record(pool[-1], device)
+                    try:
+                        _, stream = self._backend.record(pool[-1], device)
+                    except Exception as error:  # (as c10::Error in C++: the event stays in the pool)
+                        self._error = self._error or str(error)
+                        self._dropped += 1
+                        return
                     self._made.append((pool.pop(), index, device, stream, reference))
                     self._undrained[device] = self._undrained.get(device, 0) + 1
                     return
-                if attempt:
+                if attempt or device in self._exhausted:
                     self._dropped += 1
                     return
             self.needs += 1
-            self._need(device)
+            if not _called(self._need, device):
+                with self._lock:
+                    self._exhausted.add(device)
 
     def _device_of_forward(self, module: int) -> int:
         if module not in self._module_devices:
-            self._module_devices[module] = self._module_device(module)
+            self._module_devices[module] = _called(self._module_device, module)
         device = self._module_devices[module]
         if device is None:
             if self._forward_device is None:
@@ -206,10 +220,12 @@ class FakeMarks:
     def give(self, device: int, events: list[Any]) -> None:
         with self._lock:
             self._pool.setdefault(device, []).extend(events)
+            self._exhausted.discard(device)
 
     def set_reference(self, device: int, reference: int, host_ns: int) -> None:
         with self._lock:
             self._reference[device] = (reference, host_ns)
+            self._exhausted.discard(device)
 
     def outstanding(self, device: int) -> tuple[int, int]:
         with self._lock:
@@ -219,11 +235,22 @@ class FakeMarks:
         with self._lock:
             made, self._made = self._made, []
             skipped, dropped, self._skipped, self._dropped = self._skipped, self._dropped, 0, 0
+            error, self._error = self._error, ""
             self._undrained.clear()
         columns = [array("q", (row[i] for row in made)).tobytes() for i in range(1, 5)]
-        return [row[0] for row in made], columns[0], columns[1], columns[2], columns[3], skipped, dropped, ""
+        return [row[0] for row in made], columns[0], columns[1], columns[2], columns[3], skipped, dropped, error
 
     def forget_modules(self) -> None:
         with self._lock:
             self._module_devices.clear()
             self._forward_device = None
+
+
+def _called(callback: Callable[[int], Any], value: int) -> Any:
+    """``callback(value)``; an error gives None, never raises into the step (the compiled
+    marks report it as unraisable; here it is printed to stderr)."""
+    try:
+        return callback(value)
+    except Exception:
+        traceback.print_exc()
+        return None

@@ -30,6 +30,7 @@
 #include <time.h>
 
 #include <mutex>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -107,6 +108,9 @@ struct DeviceState {
   int64_t reference = -1;  // the reference marks are timed against (-1: none yet)
   int64_t reference_ns = 0;
   int64_t undrained = 0;
+  // need() could not help (DeviceClock at its bound): marks are dropped at once, without
+  // asking again, until events or a reference come (give, set_reference).
+  bool exhausted = false;
 };
 
 struct Marks {
@@ -202,12 +206,18 @@ struct Marks {
           marks.push_back(Mark{index, lent.event, device, static_cast<int64_t>(stream.id()), state.reference});
           return;
         }
-        if (attempt > 0) {  // still nothing after asking: DeviceClock is at its bound
+        if (attempt > 0 || state.exhausted) {  // DeviceClock is at its bound
           ++dropped;
           return;
         }
       }
-      call_python(need, device, [](PyObject*) {});  // (DeviceClock records a reference, lends events)
+      // DeviceClock records a reference, lends events; False: it could lend none
+      bool helped = true;
+      call_python(need, device, [&helped](PyObject* result) { helped = PyObject_IsTrue(result) == 1; });
+      if (!helped) {
+        Locked guard(lock);
+        state(device).exhausted = true;
+      }
     }
   }
 
@@ -244,7 +254,6 @@ struct MarksObject {
   PyObject_HEAD
   Marks* marks;
   device_marker table;
-  PyObject* capsule;
 };
 
 PyObject* marks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
@@ -263,18 +272,17 @@ PyObject* marks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   }
   auto* self = reinterpret_cast<MarksObject*>(type->tp_alloc(type, 0));
   if (self == nullptr) return nullptr;
-  self->marks = new Marks();
+  self->marks = new (std::nothrow) Marks();
+  if (self->marks == nullptr) {
+    Py_DECREF(self);
+    return PyErr_NoMemory();
+  }
   self->marks->need = Py_NewRef(need);
   self->marks->module_device = Py_NewRef(module_device);
   self->marks->marked_kinds = static_cast<uint32_t>(marked);
   self->marks->forward_kinds = static_cast<uint32_t>(forward);
   self->marks->reference_interval_ns = interval;
   self->table = device_marker{self->marks, mark_from_hot_path};
-  self->capsule = PyCapsule_New(&self->table, DEVICE_MARKER_CAPSULE, nullptr);
-  if (self->capsule == nullptr) {
-    Py_DECREF(self);
-    return nullptr;
-  }
   return reinterpret_cast<PyObject*>(self);
 }
 
@@ -285,7 +293,6 @@ void marks_dealloc(MarksObject* self) {
     Py_XDECREF(self->marks->module_device);
     delete self->marks;
   }
-  Py_XDECREF(self->capsule);
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
 }
 
@@ -311,24 +318,28 @@ PyObject* marks_give(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   }
   if (!parse_device(args[0], &device)) return nullptr;
   static PyObject* handle_name = PyUnicode_InternFromString("cuda_event");
-  std::vector<Lent> lent;
+  std::vector<Lent> lent;  // (each event owned as soon as it is read: reading its handle runs Python)
+  auto give_up = [&lent]() {
+    for (const Lent& each : lent) Py_DECREF(each.event);
+    return nullptr;
+  };
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(args[1]); ++i) {
-    PyObject* event = PyList_GET_ITEM(args[1], i);
+    PyObject* event = Py_NewRef(PyList_GET_ITEM(args[1], i));
+    lent.push_back(Lent{nullptr, event});
     PyObject* handle = PyObject_GetAttr(event, handle_name);
-    if (handle == nullptr) return nullptr;
-    void* pointer = PyLong_AsVoidPtr(handle);
+    if (handle == nullptr) return give_up();
+    lent.back().handle = PyLong_AsVoidPtr(handle);
     Py_DECREF(handle);
-    if (pointer == nullptr) {
+    if (lent.back().handle == nullptr) {
       if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "an event not created yet (record it once first)");
-      return nullptr;
+      return give_up();
     }
-    lent.push_back(Lent{pointer, event});
   }
-  for (const Lent& each : lent) Py_INCREF(each.event);
   Marks& marks = marks_of(self);
   Locked guard(marks.lock);
-  auto& pool = marks.state(device).pool;
-  pool.insert(pool.end(), lent.begin(), lent.end());
+  DeviceState& state = marks.state(device);
+  state.pool.insert(state.pool.end(), lent.begin(), lent.end());
+  state.exhausted = false;
   Py_RETURN_NONE;
 }
 
@@ -347,6 +358,7 @@ PyObject* marks_set_reference(PyObject* self, PyObject* const* args, Py_ssize_t 
   DeviceState& state = marks.state(device);
   state.reference = reference;
   state.reference_ns = host_ns;
+  state.exhausted = false;
   Py_RETURN_NONE;
 }
 
@@ -424,8 +436,17 @@ PyObject* marks_mark(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// A new capsule around the object's table, holding the object while it lives.
+void capsule_destructor(PyObject* capsule) { Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(capsule))); }
+
 PyObject* marks_get_capsule(PyObject* self, void*) {
-  return Py_NewRef(reinterpret_cast<MarksObject*>(self)->capsule);
+  PyObject* capsule =
+      PyCapsule_New(&reinterpret_cast<MarksObject*>(self)->table, DEVICE_MARKER_CAPSULE, capsule_destructor);
+  if (capsule != nullptr && PyCapsule_SetContext(capsule, Py_NewRef(self)) < 0) {
+    Py_DECREF(self);
+    Py_CLEAR(capsule);
+  }
+  return capsule;
 }
 
 PyMethodDef marks_methods[] = {

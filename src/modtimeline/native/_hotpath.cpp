@@ -129,8 +129,9 @@ struct Events : std::enable_shared_from_this<Events> {
   std::atomic<PyObject*> on_recorded{nullptr};  // owned reference; changed with the GIL held
   // A compiled device marker (_device_marks.h) told of every stored event before
   // on_recorded, without the GIL; its owner object is held by the Store. Set and unset
-  // with the GIL held, between steps.
+  // with the GIL held; `marking` counts the calls inside it.
   std::atomic<const device_marker*> marker{nullptr};
+  std::atomic<int64_t> marking{0};
   // Compiled autograd met our marks (it asks every node hook to describe itself): that
   // backward runs as a compiled graph without them, so its spans go unrecorded.
   std::atomic<bool> compiled_autograd_seen{false};
@@ -154,16 +155,30 @@ struct Events : std::enable_shared_from_this<Events> {
     return append_locked(kind, call, module);
   }
 
+  // Tell the device marker of stored event `index`, from any thread, GIL or not. The
+  // calls in flight are counted (sequentially consistent with the marker's store), so
+  // detach_marker() knows when none can still be inside the marker it took away.
   void mark_on_device(int64_t index, int64_t kind, int64_t module) {
-    const device_marker* device = marker.load(std::memory_order_acquire);
-    if (device != nullptr && index >= 0) device->mark(device->state, index, kind, module);
+    if (index < 0) return;
+    marking.fetch_add(1);
+    if (const device_marker* device = marker.load()) device->mark(device->state, index, kind, module);
+    marking.fetch_sub(1);
   }
 
-  // Tell on_recorded (the device clock, NVTX) about event `index`: (index, kind, module,
-  // call); node events have their pass as module and the node's id as call. The caller
-  // holds the GIL.
-  bool notify_with_gil(int64_t index, int64_t kind, int64_t module, int64_t call) {
-    mark_on_device(index, kind, module);
+  // Take the device marker away; returns once no call is inside it (the GIL held: it is
+  // let go while waiting, since a mark may need it).
+  void detach_marker() {
+    if (marker.exchange(nullptr) == nullptr) return;
+    if (marking.load() == 0) return;
+    Py_BEGIN_ALLOW_THREADS
+    while (marking.load() != 0) std::this_thread::yield();
+    Py_END_ALLOW_THREADS
+  }
+
+  // Tell on_recorded (NVTX, the device clock where Python marks) about event `index`:
+  // (index, kind, module, call); node events have their pass as module and the node's id
+  // as call. The caller holds the GIL and has told the device marker already.
+  bool call_on_recorded(int64_t index, int64_t kind, int64_t module, int64_t call) {
     PyObject* callback = on_recorded.load();
     if (index < 0 || callback == nullptr) return true;
     PyObject* result = PyObject_CallFunction(callback, "LLLL", static_cast<long long>(index),
@@ -173,9 +188,12 @@ struct Events : std::enable_shared_from_this<Events> {
     return result != nullptr;
   }
 
-  // Store one event and tell on_recorded; the caller holds the GIL. False: it raised.
+  // Store one event and tell the device marker and on_recorded; the caller holds the GIL.
+  // False: on_recorded raised.
   bool record(int64_t kind, int64_t call, int64_t module) {
-    return notify_with_gil(append(kind, call, module), kind, module, call);
+    int64_t index = append(kind, call, module);
+    mark_on_device(index, kind, module);
+    return call_on_recorded(index, kind, module, call);
   }
 
   // Tell on_recorded from any thread, holding the GIL or not (autograd's threads do not);
@@ -184,7 +202,7 @@ struct Events : std::enable_shared_from_this<Events> {
     mark_on_device(index, kind, module);
     if (index < 0 || on_recorded.load() == nullptr) return;
     PyGILState_STATE state = PyGILState_Ensure();
-    if (!notify_with_gil(index, kind, module, call)) PyErr_WriteUnraisable(nullptr);
+    if (!call_on_recorded(index, kind, module, call)) PyErr_WriteUnraisable(nullptr);
     PyGILState_Release(state);
   }
 
@@ -516,11 +534,28 @@ PyObject* store_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   return reinterpret_cast<PyObject*>(self);
 }
 
-void store_dealloc(StoreObject* self) {
+// The Store is garbage-collected: its two callbacks hold what holds it (a bound method
+// of the device clock, of the Timeline that owns this Store), a cycle plain reference
+// counting never frees.
+int store_traverse(StoreObject* self, visitproc visit, void* arg) {
+  if (self->events != nullptr) Py_VISIT((*self->events)->on_recorded.load());
+  Py_VISIT(self->device_marker);
+  return 0;
+}
+
+int store_clear_callbacks(StoreObject* self) {
   if (self->events != nullptr) {
+    (*self->events)->detach_marker();  // (no call left inside it: its owner may go now)
     Py_XDECREF((*self->events)->on_recorded.exchange(nullptr));
-    (*self->events)->marker.store(nullptr);
-    Py_CLEAR(self->device_marker);
+  }
+  Py_CLEAR(self->device_marker);
+  return 0;
+}
+
+void store_dealloc(StoreObject* self) {
+  PyObject_GC_UnTrack(self);
+  store_clear_callbacks(self);
+  if (self->events != nullptr) {
     (*self->events)->clear();  // marks left on retained graphs keep only an empty shell
     delete self->events;
   }
@@ -681,8 +716,11 @@ int store_set_device_marker(PyObject* self, PyObject* value, void*) {
     if (table == nullptr) return -1;
   }
   auto* store = reinterpret_cast<StoreObject*>(self);
-  events_of(self).marker.store(table, std::memory_order_release);
-  Py_XSETREF(store->device_marker, table != nullptr ? Py_NewRef(value) : nullptr);
+  events_of(self).detach_marker();  // (no call left inside the one it replaces)
+  PyObject* replaced = store->device_marker;
+  store->device_marker = table != nullptr ? Py_NewRef(value) : nullptr;
+  events_of(self).marker.store(table);
+  Py_XDECREF(replaced);
   return 0;
 }
 
@@ -720,10 +758,12 @@ PyTypeObject StoreType = [] {
   PyTypeObject type{PyVarObject_HEAD_INIT(nullptr, 0)};
   type.tp_name = "modtimeline.native._hotpath.Store";
   type.tp_basicsize = sizeof(StoreObject);
-  type.tp_flags = Py_TPFLAGS_DEFAULT;
+  type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
   type.tp_doc = "Store(capacity): the compiled event buffer";
   type.tp_new = store_new;
   type.tp_dealloc = reinterpret_cast<destructor>(store_dealloc);
+  type.tp_traverse = reinterpret_cast<traverseproc>(store_traverse);
+  type.tp_clear = reinterpret_cast<inquiry>(store_clear_callbacks);
   type.tp_methods = store_methods;
   type.tp_getset = store_getset;
   type.tp_as_sequence = &store_sequence;

@@ -14,6 +14,10 @@ from .extensions import extensions
 from .loader import cache_dir
 from ..errors import ModTimelineError
 
+# Parts whose failure does not stop the build: the GPU marks in C++ need torch's CUDA parts
+# and runtime as this machine has them.
+OPTIONAL_HERE = frozenset({"modtimeline.native._cuda_marks"})
+
 
 def build(say: Callable[[str], None]) -> list[Path]:
     """Build every part whose needs are met; the files written."""
@@ -43,6 +47,9 @@ def build(say: Callable[[str], None]) -> list[Path]:
             try:
                 distribution.run_command("build_ext")
             except Exception as error:  # setuptools' CompileError, LinkError, a missing compiler
+                if part.name in OPTIONAL_HERE:  # (the others, built, still are installed)
+                    say(f"could not build {part.name} ({error}): left out, its Python twin does its work")
+                    continue
                 raise ModTimelineError(f"could not build {part.name}: {error}. A C++ compiler is needed "
                                        "(Debian/Ubuntu: apt-get install g++)") from None
         built = Path(work) / "lib" / "modtimeline"

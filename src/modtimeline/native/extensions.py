@@ -4,6 +4,8 @@ torch only when asked for the extensions."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -69,19 +71,18 @@ def _cuda_runtime(torch: Any) -> Path | None:
     major version torch was built for. None for a CPU torch or where none is found."""
     if not getattr(torch.version, "cuda", None):
         return None
-    import os
-
     roots = []
     wheels = Path(torch.__file__).resolve().parent.parent / "nvidia"
-    if wheels.is_dir():
+    with contextlib.suppress(OSError):
         roots += sorted(path for path in wheels.iterdir() if path.is_dir())
     roots += [Path(os.environ[name]) for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)]
     roots.append(Path("/usr/local/cuda"))
     name = f"libcudart.so.{str(torch.version.cuda).split('.')[0]}"
     for root in roots:
         for folder in (root / "lib", root / "lib64"):
-            if (folder / name).is_file():
-                return folder / name
+            with contextlib.suppress(OSError):  # (a folder we may not read: not this one)
+                if (folder / name).is_file():
+                    return folder / name
     return None
 
 
