@@ -19,7 +19,7 @@ from modtimeline.capture.recorder import native_hotpath
 from modtimeline.device.fake import FakeBackend, FakeMarks
 
 from .models import Tree, train_step
-from .trace_checks import assert_nested, load, spans, thread_names
+from .trace_checks import assert_nested, gpu_track_spans, load, spans, thread_names
 
 pytestmark = pytest.mark.twin
 
@@ -466,12 +466,6 @@ def test_a_boundary_reads_a_finished_streams_marks_after_one_query():
 # FakeMarks is the compiled _cuda_marks.CudaMarks's twin over the fake: these drive
 # DeviceClock's side of it (lending events, naming references, taking marks back at
 # boundaries) on the CPU; tests/test_cuda.py runs the compiled one on a GPU.
-def _gpu_track_spans(trace):
-    names = thread_names(trace)
-    return sorted((names[e["tid"]], e["name"], e["cat"], e["args"]["step"]) for e in spans(trace)
-                  if names[e["tid"]].startswith("cuda"))
-
-
 def test_native_marks_give_the_same_gpu_spans_as_marks_made_in_python(tmp_path):
     traces = {}
     for native in (False, True):
@@ -490,8 +484,8 @@ def test_native_marks_give_the_same_gpu_spans_as_marks_made_in_python(tmp_path):
         assert (marks is not None) == native
         if native:
             assert marks.calls > 0 and marks.outstanding(0)[1] == 0  # all taken back
-    gpu = _gpu_track_spans(traces[True])
-    assert gpu and gpu == _gpu_track_spans(traces[False])
+    gpu = gpu_track_spans(traces[True])
+    assert gpu and gpu == gpu_track_spans(traces[False])
     assert {cat for _, _, cat, _ in gpu} == {"forward", "backward", "recompute"}
     assert_nested(traces[True])
 
@@ -564,7 +558,7 @@ def test_native_marks_follow_a_module_to_its_device(tmp_path):
     names = thread_names(trace)
     forward_gpu = {names[e["tid"]] for e in spans(trace) if e["cat"] == "forward" and names[e["tid"]].startswith("cuda")}
     assert forward_gpu == {"cuda:1 stream 7"}
-    assert {step for *_, step in _gpu_track_spans(trace)} == {1, 2}  # (step 0 warm-up, discarded)
+    assert {step for *_, step in gpu_track_spans(trace)} == {1, 2}  # (step 0 warm-up, discarded)
     assert_nested(trace)
 
 
@@ -638,8 +632,8 @@ def test_the_compiled_buffer_tells_its_device_marker_of_each_event_once_nvtx_or_
         assert isinstance(marks, CapsuleMarks) and timeline.buffer.device_marker is marks
         assert marks.seen and len(marks.seen) == len(set(marks.seen))  # (NVTX on: backward events were told twice)
         traces[nvtx is not None] = load(path)
-    assert _gpu_track_spans(traces[True]) == _gpu_track_spans(traces[False])
-    assert {cat for _, _, cat, _ in _gpu_track_spans(traces[True])} == {"forward", "backward", "recompute"}
+    assert gpu_track_spans(traces[True]) == gpu_track_spans(traces[False])
+    assert {cat for _, _, cat, _ in gpu_track_spans(traces[True])} == {"forward", "backward", "recompute"}
 
 
 @pytest.mark.parametrize("marks", ["python", "fake", "capsule"])

@@ -16,7 +16,7 @@ from modtimeline import Schedule
 from modtimeline import Timeline
 from modtimeline.analysis.reader import read_trace, samples
 
-from .trace_checks import assert_nested, load, spans, thread_names
+from .trace_checks import assert_nested, gpu_track_spans, load, spans, thread_names
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -118,6 +118,13 @@ class Sleeper(torch.nn.Module):
         return x * self.scale
 
 
+def _gpu_forwards(trace: dict, name: str) -> list[tuple[int, float]]:
+    """(step, µs) of each GPU forward span of the module ``name``, by step."""
+    names = thread_names(trace)
+    return sorted((e["args"]["step"], e["dur"]) for e in spans(trace) if e["name"] == name
+                  and e["cat"] == "forward" and names[e["tid"]].startswith("cuda"))
+
+
 def _paired_events(model: torch.nn.Module) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
     """(start, end) timing events the model's own hooks record around each of its forwards
     (the independent measure its GPU forward spans are checked against)."""
@@ -154,18 +161,9 @@ def test_a_sleeping_module_is_timed_like_paired_events_after_two_minutes(tmp_pat
             torch.cuda._sleep(behind)
             model(x).sum().backward()
     torch.cuda.synchronize()
-    trace = load(path)
-    names = thread_names(trace)
-    gpu = [e for e in spans(trace) if e["name"] == "Sleeper" and e["cat"] == "forward"
-           and names[e["tid"]].startswith("cuda") and e["args"]["step"] == 1]
+    gpu = [dur for step, dur in _gpu_forwards(load(path), "Sleeper") if step == 1]
     expected_us = paired[-1][0].elapsed_time(paired[-1][1]) * 1000
-    assert gpu and gpu[0]["dur"] == pytest.approx(expected_us, rel=0.02)
-
-
-def _gpu_spans(trace):
-    names = thread_names(trace)
-    return sorted((names[e["tid"]], e["name"], e["cat"], e["args"]["step"]) for e in spans(trace)
-                  if names[e["tid"]].startswith("cuda"))
+    assert gpu and gpu[0] == pytest.approx(expected_us, rel=0.02)
 
 
 def _cuda_backend(compiled_marks: bool):
@@ -193,8 +191,8 @@ def test_compiled_device_marks_give_the_spans_python_marks_give(tmp_path):
                 model(x).backward()
             assert (timeline._clock.marks is not None) == compiled
         traces[compiled] = load(path)
-    compiled_spans = _gpu_spans(traces[True])
-    assert compiled_spans and compiled_spans == _gpu_spans(traces[False])
+    compiled_spans = gpu_track_spans(traces[True])
+    assert compiled_spans and compiled_spans == gpu_track_spans(traces[False])
     assert {cat for _, _, cat, _ in compiled_spans} == {"forward", "backward"}
     assert len({track for track, *_ in compiled_spans}) >= 2  # the side stream's own track
     assert_nested(traces[True])
@@ -213,10 +211,7 @@ def test_compiled_device_marks_time_a_sleeping_module_like_paired_events(tmp_pat
                 torch.cuda._sleep(behind)
                 model(x).sum().backward()
     torch.cuda.synchronize()
-    trace = load(path)
-    names = thread_names(trace)
-    gpu = sorted((e["args"]["step"], e["dur"]) for e in spans(trace) if e["name"] == "Sleeper"
-                 and e["cat"] == "forward" and names[e["tid"]].startswith("cuda"))
+    gpu = _gpu_forwards(load(path), "Sleeper")
     assert [step for step, _ in gpu] == [0, 1, 2]
     for (_, dur), (start, end) in zip(gpu, paired):
         assert dur == pytest.approx(start.elapsed_time(end) * 1000, rel=0.02)

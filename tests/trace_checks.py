@@ -23,6 +23,13 @@ def thread_names(trace: dict) -> dict[int, str]:
     return {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
 
 
+def gpu_track_spans(trace: dict) -> list[tuple[str, str, str, int]]:
+    """(track, name, category, step) of every span on a GPU track, sorted."""
+    names = thread_names(trace)
+    return sorted((names[e["tid"]], e["name"], e["cat"], e["args"]["step"]) for e in spans(trace)
+                  if names[e["tid"]].startswith("cuda"))
+
+
 def assert_nested(trace: dict) -> None:
     """On every track, any two spans are disjoint or one contains the other."""
     by_track = defaultdict(list)
