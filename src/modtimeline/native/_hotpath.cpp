@@ -159,7 +159,7 @@ struct Events : std::enable_shared_from_this<Events> {
   // calls in flight are counted (sequentially consistent with the marker's store), so
   // detach_marker() knows when none can still be inside the marker it took away.
   void mark_on_device(int64_t index, int64_t kind, int64_t module) {
-    if (index < 0) return;
+    if (index < 0 || marker.load() == nullptr) return;  // (no marker, the usual case: no atomic write)
     marking.fetch_add(1);
     if (const device_marker* device = marker.load()) device->mark(device->state, index, kind, module);
     marking.fetch_sub(1);
