@@ -6,6 +6,7 @@ import ctypes
 import functools
 import gc
 import random
+import threading
 import time
 import weakref
 
@@ -699,3 +700,91 @@ def test_the_compiled_marks_without_a_gpu_fail_softly_and_free_the_timeline(tmp_
     del timeline
     gc.collect()
     assert dropped() is None
+
+
+def test_native_marks_mark_again_in_the_window_after_one_that_hit_the_bound(monkeypatch):
+    """A window without step boundaries runs into the bound; its resolve takes every event
+    back, so the next window's marks are made again (they were all dropped: the marks
+    stayed exhausted, waiting for a boundary that never came)."""
+    backend = FakeBackend(lag_ns=10_000, native_marks=True)
+    manual = ManualClock(monkeypatch, backend)
+    clock = DeviceClock(backend, max_events_per_device=100, marks_type=backend.marks_type)
+    for i in range(300):
+        clock.marks.mark(i, FW, 1)
+        manual.advance(1_000)
+    first = clock.resolve()
+    assert first.dropped > 0 and len(first.host_event) + first.dropped == 300
+    for i in range(300, 350):
+        clock.marks.mark(i, FW, 1)
+        manual.advance(1_000)
+    second = clock.resolve()
+    assert second.dropped == 0 and list(second.host_event) == list(range(300, 350))
+
+
+def test_native_marks_whose_need_raises_ask_once_then_drop(capsys):
+    """A ``need`` that raises counts as one that could lend nothing: said once, and the
+    device's marks are dropped at once after it (not a call and a traceback per mark)."""
+    backend = FakeBackend()
+    asked = []
+
+    def need(device: int) -> bool:
+        asked.append(device)
+        raise RuntimeError("no events today")
+
+    marks = FakeMarks(backend, need, lambda module: 0, 1 << FW, 1 << FW, 10**9)
+    for i in range(100):
+        marks.mark(i, FW, 1)
+    events, *_, skipped, dropped, error = marks.drain()
+    assert asked == [0] and events == [] and dropped == 100
+    assert capsys.readouterr().err.count("RuntimeError: no events today") == 1
+
+
+@pytest.mark.skipif(native_hotpath() is None, reason="the compiled hot path is not built")
+def test_a_device_marker_dropped_from_inside_its_own_mark_does_not_hang():
+    """Python run inside a mark (the marker's callback, a collection in it) drops the
+    marker on the thread that is marking: the compiled buffer must not wait for that
+    thread's own mark to end (it never would), and the marker stays usable until it does."""
+    store = native_hotpath().Store(1_000)
+
+    class DroppedWhileMarking(CapsuleMarks):
+        def _told(self, index: int, kind: int, module: int) -> None:
+            store.device_marker = None
+            super()._told(index, kind, module)  # (after it was dropped: still alive)
+
+    marks = DroppedWhileMarking(FakeBackend(), lambda device: False, lambda module: None, 1 << FW, 1 << FW, 10**9)
+    store.device_marker = marks
+    finished = []
+    thread = threading.Thread(target=lambda: finished.append(store.record(FW, 0, 1)), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert finished, "the compiled buffer waited for its own thread's mark"
+    assert store.device_marker is None and marks.seen == [0]
+    store.record(FW, 0, 1)  # (no marker now: told to nobody)
+    assert marks.seen == [0]
+
+
+@pytest.mark.skipif(native_hotpath() is None, reason="the compiled hot path is not built")
+def test_a_device_marker_replaced_while_another_thread_marks_waits_for_that_mark():
+    """Replacing the marker waits (the GIL let go) for another thread's mark inside the old
+    one to end before the old one can go: no mark runs in a freed marker."""
+    store = native_hotpath().Store(1_000)
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow(CapsuleMarks):
+        def _told(self, index: int, kind: int, module: int) -> None:
+            inside.set()
+            release.wait(30)
+            super()._told(index, kind, module)
+
+    old = Slow(FakeBackend(), lambda device: False, lambda module: None, 1 << FW, 1 << FW, 10**9)
+    new = CapsuleMarks(FakeBackend(), lambda device: False, lambda module: None, 1 << FW, 1 << FW, 10**9)
+    store.device_marker = old
+    marking = threading.Thread(target=store.record, args=(FW, 0, 1), daemon=True)
+    marking.start()
+    assert inside.wait(30)
+    threading.Timer(0.2, release.set).start()
+    store.device_marker = new  # (returns once the slow mark has ended)
+    assert release.is_set() and old.seen == [0]
+    marking.join(30)
+    store.record(FW, 0, 1)
+    assert new.seen == [1] and store.device_marker is new

@@ -5,6 +5,7 @@ the strict fake backend."""
 
 import contextlib
 import re
+import sys
 import time
 import warnings
 
@@ -215,6 +216,42 @@ def test_compiled_device_marks_time_a_sleeping_module_like_paired_events(tmp_pat
     assert [step for step, _ in gpu] == [0, 1, 2]
     for (_, dur), (start, end) in zip(gpu, paired):
         assert dur == pytest.approx(start.elapsed_time(end) * 1000, rel=0.02)
+
+
+def test_compiled_device_marks_mark_again_in_the_window_after_one_that_hit_the_bound():
+    """(test_clock's twin on the real CudaMarks) a window without boundaries that hit the
+    bound; the next window's marks are made again once resolve took the events back."""
+    from modtimeline.capture.buffer import FORWARD_BEGIN
+    from modtimeline.device.clock import DeviceClock
+
+    backend = _cuda_backend(True)
+    clock = DeviceClock(backend, max_events_per_device=100, marks_type=backend.marks_type)
+    for i in range(300):
+        clock.marks.mark(i, FORWARD_BEGIN, -1)
+    first = clock.resolve()
+    assert first.dropped > 0 and len(first.host_event) + first.dropped == 300
+    for i in range(300, 350):
+        clock.marks.mark(i, FORWARD_BEGIN, -1)
+    second = clock.resolve()
+    assert second.dropped == 0 and list(second.host_event) == list(range(300, 350))
+
+
+def test_compiled_device_marks_whose_need_raises_ask_once_then_drop(monkeypatch):
+    from modtimeline.capture.buffer import FORWARD_BEGIN
+
+    asked, said = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: said.append(unraisable.exc_value))
+
+    def need(device: int) -> bool:
+        asked.append(device)
+        raise RuntimeError("no events today")
+
+    marks = _cuda_backend(True).marks_type(need, lambda module: None, 1 << FORWARD_BEGIN, 1 << FORWARD_BEGIN, 10**9)
+    for i in range(100):
+        marks.mark(i, FORWARD_BEGIN, -1)
+    events, *_, skipped, dropped, error = marks.drain()
+    assert asked == [torch.cuda.current_device()] and events == [] and dropped == 100
+    assert [str(error) for error in said] == ["no events today"]  # (said once, as unraisable)
 
 
 def test_a_gpu_sleep_at_step_start_does_not_slow_the_host_step(tmp_path):

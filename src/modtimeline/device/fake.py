@@ -147,7 +147,7 @@ class FakeMarks:
     """``_cuda_marks.CudaMarks`` (``clock.NativeMarks``) in Python over a ``FakeBackend``:
     the same rules (a mark needs a fresh reference and a lent event, else it calls
     ``need`` once, and after a ``need`` that could lend nothing drops at once until
-    ``give`` or ``set_reference``; captured marks are skipped; a forward's device is its
+    ``give``, ``set_reference`` or ``drain``; captured marks are skipped; a forward's device is its
     module's, else the last forward's; nothing raises into the caller: a failed record is
     dropped, its error drained, a callback's error printed), so the CPU
     tests drive DeviceClock's side of the compiled marks."""
@@ -237,6 +237,7 @@ class FakeMarks:
             skipped, dropped, self._skipped, self._dropped = self._skipped, self._dropped, 0, 0
             error, self._error = self._error, ""
             self._undrained.clear()
+            self._exhausted.clear()  # (the drained events go back to DeviceClock: it may lend again)
         columns = [array("q", (row[i] for row in made)).tobytes() for i in range(1, 5)]
         return [row[0] for row in made], columns[0], columns[1], columns[2], columns[3], skipped, dropped, error
 

@@ -109,7 +109,7 @@ struct DeviceState {
   int64_t reference_ns = 0;
   int64_t undrained = 0;
   // need() could not help (DeviceClock at its bound): marks are dropped at once, without
-  // asking again, until events or a reference come (give, set_reference).
+  // asking again, until events, a reference or a drain come (give, set_reference, drain).
   bool exhausted = false;
 };
 
@@ -212,8 +212,14 @@ struct Marks {
         }
       }
       // DeviceClock records a reference, lends events; False: it could lend none
-      bool helped = true;
-      call_python(need, device, [&helped](PyObject* result) { helped = PyObject_IsTrue(result) == 1; });
+      // (need raising counts as no help: reported once, then the device is exhausted
+      // rather than asking again at every mark)
+      bool helped = false;
+      call_python(need, device, [this, &helped](PyObject* result) {
+        int truth = PyObject_IsTrue(result);
+        if (truth < 0) PyErr_WriteUnraisable(need);
+        helped = truth == 1;
+      });
       if (!helped) {
         Locked guard(lock);
         state(device).exhausted = true;
@@ -388,7 +394,10 @@ PyObject* marks_drain(PyObject* self, PyObject*) {
   {
     Locked guard(marks.lock);
     taken.swap(marks.marks);
-    for (auto& state : marks.devices) state.undrained = 0;
+    for (auto& state : marks.devices) {
+      state.undrained = 0;
+      state.exhausted = false;  // (the drained events go back to DeviceClock: it may lend again)
+    }
     skipped = marks.skipped_in_capture;
     dropped = marks.dropped;
     error.swap(marks.error);

@@ -107,6 +107,27 @@ constexpr uint64_t pack_mark(uint64_t generation, int64_t node_id) {
   return (generation << 32) | static_cast<uint32_t>(node_id);
 }
 
+// The stores whose device marker this thread is inside now, innermost last (a mark can
+// run Python, and Python can mark again): detach_marker must not wait for its own thread.
+class MarkingHere {
+ public:
+  explicit MarkingHere(const void* store) { stack().push_back(store); }
+  ~MarkingHere() { stack().pop_back(); }
+  MarkingHere(const MarkingHere&) = delete;
+  MarkingHere& operator=(const MarkingHere&) = delete;
+  static int64_t depth(const void* store) {
+    int64_t count = 0;
+    for (const void* each : stack()) count += each == store;
+    return count;
+  }
+
+ private:
+  static std::vector<const void*>& stack() {
+    thread_local std::vector<const void*> inside;
+    return inside;
+  }
+};
+
 // The events, shared by the Store object and every node mark (a graph can outlive
 // the Store; its marks then keep this alive, emptied, and record into nothing visible).
 struct Events : std::enable_shared_from_this<Events> {
@@ -161,29 +182,42 @@ struct Events : std::enable_shared_from_this<Events> {
   void mark_on_device(int64_t index, int64_t kind, int64_t module) {
     if (index < 0 || marker.load() == nullptr) return;  // (no marker, the usual case: no atomic write)
     marking.fetch_add(1);
-    if (const device_marker* device = marker.load()) device->mark(device->state, index, kind, module);
+    if (const device_marker* device = marker.load()) {
+      MarkingHere here(this);
+      device->mark(device->state, index, kind, module);
+    }
     marking.fetch_sub(1);
   }
 
-  // Take the device marker away; returns once no call is inside it (the GIL held: it is
-  // let go while waiting, since a mark may need it).
-  void detach_marker() {
-    if (marker.exchange(nullptr) == nullptr) return;
-    if (marking.load() == 0) return;
-    Py_BEGIN_ALLOW_THREADS
-    while (marking.load() != 0) std::this_thread::yield();
-    Py_END_ALLOW_THREADS
+  // Take the device marker away; the GIL held. True once no call is inside it (the GIL is
+  // let go while waiting, since a mark may need it, and the marker taken again after: a
+  // setter on another thread may have set one meanwhile). False when this thread itself
+  // is inside a mark (Python the marker called, a collection in it, dropped the marker):
+  // waiting would never end, and the marker's owner must then outlive that mark.
+  bool detach_marker() {
+    for (;;) {
+      if (marker.exchange(nullptr) == nullptr && marking.load() == 0) return true;
+      int64_t own = MarkingHere::depth(this);
+      if (marking.load() <= own) return own == 0;
+      if (own > 0) return false;  // (others' calls cannot be waited for under our own)
+      Py_BEGIN_ALLOW_THREADS
+      while (marking.load() != 0) std::this_thread::yield();
+      Py_END_ALLOW_THREADS
+    }
   }
 
   // Tell on_recorded (NVTX, the device clock where Python marks) about event `index`:
   // (index, kind, module, call); node events have their pass as module and the node's id
   // as call. The caller holds the GIL and has told the device marker already.
   bool call_on_recorded(int64_t index, int64_t kind, int64_t module, int64_t call) {
-    PyObject* callback = on_recorded.load();
-    if (index < 0 || callback == nullptr) return true;
+    if (index < 0 || on_recorded.load() == nullptr) return true;
+    // (held across the call: Python in it may set another on_recorded, freeing this one)
+    PyObject* callback = Py_XNewRef(on_recorded.load());
+    if (callback == nullptr) return true;
     PyObject* result = PyObject_CallFunction(callback, "LLLL", static_cast<long long>(index),
                                              static_cast<long long>(kind), static_cast<long long>(module),
                                              static_cast<long long>(call));
+    Py_DECREF(callback);
     Py_XDECREF(result);
     return result != nullptr;
   }
@@ -544,11 +578,16 @@ int store_traverse(StoreObject* self, visitproc visit, void* arg) {
 }
 
 int store_clear_callbacks(StoreObject* self) {
+  bool unused = true;
   if (self->events != nullptr) {
-    (*self->events)->detach_marker();  // (no call left inside it: its owner may go now)
+    unused = (*self->events)->detach_marker();  // (no call left inside it: its owner may go now)
     Py_XDECREF((*self->events)->on_recorded.exchange(nullptr));
   }
-  Py_CLEAR(self->device_marker);
+  if (unused) {
+    Py_CLEAR(self->device_marker);
+  } else {
+    self->device_marker = nullptr;  // (a mark of this thread is inside it: its owner is left to leak)
+  }
   return 0;
 }
 
@@ -716,11 +755,11 @@ int store_set_device_marker(PyObject* self, PyObject* value, void*) {
     if (table == nullptr) return -1;
   }
   auto* store = reinterpret_cast<StoreObject*>(self);
-  events_of(self).detach_marker();  // (no call left inside the one it replaces)
+  bool unused = events_of(self).detach_marker();  // (no call left inside the one it replaces)
   PyObject* replaced = store->device_marker;
   store->device_marker = table != nullptr ? Py_NewRef(value) : nullptr;
   events_of(self).marker.store(table);
-  Py_XDECREF(replaced);
+  if (unused) Py_XDECREF(replaced);  // (else a mark of this thread is inside it: its owner is left to leak)
   return 0;
 }
 
