@@ -146,10 +146,10 @@ def _sleep_until(until_ns: int) -> None:
 class FakeMarks:
     """``_cuda_marks.CudaMarks`` (``clock.NativeMarks``) in Python over a ``FakeBackend``:
     the same rules (a mark needs a fresh reference and a lent event, else it calls
-    ``need`` once, and after a ``need`` that could lend nothing drops at once until
-    ``give``, ``set_reference`` or ``drain``; captured marks are skipped; a forward's device is its
-    module's, else the last forward's; nothing raises into the caller: a failed record is
-    dropped, its error drained, a callback's error printed), so the CPU
+    ``need`` once, and after a ``need`` that could lend nothing, or raised, drops at once
+    until ``give``, ``set_reference`` or ``drain``; captured marks are skipped; a forward's
+    device is its module's, else the last forward's; nothing raises into the caller: a
+    failed record is dropped, its error drained, a callback's error printed), so the CPU
     tests drive DeviceClock's side of the compiled marks."""
 
     def __init__(self, backend: FakeBackend, need: Callable[[int], bool | None],
