@@ -373,3 +373,32 @@ def test_sequence_number_fallback_agrees_with_torchs():
     from modtimeline.capture.recorder import _next_sequence_nr, _peek_by_a_node
 
     assert _peek_by_a_node() == _next_sequence_nr()
+
+
+def _paused_and_begun(native: bool) -> list[tuple[int, str, int]]:
+    """Forward events of: a call; a call while paused; a call after resume(); a call begun
+    by begin_call that torch then hooks too (once); one begun that torch does not hook."""
+    buffer = NativeEventBuffer(hotpath.Store(1 << 16)) if native else EventBuffer(1 << 16)
+    recorder = Recorder(buffer)
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    x = torch.randn(1, 2)
+    with torch.no_grad(), recorder:
+        model(x)
+        recorder.pause()
+        model(x)
+        recorder.resume()
+        model(x)
+        recorder.record_call_begin(model, (x,))
+        model(x)  # (its pre-hook runs: the call was begun already)
+        recorder.record_call_begin(model, (x,))
+        model.forward(x)  # (no hook of the model runs; its children's are theirs)
+    names = recorder.registry.names
+    return [(kind, names[module], call) for kind, module, call in map(unpack, buffer.codes)]
+
+
+@needs_hotpath
+def test_pause_resume_and_begin_call_agree_with_the_python_twin():
+    native = _paused_and_begun(native=True)
+    assert native == _paused_and_begun(native=False)
+    begins = [name for kind, name, _ in native if kind == FORWARD_BEGIN]
+    assert begins == ["Sequential", "Sequential.0", "Sequential.1"] * 4

@@ -359,3 +359,97 @@ def test_the_plain_step_makes_the_tables_move_or_changes_nothing(schedule, betwe
                     (by_table.state, by_table.step, by_table.window_steps, by_table.plan), (state, event)
     # Only the two step boundaries of a recording Timeline without a schedule, hooks on between steps.
     assert taken == (4 if schedule is None and between else 0)
+
+
+# ------------------------------------------------- hooks between steps (issue 26)
+# Off between steps (record_between_steps=False, what the integrations use): between two
+# recorded steps the hooks stay in torch, paused, rather than being taken out and put back
+# each step (that cost a step ~0.3 ms: benchmarks/overhead.py).
+def _forward_spans_per_step(path: Path) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for e in spans(load(path)):
+        if e["cat"] == "forward":
+            steps.setdefault(e["args"]["step"], []).append(e["name"])
+    return {step: sorted(names) for step, names in steps.items()}
+
+
+_ONE_STEP = sorted(["Sequential", "Sequential.0", "Sequential.1", "Sequential.2"])
+
+
+def test_between_recorded_steps_the_hooks_are_paused_and_record_nothing(tmp_path):
+    model, x = _model(), torch.randn(2, 4)
+    torch_call_impl = torch.nn.Module._call_impl
+    timeline = Timeline(tmp_path / "t.json", record_between_steps=False).start()
+    assert _hooks_gone()
+    for _ in range(3):
+        with timeline.step():
+            model(x).sum().backward()
+        assert not _hooks_gone()  # paused in torch, not taken out
+        with torch.no_grad():
+            model(x)  # evaluation between steps: not recorded
+        model(x).sum().backward()  # nor a backward between steps
+    timeline.stop()
+    assert _hooks_gone() and torch.nn.Module._call_impl is torch_call_impl
+    assert _forward_spans_per_step(tmp_path / "t.json") == {0: _ONE_STEP, 1: _ONE_STEP, 2: _ONE_STEP}
+    backward = [e for e in spans(load(tmp_path / "t.json")) if e["cat"] == "backward"]
+    assert len(backward) == 3 * len(_ONE_STEP)
+    assert_nested(load(tmp_path / "t.json"))
+
+
+def test_after_a_written_window_the_hooks_are_out_of_torch(tmp_path):
+    model, x = _model(), torch.randn(2, 4)
+    timeline = Timeline(tmp_path / "t.json", schedule=Schedule(wait=1, active=2, repeat=1)).start()
+    seen = []
+    for _ in range(5):
+        with timeline.step():
+            model(x).sum().backward()
+        seen.append(_hooks_gone())
+    timeline.stop()
+    # step 0 waits, 1 and 2 are recorded (paused between them), the window is written at
+    # the end of 2, and 3 and 4 are not recorded.
+    assert seen == [True, False, True, True, True]
+    assert _forward_spans_per_step(tmp_path / "t.000.json") == {1: _ONE_STEP, 2: _ONE_STEP}
+
+
+def test_a_step_begun_from_a_modules_own_pre_hook_records_that_call_once(tmp_path):
+    model, x = _model(), torch.randn(2, 4)
+    timeline = Timeline(tmp_path / "t.json", record_between_steps=False).start()
+
+    def begin(module: torch.nn.Module, args: object) -> None:  # (after the global hooks)
+        if not timeline.in_step:
+            timeline.begin_step(first_call=(module, args))
+
+    handle = model.register_forward_pre_hook(begin)
+    for _ in range(3):  # the first from hooks out of torch, the others from paused hooks
+        model(x).sum().backward()
+        timeline.end_step()
+    handle.remove()
+    timeline.stop()
+    assert _forward_spans_per_step(tmp_path / "t.json") == {0: _ONE_STEP, 1: _ONE_STEP, 2: _ONE_STEP}
+    assert_nested(load(tmp_path / "t.json"))
+
+
+def test_a_step_begun_from_a_global_pre_hook_ahead_of_ours_records_that_call_once(tmp_path):
+    # What `modtimeline record` does: paused, our pre-hook still runs for that call after
+    # the one that began the step, and must not begin it again.
+    model, x = _model(), torch.randn(2, 4)
+    timeline = Timeline(tmp_path / "t.json", record_between_steps=False).start()
+    key = -0x7E57
+
+    def begin(module: torch.nn.Module, args: object) -> None:
+        if not timeline.in_step:
+            timeline.begin_step(first_call=(module, args))
+
+    hooks = torch_module._global_forward_pre_hooks
+    try:
+        for _ in range(3):
+            hooks[key] = begin
+            hooks.move_to_end(key, last=False)
+            model(x).sum().backward()
+            del hooks[key]
+            timeline.end_step()
+    finally:
+        hooks.pop(key, None)
+        timeline.stop()
+    assert _forward_spans_per_step(tmp_path / "t.json") == {0: _ONE_STEP, 1: _ONE_STEP, 2: _ONE_STEP}
+    assert_nested(load(tmp_path / "t.json"))

@@ -33,7 +33,9 @@ the one window is the whole run, written by ``stop()``.
 
 **Hooks**: on inside a recorded step; between steps only without a schedule and with
 ``record_between_steps`` (set on at start), or after a kept step while
-``record_between_steps``; off after a window is written, and at stop.
+``record_between_steps``; off after a window is written, and at stop. Off between two
+steps of a window (``record_between_steps=False``) is paused: left in torch, recording
+nothing, till the next recorded step (Timeline._hooks); taken out at a step not recorded.
 
 **SIGTERM** (``BoundaryLock``): start, stop and the step boundaries hold one lock, so a
 stop from another thread waits for a window's write. A SIGTERM writes what is recorded

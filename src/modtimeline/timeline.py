@@ -286,7 +286,8 @@ class Timeline:
         # record_between_steps=False (integrations, `record`): hooks on only inside steps,
         # so evaluation between steps is left out.
         self._life = Lifecycle(schedule, record_between_steps)
-        self._hooks_on = False
+        self._hooks_on = False  # recording: the hooks in torch and not paused
+        self._hooks_paused = False  # the hooks in torch, paused (between two recorded steps)
         # start/stop/begin_step/end_step and the SIGTERM write exclude one another (a stop
         # from another thread, a signal while a window is written).
         self._lock = BoundaryLock(self._deliver_signal)
@@ -489,7 +490,9 @@ class Timeline:
         self.buffer.record(STEP_END, move.step, 0)
         _pair_profiler_clock()
         if self._life.hooks_off_after(move):
-            self._hooks(False)
+            # Paused till the next step of the window; taken out when a window is written
+            # (the steps after it are most often not recorded).
+            self._hooks(False, pause=plan.at_end is not WindowEnd.WRITE)
         if plan.at_end is WindowEnd.DISCARD:
             self._discard_window()
         elif plan.at_end is WindowEnd.WRITE and move.work is Work.END_STEP:
@@ -499,11 +502,23 @@ class Timeline:
                 self._start_window()  # written or not: the next window starts empty (memory stays flat)
 
     # ------------------------------------------------------------------ helpers
-    def _hooks(self, on: bool) -> None:
+    def _hooks(self, on: bool, pause: bool = False) -> None:
+        """Recording on, or off: the hooks taken out of torch, or with ``pause`` (between
+        two recorded steps) left in torch recording nothing, which costs the module calls
+        between the steps less than taking them out and putting them back costs each step
+        (benchmarks/overhead.py's integrations)."""
+        if on and self._hooks_paused:
+            self.recorder.resume()
+            self._hooks_paused = False
+        elif not on and pause and (self._hooks_on or self._hooks_paused) and self.recorder.can_pause \
+                and self._detail is None and self._kernels is None:
+            if not self._hooks_paused:
+                self.recorder.pause()
+                self._hooks_paused = True
         # Each part on is taken off again if a later one fails, and each part off is taken
         # off even if an earlier one raised: hooks are all on or all off. (An ExitStack runs
         # every callback, the last registered first, whatever one of them raises.)
-        if on and not self._hooks_on:
+        elif on and not self._hooks_on:
             with contextlib.ExitStack() as undo:
                 self.recorder.__enter__()
                 undo.callback(self.recorder.__exit__, None, None, None)
@@ -513,7 +528,8 @@ class Timeline:
                 if self._kernels is not None:
                     self._kernels.recording()
                 undo.pop_all()  # all on: nothing to undo
-        elif not on and self._hooks_on:
+        elif not on and (self._hooks_on or self._hooks_paused):
+            self._hooks_paused = False
             with contextlib.ExitStack() as off:
                 off.callback(self.recorder.__exit__, None, None, None)
                 if self._detail is not None:

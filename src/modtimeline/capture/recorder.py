@@ -254,9 +254,23 @@ class PythonForwardHooks:
         self._owner = _thread_id()
         self._stack: list[_Frame] = []
         self._other_stacks: dict[int, list[_Frame]] = {}
+        self.paused = False
+        self._begun: Any = None  # the module begin_call() began a call of (see the C twin)
 
     def own_thread(self) -> None:
         self._owner = _thread_id()
+
+    def begin_call(self, module: torch.nn.Module, args: Any) -> None:
+        self.pre_forward(module, args)
+        self._begun = module
+
+    def pause(self) -> None:
+        self.paused = True
+        self._begun = None
+        self.reset()
+
+    def resume(self) -> None:
+        self.paused = False
 
     def _index_of(self, module: torch.nn.Module) -> int | None:
         """The module's index (the registry's lookup is the hot path), None if ignored."""
@@ -270,6 +284,12 @@ class PythonForwardHooks:
         self._other_stacks.clear()
 
     def pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self.paused:
+            return
+        if self._begun is not None:
+            begun, self._begun = self._begun, None
+            if begun is module:
+                return  # (begin_call began this call)
         task = _graph_task_id()
         own_thread = _thread_id() == self._owner
         # Another thread's forward is not ours, unless it is recompute inside our backward.
@@ -286,6 +306,9 @@ class PythonForwardHooks:
         stack.append(_Frame(call, index, recompute, _next_sequence_nr()))
 
     def post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.paused:
+            return  # (pause() dropped every open forward)
+        self._begun = None
         thread = _thread_id()
         stack = self._stack if thread == self._owner else self._other_stacks.get(thread)
         if not stack or not self._registry.is_module(stack[-1].index, module):
@@ -383,9 +406,27 @@ class Recorder:
         global _last_registry
         compile_guard.uninstall(self)
         self._hooked = False
+        if self.can_pause:
+            self._forward.resume()  # (the next __enter__ records)
         self._forward.reset()
         self.retire_marks()
         _last_registry = self.registry
+
+    @property
+    def can_pause(self) -> bool:
+        """Whether ``pause()`` can be had (a compiled hot path built before it cannot)."""
+        return hasattr(self._forward, "pause") and hasattr(self._forward, "begin_call")
+
+    def pause(self) -> None:
+        """Record nothing until ``resume()``, the hooks left in torch: what ``__exit__``
+        does to the recording (open forwards forgotten, node marks stale), without taking
+        the hooks out of torch and putting them back at the next step, which costs more
+        than the paused hooks' calls between two steps."""
+        self._forward.pause()
+        self.retire_marks()
+
+    def resume(self) -> None:
+        self._forward.resume()
 
     def retire_marks(self) -> None:
         """Every node mark placed so far goes stale: the buffer was cleared (node ids start
@@ -398,8 +439,11 @@ class Recorder:
 
     def record_call_begin(self, module: torch.nn.Module, args: Any) -> None:
         """The start of a module call whose forward pre-hooks torch took before this
-        recorder was on (a step that begins at that very call)."""
-        self._forward.pre_forward(module, args)
+        recorder was on (a step that begins at that very call). Or a step begun by a
+        global pre-hook ahead of ours while ours was paused: ours then still runs for that
+        call, and leaves it be."""
+        begin_call = getattr(self._forward, "begin_call", None)  # (absent from a hot path built before it)
+        (begin_call or self._forward.pre_forward)(module, args)
 
     # ------------------------------------------------------- RecorderCallbacks
     def learn(self, module: torch.nn.Module) -> int | None:

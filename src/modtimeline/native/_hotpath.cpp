@@ -895,6 +895,14 @@ struct HooksObject {
   PyObject* callbacks;  // recorder.RecorderCallbacks
   int64_t next_call;
   unsigned long owner;  // the thread whose forwards are recorded
+  // Between two recorded steps the hooks stay in torch, paused: taking them off and on
+  // again costs a step ~0.3 ms (torch's hook dictionaries, Module._call_impl put back and
+  // swapped again, which makes every module class look its attributes up anew).
+  bool paused;
+  // The module whose call begin_call() began (owned), or nullptr: a step that begins at a
+  // module call from a global pre-hook placed before ours, whose own pre-hook then still
+  // runs for that call and must not begin it twice. Cleared by the next hook of any call.
+  PyObject* begun;
   std::vector<Frame>* stack;
   // Recompute frames of other threads (autograd's device threads run checkpoint recompute).
   std::unordered_map<unsigned long, std::vector<Frame>>* other_stacks;
@@ -915,6 +923,8 @@ PyObject* hooks_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   self->callbacks = callbacks;
   self->next_call = 0;
   self->owner = PyThread_get_thread_ident();
+  self->paused = false;
+  self->begun = nullptr;
   self->stack = new std::vector<Frame>();
   self->other_stacks = new std::unordered_map<unsigned long, std::vector<Frame>>();
   self->modules = new ModuleTable();
@@ -936,12 +946,14 @@ void drop_frames(HooksObject* self) {
 }
 
 int hooks_traverse(HooksObject* self, visitproc visit, void* arg) {
+  Py_VISIT(self->begun);
   Py_VISIT(self->store);
   Py_VISIT(self->callbacks);
   return 0;
 }
 
 int hooks_clear(HooksObject* self) {
+  Py_CLEAR(self->begun);
   Py_CLEAR(self->store);
   Py_CLEAR(self->callbacks);
   return 0;
@@ -1100,6 +1112,12 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     PyErr_SetString(PyExc_TypeError, "pre_forward(module, args)");
     return nullptr;
   }
+  if (self->paused) Py_RETURN_NONE;
+  if (self->begun != nullptr) {
+    bool begun_here = self->begun == args[0];
+    Py_CLEAR(self->begun);
+    if (begun_here) Py_RETURN_NONE;  // (begin_call began this call)
+  }
   Events& events = events_of(self->store);
   int64_t task = torch::autograd::get_current_graph_task_id();
   unsigned long thread = PyThread_get_thread_ident();
@@ -1139,6 +1157,8 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     PyErr_SetString(PyExc_TypeError, "post_forward(module, args, output)");
     return nullptr;
   }
+  if (self->paused) Py_RETURN_NONE;  // (pause() dropped every open forward)
+  Py_CLEAR(self->begun);
   PyObject* output = args[2];
   unsigned long thread = PyThread_get_thread_ident();
   Events& events = events_of(self->store);
@@ -1189,6 +1209,32 @@ PyObject* hooks_reset(PyObject* obj, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// begin_call(module, args): a module call begins whose pre-hooks torch may have taken
+// before recording was on (pre_forward then never runs for it) or not (a step begun by a
+// global pre-hook ahead of ours while ours was paused: pre_forward runs for it next, and
+// is then a no-op).
+PyObject* hooks_begin_call(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
+  auto* self = reinterpret_cast<HooksObject*>(obj);
+  PyObject* result = hooks_pre_forward(obj, args, nargs);
+  if (result != nullptr) Py_XSETREF(self->begun, Py_NewRef(args[0]));
+  return result;
+}
+
+// pause(): record no forward until resume(), forget open forwards (call numbers go on).
+PyObject* hooks_pause(PyObject* obj, PyObject*) {
+  auto* self = reinterpret_cast<HooksObject*>(obj);
+  self->paused = true;
+  Py_CLEAR(self->begun);
+  drop_frames(self);
+  Py_RETURN_NONE;
+}
+
+// resume(): record forwards again.
+PyObject* hooks_resume(PyObject* obj, PyObject*) {
+  reinterpret_cast<HooksObject*>(obj)->paused = false;
+  Py_RETURN_NONE;
+}
+
 // own_thread(): record the calling thread's forwards from now on.
 PyObject* hooks_own_thread(PyObject* obj, PyObject*) {
   reinterpret_cast<HooksObject*>(obj)->owner = PyThread_get_thread_ident();
@@ -1229,6 +1275,10 @@ PyMethodDef hooks_methods[] = {
     {"post_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hooks_post_forward)),
      METH_FASTCALL, "global forward hook (always called, with kwargs)"},
     {"reset", hooks_reset, METH_NOARGS, "forget open forwards"},
+    {"begin_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(hooks_begin_call)), METH_FASTCALL,
+     "pre_forward, once for this call even if torch calls pre_forward for it next"},
+    {"pause", hooks_pause, METH_NOARGS, "record no forward until resume(); forget open forwards"},
+    {"resume", hooks_resume, METH_NOARGS, "record forwards again"},
     {"own_thread", hooks_own_thread, METH_NOARGS, "record the calling thread's forwards from now on"},
     {"adopt", hooks_adopt, METH_O, "adopt(refs): know the module of refs[i] as index i (those alive)"},
     {nullptr, nullptr, 0, nullptr},
@@ -1238,8 +1288,13 @@ PyObject* hooks_get_next_call(PyObject* obj, void*) {
   return PyLong_FromLongLong(reinterpret_cast<HooksObject*>(obj)->next_call);
 }
 
+PyObject* hooks_get_paused(PyObject* obj, void*) {
+  return PyBool_FromLong(reinterpret_cast<HooksObject*>(obj)->paused);
+}
+
 PyGetSetDef hooks_getset[] = {
     {"next_call", hooks_get_next_call, nullptr, "the number the next module call gets", nullptr},
+    {"paused", hooks_get_paused, nullptr, "whether pause() holds (no forward is recorded)", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 
