@@ -17,7 +17,8 @@ Workloads (a model and its training step: forward + loss, then ``.backward()``):
 Rows per workload: untraced; the floor (no-op global forward hooks: a pre-hook and an
 always-called hook, the least any global-hook tracer pays); ``Timeline`` in steady state
 (one Timeline over the round's steps, each marked ``with tl.step():``, its file written
-once after them, not timed); ``Timeline`` per step (``with Timeline(path): step()``, the
+once after them, not timed; and so with ``record_between_steps=False``, off between steps,
+as the integrations make it); ``Timeline`` per step (``with Timeline(path): step()``, the
 file written every step); and on tiny-modules, tiny-modules-16, transformer, cnn and
 transformer-compiled torch's ModuleTracker, ModTracker and torch.profiler(with_modules)
 (at most 5 timed steps a block: they are there for comparison, and slow).
@@ -197,6 +198,8 @@ TORCH_ROW_STEPS = 5  # timed steps a block at most in those rows
 UNTRACED = "untraced"
 FLOOR = "no-op global hooks (floor)"
 STEADY = "Timeline steady"
+# The integrations' way (callbacks, `record`): record_between_steps=False.
+OFF_BETWEEN = "Timeline steady, off between steps"
 PER_STEP = "Timeline per step (file written)"
 
 # Issue 26's goals: (workload, row, figure, at most).
@@ -264,7 +267,7 @@ def _elapsed(start: tuple[float, float]) -> tuple[float, float]:
     return end[0] - start[0], end[1] - start[1]
 
 
-def steady_row(path: Path) -> Row:
+def steady_row(path: Path, record_between_steps: bool = True) -> Row:
     """One Timeline over the block's steps, each `with tl.step():`; written once, after them."""
     holder: list[Timeline] = []
 
@@ -272,7 +275,7 @@ def steady_row(path: Path) -> Row:
         return holder[0].step()
 
     def setup() -> None:
-        timeline = Timeline(path)
+        timeline = Timeline(path, record_between_steps=record_between_steps)
         gc.collect()
         start = _now()
         timeline.start()
@@ -295,6 +298,7 @@ def rows_for(workload: str, trace_dir: Path, torch_rows: bool) -> dict[str, Row]
         UNTRACED: Row(contextlib.nullcontext),
         FLOOR: floor_row(),
         STEADY: steady_row(trace_dir / "steady.json"),
+        OFF_BETWEEN: steady_row(trace_dir / "off_between.json", record_between_steps=False),
         PER_STEP: Row(lambda: Timeline(trace_dir / "per_step.json")),
     }
     if torch_rows and workload in TORCH_ROWS:
@@ -438,7 +442,7 @@ def summarise(blocks: dict[str, list[Parts]], calls: int, steady_steps: int, sta
         }
     floor_added = variants[FLOOR]["added_us_per_call"]
     tracker_added = variants.get("torch ModuleTracker", {}).get("added_us_per_call")
-    for name in (STEADY, PER_STEP):
+    for name in (STEADY, OFF_BETWEEN, PER_STEP):
         row = variants[name]
         # Ratios of the medians: per round, the floor's few µs are too noisy to divide by.
         row["vs_floor_added"] = row["added_us_per_call"] / floor_added if floor_added > 0 else None
@@ -446,7 +450,7 @@ def summarise(blocks: dict[str, list[Parts]], calls: int, steady_steps: int, sta
             row["vs_ModuleTracker_added"] = row["added_us_per_call"] / tracker_added if tracker_added > 0 else None
 
     breakdown: dict[str, dict[str, Any]] = {}
-    for name in (FLOOR, STEADY, PER_STEP):
+    for name in (FLOOR, STEADY, OFF_BETWEEN, PER_STEP):
         parts: dict[str, Any] = {f"{part}_us_per_call": statistics.median(added(name, part))
                                  for part in ("forward", "backward", "boundary")}
         parts["boundary_ms_per_step"] = statistics.median(
@@ -717,7 +721,7 @@ def workload_markdown(workload: str, result: dict[str, Any]) -> list[str]:
              "| × the floor's added |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in result["variants"].items():
-        versus = _num(row.get("vs_floor_added"), 2, "×") if name in (STEADY, PER_STEP) else ""
+        versus = _num(row.get("vs_floor_added"), 2, "×") if name in (STEADY, OFF_BETWEEN, PER_STEP) else ""
         if row.get("vs_ModuleTracker_added") is not None:
             versus += f" ({row['vs_ModuleTracker_added']:.2f}× torch ModuleTracker's)"
         lines.append(f"| {name} | {row['step_ms']:.2f} | {row['ratio']:.3f} | {row['ratio_p25']:.3f}–"
@@ -734,7 +738,9 @@ def breakdown_markdown(workloads: dict[str, Any]) -> list[str]:
              "| step, measured | resolve + write at the end | step + resolve + write |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for workload, result in workloads.items():
-        for name in (FLOOR, STEADY, PER_STEP):
+        for name in (FLOOR, STEADY, OFF_BETWEEN, PER_STEP):
+            if name not in result["breakdown"]:  # (a JSON from before the row)
+                continue
             part = result["breakdown"][name]
             total = part["forward_us_per_call"] + part["backward_us_per_call"] + part["boundary_us_per_call"]
             beyond = _num(part.get("forward_beyond_floor_us_per_call"))

@@ -14,6 +14,10 @@ encoder of issue 26's per-step goal), in rounds, medians over the rounds:
   writer), the SIGTERM handler set and put back (``TerminationGuard``);
 * nothing: the timer's own cost, cold.
 
+Each part that can run twice in a row is then run once more at once, warm: the same
+work with our code and data in the caches. The two columns apart are what the step's
+eviction of them costs.
+
     python benchmarks/per_step.py [--workload encoder] [--rounds 40] [--out benchmarks/results]
 """
 
@@ -52,12 +56,21 @@ def measure(workload: str, rounds: int, folder: Path) -> dict[str, object]:
 
     clock = time.perf_counter_ns
     times: dict[str, list[float]] = {}
+    warm_times: dict[str, list[float]] = {}
 
-    def timed(name: str, part: Callable[[], object]) -> object:
+    def timed(name: str, part: Callable[[], object], again: bool = True) -> object:
+        """``part`` right after a step; with ``again``, once more at once (warm)."""
         begin = clock()
         result = part()
         times.setdefault(name, []).append((clock() - begin) / 1e3)
+        if again:
+            timed_warm(name, part)
         return result
+
+    def timed_warm(name: str, part: Callable[[], object]) -> None:
+        begin = clock()
+        part()
+        warm_times.setdefault(name, []).append((clock() - begin) / 1e3)
 
     for _ in range(3):  # (warm-up: imports, first writes)
         with Timeline(path):
@@ -80,9 +93,9 @@ def measure(workload: str, rounds: int, folder: Path) -> dict[str, object]:
         times.setdefault("untraced step", []).append((clock() - begin) / 1e3)
         timeline = timed("make: Timeline(path)", lambda: Timeline(path))
         assert isinstance(timeline, Timeline)
-        timed("start()", timeline.start)
+        timed("start()", timeline.start, again=False)
         step()
-        timed("stop(): all of it", timeline.stop)
+        timed("stop(): all of it", timeline.stop, again=False)
         timeline = Timeline(path).start()
         step()
         timed("stop: trace_data(), resolve + metadata", timeline.trace_data)
@@ -94,16 +107,21 @@ def measure(workload: str, rounds: int, folder: Path) -> dict[str, object]:
         step()
         timed("write_trace: the file alone (atomic write of the bytes)", write_file)
         step()
-        timed("start: SIGTERM handler set", guard.install)
+        timed("start: SIGTERM handler set", guard.install, again=False)
+        guard.uninstall()
+        timed_warm("start: SIGTERM handler set", guard.install)
         step()
-        timed("stop: SIGTERM handler put back", guard.uninstall)
+        timed("stop: SIGTERM handler put back", guard.uninstall, again=False)
+        guard.install()
+        timed_warm("stop: SIGTERM handler put back", guard.uninstall)
         step()
         timed("nothing (the timer, cold)", lambda: None)
     untraced = statistics.median(times["untraced step"])
     parts = {name: {"median_us": statistics.median(values),
                     "p25_us": statistics.quantiles(values, n=4)[0] if len(values) > 1 else values[0],
                     "p75_us": statistics.quantiles(values, n=4)[2] if len(values) > 1 else values[0],
-                    "of_untraced_step": statistics.median(values) / untraced}
+                    "of_untraced_step": statistics.median(values) / untraced,
+                    "warm_us": statistics.median(warm_times[name]) if name in warm_times else None}
              for name, values in times.items() if name != "untraced step"}
     return {"machine": machine(), "workload": workload, "rounds": rounds, "untraced_step_us": untraced,
             "trace_bytes": len(encoded.getvalue()), "spans": len(data.spans), "parts": parts}
@@ -116,10 +134,12 @@ def markdown(result: dict[str, object]) -> str:
              f"{float(result['untraced_step_us']) / 1e3:.2f} ms (wall time), a {result['spans']}-span trace of "
              f"{result['trace_bytes']:,} bytes; each part timed right after a step, medians of {result['rounds']} "
              "rounds.", "",
-             "| part | µs | rounds' p25–p75 | of the untraced step |", "|---|---:|---:|---:|"]
+             "| part | µs | rounds' p25–p75 | of the untraced step | µs, run again at once (warm) |",
+             "|---|---:|---:|---:|---:|"]
     for name, part in parts.items():
+        warm = part.get("warm_us")
         lines.append(f"| {name} | {part['median_us']:.0f} | {part['p25_us']:.0f}–{part['p75_us']:.0f} | "
-                     f"{100 * part['of_untraced_step']:.2f} % |")
+                     f"{100 * part['of_untraced_step']:.2f} % | {'' if warm is None else f'{warm:.0f}'} |")
     return "\n".join(lines)
 
 

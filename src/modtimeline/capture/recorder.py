@@ -286,15 +286,15 @@ class PythonForwardHooks:
     def pre_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self.paused:
             return
-        if self._begun is not None:
-            begun, self._begun = self._begun, None
-            if begun is module:
-                return  # (begin_call began this call)
         task = _graph_task_id()
         own_thread = _thread_id() == self._owner
         # Another thread's forward is not ours, unless it is recompute inside our backward.
         if not own_thread and (task == -1 or not self._marks.serves(task)):
             return
+        if own_thread and self._begun is not None:
+            begun, self._begun = self._begun, None
+            if begun is module:
+                return  # (begin_call began this call)
         index = self._index_of(module)
         if index is None:
             return
@@ -308,8 +308,9 @@ class PythonForwardHooks:
     def post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.paused:
             return  # (pause() dropped every open forward)
-        self._begun = None
         thread = _thread_id()
+        if thread == self._owner:
+            self._begun = None
         stack = self._stack if thread == self._owner else self._other_stacks.get(thread)
         if not stack or not self._registry.is_module(stack[-1].index, module):
             # The forward began before the hooks were on, or a pre-hook of ours never ran

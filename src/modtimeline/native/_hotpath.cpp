@@ -901,7 +901,8 @@ struct HooksObject {
   bool paused;
   // The module whose call begin_call() began (owned), or nullptr: a step that begins at a
   // module call from a global pre-hook placed before ours, whose own pre-hook then still
-  // runs for that call and must not begin it twice. Cleared by the next hook of any call.
+  // runs for that call and must not begin it twice. Cleared by the owner thread's next
+  // hook of any call.
   PyObject* begun;
   std::vector<Frame>* stack;
   // Recompute frames of other threads (autograd's device threads run checkpoint recompute).
@@ -1113,11 +1114,6 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     return nullptr;
   }
   if (self->paused) Py_RETURN_NONE;
-  if (self->begun != nullptr) {
-    bool begun_here = self->begun == args[0];
-    Py_CLEAR(self->begun);
-    if (begun_here) Py_RETURN_NONE;  // (begin_call began this call)
-  }
   Events& events = events_of(self->store);
   int64_t task = torch::autograd::get_current_graph_task_id();
   unsigned long thread = PyThread_get_thread_ident();
@@ -1132,6 +1128,11 @@ PyObject* hooks_pre_forward(PyObject* obj, PyObject* const* args, Py_ssize_t nar
     Py_INCREF(args[0]);
     (*self->other_stacks)[thread].push_back({args[0], call, index, true, at::sequence_number::peek()});
     Py_RETURN_NONE;
+  }
+  if (self->begun != nullptr) {
+    bool begun_here = self->begun == args[0];
+    Py_CLEAR(self->begun);
+    if (begun_here) Py_RETURN_NONE;  // (begin_call began this call)
   }
   int64_t index = index_of(self, args[0]);
   if (index == IGNORED) Py_RETURN_NONE;
@@ -1158,7 +1159,6 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     return nullptr;
   }
   if (self->paused) Py_RETURN_NONE;  // (pause() dropped every open forward)
-  Py_CLEAR(self->begun);
   PyObject* output = args[2];
   unsigned long thread = PyThread_get_thread_ident();
   Events& events = events_of(self->store);
@@ -1173,6 +1173,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
     if (!events.record(RECOMPUTE_END, frame.call, frame.index)) return nullptr;
     return link_output(self, events, output, frame);
   }
+  Py_CLEAR(self->begun);
   auto& stack = *self->stack;
   if (stack.empty()) Py_RETURN_NONE;  // the forward began before the hooks were on
   Frame frame = stack.back();
