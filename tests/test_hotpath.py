@@ -402,3 +402,21 @@ def test_pause_resume_and_begin_call_agree_with_the_python_twin():
     assert native == _paused_and_begun(native=False)
     begins = [name for kind, name, _ in native if kind == FORWARD_BEGIN]
     assert begins == ["Sequential", "Sequential.0", "Sequential.1"] * 4
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_hotpath), False])
+def test_a_call_begun_on_another_thread_leaves_the_owners_next_call_of_it_recorded(native):
+    import threading
+
+    buffer = NativeEventBuffer(hotpath.Store(1 << 16)) if native else EventBuffer(1 << 16)
+    recorder = Recorder(buffer)
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    x = torch.randn(1, 2)
+    with torch.no_grad(), recorder:
+        helper = threading.Thread(target=recorder.record_call_begin, args=(model, (x,)))
+        helper.start()
+        helper.join()
+        model(x)
+    names = recorder.registry.names
+    begins = [names[module] for kind, module, _ in map(unpack, buffer.codes) if kind == FORWARD_BEGIN]
+    assert begins == ["Sequential", "Sequential.0", "Sequential.1"]

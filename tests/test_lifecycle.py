@@ -398,15 +398,16 @@ def test_between_recorded_steps_the_hooks_are_paused_and_record_nothing(tmp_path
 
 def test_after_a_written_window_the_hooks_are_out_of_torch(tmp_path):
     model, x = _model(), torch.randn(2, 4)
-    timeline = Timeline(tmp_path / "t.json", schedule=Schedule(wait=1, active=2, repeat=1)).start()
+    timeline = Timeline(tmp_path / "t.json", schedule=Schedule(wait=1, active=2, repeat=1),
+                        record_between_steps=False).start()
     seen = []
     for _ in range(5):
         with timeline.step():
             model(x).sum().backward()
         seen.append(_hooks_gone())
     timeline.stop()
-    # step 0 waits, 1 and 2 are recorded (paused between them), the window is written at
-    # the end of 2, and 3 and 4 are not recorded.
+    # step 0 waits, 1 and 2 are recorded (paused between them: in torch), the window is
+    # written at the end of 2, and 3 and 4 are not recorded.
     assert seen == [True, False, True, True, True]
     assert _forward_spans_per_step(tmp_path / "t.000.json") == {1: _ONE_STEP, 2: _ONE_STEP}
 

@@ -513,8 +513,8 @@ class Timeline:
         elif not on and pause and (self._hooks_on or self._hooks_paused) and self.recorder.can_pause \
                 and self._detail is None and self._kernels is None:
             if not self._hooks_paused:
+                self._hooks_paused = True  # (first: whatever pause() raises, a stop takes them out)
                 self.recorder.pause()
-                self._hooks_paused = True
         # Each part on is taken off again if a later one fails, and each part off is taken
         # off even if an earlier one raised: hooks are all on or all off. (An ExitStack runs
         # every callback, the last registered first, whatever one of them raises.)

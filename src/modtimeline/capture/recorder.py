@@ -262,7 +262,8 @@ class PythonForwardHooks:
 
     def begin_call(self, module: torch.nn.Module, args: Any) -> None:
         self.pre_forward(module, args)
-        self._begun = module
+        if not self.paused and _thread_id() == self._owner:  # (only the owner's calls honour it)
+            self._begun = module
 
     def pause(self) -> None:
         self.paused = True
@@ -280,6 +281,7 @@ class PythonForwardHooks:
         return index
 
     def reset(self) -> None:
+        self._begun = None
         self._stack.clear()
         self._other_stacks.clear()
 
@@ -399,6 +401,10 @@ class Recorder:
     def __enter__(self) -> Recorder:
         if self._hooked:
             raise ModTimelineError("this Recorder is already active")
+        if self.can_pause:
+            # (Here, not as the hooks come out: a stop from another thread must not make
+            # hooks the owner thread still holds record again.)
+            self._forward.resume()
         compile_guard.install(self, self._forward.pre_forward, self._forward.post_forward)
         self._hooked = True
         return self
@@ -407,8 +413,6 @@ class Recorder:
         global _last_registry
         compile_guard.uninstall(self)
         self._hooked = False
-        if self.can_pause:
-            self._forward.resume()  # (the next __enter__ records)
         self._forward.reset()
         self.retire_marks()
         _last_registry = self.registry
@@ -423,8 +427,8 @@ class Recorder:
         does to the recording (open forwards forgotten, node marks stale), without taking
         the hooks out of torch and putting them back at the next step, which costs more
         than the paused hooks' calls between two steps."""
-        self._forward.pause()
         self.retire_marks()
+        self._forward.pause()
 
     def resume(self) -> None:
         self._forward.resume()

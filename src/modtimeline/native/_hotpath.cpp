@@ -1206,6 +1206,7 @@ PyObject* hooks_post_forward(PyObject* obj, PyObject* const* args, Py_ssize_t na
 // reset(): the hooks were taken off; forget open forwards (call numbers go on).
 PyObject* hooks_reset(PyObject* obj, PyObject*) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
+  Py_CLEAR(self->begun);
   drop_frames(self);
   Py_RETURN_NONE;
 }
@@ -1217,7 +1218,11 @@ PyObject* hooks_reset(PyObject* obj, PyObject*) {
 PyObject* hooks_begin_call(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
   auto* self = reinterpret_cast<HooksObject*>(obj);
   PyObject* result = hooks_pre_forward(obj, args, nargs);
-  if (result != nullptr) Py_XSETREF(self->begun, Py_NewRef(args[0]));
+  // (Only the owner thread's calls honour it: another thread's would leave it to drop the
+  // owner's next call of that module.)
+  if (result != nullptr && !self->paused && PyThread_get_thread_ident() == self->owner) {
+    Py_XSETREF(self->begun, Py_NewRef(args[0]));
+  }
   return result;
 }
 
