@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from torch.nn.modules import module as torch_module
 
 sys.path.insert(0, str(Path(__file__).parent))
 import overhead  # noqa: E402
@@ -53,13 +52,12 @@ def paused(model: torch.nn.Module, step: Callable[[], None], path: Path) -> Iter
 
 @contextlib.contextmanager
 def floor(model: torch.nn.Module, step: Callable[[], None], path: Path) -> Iterator[None]:
-    handles = [torch_module.register_module_forward_pre_hook(lambda m, a: None),
-               torch_module.register_module_forward_hook(lambda m, a, o: None, always_call=True)]
+    row = overhead.floor_row()
+    row.setup()
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        row.teardown()
 
 
 ROWS = {"untraced": untraced, "between two steps, hooks paused": paused, "no-op global hooks (floor)": floor}

@@ -267,7 +267,6 @@ class PythonForwardHooks:
 
     def pause(self) -> None:
         self.paused = True
-        self._begun = None
         self.reset()
 
     def resume(self) -> None:

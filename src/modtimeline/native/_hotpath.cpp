@@ -1228,11 +1228,8 @@ PyObject* hooks_begin_call(PyObject* obj, PyObject* const* args, Py_ssize_t narg
 
 // pause(): record no forward until resume(), forget open forwards (call numbers go on).
 PyObject* hooks_pause(PyObject* obj, PyObject*) {
-  auto* self = reinterpret_cast<HooksObject*>(obj);
-  self->paused = true;
-  Py_CLEAR(self->begun);
-  drop_frames(self);
-  Py_RETURN_NONE;
+  reinterpret_cast<HooksObject*>(obj)->paused = true;
+  return hooks_reset(obj, nullptr);
 }
 
 // resume(): record forwards again.
@@ -1294,13 +1291,8 @@ PyObject* hooks_get_next_call(PyObject* obj, void*) {
   return PyLong_FromLongLong(reinterpret_cast<HooksObject*>(obj)->next_call);
 }
 
-PyObject* hooks_get_paused(PyObject* obj, void*) {
-  return PyBool_FromLong(reinterpret_cast<HooksObject*>(obj)->paused);
-}
-
 PyGetSetDef hooks_getset[] = {
     {"next_call", hooks_get_next_call, nullptr, "the number the next module call gets", nullptr},
-    {"paused", hooks_get_paused, nullptr, "whether pause() holds (no forward is recorded)", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 
