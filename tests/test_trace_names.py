@@ -82,3 +82,91 @@ def test_a_model_whose_call_began_before_recording_names_its_parts_under_it(tmp_
     model(torch.randn(2, 4)).sum().backward()
     model.timeline.stop()
     assert _forward_names(tmp_path / "t.json") == {"Starter.a", "Starter.b"}
+
+
+class _Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+# One module no model holds, called by every block's code by this global name (as
+# transformers' models call the `kernels` package's module made of apply_rotary_pos_emb).
+shared_scale = _Scale()
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shared_scale(self.linear(x))
+
+
+def test_a_global_module_a_model_calls_is_named_by_its_global_name(tmp_path):
+    model = nn.Sequential(_Block(), _Block())
+    with Timeline(tmp_path / "t.json"):
+        model(torch.randn(2, 4)).sum().backward()
+    forward = [s.name for s in read_trace(tmp_path / "t.json").spans if s.phase == "forward"]
+    # (not "_Scale", and not under the first block that called it: both blocks call it)
+    assert forward.count("shared_scale") == 2, forward
+    assert set(forward) == {"Sequential", "Sequential.0", "Sequential.1", "Sequential.0.linear",
+                            "Sequential.1.linear", "shared_scale"}
+
+
+def test_a_module_called_by_user_code_keeps_its_class_name_when_a_global(tmp_path):
+    global standalone
+    standalone = nn.Linear(2, 2)
+    try:
+        with Timeline(tmp_path / "t.json"):
+            standalone(torch.randn(1, 2)).sum().backward()
+        assert _forward_names(tmp_path / "t.json") == {"Linear"}
+    finally:
+        del standalone
+
+
+def test_transformers_llama_names_its_shared_rotary_module_by_what_it_calls(tmp_path):
+    """transformers (5.x) decorates apply_rotary_pos_emb with the `kernels` package's
+    use_kernel_forward_from_hub, which makes it a module of class `Func` no model holds:
+    its calls read `Func` at the top of the names until named by the global."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+
+    if not isinstance(modeling_llama.apply_rotary_pos_emb, nn.Module):
+        pytest.skip("this transformers calls apply_rotary_pos_emb as a plain function")
+    from .real_models import llama
+
+    model, step = llama()
+    with Timeline(tmp_path / "t.json"):
+        step().backward()
+    names = [s.name for s in read_trace(tmp_path / "t.json").spans if s.phase == "forward"]
+    assert "Func" not in names
+    assert names.count("apply_rotary_pos_emb") == 4  # (one call per attention layer)
+    # which calls, on each layer, the module that layer keeps for it (in `_kernel_funcs`)
+    private = sorted(name for name in names if "._kernel_funcs." in name)
+    assert [name.split("._kernel_funcs.")[0] for name in private] == [
+        f"LlamaForCausalLM.model.layers.{i}.self_attn" for i in range(4)]
+
+
+class _Student(nn.Module):
+    """Keeps a teacher out of its children (its parameters out of the optimiser's), and
+    helpers in a dict."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        object.__setattr__(self, "teacher", teacher)
+        self.helpers = {"scale": _Scale()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(x)
+        return (self.helpers["scale"](self.body(x)) - target).pow(2).sum()
+
+
+def test_modules_a_model_holds_outside_its_children_are_named_under_it(tmp_path):
+    model = _Student(nn.Sequential(nn.Linear(4, 4)))
+    with Timeline(tmp_path / "t.json"):
+        model(torch.randn(2, 4)).backward()
+    assert _forward_names(tmp_path / "t.json") == {"_Student", "_Student.body", "_Student.teacher",
+                                                   "_Student.teacher.0", "_Student.helpers.scale"}

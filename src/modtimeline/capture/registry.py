@@ -58,14 +58,17 @@ def _named(module: torch.nn.Module) -> _Named | None:
 
 def named(module: torch.nn.Module) -> _Named:
     """What the process knows of ``module``, naming it (and the tree under it) on first
-    sight: an unnamed module becomes a root named by the class of the model it stands for
-    (a wrapper by the model it wraps)."""
+    sight. An unnamed module is named, in this order of preference: under the module whose
+    code calls it and holds it (``_calling_parent``); by the global name a model's code
+    calls it by (``_global_name``); else as a root, by the class of the model it stands
+    for (a wrapper by the model it wraps)."""
     entry = _named(module)
     if entry is None:
         caller = _calling_parent(module)
         if caller is not None:
-            # Added to a model after it was named (a head swapped in, a LoRA wrapper), or a
-            # model whose call began before recording: named under the parent calling it.
+            # Added to a model after it was named (a head swapped in, a LoRA wrapper), a
+            # model whose call began before recording, or a module a model keeps out of
+            # its children: named under the parent calling it.
             parent, child_name = caller
             parent_entry = named(parent)
             entry = _named(module)  # (naming an unnamed parent named its children too)
@@ -73,19 +76,22 @@ def named(module: torch.nn.Module) -> _Named:
                 _name_tree(module, f"{parent_entry.fqn}.{child_name}", parent_entry.root)
                 entry = _NAMED[id(module)]
             return entry
-        _name_tree(module, _class_name(_unwrapped(module)), None)
+        _name_tree(module, _global_name(module) or _class_name(_unwrapped(module)), None)
         entry = _NAMED[id(module)]
     return entry
 
 
 _PARENT_FRAMES_SEARCHED = 24
+# A module's own attributes that hold what torch keeps for it, never a module it calls.
+_TORCH_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"})
+_CONTAINER_ITEMS_SEARCHED = 64
 
 
 def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
-    """(parent, the name it holds ``module`` by) of the module whose code is calling
-    ``module`` (a frame above, whose ``self`` holds it as a direct child), if any; a
-    wrapper (DDP, torch.compile's) is not one: it names its model itself. Looked for once
-    per module, on first sight."""
+    """(parent, the name it holds ``module`` by) of a module whose code is calling
+    ``module`` (a frame above, whose ``self`` holds it), if any; a wrapper (DDP,
+    torch.compile's) is not one: it names its model itself. Looked for once per module,
+    on first sight."""
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_PARENT_FRAMES_SEARCHED):
         if frame is None:
@@ -95,6 +101,56 @@ def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | No
             name = next((name for name, child in owner._modules.items() if child is module), None)
             if name is not None:
                 return None if _class_name(owner) in _WRAPPER_CHILDREN else (owner, name)
+            name = _attribute_holding(owner, module)
+            if name is not None:
+                return owner, name
+        frame = frame.f_back
+    return None
+
+
+def _attribute_holding(owner: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The name ``owner`` holds ``module`` by outside its children, if it does: a plain
+    attribute (``attr``, set past ``nn.Module.__setattr__`` to keep a teacher model's
+    parameters out), or an item of a dict, list or tuple attribute (``attr.key``: the
+    `kernels` package, a dependency of transformers, gives each attention layer its own
+    module for apply_rotary_pos_emb in ``_kernel_funcs``)."""
+    for attribute, value in vars(owner).items():
+        if attribute in _TORCH_ATTRIBUTES or attribute.startswith(("_forward", "_backward")):
+            continue  # (torch's own, and the hooks)
+        if value is module:
+            return attribute
+        kind = type(value)
+        if kind is dict and len(value) <= _CONTAINER_ITEMS_SEARCHED:
+            key = next((key for key, item in value.items() if item is module), None)
+            if key is not None:
+                return f"{attribute}.{key}"
+        elif (kind is list or kind is tuple) and len(value) <= _CONTAINER_ITEMS_SEARCHED:
+            index = next((index for index, item in enumerate(value) if item is module), None)
+            if index is not None:
+                return f"{attribute}.{index}"
+    return None
+
+
+def _global_name(module: torch.nn.Module) -> str | None:
+    """The global name a model's code calls ``module`` by, if a model's code calls it and
+    no model holds it: a module-level singleton, such as the one the `kernels` package
+    (a dependency of transformers) makes of a function: transformers' Llama calls the
+    ``Func`` module ``apply_rotary_pos_emb`` from each attention layer. Named by its class,
+    all such modules would read ``Func``; named under one of their callers, the other
+    callers' calls would read as that one's. Looked for once per module, on first sight."""
+    frame: FrameType | None = sys._getframe(2)
+    found: str | None = None
+    searched: set[int] = set()
+    for _ in range(_PARENT_FRAMES_SEARCHED):
+        if frame is None:
+            return None
+        namespace = frame.f_globals
+        if found is None and id(namespace) not in searched:
+            searched.add(id(namespace))
+            found = next((name for name, value in namespace.items() if value is module), None)
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, torch.nn.Module) and owner is not module:
+            return found  # (the code of the model calling it, or a helper it called, names it)
         frame = frame.f_back
     return None
 
