@@ -98,7 +98,8 @@ def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | No
             return None
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(owner, torch.nn.Module) and owner is not module:
-            name = next((name for name, child in owner._modules.items() if child is module), None)
+            # (copies taken in one C call: another thread may change a dict while it is searched)
+            name = next((name for name, child in tuple(owner._modules.items()) if child is module), None)
             if name is not None:
                 return None if _class_name(owner) in _WRAPPER_CHILDREN else (owner, name)
             name = _attribute_holding(owner, module)
@@ -114,18 +115,18 @@ def _attribute_holding(owner: torch.nn.Module, module: torch.nn.Module) -> str |
     parameters out), or an item of a dict, list or tuple attribute (``attr.key``: the
     `kernels` package, a dependency of transformers, gives each attention layer its own
     module for apply_rotary_pos_emb in ``_kernel_funcs``)."""
-    for attribute, value in vars(owner).items():
+    for attribute, value in tuple(vars(owner).items()):
         if attribute in _TORCH_ATTRIBUTES or attribute.startswith(("_forward", "_backward")):
             continue  # (torch's own, and the hooks)
         if value is module:
             return attribute
         kind = type(value)
         if kind is dict and len(value) <= _CONTAINER_ITEMS_SEARCHED:
-            key = next((key for key, item in value.items() if item is module), None)
+            key = next((key for key, item in tuple(value.items()) if item is module), None)
             if key is not None:
                 return f"{attribute}.{key}"
         elif (kind is list or kind is tuple) and len(value) <= _CONTAINER_ITEMS_SEARCHED:
-            index = next((index for index, item in enumerate(value) if item is module), None)
+            index = next((index for index, item in enumerate(tuple(value)) if item is module), None)
             if index is not None:
                 return f"{attribute}.{index}"
     return None
@@ -147,7 +148,7 @@ def _global_name(module: torch.nn.Module) -> str | None:
         namespace = frame.f_globals
         if found is None and id(namespace) not in searched:
             searched.add(id(namespace))
-            found = next((name for name, value in namespace.items() if value is module), None)
+            found = next((name for name, value in tuple(namespace.items()) if value is module), None)
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(owner, torch.nn.Module) and owner is not module:
             return found  # (the code of the model calling it, or a helper it called, names it)
