@@ -170,3 +170,80 @@ def test_modules_a_model_holds_outside_its_children_are_named_under_it(tmp_path)
         model(torch.randn(2, 4)).backward()
     assert _forward_names(tmp_path / "t.json") == {"_Student", "_Student.body", "_Student.teacher",
                                                    "_Student.teacher.0", "_Student.helpers.scale"}
+
+
+def test_a_part_that_refers_back_to_its_model_leaves_the_model_its_own_name(tmp_path):
+    """A model whose call began before recording, whose part keeps a reference back to it
+    outside its children: the model was named under its own part (`Part.owner`), found by
+    a review."""
+
+    class Part(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    class Starter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Part()
+            object.__setattr__(self.a, "owner", self)
+            self.timeline = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.timeline is not None:
+                self.timeline.start()
+            return self.a(x)
+
+    model = Starter()
+    model.timeline = Timeline(tmp_path / "t.json")
+    model(torch.randn(2, 4)).sum().backward()
+    model.timeline.stop()
+    assert _forward_names(tmp_path / "t.json") == {"Starter.a", "Starter.a.lin"}
+
+
+class _Unprintable:
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("a key with no name")
+
+
+def test_keys_that_are_no_names_leave_the_module_its_class_name(tmp_path):
+    """Only str and int keys name a module held in a dict: a key that cannot be printed
+    raised inside the forward hook, and a dtype or module key gave its repr as the name."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.by_key = {_Unprintable(): _Scale(), torch.float32: nn.ReLU(), "tanh": nn.Tanh()}
+            vars(self)[1] = "an attribute that is no name"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for part in self.by_key.values():
+                x = part(x)
+            return x
+
+    model = Holder()
+    with Timeline(tmp_path / "t.json"):
+        model(torch.randn(2, 2, requires_grad=True)).sum().backward()
+    assert _forward_names(tmp_path / "t.json") == {"Holder", "_Scale", "ReLU", "Holder.by_key.tanh"}
+
+
+def test_a_notebooks_output_cache_does_not_name_a_module(tmp_path):
+    """IPython keeps the last outputs shown as globals `_`, `__`, `_<n>`: a module shown
+    by a cell would have been named `_` (found by a review; the namespace simulated)."""
+    # (`_` is made at the first output a notebook shows, before the names of later cells)
+    namespace: dict[str, object] = {"__name__": "__main__", "nn": nn, "torch": torch, "_": 1, "_1": 1}
+    exec("act = nn.GELU()", namespace)
+    namespace.update({"_": namespace["act"], "_2": namespace["act"]})  # (what IPython's displayhook does)
+    exec("class Net(nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.fc = nn.Linear(4, 4)\n"
+         "    def forward(self, x):\n"
+         "        return act(self.fc(x))\n", namespace)
+    model = namespace["Net"]()  # type: ignore[operator]
+    with Timeline(tmp_path / "t.json"):
+        model(torch.randn(2, 4)).sum().backward()
+    assert _forward_names(tmp_path / "t.json") == {"Net", "Net.fc", "act"}

@@ -82,8 +82,9 @@ def named(module: torch.nn.Module) -> _Named:
 
 
 _PARENT_FRAMES_SEARCHED = 24
-# A module's own attributes that hold what torch keeps for it, never a module it calls.
-_TORCH_ATTRIBUTES = frozenset({"_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"})
+# The attributes every module has from nn.Module (its children, parameters, buffers,
+# hooks): what torch keeps for it, never a module its code calls.
+_TORCH_ATTRIBUTES = frozenset(vars(torch.nn.Module()))
 _CONTAINER_ITEMS_SEARCHED = 64
 
 
@@ -93,16 +94,20 @@ def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | No
     torch.compile's) is not one: it names its model itself. Looked for once per module,
     on first sight."""
     frame: FrameType | None = sys._getframe(2)
+    searched: set[int] = set()  # (a module's call has three frames of its own: searched once)
     for _ in range(_PARENT_FRAMES_SEARCHED):
         if frame is None:
             return None
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, torch.nn.Module) and owner is not module:
+        if isinstance(owner, torch.nn.Module) and owner is not module and id(owner) not in searched:
+            searched.add(id(owner))
             # (copies taken in one C call: another thread may change a dict while it is searched)
             name = next((name for name, child in tuple(owner._modules.items()) if child is module), None)
             if name is not None:
                 return None if _class_name(owner) in _WRAPPER_CHILDREN else (owner, name)
-            name = _attribute_holding(owner, module)
+            # (an owner named already: one being named would be named under its own part
+            # when that part keeps a reference back to it)
+            name = _attribute_holding(owner, module) if _named(owner) is not None else None
             if name is not None:
                 return owner, name
         frame = frame.f_back
@@ -114,16 +119,17 @@ def _attribute_holding(owner: torch.nn.Module, module: torch.nn.Module) -> str |
     attribute (``attr``, set past ``nn.Module.__setattr__`` to keep a teacher model's
     parameters out), or an item of a dict, list or tuple attribute (``attr.key``: the
     `kernels` package, a dependency of transformers, gives each attention layer its own
-    module for apply_rotary_pos_emb in ``_kernel_funcs``)."""
+    module for apply_rotary_pos_emb in ``_kernel_funcs``). Only keys that read as names
+    (str, int) make one: not a dtype's, a module's or an object's repr."""
     for attribute, value in tuple(vars(owner).items()):
-        if attribute in _TORCH_ATTRIBUTES or attribute.startswith(("_forward", "_backward")):
-            continue  # (torch's own, and the hooks)
+        if attribute in _TORCH_ATTRIBUTES or type(attribute) is not str:
+            continue
         if value is module:
             return attribute
         kind = type(value)
         if kind is dict and len(value) <= _CONTAINER_ITEMS_SEARCHED:
             key = next((key for key, item in tuple(value.items()) if item is module), None)
-            if key is not None:
+            if type(key) is str or type(key) is int:
                 return f"{attribute}.{key}"
         elif (kind is list or kind is tuple) and len(value) <= _CONTAINER_ITEMS_SEARCHED:
             index = next((index for index, item in enumerate(tuple(value)) if item is module), None)
@@ -132,13 +138,22 @@ def _attribute_holding(owner: torch.nn.Module, module: torch.nn.Module) -> str |
     return None
 
 
+# Globals that name no module a user wrote: IPython's output cache (`_`, `__`, `___`,
+# `_12`), which holds whatever a notebook cell showed last.
+_NOT_A_NAME = re.compile(r"_+|_\d+")
+# Packages whose globals hold no singleton of a model's code (searching torch's module.py,
+# the frame that calls every module, would cost more than the rest of the search).
+_PACKAGES_SKIPPED = ("torch.", "modtimeline.")
+
+
 def _global_name(module: torch.nn.Module) -> str | None:
     """The global name a model's code calls ``module`` by, if a model's code calls it and
     no model holds it: a module-level singleton, such as the one the `kernels` package
     (a dependency of transformers) makes of a function: transformers' Llama calls the
     ``Func`` module ``apply_rotary_pos_emb`` from each attention layer. Named by its class,
-    all such modules would read ``Func``; named under one of their callers, the other
-    callers' calls would read as that one's. Looked for once per module, on first sight."""
+    all such modules would read ``Func``. (Not under the first of its callers, as a module
+    held by several is named: a global is held by none.) Looked for once per module, on
+    first sight, in the globals of the code between the call and the nearest module's."""
     frame: FrameType | None = sys._getframe(2)
     found: str | None = None
     searched: set[int] = set()
@@ -148,7 +163,9 @@ def _global_name(module: torch.nn.Module) -> str | None:
         namespace = frame.f_globals
         if found is None and id(namespace) not in searched:
             searched.add(id(namespace))
-            found = next((name for name, value in tuple(namespace.items()) if value is module), None)
+            if not str(namespace.get("__name__", "")).startswith(_PACKAGES_SKIPPED):
+                found = next((name for name, value in tuple(namespace.items())
+                              if value is module and type(name) is str and not _NOT_A_NAME.fullmatch(name)), None)
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(owner, torch.nn.Module) and owner is not module:
             return found  # (the code of the model calling it, or a helper it called, names it)
