@@ -21,9 +21,10 @@ once after them, not timed; and so with ``record_between_steps=False``, off betw
 as the integrations make it); ``Timeline`` per step (``with Timeline(path): step()``, the
 file written every step) and its floor (the floor's hooks put into torch and taken out
 around each step, then a file of the per-step trace's size written, new file renamed over
-the old: the least a tracer that writes a file per step pays); and on tiny-modules, tiny-modules-16, transformer, cnn and
-transformer-compiled torch's ModuleTracker, ModTracker and torch.profiler(with_modules)
-(at most 5 timed steps a block: they are there for comparison, and slow).
+the old: the least a tracer that writes a file per step pays); and on tiny-modules,
+tiny-modules-16, transformer, cnn and transformer-compiled torch's ModuleTracker,
+ModTracker and torch.profiler(with_modules) (at most 5 timed steps a block: they are
+there for comparison, and slow).
 
 Interleaved: every round runs each row once, in a fresh random order, as a block of
 --steps-per-round steps (after --warmup-steps untimed ones); a row's figure in a round is
