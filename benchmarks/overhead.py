@@ -278,6 +278,7 @@ def per_step_floor_row(trace_dir: Path) -> Row:
     payload: list[bytes] = []
     path = trace_dir / "per_step_floor.json"
     temporary = str(path) + ".tmp"
+    hooks = floor_row()
 
     def setup() -> None:
         sample = trace_dir / "per_step.json"
@@ -285,14 +286,11 @@ def per_step_floor_row(trace_dir: Path) -> Row:
 
     @contextlib.contextmanager
     def around() -> Iterator[None]:
-        modules = torch.nn.modules.module
-        pre = modules.register_module_forward_pre_hook(lambda m, a: None)
-        post = modules.register_module_forward_hook(lambda m, a, o: None, always_call=True)
+        hooks.setup()
         try:
             yield
         finally:
-            pre.remove()
-            post.remove()
+            hooks.teardown()
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(fd, payload[0])

@@ -64,7 +64,8 @@ def named(module: torch.nn.Module) -> _Named:
     for (a wrapper by the model it wraps)."""
     entry = _named(module)
     if entry is None:
-        caller = _calling_parent(module)
+        callers = _callers(sys._getframe(1))
+        caller = _calling_parent(module, callers)
         if caller is not None:
             # Added to a model after it was named (a head swapped in, a LoRA wrapper), a
             # model whose call began before recording, or a module a model keeps out of
@@ -76,7 +77,7 @@ def named(module: torch.nn.Module) -> _Named:
                 _name_tree(module, f"{parent_entry.fqn}.{child_name}", parent_entry.root)
                 entry = _NAMED[id(module)]
             return entry
-        _name_tree(module, _global_name(module) or _class_name(_unwrapped(module)), None)
+        _name_tree(module, _global_name(module, callers) or _class_name(_unwrapped(module)), None)
         entry = _NAMED[id(module)]
     return entry
 
@@ -88,18 +89,29 @@ _TORCH_ATTRIBUTES = frozenset(vars(torch.nn.Module()))
 _CONTAINER_ITEMS_SEARCHED = 64
 
 
-def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
+# One frame above a module's first call: its code's globals, and its ``self`` if a module.
+_Caller = tuple[dict[str, object], torch.nn.Module | None]
+
+
+def _callers(frame: FrameType | None) -> list[_Caller]:
+    """The frames from ``frame`` up (at most _PARENT_FRAMES_SEARCHED): where a module's
+    first call came from, read once for both ways of naming it from there."""
+    callers: list[_Caller] = []
+    while frame is not None and len(callers) < _PARENT_FRAMES_SEARCHED:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        callers.append((frame.f_globals, owner if isinstance(owner, torch.nn.Module) else None))
+        frame = frame.f_back
+    return callers
+
+
+def _calling_parent(module: torch.nn.Module, callers: list[_Caller]) -> tuple[torch.nn.Module, str] | None:
     """(parent, the name it holds ``module`` by) of a module whose code is calling
-    ``module`` (a frame above, whose ``self`` holds it), if any; a wrapper (DDP,
+    ``module`` (a caller whose ``self`` holds it), if any; a wrapper (DDP,
     torch.compile's) is not one: it names its model itself. Looked for once per module,
     on first sight."""
-    frame: FrameType | None = sys._getframe(2)
     searched: set[int] = set()  # (a module's call has three frames of its own: searched once)
-    for _ in range(_PARENT_FRAMES_SEARCHED):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, torch.nn.Module) and owner is not module and id(owner) not in searched:
+    for _, owner in callers:
+        if owner is not None and owner is not module and id(owner) not in searched:
             searched.add(id(owner))
             # (copies taken in one C call: another thread may change a dict while it is searched)
             name = next((name for name, child in tuple(owner._modules.items()) if child is module), None)
@@ -110,7 +122,6 @@ def _calling_parent(module: torch.nn.Module) -> tuple[torch.nn.Module, str] | No
             name = _attribute_holding(owner, module) if _named(owner) is not None else None
             if name is not None:
                 return owner, name
-        frame = frame.f_back
     return None
 
 
@@ -146,7 +157,7 @@ _NOT_A_NAME = re.compile(r"_+|_\d+")
 _PACKAGES_SKIPPED = ("torch.", "modtimeline.")
 
 
-def _global_name(module: torch.nn.Module) -> str | None:
+def _global_name(module: torch.nn.Module, callers: list[_Caller]) -> str | None:
     """The global name a model's code calls ``module`` by, if a model's code calls it and
     no model holds it: a module-level singleton, such as the one the `kernels` package
     (a dependency of transformers) makes of a function: transformers' Llama calls the
@@ -154,22 +165,16 @@ def _global_name(module: torch.nn.Module) -> str | None:
     all such modules would read ``Func``. (Not under the first of its callers, as a module
     held by several is named: a global is held by none.) Looked for once per module, on
     first sight, in the globals of the code between the call and the nearest module's."""
-    frame: FrameType | None = sys._getframe(2)
     found: str | None = None
     searched: set[int] = set()
-    for _ in range(_PARENT_FRAMES_SEARCHED):
-        if frame is None:
-            return None
-        namespace = frame.f_globals
+    for namespace, owner in callers:
         if found is None and id(namespace) not in searched:
             searched.add(id(namespace))
             if not str(namespace.get("__name__", "")).startswith(_PACKAGES_SKIPPED):
                 found = next((name for name, value in tuple(namespace.items())
                               if value is module and type(name) is str and not _NOT_A_NAME.fullmatch(name)), None)
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, torch.nn.Module) and owner is not module:
+        if owner is not None and owner is not module:
             return found  # (the code of the model calling it, or a helper it called, names it)
-        frame = frame.f_back
     return None
 
 
